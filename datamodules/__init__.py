@@ -1,0 +1,1 @@
+"""Text datasets, hidden-state extraction, the on-disk state cache and LightningDataModules over it."""

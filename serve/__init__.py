@@ -1,0 +1,1 @@
+"""Encrypted HTTP serving of an exported linear layer, and its client."""
