@@ -1,1 +1,21 @@
-"""Encrypted affine layer over CKKS (TenSEAL / SEAL). Math over arrays and keys only: imports no other xsilo package."""
+"""Encrypted affine layer over CKKS (TenSEAL / SEAL). Math over arrays and keys only: imports no other xsilo package.
+
+Server: ``layer = EncryptedLinear(W, b)``; publish ``layer.layout.to_dict()``; per session
+``keys = PublicKeys.from_bytes(client_public_bytes)``; per request ``layer.apply(query, keys)``.
+Client: ``keys = ClientKeys.generate(layout.profile, layout.rotation_steps)``; send ``keys.public_bytes()``;
+``queries = encrypt(keys, layout, X)``; ``Y = decrypt(keys, layout, replies, len(X))``.
+"""
+from .client import decode_slots, decrypt, encrypt
+from .errors import (EncryptedError, InsecureParameters, IntegrityError, InvalidCiphertext, InvalidKeys,
+                     InvalidLayout, ParameterMismatch)
+from .keys import ClientKeys, PublicKeys, load_public_keys
+from .layout import LinearLayout, plan_layout
+from .linear import EncryptedLinear
+from .profiles import DEFAULT_PROFILE, N8192, N16384, PROFILES, CkksProfile, get_profile
+
+__all__ = [
+    "CkksProfile", "ClientKeys", "DEFAULT_PROFILE", "EncryptedError", "EncryptedLinear", "InsecureParameters",
+    "IntegrityError", "InvalidCiphertext", "InvalidKeys", "InvalidLayout", "LinearLayout", "N16384", "N8192",
+    "PROFILES", "ParameterMismatch", "PublicKeys", "decode_slots", "decrypt", "encrypt", "get_profile",
+    "load_public_keys", "plan_layout",
+]

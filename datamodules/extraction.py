@@ -1,0 +1,414 @@
+"""Pooled hidden-state extraction through Lightning's predict loop, into the state cache.
+
+`extract()` is the entry point. On a cache hit it returns without loading the model. On a
+miss it plans contiguous shards, gives each rank every world_size-th unfinished shard,
+and runs `Trainer.predict` with a `ShardWriter` that writes each shard once it is whole.
+The same code runs on one CPU process or N GPUs under DDP.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torch.utils.data import DataLoader
+
+from datamodules.assets import AssetError, resolve_model, sha256_file, xsilo_home
+from datamodules.cache import (
+    LABELS,
+    MANIFEST,
+    FORMAT_VERSION,
+    CacheError,
+    CacheKey,
+    StateCache,
+    atomic_save_npy,
+    atomic_write_bytes,
+    atomic_write_json,
+    cache_dir_for,
+    ensure_writable,
+    shard_name,
+    valid_shard,
+)
+from datamodules.text import dataset_fingerprint, label_names, load_texts
+
+Pooling = Literal["mean", "last", "first"]
+POOLINGS = ("mean", "last", "first")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt")
+
+
+# --- pooling ----------------------------------------------------------------------------
+
+def is_causal_lm(config) -> bool:
+    """Decoder-only LMs pool their last token; encoders pool the mean."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return True
+    model_type = getattr(config, "model_type", "")
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def default_pooling(config) -> str:
+    return "last" if is_causal_lm(config) else "mean"
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Pool (B, T, D) states to (B, D) using the attention mask (either padding side)."""
+    mask = attention_mask.to(hidden.dtype)
+    if pooling == "mean":
+        return (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
+    positions = torch.arange(hidden.shape[1], device=hidden.device).expand_as(attention_mask)
+    masked = torch.where(attention_mask.bool(), positions, -1 if pooling == "last" else hidden.shape[1])
+    index = masked.max(1).values if pooling == "last" else masked.min(1).values
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), index.clamp(0, hidden.shape[1] - 1)]
+
+
+# --- identity ---------------------------------------------------------------------------
+
+def model_identity(model_path: str) -> str:
+    """sha256 over a checkpoint folder's config and weight files (memoised by size+mtime).
+
+    A hub id is first resolved to its local snapshot, so a hub model and the same files in
+    a local folder share an identity.
+    """
+    path = Path(model_path)
+    if not path.is_dir():
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(model_path))
+    memo_path = xsilo_home() / "identity-memo.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    digest_parts = []
+    changed = False
+    for file in sorted(p for p in path.iterdir() if p.is_file()):
+        if file.suffix not in WEIGHT_SUFFIXES and file.name != "config.json":
+            continue
+        stat = file.stat()
+        key = f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        if key not in memo:
+            memo[key] = sha256_file(file)
+            changed = True
+        digest_parts.append(f"{file.name}={memo[key]}")
+    if not digest_parts:
+        raise AssetError(f"{path} holds no config.json or weight files; is it a model checkpoint folder?")
+    if changed:
+        try:
+            memo_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(memo_path, memo)
+        except OSError:
+            pass  # the memo only saves time
+    import hashlib
+
+    return hashlib.sha256("\n".join(digest_parts).encode()).hexdigest()
+
+
+# --- config -----------------------------------------------------------------------------
+
+@dataclass
+class ExtractionConfig:
+    """What to extract. `model`/`data` take registry names, local paths or hub ids."""
+
+    model: str
+    data: str
+    split: str = "train"
+    pooling: Pooling | None = None  # None: the model's default (last for causal LMs, else mean)
+    layer: int = -1  # index into hidden_states: -1 is the final (normed) layer, 0 the embeddings
+    max_length: int = 128
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    batch_size: int = 16
+    limit: int | None = None
+    text_column: str = "text"
+    label_column: str | None = "label"
+
+    def validate(self) -> None:
+        if self.max_length <= 0:
+            raise AssetError(f"max_length must be a positive number of tokens, got {self.max_length}")
+        if self.batch_size <= 0:
+            raise AssetError(f"batch_size must be positive, got {self.batch_size}")
+        if self.pooling is not None and self.pooling not in POOLINGS:
+            raise AssetError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.dtype not in DTYPES:
+            raise AssetError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+
+
+@dataclass
+class ResolvedExtraction:
+    """An ExtractionConfig with everything looked up: paths, pooling, cache key and folder."""
+
+    config: ExtractionConfig
+    model_path: str
+    pooling: str
+    hidden_size: int
+    key: CacheKey
+    directory: Path
+    texts: list[str] = field(repr=False)
+    labels: list[int] | None = field(repr=False)
+    label_names: list[str] | None
+
+
+def _check_layer(layer: int, n_layers: int) -> None:
+    if not -(n_layers + 1) <= layer <= n_layers:
+        raise AssetError(
+            f"layer {layer} is out of range for a model with {n_layers} layers; "
+            f"use -1 for the final layer, or {-(n_layers + 1)}..{n_layers}"
+        )
+
+
+def resolve(config: ExtractionConfig, cache_root: str | Path | None = None) -> ResolvedExtraction:
+    from transformers import AutoConfig
+
+    config.validate()
+    model_path = resolve_model(config.model)
+    try:
+        model_config = AutoConfig.from_pretrained(model_path)
+    except (OSError, ValueError) as e:
+        raise AssetError(f"cannot read a model config from {config.model!r}: {e}") from e
+    text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    _check_layer(config.layer, text_config.num_hidden_layers)
+    pooling = config.pooling or default_pooling(model_config)
+    ds = load_texts(config.data, config.split, config.text_column, config.label_column, config.limit)
+    key = CacheKey(
+        model_identity=model_identity(model_path),
+        dataset_fingerprint=dataset_fingerprint(ds),
+        split=config.split,
+        pooling=pooling,
+        layer=config.layer,
+        max_length=config.max_length,
+        dtype=config.dtype,
+    )
+    directory = cache_dir_for(key, config.model, f"{config.data}-{config.split}", cache_root)
+    return ResolvedExtraction(
+        config=config, model_path=model_path, pooling=pooling, hidden_size=text_config.hidden_size,
+        key=key, directory=directory, texts=list(ds["text"]),
+        labels=list(ds["label"]) if "label" in ds.column_names else None, label_names=label_names(ds),
+    )
+
+
+# --- Lightning pieces -------------------------------------------------------------------
+
+def shard_ranges(n_rows: int, shard_size: int) -> list[tuple[int, int]]:
+    return [(s, min(s + shard_size, n_rows)) for s in range(0, n_rows, shard_size)]
+
+
+class HiddenStateExtractor(L.LightningModule):
+    """Runs a frozen HF model over texts and returns pooled states per batch.
+
+    The model is loaded in `setup()`, inside each process, so nothing large is pickled for
+    spawned ranks. `predict_dataloader()` serves this rank's shards only.
+    """
+
+    def __init__(self, model_path: str, texts: list[str], shards: list[tuple[int, int]],
+                 pooling: str, layer: int, max_length: int, dtype: str, batch_size: int,
+                 threads: int | None = None):
+        super().__init__()
+        self.model_path, self.texts, self.shards = model_path, texts, shards
+        self.pooling, self.layer, self.max_length = pooling, layer, max_length
+        self.compute_dtype, self.batch_size, self.threads = dtype, batch_size, threads
+        self.encoder = None
+        self.tokenizer = None
+
+    def setup(self, stage: str) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        self.tokenizer = load_tokenizer(self.model_path)
+        self.encoder = AutoModel.from_pretrained(self.model_path, dtype=DTYPES[self.compute_dtype])
+        self.encoder.eval().requires_grad_(False)
+
+    def batches(self, rank: int, world_size: int) -> list[list[int]]:
+        """Row-index batches for this rank: whole shards, rows sorted by length within each."""
+        out = []
+        for start, stop in self.shards[rank::world_size]:
+            rows = sorted(range(start, stop), key=lambda i: (-len(self.texts[i]), i))
+            out.extend(rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size))
+        return out
+
+    def collate(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer([self.texts[i] for i in rows], padding=True, truncation=True,
+                             max_length=self.max_length, return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                "rows": torch.tensor(rows, dtype=torch.long)}
+
+    def predict_dataloader(self) -> DataLoader:
+        batches = self.batches(self.trainer.global_rank, self.trainer.world_size)
+        return DataLoader(range(len(self.texts)), batch_sampler=FixedBatches(batches), collate_fn=self.collate)
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        return {"rows": batch["rows"], "states": self(batch["input_ids"], batch["attention_mask"])}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        final = self.layer in (-1, self.encoder.config.get_text_config().num_hidden_layers)
+        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
+                           output_hidden_states=not final)
+        hidden = out.last_hidden_state if final else out.hidden_states[self.layer]
+        return pool(hidden, attention_mask, self.pooling).float()
+
+
+class FixedBatches(torch.utils.data.Sampler[list[int]]):
+    """A batch sampler over precomputed row-index batches (Lightning wraps it for predict)."""
+
+    def __init__(self, batches: list[list[int]]):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def load_tokenizer(model_path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token is None:  # GPT-2/Llama-style tokenizers ship without one
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+class ShardWriter(BasePredictionWriter):
+    """Collects batch outputs per shard and writes each shard atomically once it is whole.
+
+    `shards` is the full plan, so a row's shard is `row // shard_size` on every rank.
+    """
+
+    def __init__(self, directory: Path, shards: list[tuple[int, int]], dim: int):
+        super().__init__(write_interval="batch")
+        self.directory, self.shards, self.dim = directory, shards, dim
+        self.shard_size = shards[0][1] - shards[0][0] if shards else 1
+        self.buffers: dict[int, np.ndarray] = {}
+        self.filled: dict[int, int] = {}
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
+                           dataloader_idx=0) -> None:
+        rows = prediction["rows"].cpu().numpy()
+        states = prediction["states"].cpu().numpy()
+        for shard in np.unique(rows // self.shard_size):
+            start, stop = self.shards[shard]
+            sel = (rows // self.shard_size) == shard
+            buf = self.buffers.setdefault(shard, np.zeros((stop - start, self.dim), np.float32))
+            buf[rows[sel] - start] = states[sel]
+            self.filled[shard] = self.filled.get(shard, 0) + int(sel.sum())
+            if self.filled[shard] == stop - start:
+                atomic_save_npy(self.directory / shard_name(shard), self.buffers.pop(shard))
+
+
+# --- entry point --------------------------------------------------------------------------
+
+@dataclass
+class ExtractionResult:
+    path: Path
+    hit: bool
+    computed_shards: int
+    seconds: float
+    n_rows: int
+    dim: int
+
+
+def cache_hit(directory: Path) -> bool:
+    try:
+        StateCache(directory, verify=True)
+        return True
+    except CacheError:
+        return False
+
+
+def extract(
+    config: ExtractionConfig,
+    cache_root: str | Path | None = None,
+    shard_size: int = 2048,
+    accelerator: str = "cpu",
+    devices: int | str = 1,
+    strategy: str = "auto",
+    threads: int | None = None,
+    progress: bool = True,
+) -> ExtractionResult:
+    """Return the cache of pooled states for `config`, computing only what is missing."""
+    t0 = time.perf_counter()
+    job = resolve(config, cache_root)
+    directory = job.directory
+    if cache_hit(directory):
+        cache = StateCache(directory)
+        return ExtractionResult(directory, True, 0, time.perf_counter() - t0, cache.n_rows, cache.dim)
+    ensure_writable(directory)
+    manifest = directory / MANIFEST
+    if manifest.exists():
+        manifest.unlink()  # never leave a complete-looking manifest over shards being redone
+    shards = shard_ranges(len(job.texts), shard_size)
+    done = {i for i, (a, b) in enumerate(shards) if valid_shard(directory, i, b - a, job.hidden_size)}
+    pending = [i for i in range(len(shards)) if i not in done]
+    if pending:
+        module = HiddenStateExtractor(job.model_path, job.texts, [shards[i] for i in pending],
+                                      job.pooling, config.layer, config.max_length, config.dtype,
+                                      config.batch_size, threads)
+        writer = ShardWriter(directory, shards, job.hidden_size)
+        trainer = L.Trainer(accelerator=accelerator, devices=devices, strategy=strategy,
+                            callbacks=[writer], logger=False, enable_checkpointing=False,
+                            enable_progress_bar=progress, enable_model_summary=False,
+                            use_distributed_sampler=False, inference_mode=True)
+        trainer.predict(module, return_predictions=False)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        if trainer.global_rank != 0:
+            return ExtractionResult(directory, False, len(pending), time.perf_counter() - t0,
+                                    len(job.texts), job.hidden_size)
+    _finalise(job, shards)
+    return ExtractionResult(directory, False, len(pending), time.perf_counter() - t0,
+                            len(job.texts), job.hidden_size)
+
+
+def _finalise(job: ResolvedExtraction, shards: list[tuple[int, int]]) -> None:
+    directory = job.directory
+    records = []
+    for i, (start, stop) in enumerate(shards):
+        digest = valid_shard(directory, i, stop - start, job.hidden_size)
+        if digest is None:
+            raise CacheError(
+                f"shard {shard_name(i)} in {directory} is missing or corrupt after extraction; "
+                "rerun the same command to recompute it"
+            )
+        records.append({"file": shard_name(i), "start": start, "stop": stop, "sha256": digest})
+    if job.labels is not None:
+        import io
+
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(job.labels, dtype=np.int64))
+        atomic_write_bytes(directory / LABELS, buf.getvalue())
+    cfg = job.config
+    atomic_write_json(directory / MANIFEST, {
+        "format": FORMAT_VERSION,
+        "complete": True,
+        "fingerprint": job.key.fingerprint(),
+        "key": asdict(job.key),
+        "model": cfg.model,
+        "model_path": job.model_path,
+        "data": cfg.data,
+        "split": cfg.split,
+        "limit": cfg.limit,
+        "pooling": job.pooling,
+        "layer": cfg.layer,
+        "max_length": cfg.max_length,
+        "dtype": cfg.dtype,
+        "n_rows": len(job.texts),
+        "dim": job.hidden_size,
+        "label_names": job.label_names,
+        "shards": records,
+    })

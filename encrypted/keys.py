@@ -1,0 +1,194 @@
+"""Client key material: the secret key stays on the client; public keys (Galois keys only) go to the server."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import tenseal.sealapi as seal
+
+from . import wire
+from .errors import EncryptedError, InvalidKeys, ParameterMismatch
+from .layout import LinearLayout
+from .profiles import CkksProfile, galois_element, seal_context
+from .wire import Kind
+
+MAX_ROTATION_STEPS = 64
+_SLACK = 4096  # bytes of SEAL metadata around the polynomial data
+
+
+def galois_keys_max_bytes(profile: CkksProfile, n_keys: int) -> int:
+    n, primes = profile.poly_modulus_degree, len(profile.coeff_modulus_bits)
+    return n_keys * (primes - 1) * 2 * primes * n * 8 + _SLACK * (n_keys + 1)
+
+
+def secret_key_max_bytes(profile: CkksProfile) -> int:
+    return len(profile.coeff_modulus_bits) * profile.poly_modulus_degree * 8 + _SLACK
+
+
+def _check_steps(steps: Any, profile: CkksProfile, error: type[Exception]) -> tuple[int, ...]:
+    if isinstance(steps, LinearLayout):
+        steps = steps.rotation_steps
+    try:
+        steps = list(steps)
+    except TypeError:
+        raise error(f"rotation_steps must be a list of ints (layer.rotation_steps), got {steps!r:.100}") from None
+    if len(steps) > MAX_ROTATION_STEPS:
+        raise error(f"{len(steps)} rotation steps requested, at most {MAX_ROTATION_STEPS} are allowed")
+    for s in steps:
+        if not isinstance(s, int) or isinstance(s, bool) or not 1 <= s < profile.slots:
+            raise error(f"rotation step {s!r} must be an int in [1, {profile.slots}); use layer.rotation_steps")
+    if len(set(steps)) != len(steps):
+        raise error(f"rotation steps {steps} contain duplicates")
+    return tuple(sorted(steps))
+
+
+def _seed_words(seed: int | bytes | str) -> list[int]:
+    if isinstance(seed, int) and not isinstance(seed, bool):
+        material = seed.to_bytes((seed.bit_length() + 8) // 8 or 1, "little", signed=True)
+    elif isinstance(seed, str):
+        material = seed.encode()
+    elif isinstance(seed, (bytes, bytearray)):
+        material = bytes(seed)
+    else:
+        raise EncryptedError(f"seed must be an int, str or bytes, got {type(seed).__name__}")
+    digest = hashlib.sha512(b"xsilo-encrypted-secret-key\0" + material).digest()
+    return [int.from_bytes(digest[i:i + 8], "little") for i in range(0, 64, 8)]
+
+
+@dataclass
+class ClientKeys:
+    """The client's CKKS secret key and the seeded Galois keys for exactly `rotation_steps`."""
+
+    profile: CkksProfile
+    rotation_steps: tuple[int, ...]
+    secret_key: Any  # seal.SecretKey
+    galois_blob: bytes  # seeded SEAL GaloisKeys, as sent to the server
+    _tools: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def generate(cls, profile: CkksProfile, rotation_steps: Iterable[int] | LinearLayout,
+                 seed: int | bytes | str | None = None) -> "ClientKeys":
+        """Make a secret key and Galois keys for `rotation_steps` (e.g. `layer.rotation_steps`).
+
+        With `seed`, the secret key is reproducible from it (keep the seed as secret as the key). The
+        Galois keys always draw fresh OS randomness: SEAL's seeded PRNG factory would give every key
+        the same mask and error, which leaks the secret key.
+        """
+        steps = _check_steps(rotation_steps, profile, EncryptedError)
+        context = profile.context()
+        if seed is None:
+            secret_key = seal.KeyGenerator(context).secret_key()
+        else:
+            seeded = seal_context(profile.poly_modulus_degree, profile.coeff_modulus_bits, _seed_words(seed))
+            secret_key = seal.KeyGenerator(seeded).secret_key()
+        keygen = seal.KeyGenerator(context, secret_key)
+        elements = [galois_element(s, profile.poly_modulus_degree) for s in steps]
+        galois_blob = wire.seal_to_bytes(keygen.create_galois_keys(elements)) if elements else b""
+        return cls(profile, steps, secret_key, galois_blob)
+
+    def public_bytes(self) -> bytes:
+        """Parameters, rotation steps and Galois keys: everything the server needs, no secret key."""
+        sections = [(b"PROF", wire.dump_json(self.profile.to_dict())),
+                    (b"STEP", wire.dump_json(list(self.rotation_steps)))]
+        if self.galois_blob:
+            sections.append((b"GALK", self.galois_blob))
+        return wire.pack(Kind.PUBLIC_KEYS, self.profile.fingerprint, sections)
+
+    def to_bytes(self) -> bytes:
+        """Everything including the secret key: store it on the client only, never send it."""
+        sections = [(b"PROF", wire.dump_json(self.profile.to_dict())),
+                    (b"STEP", wire.dump_json(list(self.rotation_steps))),
+                    (b"SECK", wire.seal_to_bytes(self.secret_key))]
+        if self.galois_blob:
+            sections.append((b"GALK", self.galois_blob))
+        return wire.pack(Kind.SECRET_KEYS, self.profile.fingerprint, sections)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "ClientKeys":
+        kind, fingerprint, sections = wire.unpack(data, Kind.SECRET_KEYS, InvalidKeys)
+        if kind != Kind.SECRET_KEYS:
+            raise InvalidKeys(f"expected secret keys (ClientKeys.to_bytes()), got {wire.KIND_NAMES[kind]}")
+        grouped = wire.section_map(sections, {b"PROF": (1, 1), b"STEP": (1, 1), b"SECK": (1, 1), b"GALK": (0, 1)},
+                                   "secret keys", InvalidKeys)
+        profile, steps = _read_profile_and_steps(grouped, fingerprint, "secret keys")
+        context = profile.context()
+        secret_key = wire.seal_from_bytes(seal.SecretKey(), context, grouped[b"SECK"][0],
+                                          secret_key_max_bytes(profile), "secret key", InvalidKeys)
+        galois = bytes(grouped[b"GALK"][0]) if b"GALK" in grouped else b""
+        if bool(galois) != bool(steps):
+            raise InvalidKeys("secret keys: Galois key section does not match the rotation steps")
+        return cls(profile, steps, secret_key, galois)
+
+    def _tool(self, name: str):
+        if name not in self._tools:
+            context = self.profile.context()
+            self._tools["encoder"] = seal.CKKSEncoder(context)
+            self._tools["encryptor"] = seal.Encryptor(context, self.secret_key)
+            self._tools["decryptor"] = seal.Decryptor(context, self.secret_key)
+        return self._tools[name]
+
+
+def _read_profile_and_steps(grouped: dict, fingerprint: bytes, what: str) -> tuple[CkksProfile, tuple[int, ...]]:
+    try:
+        profile = CkksProfile.from_dict(wire.load_json(grouped[b"PROF"][0], what, InvalidKeys))
+    except InvalidKeys:
+        raise
+    except EncryptedError as exc:
+        raise InvalidKeys(f"{what}: bad profile section ({exc})") from None
+    if profile.fingerprint != fingerprint:
+        raise InvalidKeys(f"{what}: header fingerprint does not match the profile section (corrupted bytes)")
+    steps = _check_steps(wire.load_json(grouped[b"STEP"][0], what, InvalidKeys), profile, InvalidKeys)
+    return profile, steps
+
+
+@dataclass(frozen=True)
+class PublicKeys:
+    """A client's public material loaded on the server: deserialise once per session, reuse per request."""
+
+    profile: CkksProfile
+    rotation_steps: tuple[int, ...]
+    galois_keys: Any  # seal.GaloisKeys
+    nbytes: int
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "PublicKeys":
+        kind, fingerprint, sections = wire.unpack(data, Kind.PUBLIC_KEYS, InvalidKeys)
+        if kind == Kind.SECRET_KEYS or any(tag == b"SECK" for tag, _ in sections):
+            raise InvalidKeys("these bytes carry a secret key, which must never leave the client; "
+                              "send ClientKeys.public_bytes() instead and treat this key as compromised")
+        if kind != Kind.PUBLIC_KEYS:
+            raise InvalidKeys(f"expected public keys (ClientKeys.public_bytes()), got {wire.KIND_NAMES[kind]}")
+        grouped = wire.section_map(sections, {b"PROF": (1, 1), b"STEP": (1, 1), b"GALK": (0, 1)},
+                                   "public keys", InvalidKeys)
+        profile, steps = _read_profile_and_steps(grouped, fingerprint, "public keys")
+        galois_keys = seal.GaloisKeys()
+        if steps:
+            if b"GALK" not in grouped:
+                raise InvalidKeys(f"public keys list rotation steps {list(steps)} but carry no Galois keys; "
+                                  "send ClientKeys.public_bytes()")
+            wire.seal_from_bytes(galois_keys, profile.context(), grouped[b"GALK"][0],
+                                 galois_keys_max_bytes(profile, len(steps)), "Galois keys", InvalidKeys)
+            n = profile.poly_modulus_degree
+            missing = [s for s in steps if not galois_keys.has_key(galois_element(s, n))]
+            if missing or galois_keys.size() != len(steps):
+                raise InvalidKeys(f"Galois keys do not match the listed rotation steps {list(steps)} "
+                                  f"(missing {missing}, {galois_keys.size()} keys present); regenerate them with "
+                                  "ClientKeys.generate(profile, layer.rotation_steps)")
+        elif b"GALK" in grouped:
+            raise InvalidKeys("public keys carry Galois keys but list no rotation steps")
+        return cls(profile, steps, galois_keys, len(data))
+
+    def require(self, layout: LinearLayout) -> None:
+        """Raise unless these keys were made for `layout`'s profile and rotation steps."""
+        if self.profile != layout.profile:
+            raise ParameterMismatch(f"public keys use profile {self.profile.to_dict()} but the layer uses "
+                                    f"{layout.profile.to_dict()}; generate keys with layer.layout.profile")
+        missing = sorted(set(layout.rotation_steps) - set(self.rotation_steps))
+        if missing:
+            raise InvalidKeys(f"public keys lack Galois keys for rotation steps {missing}; generate them with "
+                              "ClientKeys.generate(layout.profile, layer.rotation_steps)")
+
+
+def load_public_keys(data: bytes) -> PublicKeys:
+    return PublicKeys.from_bytes(data)

@@ -1,0 +1,198 @@
+"""Server side: Enc(x) -> Enc(Wx + b) with W's diagonals encoded once at load."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tenseal.sealapi as seal
+
+from . import messages
+from .errors import EncryptedError, IntegrityError, InvalidKeys
+from .keys import PublicKeys
+from .layout import LinearLayout, plan_layout
+from .profiles import DEFAULT_PROFILE, CkksProfile
+
+
+class EncryptedLinear:
+    """An affine layer y = W x + b evaluated on CKKS-encrypted x (see `encrypted.layout` for the method)."""
+
+    def __init__(self, weight: Any, bias: Any = None, profile: CkksProfile = DEFAULT_PROFILE, *,
+                 max_galois_keys: int = 10):
+        W = np.asarray(weight, dtype=np.float64)
+        if W.ndim != 2 or 0 in W.shape:
+            raise EncryptedError(f"weight must be a non-empty (k, d) matrix, got shape {W.shape}")
+        k, d = W.shape
+        b = np.zeros(k) if bias is None else np.asarray(bias, dtype=np.float64).reshape(-1)
+        if b.shape != (k,):
+            raise EncryptedError(f"bias must have shape ({k},) to match weight {W.shape}, got {np.shape(bias)}")
+        if not (np.all(np.isfinite(W)) and np.all(np.isfinite(b))):
+            raise EncryptedError("weight or bias contains NaN or infinity")
+        self.weight, self.bias, self.profile = W, b, profile
+        self.layout: LinearLayout = plan_layout(profile, d, k, max_galois_keys=max_galois_keys)
+        context = profile.context()
+        self._evaluator = seal.Evaluator(context)
+        self._encoder = seal.CKKSEncoder(context)
+        self._diagonals, self._bias_plain = self._encode()
+
+    # --- construction -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_export(cls, directory: str | Path, name: str = "fused", profile: CkksProfile = DEFAULT_PROFILE,
+                    **kwargs: Any) -> "EncryptedLinear":
+        """Load `<directory>/<name>.safetensors` (tensors `weight` (k, d), `bias` (k,)).
+
+        If `manifest.json` sits beside it and lists the file with a sha256, the bytes must match it.
+        """
+        from safetensors.numpy import load as load_safetensors
+
+        directory = Path(directory)
+        filename = f"{name}.safetensors"
+        path = directory / filename
+        if not path.is_file():
+            raise EncryptedError(f"{path} not found; pass the export directory and the file stem (e.g. 'fused')")
+        data = path.read_bytes()
+        manifest_path = directory / "manifest.json"
+        if manifest_path.is_file():
+            try:
+                manifest = json.loads(manifest_path.read_text())
+                entry = manifest.get("files", {}).get(filename)
+            except (ValueError, AttributeError) as exc:
+                raise IntegrityError(f"{manifest_path} is not valid JSON with a 'files' mapping ({exc})") from None
+            expected = entry.get("sha256") if isinstance(entry, dict) else None
+            if expected is not None:
+                actual = hashlib.sha256(data).hexdigest()
+                if actual != str(expected).lower():
+                    raise IntegrityError(f"{filename} does not match manifest.json (sha256 {actual}, manifest says "
+                                         f"{expected}); the file was modified or corrupted: re-export it")
+        try:
+            tensors = load_safetensors(data)
+        except Exception as exc:
+            raise EncryptedError(f"{path} is not a readable safetensors file ({exc})") from None
+        if "weight" not in tensors:
+            raise EncryptedError(f"{path} has no 'weight' tensor (found {sorted(tensors)})")
+        return cls(tensors["weight"], tensors.get("bias"), profile, **kwargs)
+
+    def _encode(self) -> tuple[list[list[list[tuple[int, Any]]]], list[Any]]:
+        """Pre-rotated diagonals as NTT-form plaintexts at the query level; bias at the reply level.
+
+        Returns diagonals[block][giant] = [(baby index j, plaintext)], skipping all-zero diagonals.
+        """
+        L, context = self.layout, self.profile.context()
+        dp, lanes, kp, kc, b, g = L.padded_input, L.lanes, L.block_rows, L.complex_rows, L.baby, L.giant
+        k, d = self.weight.shape
+        rows = L.blocks * kp
+        Wc = np.zeros((rows, dp), dtype=np.complex128)
+        Wc[:kc, :d] = self.weight[:kc]
+        Wc[: k - kc, :d] += 1j * self.weight[kc:]
+        bc = np.zeros(rows, dtype=np.complex128)
+        bc[:kc] = self.bias[:kc]
+        bc[: k - kc] += 1j * self.bias[kc:]
+
+        top = context.first_parms_id()
+        low = messages.reply_parms_id(self.profile)
+        # Encoding W at the scale of the prime that the rescale drops leaves the reply at the query's scale.
+        weight_scale = float(context.first_context_data().parms().coeff_modulus()[-1].value())
+        i = np.arange(dp)
+        diagonals, bias_plain = [], []
+        for block in range(L.blocks):
+            Wb = Wc[block * kp:(block + 1) * kp]
+            groups = []
+            for gi in range(g):
+                group = []
+                for j in range(b):
+                    t = gi * b + j
+                    if t >= kp:
+                        break
+                    z = np.roll(Wb[i % kp, (i + t) % dp], gi * b)
+                    if np.max(np.abs(z)) * weight_scale < 0.5:
+                        continue  # an all-zero diagonal adds nothing (and SEAL refuses the product)
+                    plain = seal.Plaintext()
+                    self._encoder.encode(np.repeat(z, lanes).tolist(), top, weight_scale, plain)
+                    group.append((j, plain))
+                groups.append(group)
+            if not any(groups):
+                raise EncryptedError(f"weight rows of output block {block} are all zero; an encrypted reply must "
+                                     "depend on the query: drop those outputs or use a nonzero weight")
+            diagonals.append(groups)
+            plain = seal.Plaintext()
+            self._encoder.encode(np.repeat(bc[block * kp + i % kp], lanes).tolist(), low, self.profile.scale, plain)
+            bias_plain.append(plain)
+        return diagonals, bias_plain
+
+    # --- public properties -------------------------------------------------------------------------
+
+    @property
+    def rotation_steps(self) -> list[int]:
+        return self.layout.rotation_steps
+
+    @property
+    def input_dim(self) -> int:
+        return self.layout.input_dim
+
+    @property
+    def output_dim(self) -> int:
+        return self.layout.output_dim
+
+    @property
+    def lanes(self) -> int:
+        return self.layout.lanes
+
+    # --- evaluation --------------------------------------------------------------------------------
+
+    def plain(self, x: Any) -> np.ndarray:
+        """Reference W x + b in float64, for x of shape (d,) or (n, d)."""
+        return np.asarray(x, dtype=np.float64) @ self.weight.T + self.bias
+
+    def apply(self, query: bytes, public_keys: PublicKeys) -> bytes:
+        """Reply bytes for one query blob, using the client's public keys (loaded once per session)."""
+        if not isinstance(public_keys, PublicKeys):
+            raise InvalidKeys(f"public_keys must be PublicKeys (PublicKeys.from_bytes(client_bytes), once per "
+                              f"session), got {type(public_keys).__name__}")
+        public_keys.require(self.layout)
+        ciphertext, count = messages.read_query(query, self.layout)
+        return messages.write_reply(self.layout, self.evaluate(ciphertext, public_keys.galois_keys), count)
+
+    def evaluate(self, x: Any, galois_keys: Any) -> list[Any]:
+        """Enc(x) -> [Enc(W'x + b') per block] on sealapi objects (no validation: use `apply` for bytes)."""
+        L, ev = self.layout, self._evaluator
+        rotated = [x]
+        for _ in range(1, L.baby):
+            nxt = seal.Ciphertext()
+            ev.rotate_vector(rotated[-1], L.lanes, galois_keys, nxt)
+            rotated.append(nxt)
+        giant_step = L.baby * L.lanes
+        replies = []
+        for groups, bias in zip(self._diagonals, self._bias_plain):
+            acc = None
+            for group in reversed(groups):  # Horner: acc = rot(acc, b) + P_gi
+                if acc is not None:
+                    ev.rotate_vector_inplace(acc, giant_step, galois_keys)
+                if not group:
+                    continue
+                part = None
+                for j, plain in group:
+                    term = seal.Ciphertext()
+                    ev.multiply_plain(rotated[j], plain, term)
+                    if part is None:
+                        part = term
+                    else:
+                        ev.add_inplace(part, term)
+                ev.rescale_to_next_inplace(part)
+                if acc is None:
+                    acc = part
+                else:
+                    ev.add_inplace(acc, part)
+            for step, radix in L.fold:  # sum of rot(acc, m*step), m < radix, by Horner's rule
+                base, cur = acc, acc
+                for _ in range(radix - 1):
+                    nxt = seal.Ciphertext()
+                    ev.rotate_vector(cur, step, galois_keys, nxt)
+                    ev.add_inplace(nxt, base)
+                    cur = nxt
+                acc = cur
+            ev.add_plain_inplace(acc, bias)
+            replies.append(acc)
+        return replies

@@ -1,0 +1,98 @@
+"""Query and reply blobs: one query ciphertext (up to `lanes` inputs) in, one reply ciphertext per block out."""
+from __future__ import annotations
+
+from typing import Any
+
+import tenseal.sealapi as seal
+
+from . import wire
+from .errors import InvalidCiphertext, ParameterMismatch
+from .layout import LinearLayout
+from .profiles import CkksProfile
+from .wire import Kind
+
+_SLACK = 4096
+
+
+def ciphertext_max_bytes(profile: CkksProfile, primes: int) -> int:
+    return 2 * primes * profile.poly_modulus_degree * 8 + _SLACK
+
+
+def query_parms_id(profile: CkksProfile) -> list[int]:
+    return profile.context().first_parms_id()
+
+
+def reply_parms_id(profile: CkksProfile) -> list[int]:
+    return profile.context().first_context_data().next_context_data().parms_id()
+
+
+def write_query(layout: LinearLayout, ciphertext_blob: bytes, count: int) -> bytes:
+    meta = {"input_dim": layout.input_dim, "padded_input": layout.padded_input, "lanes": layout.lanes,
+            "count": count}
+    return wire.pack(Kind.QUERY, layout.profile.fingerprint,
+                     [(b"META", wire.dump_json(meta)), (b"CTXT", ciphertext_blob)])
+
+
+def _open(data: Any, kind: Kind, layout: LinearLayout, ciphertexts: tuple[int, int]) -> tuple[dict, list]:
+    what = wire.KIND_NAMES[kind]
+    got_kind, fingerprint, sections = wire.unpack(data, kind, InvalidCiphertext)
+    if got_kind != kind:
+        raise InvalidCiphertext(f"expected a {what}, got {wire.KIND_NAMES[got_kind]}; {wire.FIX_HINTS[kind]}")
+    if fingerprint != layout.profile.fingerprint:
+        raise ParameterMismatch(f"{what} was made with other CKKS parameters than profile "
+                                f"{layout.profile.to_dict()}; encrypt with keys made for layer.layout.profile")
+    grouped = wire.section_map(sections, {b"META": (1, 1), b"CTXT": ciphertexts}, what, InvalidCiphertext)
+    meta = wire.load_json(grouped[b"META"][0], what, InvalidCiphertext)
+    if not isinstance(meta, dict):
+        raise InvalidCiphertext(f"{what}: META section must be a JSON object")
+    count = meta.get("count")
+    if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= layout.lanes:
+        raise InvalidCiphertext(f"{what}: count {count!r} must be an int in [1, {layout.lanes}]")
+    return meta, grouped[b"CTXT"]
+
+
+def _load_ciphertext(blob: memoryview, profile: CkksProfile, parms_id: list[int], primes: int, what: str) -> Any:
+    context = profile.context()
+    ct = wire.seal_from_bytes(seal.Ciphertext(), context, blob, ciphertext_max_bytes(profile, primes), what,
+                              InvalidCiphertext)
+    if ct.parms_id() != parms_id:
+        raise ParameterMismatch(f"{what}: ciphertext is at another modulus level or parameter set than expected; "
+                                f"{'encrypt with encrypted.encrypt' if 'query' in what else 'decrypt replies of this layer'}")
+    if ct.size() != 2 or not ct.is_ntt_form():
+        raise InvalidCiphertext(f"{what}: expected a fresh 2-polynomial CKKS ciphertext in NTT form")
+    if abs(ct.scale / profile.scale - 1.0) > 1e-9:
+        raise InvalidCiphertext(f"{what}: ciphertext scale {ct.scale!r} is not the profile's 2^{profile.scale_bits}; "
+                                "encrypt with encrypted.encrypt")
+    return ct
+
+
+def read_query(data: Any, layout: LinearLayout) -> tuple[Any, int]:
+    """Validate a query blob for `layout`; return (ciphertext, number of inputs it packs)."""
+    meta, blobs = _open(data, Kind.QUERY, layout, (1, 1))
+    expected = {"input_dim": layout.input_dim, "padded_input": layout.padded_input, "lanes": layout.lanes}
+    got = {k: meta.get(k) for k in expected}
+    if got != expected:
+        raise ParameterMismatch(f"query packs {got} but this layer expects {expected}; "
+                                "encrypt with this layer's layout (GET it from the server)")
+    primes = len(layout.profile.coeff_modulus_bits) - 1
+    ct = _load_ciphertext(blobs[0], layout.profile, query_parms_id(layout.profile), primes, "query")
+    return ct, meta["count"]
+
+
+def write_reply(layout: LinearLayout, ciphertexts: list[Any], count: int) -> bytes:
+    meta = {"blocks": layout.blocks, "count": count, "output_dim": layout.output_dim}
+    sections = [(b"META", wire.dump_json(meta))]
+    sections += [(b"CTXT", wire.seal_to_bytes(ct)) for ct in ciphertexts]
+    return wire.pack(Kind.REPLY, layout.profile.fingerprint, sections)
+
+
+def read_reply(data: Any, layout: LinearLayout) -> tuple[list[Any], int]:
+    """Validate a reply blob for `layout`; return (one ciphertext per block, number of inputs)."""
+    meta, blobs = _open(data, Kind.REPLY, layout, (layout.blocks, layout.blocks))
+    if meta.get("blocks") != layout.blocks or meta.get("output_dim") != layout.output_dim:
+        raise ParameterMismatch(f"reply is for output_dim={meta.get('output_dim')!r}, blocks={meta.get('blocks')!r}; "
+                                f"this layout has {layout.output_dim}, {layout.blocks}: decrypt with the layer's layout")
+    primes = len(layout.profile.coeff_modulus_bits) - 2
+    pid = reply_parms_id(layout.profile)
+    cts = [_load_ciphertext(b, layout.profile, pid, primes, "reply") for b in blobs]
+    return cts, meta["count"]

@@ -1,0 +1,142 @@
+"""The `xsilo` console script.
+
+Training commands (`fit`, `validate`, `test`) are LightningCLI subcommands over configs in
+`configs/`. Everything else is a typed function exposed with `jsonargparse.CLI`, as in
+litgpt. Imports are lazy so that `xsilo serve` never loads training code.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def _quiet() -> None:
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+
+
+def assets_list() -> None:
+    """Show the known models and datasets and whether each is prepared under $XSILO_HOME."""
+    from datamodules.assets import asset_table, xsilo_home
+
+    rows = asset_table()
+    print(f"XSILO_HOME={xsilo_home()}")
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        print(f"{r['name']:<{width}}  {r['kind']:<7}  prepared={r['prepared']:<3}  {r['description']}")
+
+
+def assets_prepare(names: list[str] | None = None) -> None:
+    """Install, join and convert assets (all when no NAME is given). Idempotent.
+
+    Args:
+        names: asset names, e.g. smollm2 gemma3 bbc.
+    """
+    from datamodules.assets import prepare
+
+    _quiet()
+    t0 = time.perf_counter()
+    worked = prepare(names or None)
+    if worked:
+        print(f"prepared {', '.join(worked)} in {time.perf_counter() - t0:.1f}s")
+    else:
+        print("nothing to do: every requested asset is already prepared")
+
+
+def extract(
+    *,
+    model: str,
+    data: str,
+    split: str = "train",
+    pooling: str | None = None,
+    layer: int = -1,
+    max_length: int = 128,
+    dtype: str = "float32",
+    batch_size: int = 16,
+    limit: int | None = None,
+    text_column: str = "text",
+    label_column: str | None = "label",
+    cache_dir: str | None = None,
+    accelerator: str = "cpu",
+    devices: int = 1,
+    strategy: str = "auto",
+    threads: int | None = None,
+) -> None:
+    """Extract pooled hidden states into the cache (or find them there) and print its path.
+
+    Args:
+        model: registry name (minilm, smollm2, gemma3), local checkpoint folder or hub id.
+        data: registry dataset name, local file/folder or hub id.
+        split: dataset split.
+        pooling: mean, last or first; default last for causal LMs, mean otherwise.
+        layer: hidden_states index; -1 is the final layer.
+        max_length: truncation length in tokens.
+        dtype: compute dtype: float32, bfloat16 or float16.
+        batch_size: texts per forward pass.
+        limit: keep only the first N rows.
+        text_column: text column of a non-registry dataset.
+        label_column: label column of a non-registry dataset.
+        cache_dir: cache root (default $XSILO_HOME/states).
+        accelerator: cpu, gpu or auto.
+        devices: number of devices (DDP when > 1).
+        strategy: Lightning strategy, e.g. ddp.
+        threads: torch threads per process.
+    """
+    from datamodules.extraction import ExtractionConfig, extract as run_extract
+
+    _quiet()
+    config = ExtractionConfig(model=model, data=data, split=split, pooling=pooling, layer=layer,
+                              max_length=max_length, dtype=dtype, batch_size=batch_size, limit=limit,
+                              text_column=text_column, label_column=label_column)
+    result = run_extract(config, cache_root=cache_dir, accelerator=accelerator, devices=devices,
+                         strategy=strategy, threads=threads)
+    status = "cache hit" if result.hit else f"computed {result.computed_shards} shard(s)"
+    print(f"{status}: {result.n_rows} x {result.dim} in {result.seconds:.1f}s", file=sys.stderr)
+    print(result.path)
+
+
+COMMANDS = {
+    "assets": {"list": assets_list, "prepare": assets_prepare},
+    "extract": extract,
+}
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from datamodules.assets import AssetError
+    from datamodules.cache import CacheError
+
+    return (AssetError, CacheError)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
+            from lightning_modules.lightning_cli import run_lightning_cli
+
+            run_lightning_cli(argv)
+            return
+        from jsonargparse import CLI
+
+        if argv[:2] == ["assets", "prepare"] and len(argv) > 2 and not argv[2].startswith("-"):
+            # `xsilo assets prepare a b` reads better than jsonargparse's `--names [a,b]`.
+            argv = argv[:2] + ["--names", json.dumps(argv[2:])]
+        CLI(COMMANDS, args=argv, prog="xsilo")
+    except _user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("interrupted: finished shards and files are kept; rerun to resume", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()

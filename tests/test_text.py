@@ -1,0 +1,76 @@
+"""Text dataset loading: registry readers on synthetic files, local files, bad input."""
+
+from __future__ import annotations
+
+import bz2
+
+import pytest
+
+from datamodules import text
+from datamodules.assets import AssetError, get_asset, load_registry
+from datamodules.text import dataset_fingerprint, label_names, load_texts
+
+
+def test_registry_names_every_required_asset():
+    names = set(load_registry())
+    assert {"minilm", "smollm2", "gemma3"} <= names
+    assert {"vader-movies", "vader-tweets", "vader-nyt", "vader-amazon", "trec", "bbc", "rotten",
+            "movie-dialog"} <= names
+
+
+def test_unknown_asset_lists_the_known_ones():
+    with pytest.raises(AssetError, match=r"unknown dataset asset 'bbcc'; known: .*bbc.*trec"):
+        get_asset("bbcc", "dataset")
+
+
+def test_vader_reader_drops_neutral_and_binarises(tmp_path):
+    f = tmp_path / "v.txt"
+    f.write_text("id\tsentiment\ttext\n1\t2.5\tgreat film\n2\t0\tneutral\n3\t-1.2\tawful ''plot''\n")
+    ds = text._read_vader(f)
+    assert ds["text"] == ["great film", "awful ''plot''"] and ds["label"] == [1, 0]
+    assert label_names(ds) == ["negative", "positive"]
+
+
+def test_trec_reader_deduplicates_and_keeps_coarse_label(tmp_path):
+    f = tmp_path / "q.txt"
+    f.write_text("DESC:manner How did it go ?\nLOC:city Where is Paris ?\nDESC:manner How did it go ?\n")
+    ds = text._read_trec(f)
+    assert ds["text"] == ["How did it go ?", "Where is Paris ?"]
+    assert [label_names(ds)[i] for i in ds["label"]] == ["DESC", "LOC"]
+
+
+def test_label_folder_and_rotten_and_dialog_readers(tmp_path):
+    for label, body in (("sport", "a goal"), ("tech", "a chip")):
+        (tmp_path / "bbc" / label).mkdir(parents=True)
+        (tmp_path / "bbc" / label / "001.txt").write_bytes(body.encode("latin-1") + b" \xa3")
+    ds = text._read_label_folders(tmp_path / "bbc")
+    assert ds["text"] == ["a goal £", "a chip £"] and label_names(ds) == ["sport", "tech"]
+
+    with bz2.open(tmp_path / "r.csv.bz2", "wt") as f:
+        f.write('category,text,movie_name\nfresh,"fun, fast",x\nplot,"a man",y\n')
+    ds = text._read_rotten(tmp_path / "r.csv.bz2")
+    assert ds["text"] == ["fun, fast", "a man"] and label_names(ds) == ["fresh", "plot"]
+
+    (tmp_path / "d.txt").write_text("hi there\thello.\nhello.\tbye\n")
+    assert text._read_dialog(tmp_path / "d.txt")["text"] == ["hi there", "hello.", "bye"]
+
+
+def test_local_csv_with_string_labels_and_limit(tiny_csv):
+    ds = load_texts(str(tiny_csv), limit=7)
+    assert len(ds) == 7 and label_names(ds) == ["c0", "c1", "c2"]
+    assert dataset_fingerprint(ds) == dataset_fingerprint(load_texts(str(tiny_csv), limit=7))
+    assert dataset_fingerprint(ds) != dataset_fingerprint(load_texts(str(tiny_csv), limit=8))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"text_column": "body"}, "no text column 'body'"),
+    ({"limit": 0}, "limit must be a positive"),
+])
+def test_bad_dataset_arguments(tiny_csv, kwargs, message):
+    with pytest.raises(AssetError, match=message):
+        load_texts(str(tiny_csv), **kwargs)
+
+
+def test_missing_dataset_path(tmp_path):
+    with pytest.raises(AssetError, match="does not exist"):
+        load_texts(str(tmp_path / "nope.csv"))
