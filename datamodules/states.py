@@ -13,7 +13,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datamodules.cache import CacheError, StateCache
 from datamodules.extraction import ExtractionConfig, ResolvedExtraction, cache_hit, extract, resolve
@@ -35,12 +35,44 @@ class CachedRows(Dataset):
             out.append(torch.from_numpy(self.labels[rows]))
         return out
 
-    def __getitem__(self, position: int) -> list[torch.Tensor]:
+    def __getitem__(self, position: int | list[int]) -> list[torch.Tensor]:
+        if isinstance(position, (list, np.ndarray)):
+            return self.__getitems__(list(position))
         return [t[0] for t in self.__getitems__([position])]
 
 
 def _batch_collate(batch):
     return tuple(batch)  # __getitems__ already returns stacked tensors
+
+
+class EvenShardBatches(DistributedSampler):
+    """Yields whole batches of row positions for this rank: no row repeated or dropped, and
+    every rank gets the same number of batches.
+
+    Lightning's default DistributedSampler pads ranks with repeated rows, which would double
+    count them in sufficient statistics; uneven batch counts would hang gradient sync. Being a
+    DistributedSampler, Lightning leaves it in place.
+    """
+
+    def __init__(self, n_rows: int, batch_size: int, shuffle: bool, seed: int = 0):
+        dist = torch.distributed
+        ready = dist.is_available() and dist.is_initialized()
+        self.num_replicas = dist.get_world_size() if ready else 1
+        self.rank = dist.get_rank() if ready else 0
+        self.n_rows, self.batch_size, self.shuffle, self.seed, self.epoch = n_rows, batch_size, shuffle, seed, 0
+        if n_rows < self.num_replicas:
+            raise ValueError(f"{n_rows} rows cannot be shared by {self.num_replicas} processes")
+        largest = -(-n_rows // self.num_replicas)
+        self.n_batches = -(-largest // batch_size)
+
+    def __iter__(self):
+        order = (np.random.default_rng(self.seed + self.epoch).permutation(self.n_rows) if self.shuffle
+                 else np.arange(self.n_rows))
+        mine = np.array_split(order, self.num_replicas)[self.rank]
+        return iter([b.tolist() for b in np.array_split(mine, self.n_batches)])
+
+    def __len__(self) -> int:
+        return self.n_batches
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int
@@ -89,8 +121,9 @@ class _StatesDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.splits:
             raise RuntimeError(f"the {split!r} split is empty or setup() has not run")
-        return DataLoader(self.splits[split], batch_size=self.batch_size, shuffle=shuffle,
-                          num_workers=self.num_workers, collate_fn=_batch_collate)
+        rows = self.splits[split]
+        return DataLoader(rows, sampler=EvenShardBatches(len(rows), self.batch_size, shuffle, self.seed),
+                          batch_size=None, num_workers=self.num_workers, collate_fn=_batch_collate)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
@@ -145,6 +178,16 @@ class PairedStatesDataModule(_StatesDataModule):
         self.source_dim = self.source_job.hidden_size
         self.target_dim = self.target_job.hidden_size
         self.n_rows = len(self.source_job.texts)
+
+    @property
+    def input_dim(self) -> int:
+        """What a model fitted on this data reads (linked into models by LightningCLI)."""
+        return self.source_dim
+
+    @property
+    def output_dim(self) -> int:
+        """What a model fitted on this data predicts."""
+        return self.target_dim
 
     def prepare_data(self) -> None:
         self._ensure(self.source_job)
@@ -214,6 +257,16 @@ class LabelledStatesDataModule(_StatesDataModule):
                 f"label set differs between splits: {', '.join(f'{k} lacks classes {v}' for k, v in missing.items())}; "
                 "use more rows (limit) or smaller val/test fractions"
             )
+
+    @property
+    def input_dim(self) -> int:
+        """What a model fitted on this data reads (linked into models by LightningCLI)."""
+        return self.dim
+
+    @property
+    def output_dim(self) -> int:
+        """What a model fitted on this data predicts: one logit per class."""
+        return self.num_classes
 
     def prepare_data(self) -> None:
         self._ensure(self.job)

@@ -1,0 +1,231 @@
+"""`AffineAligner`: a LightningModule that maps source hidden states into a target model's space.
+
+Epoch 0 is the closed-form fit: training and validation batches only accumulate float64
+sufficient statistics, which are summed across DDP ranks, and the λ path (ridge) is scored on
+the validation statistics. Every later epoch is optional gradient fine-tuning from that
+initialisation (MSE, cosine, or the task loss through a frozen target classifier), stopped
+early on `val_loss` with Lightning's `EarlyStopping`. `max_epochs=1` means closed form only.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Literal, Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_modules.solvers import (
+    DEFAULT_LAMBDAS,
+    AffineMap,
+    SufficientStats,
+    fit_affine,
+    ridge_path,
+    val_mse,
+    val_r2,
+)
+
+Estimator = Literal["ridge", "lstsq", "procrustes", "scaled_procrustes"]
+FinetuneLoss = Literal["mse", "cosine", "task"]
+
+
+class AffineAligner(L.LightningModule):
+    """y_hat = W x + b from source states x (input_dim) to target states y (output_dim).
+
+    Args:
+        input_dim: source hidden size (linked from the DataModule).
+        output_dim: target hidden size (linked from the DataModule).
+        estimator: ridge (λ chosen on validation), lstsq, procrustes or scaled_procrustes.
+        lambdas: relative ridge penalties (multiples of the mean eigenvalue of Cxx).
+        center: fit an intercept (remove means).
+        standardize: z-score x and y before solving (zero-variance dims keep scale 1).
+        finetune_loss: loss for the gradient epochs after the closed form (if max_epochs > 1).
+        classifier: path to a LinearClassifier checkpoint on target states, for finetune_loss="task".
+        lr, weight_decay: AdamW settings for fine-tuning.
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        output_dim: int,
+        estimator: Estimator = "ridge",
+        lambdas: Sequence[float] = DEFAULT_LAMBDAS,
+        center: bool = True,
+        standardize: bool = False,
+        finetune_loss: FinetuneLoss = "mse",
+        classifier: str | None = None,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if estimator not in ("ridge", "lstsq", "procrustes", "scaled_procrustes"):
+            raise ValueError(f"unknown estimator {estimator!r}; use ridge, lstsq, procrustes or scaled_procrustes")
+        if estimator == "ridge" and not lambdas:
+            raise ValueError("ridge needs at least one λ in `lambdas`")
+        if finetune_loss == "task" and classifier is None:
+            raise ValueError("finetune_loss='task' needs `classifier`: a LinearClassifier checkpoint on target states")
+        self.linear = nn.Linear(input_dim, output_dim)
+        self.automatic_optimization = False
+        self.register_buffer("fitted", torch.tensor(False))
+        self.register_buffer("chosen_lambda", torch.tensor(float("nan"), dtype=torch.float64))
+        self.source_spec: dict[str, Any] = {}
+        self.target_spec: dict[str, Any] = {}
+        self._train_stats: SufficientStats | None = None
+        self._val_stats: SufficientStats | None = None
+        self._head: nn.Module | None = None
+        self.lambda_path: dict[float, float] = {}
+
+    # -- the map -------------------------------------------------------------------------
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(x)
+
+    @property
+    def affine_map(self) -> AffineMap:
+        return AffineMap(self.linear.weight.detach().clone(), self.linear.bias.detach().clone())
+
+    def load_map(self, amap: AffineMap) -> None:
+        with torch.no_grad():
+            self.linear.weight.copy_(amap.weight.to(self.linear.weight))
+            self.linear.bias.copy_(amap.bias.to(self.linear.bias))
+        self.fitted.fill_(True)
+
+    # -- Lightning hooks -----------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        for role in ("source", "target"):
+            job = getattr(dm, f"{role}_job", None)
+            if job is not None:
+                setattr(self, f"{role}_spec", _spec(job))
+        dims = (getattr(dm, "input_dim", self.hparams.input_dim), getattr(dm, "output_dim", self.hparams.output_dim))
+        if dims != (self.hparams.input_dim, self.hparams.output_dim):
+            raise ValueError(f"the aligner maps {self.hparams.input_dim} -> {self.hparams.output_dim} but the "
+                             f"data holds {dims[0]} -> {dims[1]}-d states; set input_dim/output_dim to match "
+                             "(LightningCLI links them from the DataModule)")
+        if self.hparams.finetune_loss == "task" and self._head is None:
+            from lightning_modules.classifier import LinearClassifier
+
+            self._head = LinearClassifier.load_from_checkpoint(self.hparams.classifier, map_location="cpu")
+            self._head.eval().requires_grad_(False)
+
+    @property
+    def solving(self) -> bool:
+        """True during the statistics epoch (epoch 0 of a fit that has not solved yet)."""
+        return not bool(self.fitted)
+
+    def on_train_epoch_start(self) -> None:
+        if self.solving:
+            self._train_stats = SufficientStats.zeros(self.hparams.input_dim, self.hparams.output_dim,
+                                                      device=self.device, full_yty=False)
+
+    def on_validation_epoch_start(self) -> None:
+        if self.solving and not self.trainer.sanity_checking:
+            self._val_stats = SufficientStats.zeros(self.hparams.input_dim, self.hparams.output_dim,
+                                                    device=self.device, full_yty=False)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
+        x, y = batch[0], batch[1]
+        if self.solving:
+            self._train_stats.update(x, y)
+            return None
+        opt = self.optimizers()
+        loss = self.finetune_loss(x, y)
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+        self.log("train_loss", loss, prog_bar=True, sync_dist=True, batch_size=len(x))
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch[0], batch[1]
+        if self.solving:
+            if not self.trainer.sanity_checking:
+                self._val_stats.update(x, y)
+            return
+        self.log("val_loss", self.finetune_loss(x, y), prog_bar=True, sync_dist=True, batch_size=len(x))
+        self.log("val_mse", F.mse_loss(self(x), y), sync_dist=True, batch_size=len(x))
+
+    def on_validation_epoch_end(self) -> None:
+        if self.solving and not self.trainer.sanity_checking:
+            self._solve()
+
+    def on_train_epoch_end(self) -> None:
+        # Validation runs before this hook; without validation data, solve from train alone.
+        if self.solving:
+            self._solve()
+
+    def finetune_loss(self, x: Tensor, y: Tensor) -> Tensor:
+        y_hat = self(x)
+        loss = self.hparams.finetune_loss
+        if loss == "mse":
+            return F.mse_loss(y_hat, y)
+        if loss == "cosine":
+            return 1 - F.cosine_similarity(y_hat, y, dim=-1).mean()
+        # Task loss: match the frozen target head's distribution on the true target state.
+        with torch.no_grad():
+            teacher = F.log_softmax(self._head(y), dim=-1)
+        return F.kl_div(F.log_softmax(self._head(y_hat), dim=-1), teacher, log_target=True,
+                        reduction="batchmean")
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.linear.parameters(), lr=self.hparams.lr,
+                                 weight_decay=self.hparams.weight_decay)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["xsilo"] = {"source": self.source_spec, "target": self.target_spec}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        specs = checkpoint.get("xsilo", {})
+        self.source_spec, self.target_spec = specs.get("source", {}), specs.get("target", {})
+
+    # -- the closed form -----------------------------------------------------------------
+
+    def _reduce(self, stats: SufficientStats) -> SufficientStats:
+        return stats.all_reduce(lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"))
+
+    def _solve(self) -> None:
+        hp = self.hparams
+        train = self._reduce(self._train_stats)
+        val = self._reduce(self._val_stats) if self._val_stats is not None and self._val_stats.count else None
+        if hp.estimator == "ridge":
+            lambdas = list(hp.lambdas)
+            if val is None and len(lambdas) > 1:
+                warnings.warn("no validation rows to choose λ: using the largest λ of the path", stacklevel=2)
+                lambdas = [max(lambdas)]
+            maps = ridge_path(train, lambdas, hp.center, hp.standardize)
+            scores = [val_mse(val, m) for m in maps] if val is not None else [0.0]
+            best = min(range(len(maps)), key=scores.__getitem__)
+            amap, lam = maps[best], lambdas[best]
+            self.chosen_lambda.fill_(lam)
+            self.lambda_path = dict(zip(lambdas, scores)) if val is not None else {}
+        else:
+            amap = fit_affine(train, hp.estimator, center=hp.center, standardize=hp.standardize)
+        self.load_map(amap)
+        if val is not None:
+            baseline = val_mse(val, amap) if hp.finetune_loss == "mse" else self._closed_form_val_loss()
+            self.log("val_loss", baseline, prog_bar=True)  # early stopping starts from the closed form
+            self.log("val_mse", val_mse(val, amap))
+            self.log("val_r2", val_r2(val, amap), prog_bar=True)
+        self._train_stats = self._val_stats = None
+
+    def _closed_form_val_loss(self) -> float:
+        """The fine-tuning loss of the fresh closed-form map on the validation set (a baseline
+        for early stopping when the loss is not MSE)."""
+        total, rows = 0.0, 0
+        with torch.no_grad():
+            for batch in self.trainer.val_dataloaders:
+                x, y = (t.to(self.device) for t in batch[:2])
+                total += float(self.finetune_loss(x, y)) * len(x)
+                rows += len(x)
+        return total / max(rows, 1)
+
+
+def _spec(job) -> dict[str, Any]:
+    """What a client needs to reproduce these states: model identity, pooling, layer, length."""
+    return {"model": job.config.model, "model_identity": job.key.model_identity, "pooling": job.pooling,
+            "layer": job.config.layer, "max_length": job.config.max_length, "dtype": job.config.dtype,
+            "hidden_size": job.hidden_size, "data": job.config.data, "cache": str(job.directory)}
