@@ -162,6 +162,13 @@ class ResolvedExtraction:
     labels: list[int] | None = field(repr=False)
     label_names: list[str] | None
 
+    def spec(self) -> dict[str, Any]:
+        """What a client needs to reproduce these states: model identity, pooling, layer, length."""
+        c = self.config
+        return {"model": c.model, "model_identity": self.key.model_identity, "pooling": self.pooling,
+                "layer": c.layer, "max_length": c.max_length, "dtype": c.dtype,
+                "hidden_size": self.hidden_size, "data": c.data, "cache": str(self.directory)}
+
 
 def _check_layer(layer: int, n_layers: int) -> None:
     if not -(n_layers + 1) <= layer <= n_layers:

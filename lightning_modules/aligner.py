@@ -100,7 +100,7 @@ class AffineAligner(L.LightningModule):
         for role in ("source", "target"):
             job = getattr(dm, f"{role}_job", None)
             if job is not None:
-                setattr(self, f"{role}_spec", _spec(job))
+                setattr(self, f"{role}_spec", job.spec())
         dims = (getattr(dm, "input_dim", self.hparams.input_dim), getattr(dm, "output_dim", self.hparams.output_dim))
         if dims != (self.hparams.input_dim, self.hparams.output_dim):
             raise ValueError(f"the aligner maps {self.hparams.input_dim} -> {self.hparams.output_dim} but the "
@@ -131,6 +131,9 @@ class AffineAligner(L.LightningModule):
         x, y = batch[0], batch[1]
         if self.solving:
             self._train_stats.update(x, y)
+            # Lightning counts optimizer steps as global steps, and ModelCheckpoint never saves at
+            # global_step 0; no parameter has a gradient here, so this step changes nothing.
+            self.optimizers().step()
             return None
         opt = self.optimizers()
         loss = self.finetune_loss(x, y)
@@ -222,10 +225,3 @@ class AffineAligner(L.LightningModule):
                 total += float(self.finetune_loss(x, y)) * len(x)
                 rows += len(x)
         return total / max(rows, 1)
-
-
-def _spec(job) -> dict[str, Any]:
-    """What a client needs to reproduce these states: model identity, pooling, layer, length."""
-    return {"model": job.config.model, "model_identity": job.key.model_identity, "pooling": job.pooling,
-            "layer": job.config.layer, "max_length": job.config.max_length, "dtype": job.config.dtype,
-            "hidden_size": job.hidden_size, "data": job.config.data, "cache": str(job.directory)}

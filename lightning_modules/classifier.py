@@ -71,6 +71,7 @@ class LinearClassifier(L.LightningModule):
         })
         self.val_metrics = metrics.clone(prefix="val_")
         self.test_metrics = metrics.clone(prefix="test_")
+        self.states_spec: dict = {}
 
     def forward(self, h: Tensor) -> Tensor:
         return self.linear(self.standardizer(h))
@@ -87,13 +88,15 @@ class LinearClassifier(L.LightningModule):
         names = getattr(dm, "label_names", None)
         if self.hparams.label_names is None and names is not None:
             self.hparams.label_names = list(names)
+        if getattr(dm, "job", None) is not None:
+            self.states_spec = dm.job.spec()
         dims = (getattr(dm, "input_dim", self.hparams.input_dim), getattr(dm, "output_dim", self.hparams.output_dim))
         if dims != (self.hparams.input_dim, self.hparams.output_dim):
             raise ValueError(f"the classifier reads {self.hparams.input_dim}-d states into {self.hparams.output_dim} "
                              f"classes but the data holds {dims[0]}-d states and {dims[1]} classes; "
                              "set input_dim/output_dim to match (LightningCLI links them from the DataModule)")
 
-    def on_fit_start(self) -> None:
+    def on_train_start(self) -> None:
         """One pass over the train split for standardisation moments and class counts."""
         d, k = self.hparams.input_dim, self.hparams.output_dim
         n = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -141,6 +144,12 @@ class LinearClassifier(L.LightningModule):
 
     def predict_step(self, batch, batch_idx: int) -> Tensor:
         return self(batch[0])
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["xsilo"] = {"states": self.states_spec}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.states_spec = checkpoint.get("xsilo", {}).get("states", {})
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

@@ -103,17 +103,90 @@ def extract(
     print(result.path)
 
 
+def evaluate(
+    *,
+    source: str,
+    target: str,
+    task: str,
+    public: str = "movie-dialog",
+    public_limit: int | None = 4000,
+    max_length: int = 128,
+    estimator: str = "ridge",
+    center: bool = True,
+    standardize: bool = False,
+    classifier_epochs: int = 200,
+    seed: int = 0,
+    threads: int | None = None,
+    out: str = "runs/evaluate",
+) -> None:
+    """Fit source→target on the public set and heads on the task; write metrics.json/metrics.md.
+
+    Args:
+        source: client model (registry name, folder or hub id).
+        target: server model whose classifier reads the mapped states.
+        task: labelled dataset (stratified train/val/test split).
+        public: shared public dataset for fitting the map.
+        public_limit: rows of the public set to use.
+        max_length: truncation length in tokens.
+        estimator: ridge (λ chosen on held-out public rows), lstsq, procrustes or scaled_procrustes.
+        center: fit an intercept.
+        standardize: z-score states before solving.
+        classifier_epochs: maximum epochs for each classifier (early stopping on val_loss).
+        seed: split and training seed.
+        threads: torch threads.
+        out: output directory (checkpoints, metrics.json, metrics.md).
+    """
+    from lightning_modules.evaluate import PairConfig, evaluate_pair, markdown_report
+
+    _quiet()
+    cfg = PairConfig(source=source, target=target, task=task, public=public, public_limit=public_limit,
+                     max_length=max_length, estimator=estimator, center=center, standardize=standardize,
+                     classifier_epochs=classifier_epochs, seed=seed, threads=threads)
+    results = evaluate_pair(cfg, out=out)
+    print(markdown_report(results))
+    print(f"wrote {Path(out) / 'metrics.json'} and {Path(out) / 'metrics.md'}")
+
+
+def export(
+    *,
+    aligner: str,
+    classifier: str,
+    out: str,
+    metrics: str | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Fuse an aligner and a target classifier into one linear layer (safetensors + ONNX + manifest).
+
+    Also writes the map alone and the head alone, for split mode.
+
+    Args:
+        aligner: AffineAligner checkpoint (.ckpt).
+        classifier: LinearClassifier checkpoint trained on the aligner's target states.
+        out: export directory (must be empty or missing unless --overwrite).
+        metrics: a metrics.json to record in the manifest.
+        overwrite: replace an existing export.
+    """
+    from lightning_modules.export import export_checkpoints
+
+    recorded = json.loads(Path(metrics).read_text()) if metrics else None
+    path = export_checkpoints(aligner, classifier, out, metrics=recorded, overwrite=overwrite)
+    print(path)
+
+
 COMMANDS = {
     "assets": {"list": assets_list, "prepare": assets_prepare},
     "extract": extract,
+    "evaluate": evaluate,
+    "export": export,
 }
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from datamodules.assets import AssetError
     from datamodules.cache import CacheError
+    from lightning_modules.export import ExportError
 
-    return (AssetError, CacheError)
+    return (AssetError, CacheError, ExportError)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -122,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
         if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
             from lightning_modules.lightning_cli import run_lightning_cli
 
-            run_lightning_cli(argv)
+            run_lightning_cli(None if argv == sys.argv[1:] else argv)
             return
         from jsonargparse import CLI
 
