@@ -210,6 +210,53 @@ def resolve(config: ExtractionConfig, cache_root: str | Path | None = None) -> R
 
 # --- Lightning pieces -------------------------------------------------------------------
 
+def pooled_states(encoder, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int,
+                  pooling: str) -> torch.Tensor:
+    """One forward pass → pooled float32 states of `layer` (-1: the final, normed layer)."""
+    final = layer in (-1, encoder.config.get_text_config().num_hidden_layers)
+    out = encoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=not final)
+    hidden = out.last_hidden_state if final else out.hidden_states[layer]
+    return pool(hidden, attention_mask, pooling).float()
+
+
+class StateEncoder:
+    """In-memory extraction for a few texts (a client's queries), no cache and no Trainer.
+
+    Produces exactly what `extract()` stores for the same model, pooling, layer and max_length.
+    """
+
+    def __init__(self, model: str, pooling: str | None = None, layer: int = -1, max_length: int = 128,
+                 dtype: str = "float32", batch_size: int = 16, threads: int | None = None):
+        from transformers import AutoConfig, AutoModel
+
+        ExtractionConfig(model=model, data="-", pooling=pooling, layer=layer, max_length=max_length,
+                         dtype=dtype, batch_size=batch_size).validate()
+        if threads:
+            torch.set_num_threads(threads)
+        self.model_path = resolve_model(model)
+        config = AutoConfig.from_pretrained(self.model_path)
+        _check_layer(layer, config.get_text_config().num_hidden_layers)
+        self.pooling = pooling or default_pooling(config)
+        self.layer, self.max_length, self.batch_size = layer, max_length, batch_size
+        self.tokenizer = load_tokenizer(self.model_path)
+        self.encoder = AutoModel.from_pretrained(self.model_path, dtype=DTYPES[dtype]).eval().requires_grad_(False)
+        self.hidden_size = config.get_text_config().hidden_size
+
+    @torch.inference_mode()
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        if isinstance(texts, str):
+            texts = [texts]
+        out = np.zeros((len(texts), self.hidden_size), np.float32)
+        order = sorted(range(len(texts)), key=lambda i: (-len(texts[i]), i))
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start:start + self.batch_size]
+            enc = self.tokenizer([texts[i] for i in rows], padding=True, truncation=True,
+                                 max_length=self.max_length, return_tensors="pt")
+            out[rows] = pooled_states(self.encoder, enc["input_ids"], enc["attention_mask"], self.layer,
+                                      self.pooling).numpy()
+        return out
+
+
 def shard_ranges(n_rows: int, shard_size: int) -> list[tuple[int, int]]:
     return [(s, min(s + shard_size, n_rows)) for s in range(0, n_rows, shard_size)]
 
@@ -262,11 +309,7 @@ class HiddenStateExtractor(L.LightningModule):
         return {"rows": batch["rows"], "states": self(batch["input_ids"], batch["attention_mask"])}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        final = self.layer in (-1, self.encoder.config.get_text_config().num_hidden_layers)
-        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
-                           output_hidden_states=not final)
-        hidden = out.last_hidden_state if final else out.hidden_states[self.layer]
-        return pool(hidden, attention_mask, self.pooling).float()
+        return pooled_states(self.encoder, input_ids, attention_mask, self.layer, self.pooling)
 
 
 class FixedBatches(torch.utils.data.Sampler[list[int]]):

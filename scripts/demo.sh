@@ -30,3 +30,22 @@ for model in ("smollm2", "gemma3"):
         cache = StateCache(resolve(ExtractionConfig(model=model, data=data, limit=limit)).directory)
         print(f"{model:8s} {data:13s} states {cache.n_rows} x {cache.dim}  pooling={cache.manifest['pooling']}  {cache.path}")
 PY
+
+stage "3. fit SmolLM2 -> Gemma-3 on the public set, classifiers on BBC, evaluation table"
+xsilo evaluate --source smollm2 --target gemma3 --task bbc --public movie-dialog \
+  --public_limit "$PUBLIC_ROWS" --threads "$THREADS" --out "$RUN/bbc"
+
+stage "4. export: map and head fused into one linear layer"
+xsilo export --aligner "$RUN/bbc/aligner.ckpt" --classifier "$RUN/bbc/classifier-target.ckpt" \
+  --metrics "$RUN/bbc/metrics.json" --out "$RUN/export" --overwrite
+python - "$RUN/export" <<'PY'
+import sys
+import numpy as np
+import onnxruntime as ort
+from lightning_modules.export import load_export
+fused = load_export(sys.argv[1])
+x = np.random.default_rng(0).standard_normal((4, fused.input_dim)).astype(np.float32)
+onnx_out = ort.InferenceSession(f"{sys.argv[1]}/fused.onnx").run(None, {"hidden": x})[0]
+print(f"export: {fused.input_dim} -> {fused.output_dim} ({', '.join(fused.manifest['label_names'])}); "
+      f"onnxruntime vs numpy max |diff| = {np.abs(onnx_out - fused(x)).max():.2e}")
+PY

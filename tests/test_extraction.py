@@ -188,3 +188,14 @@ def test_bad_input_is_refused_before_any_work(tiny_models, tiny_csv, change, mes
     cfg = ExtractionConfig(**{"model": str(tiny_models["bert"]), "data": str(tiny_csv), **change})
     with pytest.raises(AssetError, match=message):
         extract(cfg, progress=False)
+
+
+def test_state_encoder_reproduces_the_cache(tiny_models, tiny_csv):
+    from datamodules.extraction import StateEncoder
+
+    cache = StateCache(extract(ExtractionConfig(model=str(tiny_models["llama"]), data=str(tiny_csv)),
+                               progress=False).path)
+    texts = [l.split('"')[1] for l in tiny_csv.read_text().splitlines()[1:]]
+    encoder = StateEncoder(str(tiny_models["llama"]), batch_size=16)
+    assert encoder.pooling == "last"
+    np.testing.assert_allclose(encoder(texts), cache.all(), rtol=1e-5, atol=1e-6)
