@@ -4,13 +4,12 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import tenseal.sealapi as seal
 
 from . import messages, wire
 from .errors import EncryptedError, ParameterMismatch
 from .keys import ClientKeys
 from .layout import LinearLayout
-
-import tenseal.sealapi as seal
 
 
 def _check(keys: Any, layout: Any) -> None:
@@ -41,14 +40,19 @@ def encrypt(keys: ClientKeys, layout: LinearLayout, X: Any) -> list[bytes]:
     if np.max(np.abs(X)) >= limit:
         raise EncryptedError(f"X has values of magnitude {np.max(np.abs(X)):.3g}, beyond what profile "
                              f"{layout.profile.name!r} can encode ({limit:.3g})")
-    dp, lanes = layout.padded_input, layout.lanes
+    dp, stride, d = layout.padded_input, layout.stride, layout.input_dim
     encoder, encryptor = keys._tool("encoder"), keys._tool("encryptor")
     parms_id = messages.query_parms_id(layout.profile)
     blobs = []
-    for start in range(0, X.shape[0], lanes):
-        chunk = X[start:start + lanes]
-        slots = np.zeros((dp, lanes))
-        slots[:layout.input_dim, :chunk.shape[0]] = chunk.T  # slot i*Q + q holds x_q[i]
+    for start in range(0, X.shape[0], layout.lanes):
+        chunk = X[start:start + layout.lanes]
+        if layout.pairing == "inputs":  # lane q holds inputs q (real part) and q + Q (imaginary part)
+            slots = np.zeros((dp, stride), dtype=np.complex128)
+            slots[:d, :min(len(chunk), stride)] = chunk[:stride].T
+            slots[:d, :max(0, len(chunk) - stride)] += 1j * chunk[stride:].T
+        else:
+            slots = np.zeros((dp, stride))
+            slots[:d, :len(chunk)] = chunk.T  # slot i*Q + q holds x_q[i]
         plain = seal.Plaintext()
         encoder.encode(slots.ravel().tolist(), parms_id, layout.profile.scale, plain)
         blob = wire.seal_to_bytes(encryptor.encrypt_symmetric(plain))
@@ -65,21 +69,29 @@ def decrypt(keys: ClientKeys, layout: LinearLayout, replies: list[bytes], n: int
         raise EncryptedError(f"{n!r} inputs need {layout.ciphertexts_for(n) if isinstance(n, int) and n > 0 else '?'} "
                              f"replies (lanes={layout.lanes}), got {len(replies)}")
     encoder, decryptor = keys._tool("encoder"), keys._tool("decryptor")
-    dp, lanes, kp, kc, k = layout.padded_input, layout.lanes, layout.block_rows, layout.complex_rows, layout.output_dim
+    dp, stride, kp, kc, k = layout.padded_input, layout.stride, layout.block_rows, layout.complex_rows, layout.output_dim
+    lanes = layout.lanes
     out = []
-    for reply in replies:
-        cts, _count = messages.read_reply(reply, layout)
+    for index, reply in enumerate(replies):
+        cts, count = messages.read_reply(reply, layout)
+        if count != min(lanes, n - index * lanes):
+            raise ParameterMismatch(f"reply {index} answers {count} inputs, but input {index * lanes} onwards of "
+                                    f"{n} should give {min(lanes, n - index * lanes)}; pass the replies in the order "
+                                    "of the queries that encrypt() returned, with the same n")
         rows = []
         for ct in cts:
             plain = seal.Plaintext()
             decryptor.decrypt(ct, plain)
-            slots = np.asarray(encoder.decode_complex(plain)).reshape(dp, lanes)
+            slots = np.asarray(encoder.decode_complex(plain)).reshape(dp, stride)
             rows.append(slots[:kp])
-        complex_rows = np.concatenate(rows)[:kc]  # (k', lanes)
-        y = np.empty((lanes, k))
-        y[:, :kc] = complex_rows.real.T
-        y[:, kc:] = complex_rows[: k - kc].imag.T
-        out.append(y)
+        complex_rows = np.concatenate(rows)[:kc]  # (k', Q)
+        if layout.pairing == "inputs":
+            out.append(np.concatenate([complex_rows.real.T, complex_rows.imag.T]))
+        else:
+            y = np.empty((stride, k))
+            y[:, :kc] = complex_rows.real.T
+            y[:, kc:] = complex_rows[: k - kc].imag.T
+            out.append(y)
     return np.concatenate(out)[:n]
 
 

@@ -62,9 +62,9 @@ class ClientKeys:
 
     profile: CkksProfile
     rotation_steps: tuple[int, ...]
-    secret_key: Any  # seal.SecretKey
-    galois_blob: bytes  # seeded SEAL GaloisKeys, as sent to the server
-    _tools: dict = field(default_factory=dict, repr=False)
+    secret_key: Any = field(repr=False)  # seal.SecretKey
+    galois_blob: bytes = field(repr=False)  # seeded SEAL GaloisKeys, as sent to the server
+    _tools: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def generate(cls, profile: CkksProfile, rotation_steps: Iterable[int] | LinearLayout,
@@ -148,17 +148,23 @@ class PublicKeys:
 
     profile: CkksProfile
     rotation_steps: tuple[int, ...]
-    galois_keys: Any  # seal.GaloisKeys
+    galois_keys: Any = field(repr=False)  # seal.GaloisKeys
     nbytes: int
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "PublicKeys":
+    def from_bytes(cls, data: bytes, profile: CkksProfile | None = None) -> "PublicKeys":
+        """Parse and check a client's public bytes. A server should pass its `profile`: bytes for other
+        parameters are then refused before any SEAL object is built."""
         kind, fingerprint, sections = wire.unpack(data, Kind.PUBLIC_KEYS, InvalidKeys)
         if kind == Kind.SECRET_KEYS or any(tag == b"SECK" for tag, _ in sections):
             raise InvalidKeys("these bytes carry a secret key, which must never leave the client; "
                               "send ClientKeys.public_bytes() instead and treat this key as compromised")
         if kind != Kind.PUBLIC_KEYS:
             raise InvalidKeys(f"expected public keys (ClientKeys.public_bytes()), got {wire.KIND_NAMES[kind]}")
+        if profile is not None and fingerprint != profile.fingerprint:
+            raise ParameterMismatch(f"public keys were made for other CKKS parameters than profile "
+                                    f"{profile.to_dict()}; generate them with ClientKeys.generate(layout.profile, "
+                                    "layout.rotation_steps)")
         grouped = wire.section_map(sections, {b"PROF": (1, 1), b"STEP": (1, 1), b"GALK": (0, 1)},
                                    "public keys", InvalidKeys)
         profile, steps = _read_profile_and_steps(grouped, fingerprint, "public keys")
@@ -190,5 +196,5 @@ class PublicKeys:
                               "ClientKeys.generate(layout.profile, layer.rotation_steps)")
 
 
-def load_public_keys(data: bytes) -> PublicKeys:
-    return PublicKeys.from_bytes(data)
+def load_public_keys(data: bytes, profile: CkksProfile | None = None) -> PublicKeys:
+    return PublicKeys.from_bytes(data, profile)

@@ -1,17 +1,21 @@
 """Slot layout of the encrypted affine layer (GAZELLE hybrid diagonals with baby-step/giant-step).
 
 A query ciphertext has S = N/2 complex slots. The input is zero-padded to dp (a power of two) and
-Q = S/dp queries share one ciphertext: slot i*Q + q holds query q's x_i.
+interleaved with stride Q = S/dp: slot i*Q + q holds lane q's x_i. Each complex slot carries two reals:
 
-Outputs are paired into complex rows, y'_r = y_r + i*y_{r+k'} with k' = ceil(k/2), so one complex
-slot carries two outputs. Complex rows are padded to kp (a power of two, at most dp); when k' > dp the
-rows are split into `blocks` of kp rows, one reply ciphertext each.
+- pairing "outputs" (default, lowest latency): one input per lane, and output pairs share complex rows,
+  y'_r = y_r + i*y_{r+k'} with k' = ceil(k/2): half the rows, so fewer diagonals and rotations.
+- pairing "inputs" (batch throughput): two inputs per lane (x_q + i*x_{q+Q}) and k real rows; a real W
+  keeps them apart, so every ciphertext answers 2Q inputs.
+
+Rows are padded to kp (a power of two, at most dp); when there are more than dp rows they are split
+into `blocks` of kp rows, one reply ciphertext each.
 
 Per block, u = sum_t z_t * rot(x, t) over kp generalised diagonals z_t[i] = W'[i mod kp, (i+t) mod dp],
 written as t = g_i*b + j: b-1 baby rotations of the query, then giant partials combined by Horner's
 rule with the one rotation b (after the rescale, so at the cheaper level). Folding u over dp/kp
 (rotate-and-add) leaves y' in every slot i*Q+q as y'_q[i mod kp]: each slot holds outputs or zeros.
-All rotation steps below are in slots (rows times Q).
+All rotation steps below are in slots (rows times the stride Q).
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from .errors import InvalidLayout
 from .profiles import CkksProfile
 
 LAYOUT_VERSION = 1
+PAIRINGS = ("outputs", "inputs")
 
 # Relative costs measured with sealapi at N=8192, modulus [60,40,60]: rotation of a query-level
 # ciphertext, rotation after the rescale, and one rescale.
@@ -40,9 +45,11 @@ class LinearLayout:
     profile: CkksProfile
     input_dim: int  # d
     output_dim: int  # k
+    pairing: str  # "outputs" or "inputs"
     padded_input: int  # dp
-    lanes: int  # Q: queries per ciphertext
-    complex_rows: int  # k' = ceil(k / 2)
+    stride: int  # Q = slots / dp
+    lanes: int  # inputs per query ciphertext: Q, or 2Q when pairing inputs
+    complex_rows: int  # k' = ceil(k / 2) when pairing outputs, else k
     block_rows: int  # kp: complex rows per reply ciphertext
     blocks: int  # reply ciphertexts per query ciphertext
     baby: int  # b
@@ -54,9 +61,9 @@ class LinearLayout:
         """Left-rotation steps whose Galois keys the client must generate, sorted."""
         steps = {step for step, _ in self.fold}
         if self.baby > 1:
-            steps.add(self.lanes)
+            steps.add(self.stride)
         if self.giant > 1:
-            steps.add(self.baby * self.lanes)
+            steps.add(self.baby * self.stride)
         return sorted(steps)
 
     @property
@@ -74,7 +81,9 @@ class LinearLayout:
             "profile": self.profile.to_dict(),
             "input_dim": self.input_dim,
             "output_dim": self.output_dim,
+            "pairing": self.pairing,
             "padded_input": self.padded_input,
+            "stride": self.stride,
             "lanes": self.lanes,
             "complex_rows": self.complex_rows,
             "block_rows": self.block_rows,
@@ -95,9 +104,10 @@ class LinearLayout:
                                 "fetch the layout again from a server running the same xsilo version")
         try:
             profile = CkksProfile.from_dict(data["profile"])
-            ints = {k: data[k] for k in ("input_dim", "output_dim", "padded_input", "lanes", "complex_rows",
-                                         "block_rows", "blocks", "baby", "giant")}
+            ints = {k: data[k] for k in ("input_dim", "output_dim", "padded_input", "stride", "lanes",
+                                         "complex_rows", "block_rows", "blocks", "baby", "giant")}
             fold = tuple((int(s), int(r)) for s, r in data["fold"])
+            pairing = data["pairing"]
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, InvalidLayout):
                 raise
@@ -105,8 +115,10 @@ class LinearLayout:
                                 "pass exactly what LinearLayout.to_dict() produced") from None
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in ints.values()):
             raise InvalidLayout(f"layout fields must be ints, got {ints}")
-        layout = cls(profile=profile, fold=fold, **ints)
-        expected = plan_layout(profile, layout.input_dim, layout.output_dim, baby=layout.baby,
+        if pairing not in PAIRINGS:
+            raise InvalidLayout(f"layout pairing must be one of {PAIRINGS}, got {pairing!r}")
+        layout = cls(profile=profile, fold=fold, pairing=pairing, **ints)
+        expected = plan_layout(profile, layout.input_dim, layout.output_dim, pairing=pairing, baby=layout.baby,
                                fold=layout.fold)
         if expected != layout:
             raise InvalidLayout("layout dict is inconsistent (its sizes do not follow from input_dim, output_dim "
@@ -143,12 +155,16 @@ def _fold_stages(first_step: int, factor: int, max_stages: int) -> tuple[tuple[i
     return tuple(out)
 
 
-def plan_layout(profile: CkksProfile, input_dim: int, output_dim: int, *, max_galois_keys: int = 10,
-                baby: int | None = None, fold: tuple[tuple[int, int], ...] | None = None) -> LinearLayout:
+def plan_layout(profile: CkksProfile, input_dim: int, output_dim: int, *, pairing: str = "outputs",
+                max_galois_keys: int = 10, baby: int | None = None,
+                fold: tuple[tuple[int, int], ...] | None = None) -> LinearLayout:
     """Choose padding, lanes, baby/giant split and fold stages for a (output_dim x input_dim) layer.
 
+    `pairing` is "outputs" (lowest latency) or "inputs" (twice the inputs per ciphertext, for batches).
     `max_galois_keys` caps the distinct rotation steps (each seeded key is ~0.37 MB at N=8192).
     """
+    if pairing not in PAIRINGS:
+        raise InvalidLayout(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
     for name, value in (("input_dim", input_dim), ("output_dim", output_dim)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise InvalidLayout(f"{name} must be a positive int, got {value!r}")
@@ -157,8 +173,9 @@ def plan_layout(profile: CkksProfile, input_dim: int, output_dim: int, *, max_ga
     if dp > slots:
         raise InvalidLayout(f"input_dim={input_dim} does not fit the {slots} slots of profile {profile.name!r}; "
                             "use a profile with a larger poly_modulus_degree (e.g. encrypted.profiles.N16384)")
-    lanes = slots // dp
-    complex_rows = -(-output_dim // 2)
+    stride = slots // dp
+    lanes = 2 * stride if pairing == "inputs" else stride
+    complex_rows = output_dim if pairing == "inputs" else -(-output_dim // 2)
     kp = min(next_pow2(complex_rows), dp)
     blocks = -(-complex_rows // kp)
 
@@ -178,9 +195,9 @@ def plan_layout(profile: CkksProfile, input_dim: int, output_dim: int, *, max_ga
         if max_galois_keys < keys_bs + (1 if dp > kp else 0):
             raise InvalidLayout(f"max_galois_keys={max_galois_keys} is too small for this layer; allow at least "
                                 f"{keys_bs + 1}")
-        fold = _fold_stages(kp * lanes, dp // kp, max_galois_keys - keys_bs) if dp > kp else ()
-    elif not _check_fold(tuple(fold), kp * lanes, dp * lanes) and not (dp == kp and not fold):
+        fold = _fold_stages(kp * stride, dp // kp, max_galois_keys - keys_bs) if dp > kp else ()
+    elif not _check_fold(tuple(fold), kp * stride, dp * stride) and not (dp == kp and not fold):
         raise InvalidLayout(f"fold stages {fold} do not sum the {dp // kp} partial copies of each output")
-    return LinearLayout(profile=profile, input_dim=input_dim, output_dim=output_dim, padded_input=dp, lanes=lanes,
-                        complex_rows=complex_rows, block_rows=kp, blocks=blocks, baby=b, giant=g,
-                        fold=tuple(tuple(s) for s in fold))
+    return LinearLayout(profile=profile, input_dim=input_dim, output_dim=output_dim, pairing=pairing,
+                        padded_input=dp, stride=stride, lanes=lanes, complex_rows=complex_rows, block_rows=kp,
+                        blocks=blocks, baby=b, giant=g, fold=tuple(tuple(s) for s in fold))

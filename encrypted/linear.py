@@ -20,7 +20,9 @@ class EncryptedLinear:
     """An affine layer y = W x + b evaluated on CKKS-encrypted x (see `encrypted.layout` for the method)."""
 
     def __init__(self, weight: Any, bias: Any = None, profile: CkksProfile = DEFAULT_PROFILE, *,
-                 max_galois_keys: int = 10):
+                 pairing: str = "outputs", max_galois_keys: int = 10):
+        """`pairing="outputs"` gives the lowest latency per query; `"inputs"` packs two inputs per slot,
+        which doubles `lanes` for batches at a small cost per ciphertext (see `encrypted.layout`)."""
         W = np.asarray(weight, dtype=np.float64)
         if W.ndim != 2 or 0 in W.shape:
             raise EncryptedError(f"weight must be a non-empty (k, d) matrix, got shape {W.shape}")
@@ -31,7 +33,7 @@ class EncryptedLinear:
         if not (np.all(np.isfinite(W)) and np.all(np.isfinite(b))):
             raise EncryptedError("weight or bias contains NaN or infinity")
         self.weight, self.bias, self.profile = W, b, profile
-        self.layout: LinearLayout = plan_layout(profile, d, k, max_galois_keys=max_galois_keys)
+        self.layout: LinearLayout = plan_layout(profile, d, k, pairing=pairing, max_galois_keys=max_galois_keys)
         context = profile.context()
         self._evaluator = seal.Evaluator(context)
         self._encoder = seal.CKKSEncoder(context)
@@ -81,15 +83,18 @@ class EncryptedLinear:
         Returns diagonals[block][giant] = [(baby index j, plaintext)], skipping all-zero diagonals.
         """
         L, context = self.layout, self.profile.context()
-        dp, lanes, kp, kc, b, g = L.padded_input, L.lanes, L.block_rows, L.complex_rows, L.baby, L.giant
+        dp, stride, kp, kc, b, g = L.padded_input, L.stride, L.block_rows, L.complex_rows, L.baby, L.giant
         k, d = self.weight.shape
         rows = L.blocks * kp
         Wc = np.zeros((rows, dp), dtype=np.complex128)
-        Wc[:kc, :d] = self.weight[:kc]
-        Wc[: k - kc, :d] += 1j * self.weight[kc:]
         bc = np.zeros(rows, dtype=np.complex128)
+        Wc[:kc, :d] = self.weight[:kc]
         bc[:kc] = self.bias[:kc]
-        bc[: k - kc] += 1j * self.bias[kc:]
+        if L.pairing == "outputs":  # row r carries outputs r and r + k'
+            Wc[: k - kc, :d] += 1j * self.weight[kc:]
+            bc[: k - kc] += 1j * self.bias[kc:]
+        else:  # both inputs of a slot get the bias
+            bc *= 1 + 1j
 
         top = context.first_parms_id()
         low = messages.reply_parms_id(self.profile)
@@ -110,7 +115,7 @@ class EncryptedLinear:
                     if np.max(np.abs(z)) * weight_scale < 0.5:
                         continue  # an all-zero diagonal adds nothing (and SEAL refuses the product)
                     plain = seal.Plaintext()
-                    self._encoder.encode(np.repeat(z, lanes).tolist(), top, weight_scale, plain)
+                    self._encoder.encode(np.repeat(z, stride).tolist(), top, weight_scale, plain)
                     group.append((j, plain))
                 groups.append(group)
             if not any(groups):
@@ -118,7 +123,7 @@ class EncryptedLinear:
                                      "depend on the query: drop those outputs or use a nonzero weight")
             diagonals.append(groups)
             plain = seal.Plaintext()
-            self._encoder.encode(np.repeat(bc[block * kp + i % kp], lanes).tolist(), low, self.profile.scale, plain)
+            self._encoder.encode(np.repeat(bc[block * kp + i % kp], stride).tolist(), low, self.profile.scale, plain)
             bias_plain.append(plain)
         return diagonals, bias_plain
 
@@ -161,9 +166,9 @@ class EncryptedLinear:
         rotated = [x]
         for _ in range(1, L.baby):
             nxt = seal.Ciphertext()
-            ev.rotate_vector(rotated[-1], L.lanes, galois_keys, nxt)
+            ev.rotate_vector(rotated[-1], L.stride, galois_keys, nxt)
             rotated.append(nxt)
-        giant_step = L.baby * L.lanes
+        giant_step = L.baby * L.stride
         replies = []
         for groups, bias in zip(self._diagonals, self._bias_plain):
             acc = None

@@ -28,7 +28,7 @@ def reply_parms_id(profile: CkksProfile) -> list[int]:
 
 def write_query(layout: LinearLayout, ciphertext_blob: bytes, count: int) -> bytes:
     meta = {"input_dim": layout.input_dim, "padded_input": layout.padded_input, "lanes": layout.lanes,
-            "count": count}
+            "pairing": layout.pairing, "count": count}
     return wire.pack(Kind.QUERY, layout.profile.fingerprint,
                      [(b"META", wire.dump_json(meta)), (b"CTXT", ciphertext_blob)])
 
@@ -45,38 +45,43 @@ def _open(data: Any, kind: Kind, layout: LinearLayout, ciphertexts: tuple[int, i
     meta = wire.load_json(grouped[b"META"][0], what, InvalidCiphertext)
     if not isinstance(meta, dict):
         raise InvalidCiphertext(f"{what}: META section must be a JSON object")
-    count = meta.get("count")
-    if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= layout.lanes:
-        raise InvalidCiphertext(f"{what}: count {count!r} must be an int in [1, {layout.lanes}]")
     return meta, grouped[b"CTXT"]
 
 
-def _load_ciphertext(blob: memoryview, profile: CkksProfile, parms_id: list[int], primes: int, what: str) -> Any:
-    context = profile.context()
-    ct = wire.seal_from_bytes(seal.Ciphertext(), context, blob, ciphertext_max_bytes(profile, primes), what,
-                              InvalidCiphertext)
+def _count(meta: dict, layout: LinearLayout, what: str) -> int:
+    count = meta.get("count")
+    if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= layout.lanes:
+        raise InvalidCiphertext(f"{what}: count {count!r} must be an int in [1, {layout.lanes}]")
+    return count
+
+
+def _load_ciphertext(blob: memoryview, profile: CkksProfile, parms_id: list[int], primes: int, kind: Kind) -> Any:
+    what, fix = wire.KIND_NAMES[kind], wire.FIX_HINTS[kind]
+    ct = wire.seal_from_bytes(seal.Ciphertext(), profile.context(), blob, ciphertext_max_bytes(profile, primes),
+                              what, InvalidCiphertext)
     if ct.parms_id() != parms_id:
-        raise ParameterMismatch(f"{what}: ciphertext is at another modulus level or parameter set than expected; "
-                                f"{'encrypt with encrypted.encrypt' if 'query' in what else 'decrypt replies of this layer'}")
+        raise ParameterMismatch(f"{what}: ciphertext is at another modulus level or parameter set than expected; {fix}")
     if ct.size() != 2 or not ct.is_ntt_form():
-        raise InvalidCiphertext(f"{what}: expected a fresh 2-polynomial CKKS ciphertext in NTT form")
+        raise InvalidCiphertext(f"{what}: expected a 2-polynomial CKKS ciphertext in NTT form; {fix}")
     if abs(ct.scale / profile.scale - 1.0) > 1e-9:
         raise InvalidCiphertext(f"{what}: ciphertext scale {ct.scale!r} is not the profile's 2^{profile.scale_bits}; "
-                                "encrypt with encrypted.encrypt")
+                                f"{fix}")
     return ct
 
 
 def read_query(data: Any, layout: LinearLayout) -> tuple[Any, int]:
     """Validate a query blob for `layout`; return (ciphertext, number of inputs it packs)."""
     meta, blobs = _open(data, Kind.QUERY, layout, (1, 1))
-    expected = {"input_dim": layout.input_dim, "padded_input": layout.padded_input, "lanes": layout.lanes}
+    expected = {"input_dim": layout.input_dim, "padded_input": layout.padded_input, "lanes": layout.lanes,
+                "pairing": layout.pairing}
     got = {k: meta.get(k) for k in expected}
     if got != expected:
         raise ParameterMismatch(f"query packs {got} but this layer expects {expected}; "
                                 "encrypt with this layer's layout (GET it from the server)")
     primes = len(layout.profile.coeff_modulus_bits) - 1
-    ct = _load_ciphertext(blobs[0], layout.profile, query_parms_id(layout.profile), primes, "query")
-    return ct, meta["count"]
+    count = _count(meta, layout, "query")
+    ct = _load_ciphertext(blobs[0], layout.profile, query_parms_id(layout.profile), primes, Kind.QUERY)
+    return ct, count
 
 
 def write_reply(layout: LinearLayout, ciphertexts: list[Any], count: int) -> bytes:
@@ -92,7 +97,8 @@ def read_reply(data: Any, layout: LinearLayout) -> tuple[list[Any], int]:
     if meta.get("blocks") != layout.blocks or meta.get("output_dim") != layout.output_dim:
         raise ParameterMismatch(f"reply is for output_dim={meta.get('output_dim')!r}, blocks={meta.get('blocks')!r}; "
                                 f"this layout has {layout.output_dim}, {layout.blocks}: decrypt with the layer's layout")
+    count = _count(meta, layout, "reply")
     primes = len(layout.profile.coeff_modulus_bits) - 2
     pid = reply_parms_id(layout.profile)
-    cts = [_load_ciphertext(b, layout.profile, pid, primes, "reply") for b in blobs]
-    return cts, meta["count"]
+    cts = [_load_ciphertext(b, layout.profile, pid, primes, Kind.REPLY) for b in blobs]
+    return cts, count

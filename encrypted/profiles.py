@@ -5,6 +5,7 @@ import hashlib
 import json
 import threading
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import tenseal.sealapi as seal
@@ -109,7 +110,7 @@ class CkksProfile:
             raise InvalidLayout(f"profile coeff_modulus_bits must be 3 to 16 ints, got {bits!r:.100}")
         return cls(data["name"], data["poly_modulus_degree"], tuple(bits), data["scale_bits"])
 
-    @property
+    @cached_property
     def fingerprint(self) -> bytes:
         """32 bytes naming these parameters (degree, primes, scale) in every blob made with them."""
         body = {k: v for k, v in self.to_dict().items() if k != "name"}

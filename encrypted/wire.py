@@ -206,13 +206,16 @@ def check_seal_blob(blob: memoryview, max_raw_bytes: int, what: str, error: type
             if raw > max_raw_bytes or not inflater.eof:
                 raise ValueError(f"zlib stream would inflate beyond {max_raw_bytes} bytes or is truncated")
         elif compression == 2:
-            raw = _zstd_output_bound(body, max_raw_bytes)
+            # a compressed block counts as a full 128 KiB, so allow one block of slack over the real bound
+            _zstd_output_bound(body, max_raw_bytes + ZSTD_MAX_BLOCK)
+            raw = 0
         else:
             raise ValueError(f"unknown compression mode {compression}")
     except (ValueError, zlib.error) as exc:
-        raise error(f"{what}: {exc}") from None
+        raise error(f"{what}: {exc}; the bytes are corrupt or were not made by this library") from None
     if raw > max_raw_bytes:
-        raise error(f"{what}: SEAL object of {raw} bytes exceeds the {max_raw_bytes} bytes these parameters allow")
+        raise error(f"{what}: SEAL object of {raw} bytes exceeds the {max_raw_bytes} bytes these parameters allow; "
+                    "the bytes are corrupt or were made for other parameters")
 
 
 _tmp_dir: str | None = None
