@@ -156,9 +156,22 @@ def write_export(
     label_names: list[str] | None,
     metrics: dict[str, Any] | None = None,
     overwrite: bool = False,
+    ood: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the three parts and the manifest into `out`, atomically (temp dir, then rename)."""
+    """Write the three parts and the manifest into `out`, atomically (temp dir, then rename).
+
+    `ood`, when given, is stored as `manifest["ood"]`: the logit detector thresholds a client
+    applies to decrypted logits (`lightning_modules.ood_client.ood_from_logits`).
+    """
     from safetensors.numpy import save_file
+
+    from lightning_modules.ood_client import check_ood_manifest
+
+    if ood is not None:
+        try:
+            check_ood_manifest(ood)
+        except ValueError as e:
+            raise ExportError(str(e)) from e
 
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -195,6 +208,7 @@ def write_export(
                 "head": "the classifier's standardisation folded into the head's weight and bias",
             },
             "metrics": metrics or {},
+            **({"ood": ood} if ood is not None else {}),
             "files": files,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -208,14 +222,24 @@ def write_export(
 
 
 def export_checkpoints(aligner_ckpt: str | Path, classifier_ckpt: str | Path, out: str | Path,
-                       metrics: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
-    """Fuse a fitted AffineAligner checkpoint with a target LinearClassifier checkpoint."""
+                       metrics: dict[str, Any] | None = None, overwrite: bool = False,
+                       ood: dict[str, Any] | None = None) -> Path:
+    """Fuse a fitted AffineAligner checkpoint with a target LinearClassifier checkpoint.
+
+    `ood` (from `xsilo evaluate_ood`'s ood-threshold.json) must have been calibrated on these
+    two checkpoints when it records their sha256.
+    """
     from lightning_modules.aligner import AffineAligner
     from lightning_modules.classifier import LinearClassifier
 
     for path in (aligner_ckpt, classifier_ckpt):
         if not Path(path).is_file():
             raise ExportError(f"checkpoint {path} does not exist")
+    for role, path in (("aligner", aligner_ckpt), ("classifier", classifier_ckpt)):
+        expected = (ood or {}).get("checkpoints", {}).get(role)
+        if expected is not None and _sha256(Path(path)) != expected:
+            raise ExportError(f"the OOD thresholds were calibrated with another {role} than {path}; export the "
+                              "checkpoints written by the same `xsilo evaluate_ood` run, or re-run it")
     aligner = AffineAligner.load_from_checkpoint(aligner_ckpt, map_location="cpu")
     head = LinearClassifier.load_from_checkpoint(classifier_ckpt, map_location="cpu")
     if not bool(aligner.fitted):
@@ -228,4 +252,4 @@ def export_checkpoints(aligner_ckpt: str | Path, classifier_ckpt: str | Path, ou
     amap, hmap = aligner.affine_map, head.affine_map
     return write_export(out, amap.weight, amap.bias, hmap.weight, hmap.bias, source=aligner.source_spec,
                         target=target, label_names=head.hparams.label_names, metrics=metrics,
-                        overwrite=overwrite)
+                        overwrite=overwrite, ood=ood)

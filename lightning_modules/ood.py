@@ -1,0 +1,401 @@
+"""Out-of-distribution detection on target states, native and mapped across models.
+
+Detectors (plain torch, float64), each fitted on in-distribution training states and scoring
+so that HIGHER means MORE out-of-distribution:
+
+* on the target head's logits: ``msp``, ``max_logit``, ``energy`` (the formulas live in the
+  numpy-only `ood_client`, which the client runs on decrypted logits);
+* on target features: ``mahalanobis`` (class means, one shared shrunk covariance; Lee et al.
+  2018) and ``knn`` (k-th nearest-neighbour cosine distance to the normalised training set;
+  Sun et al. 2022).
+
+`evaluate_ood` fits the source→target aligner on the public set and the target head on the
+task, fits the detectors on the target's ID train states, and scores the task's test split
+against each OOD set twice: with native target states and with mapped source states
+(source → aligner → target space, logits through the target head). Metrics treat OOD as the
+positive class. Thresholds are calibrated on ID validation states at 95% TPR; the logit ones
+(computable by a client from decrypted logits) go into the export manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics.functional.classification import binary_auroc, binary_average_precision, binary_roc
+
+from datamodules.cache import StateCache, atomic_write_bytes, atomic_write_json
+from datamodules.extraction import ResolvedExtraction, cache_hit, extract, resolve
+from datamodules.states import LabelledStatesDataModule, PairedStatesDataModule
+from lightning_modules.evaluate import (PairConfig, _publish, classification_scores, fit_aligner,
+                                        fit_classifier, split_rows)
+from lightning_modules.ood_client import LOGIT_DETECTORS, logit_scores
+
+F64 = torch.float64
+FEATURE_DETECTORS = ("mahalanobis", "knn")
+DETECTORS = LOGIT_DETECTORS + FEATURE_DETECTORS
+VIEWS = ("native", "mapped")
+
+
+class OODError(ValueError):
+    """Bad input to OOD detection (empty or non-finite states, an OOD set equal to the task, ...)."""
+
+
+def _checked(x: Tensor, what: str) -> Tensor:
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise OODError(f"{what}: expected a non-empty (n, d) tensor, got shape {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise OODError(f"{what} contain NaN or inf; the cache may be corrupt: re-extract it")
+    return x.to(F64)
+
+
+# --- detectors --------------------------------------------------------------------------
+
+class LogitDetector:
+    """MSP, max-logit or energy (T = 1) on the head's logits; nothing to fit."""
+
+    input: Literal["logits", "features"] = "logits"
+
+    def __init__(self, name: str):
+        if name not in LOGIT_DETECTORS:
+            raise OODError(f"unknown logit detector {name!r}; use one of {LOGIT_DETECTORS}")
+        self.name = name
+
+    def fit(self, x: Tensor, labels: Tensor | None = None) -> LogitDetector:
+        return self
+
+    def score(self, x: Tensor) -> Tensor:
+        return torch.from_numpy(logit_scores(_checked(x, "logits").cpu().numpy(), self.name))
+
+
+class Mahalanobis:
+    """min over classes of the squared Mahalanobis distance under one shared (tied) covariance.
+
+    States are first z-scored per dimension; dimensions with (near) zero variance are dropped,
+    since any shrinkage would turn their ~0 variance into enormous distances (MiniLM has three).
+    The pooled within-class covariance Σ is shrunk towards a scaled identity,
+    (1 − s)·Σ + s·(tr Σ / d)·I, which keeps it invertible when rows are few or collinear.
+    """
+
+    input: Literal["logits", "features"] = "features"
+
+    def __init__(self, shrinkage: float = 1e-2, rel_tol: float = 1e-6):
+        if not 0 <= shrinkage <= 1:
+            raise OODError(f"Mahalanobis shrinkage must be in [0, 1], got {shrinkage}")
+        self.shrinkage, self.rel_tol = shrinkage, rel_tol
+
+    def fit(self, x: Tensor, labels: Tensor | None = None) -> Mahalanobis:
+        x = _checked(x, "Mahalanobis training states")
+        if labels is None or len(labels) != len(x):
+            raise OODError("Mahalanobis needs one class label per training row")
+        std = x.std(0, correction=0)
+        self.keep = std > self.rel_tol * std.max().clamp_min(1e-300)
+        if not self.keep.any():
+            raise OODError("every dimension of the training states is constant; check the extraction")
+        self.mean, self.scale = x.mean(0)[self.keep], std[self.keep]
+        z = (x[:, self.keep] - self.mean) / self.scale
+        _, index = torch.unique(labels, return_inverse=True)
+        means = torch.zeros(int(index.max()) + 1, z.shape[1], dtype=F64).index_add_(0, index, z)
+        means /= torch.bincount(index).to(F64)[:, None]
+        resid = z - means[index]
+        cov = resid.T @ resid / len(z)
+        eye = torch.eye(len(cov), dtype=F64)
+        cov = (1 - self.shrinkage) * cov + self.shrinkage * cov.diagonal().mean() * eye
+        chol, info = torch.linalg.cholesky_ex(cov)
+        if info:
+            raise OODError(f"the pooled covariance is singular ({len(z)} rows, {z.shape[1]} dims); "
+                           "use Mahalanobis shrinkage > 0 or more training rows")
+        self.whiten = torch.linalg.solve_triangular(chol, eye, upper=False)  # Σ = LLᵀ → L⁻¹
+        self.centres = means @ self.whiten.T
+        return self
+
+    def score(self, x: Tensor) -> Tensor:
+        z = (_checked(x, "states")[:, self.keep] - self.mean) / self.scale @ self.whiten.T
+        return torch.cdist(z, self.centres).square().min(1).values
+
+
+class CosineKNN:
+    """Cosine distance to the k-th nearest training state (Sun et al. 2022).
+
+    States are centred on the training mean before normalising: causal-LM states share one
+    dominant mean direction, so uncentred cosines are all close to 1.
+    """
+
+    input: Literal["logits", "features"] = "features"
+
+    def __init__(self, k: int = 50, center: bool = True, block_rows: int = 1024):
+        if k < 1:
+            raise OODError(f"k must be at least 1, got {k}")
+        self.k, self.center, self.block_rows = k, center, block_rows
+
+    def fit(self, x: Tensor, labels: Tensor | None = None) -> CosineKNN:
+        x = _checked(x, "kNN training states")
+        if self.k > len(x):
+            raise OODError(f"kNN with k={self.k} needs at least {self.k} training rows, got {len(x)}; "
+                           "lower --knn_k or use more rows")
+        self.mean = x.mean(0) if self.center else torch.zeros(x.shape[1], dtype=F64)
+        self.bank = F.normalize(x - self.mean, dim=1)
+        return self
+
+    def score(self, x: Tensor) -> Tensor:
+        q = F.normalize(_checked(x, "states") - self.mean, dim=1)
+        kth = [(blk @ self.bank.T).topk(self.k, dim=1).values[:, -1] for blk in q.split(self.block_rows)]
+        return 1 - torch.cat(kth)
+
+
+Detector = LogitDetector | Mahalanobis | CosineKNN
+
+
+def make_detectors(knn_k: int = 50, shrinkage: float = 1e-2) -> dict[str, Detector]:
+    return {**{name: LogitDetector(name) for name in LOGIT_DETECTORS},
+            "mahalanobis": Mahalanobis(shrinkage), "knn": CosineKNN(knn_k)}
+
+
+# --- metrics and thresholds -------------------------------------------------------------
+
+def calibrate_threshold(id_scores: Tensor, tpr: float = 0.95) -> float:
+    """The smallest score with at least `tpr` of the ID scores at or below it."""
+    if not 0 < tpr < 1:
+        raise OODError(f"tpr must be in (0, 1), got {tpr}")
+    scores = torch.sort(_checked(id_scores.reshape(-1, 1), "ID scores").flatten()).values
+    return float(scores[math.ceil(round(tpr * len(scores), 9)) - 1])
+
+
+def detection_metrics(id_scores: Tensor, ood_scores: Tensor) -> dict[str, float]:
+    """AUROC, FPR at 95% TPR and AUPR with OOD as the POSITIVE class.
+
+    fpr_at_95tpr is the share of ID inputs flagged when the threshold flags 95% of OOD inputs;
+    aupr is the average precision of finding OOD inputs (AUPR-Out).
+    """
+    id_scores = _checked(id_scores.reshape(-1, 1), "ID scores").flatten()
+    ood_scores = _checked(ood_scores.reshape(-1, 1), "OOD scores").flatten()
+    scores = torch.cat([id_scores, ood_scores])
+    target = torch.cat([torch.zeros(len(id_scores)), torch.ones(len(ood_scores))]).long()
+    # torchmetrics squashes scores outside [0, 1] with a sigmoid, which would tie large distances:
+    # rescale monotonically into [0, 1] instead (float64 keeps every distinct score distinct).
+    preds = (scores - scores.min()) / (scores.max() - scores.min()).clamp_min(1e-300)
+    fpr, tpr_curve, _ = binary_roc(preds, target)
+    reached = tpr_curve >= 0.95 - 1e-6  # the curve is float32: 475/500 comes back a hair below 0.95
+    return {"auroc": float(binary_auroc(preds, target)),
+            "fpr_at_95tpr": float(fpr[reached].min()),
+            "aupr": float(binary_average_precision(preds, target))}
+
+
+def flagged(scores: Tensor, threshold: float) -> float:
+    """Share of inputs a threshold flags as OOD (score > threshold)."""
+    return float((scores > threshold).to(F64).mean())
+
+
+# --- evaluation -------------------------------------------------------------------------
+
+@dataclass
+class OODConfig(PairConfig):
+    """A PairConfig plus the OOD sets and detector settings."""
+
+    ood: Sequence[str] = ()
+    task_limit: int | None = None
+    ood_limit: int | None = 500
+    knn_k: int = 50
+    mahalanobis_shrinkage: float = 1e-2
+    threshold_tpr: float = 0.95
+    export_detector: str = "energy"
+
+    def validate(self) -> None:
+        if not self.ood:
+            raise OODError("pass at least one OOD dataset (--ood vader-tweets trec ...)")
+        if self.task in self.ood:
+            raise OODError(f"the OOD sets include the in-distribution task {self.task!r}; drop it from --ood")
+        if self.export_detector not in LOGIT_DETECTORS:
+            raise OODError(f"export_detector must be a logit detector {LOGIT_DETECTORS} (a client computes it "
+                           f"from decrypted logits), got {self.export_detector!r}")
+        if not 0 < self.threshold_tpr < 1:
+            raise OODError(f"threshold_tpr must be in (0, 1), got {self.threshold_tpr}")
+
+
+def ood_job(task_job: ResolvedExtraction, data: str, limit: int | None) -> ResolvedExtraction:
+    """An OOD set extracted like the task: same model, pooling, layer, length and dtype."""
+    return resolve(dataclasses.replace(task_job.config, data=data, limit=limit))
+
+
+def cached_states(job: ResolvedExtraction, threads: int | None) -> Tensor:
+    if not cache_hit(job.directory):
+        extract(job.config, threads=threads)
+    return torch.from_numpy(StateCache(job.directory).all())
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load_ood_sets(cfg: OODConfig, task: dict[str, LabelledStatesDataModule]
+                  ) -> tuple[dict[str, dict[str, Tensor]], dict[str, int]]:
+    """OOD states per set and role (target, source), without texts that also occur in the task.
+
+    Every set is checked before any is extracted.
+    """
+    id_texts = set(task["target"].job.texts)
+    jobs, novel = {}, {}
+    for name in cfg.ood:
+        jobs[name] = {role: ood_job(dm.job, name, cfg.ood_limit) for role, dm in task.items()}
+        novel[name] = torch.tensor([t not in id_texts for t in jobs[name]["target"].texts])
+        if not novel[name].any():
+            raise OODError(f"every text of OOD set {name!r} is also in the task {cfg.task!r}: it is not "
+                           "out-of-distribution; choose a different OOD dataset")
+    states = {name: {role: cached_states(job, cfg.threads)[novel[name]] for role, job in roles.items()}
+              for name, roles in jobs.items()}
+    return states, {name: int((~mask).sum()) for name, mask in novel.items()}
+
+
+def task_states(task: dict[str, LabelledStatesDataModule], split: str) -> tuple[dict[str, Tensor], Tensor]:
+    """{role: states} of one task split and its labels; source and target rows are the same texts."""
+    rows = {}
+    for role, dm in task.items():
+        dm.setup("test")
+        rows[role] = split_rows(dm, split)
+    if not torch.equal(rows["source"][1], rows["target"][1]):
+        raise RuntimeError("source and target task rows differ; both must come from the same task split")
+    return {role: h for role, (h, _) in rows.items()}, rows["target"][1]
+
+
+@dataclass
+class ViewScores:
+    """One view's (native or mapped) thresholds, ID accuracy and scores per detector."""
+
+    thresholds: dict[str, float]
+    accuracy: dict[str, float]
+    id_test: dict[str, Tensor]
+    ood: dict[str, dict[str, Tensor]]  # OOD set → detector → scores
+
+
+def score_view(features: Callable[[dict[str, Tensor]], Tensor], detectors: dict[str, Detector],
+               head: torch.nn.Module, val: dict[str, Tensor], test: dict[str, Tensor], labels: Tensor,
+               ood: dict[str, dict[str, Tensor]], tpr: float) -> ViewScores:
+    """Score ID validation (→ thresholds), ID test and the OOD sets through `features` (a view)."""
+    def scores(h: Tensor) -> dict[str, Tensor]:
+        logits = head(h)
+        return {n: d.score(logits if d.input == "logits" else h) for n, d in detectors.items()}
+
+    thresholds = {n: calibrate_threshold(s, tpr) for n, s in scores(features(val)).items()}
+    h_test = features(test)
+    accuracy = classification_scores(head(h_test), labels, head.hparams.output_dim)
+    return ViewScores(thresholds, accuracy, scores(h_test), {n: scores(features(s)) for n, s in ood.items()})
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def evaluate_ood(cfg: OODConfig, out: str | Path | None = None) -> dict[str, Any]:
+    """Detector × {native, mapped} metrics for each OOD set; writes ood.json, ood.md, the
+    checkpoints and ood-threshold.json (for `xsilo export --ood`) into `out`."""
+    cfg.validate()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    common = dict(max_length=cfg.max_length, seed=cfg.seed, extract_batch_size=cfg.extract_batch_size)
+    public = PairedStatesDataModule(source=cfg.source, target=cfg.target, data=cfg.public,
+                                    limit=cfg.public_limit, **common)
+    task = {role: LabelledStatesDataModule(model=model, data=cfg.task, limit=cfg.task_limit, **common)
+            for role, model in (("target", cfg.target), ("source", cfg.source))}
+    for dm in (public, *task.values()):
+        dm.prepare_data()
+    ood, dropped = load_ood_sets(cfg, task)
+
+    work = Path(tempfile.mkdtemp(prefix="xsilo-ood-"))
+    try:
+        aligner, aligner_trainer = fit_aligner(public, cfg)
+        aligner_trainer.save_checkpoint(work / "aligner.ckpt")
+        head, head_ckpt = fit_classifier(task["target"], cfg, work / "target")
+        task["target"].setup("fit")
+        h_train, y_train = split_rows(task["target"], "train")
+        (val, _), (test, labels) = task_states(task, "val"), task_states(task, "test")
+        views = {"native": lambda states: states["target"], "mapped": lambda states: aligner(states["source"])}
+        with torch.no_grad():
+            detectors = make_detectors(cfg.knn_k, cfg.mahalanobis_shrinkage)
+            for d in detectors.values():
+                d.fit(head(h_train) if d.input == "logits" else h_train, y_train)
+            scored = {view: score_view(features, detectors, head, val, test, labels, ood, cfg.threshold_tpr)
+                      for view, features in views.items()}
+
+        per_set = {name: {det: {view: {**detection_metrics(v.id_test[det], v.ood[name][det]),
+                                       "ood_flagged": flagged(v.ood[name][det], v.thresholds[det])}
+                                for view, v in scored.items()} for det in DETECTORS} for name in ood}
+        for metrics in per_set.values():
+            for m in metrics.values():
+                m["auroc_drop"] = m["native"]["auroc"] - m["mapped"]["auroc"]
+        mapped = scored["mapped"].thresholds
+        export_ood = {"detector": cfg.export_detector, "threshold": mapped[cfg.export_detector],
+                      "tpr": cfg.threshold_tpr, "all": {n: mapped[n] for n in LOGIT_DETECTORS},
+                      "calibrated_on": f"{cfg.task} validation rows mapped {cfg.source} -> {cfg.target} head",
+                      "checkpoints": {"aligner": _sha256(work / "aligner.ckpt"), "classifier": _sha256(head_ckpt)}}
+        results = {
+            "config": {**asdict(cfg), "lambdas": list(cfg.lambdas), "ood": list(cfg.ood)},
+            "pair": f"{cfg.source} -> {cfg.target}",
+            "task": cfg.task,
+            "positive_class": "ood",
+            "score_orientation": "higher = more out-of-distribution",
+            "detectors_fitted_on": "native target states of the task's train split",
+            "rows": {"task_train": len(y_train), "task_val": len(val["target"]),
+                     "task_test": len(labels), "ood": {n: len(s["target"]) for n, s in ood.items()},
+                     "ood_dropped_as_task_texts": dropped},
+            "accuracy": {view: v.accuracy for view, v in scored.items()},
+            "thresholds": {view: v.thresholds for view, v in scored.items()},
+            "id_test_flagged": {view: {det: flagged(v.id_test[det], v.thresholds[det]) for det in DETECTORS}
+                                for view, v in scored.items()},
+            "ood": per_set,
+            "export_ood": export_ood,
+        }
+        if out is not None:
+            out = Path(out)
+            out.mkdir(parents=True, exist_ok=True)
+            _publish(work / "aligner.ckpt", out / "aligner.ckpt")
+            _publish(head_ckpt, out / "classifier-target.ckpt")
+            atomic_write_json(out / "ood-threshold.json", export_ood)
+            atomic_write_json(out / "ood.json", results)
+            atomic_write_bytes(out / "ood.md", markdown_report(results).encode())
+        return results
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def markdown_report(results: dict[str, Any]) -> str:
+    r, acc, thr, flagged = results["rows"], results["accuracy"], results["thresholds"], results["id_test_flagged"]
+    tpr = results["config"]["threshold_tpr"]
+    lines = [
+        f"## OOD detection: {results['pair']}, in-distribution {results['task']}",
+        "",
+        f"OOD is the positive class; scores are higher for more OOD inputs. Detectors are fitted on "
+        f"{r['task_train']} native target train rows; ID is scored on {r['task_test']} test rows. Thresholds "
+        f"keep {tpr:.0%} of {r['task_val']} ID validation rows at or below them. "
+        f"Target head accuracy on ID test: native {acc['native']['accuracy']:.3f}, "
+        f"mapped {acc['mapped']['accuracy']:.3f}.",
+        "",
+        "| detector | threshold native | threshold mapped | ID test flagged native | ID test flagged mapped |",
+        "|---|---|---|---|---|",
+        *(f"| {d} | {thr['native'][d]:.4g} | {thr['mapped'][d]:.4g} | {flagged['native'][d]:.3f} | "
+          f"{flagged['mapped'][d]:.3f} |" for d in DETECTORS),
+    ]
+    for name, metrics in results["ood"].items():
+        dropped = r["ood_dropped_as_task_texts"][name]
+        lines += [
+            "",
+            f"### {name}: {r['ood'][name]} rows" + (f" ({dropped} task texts dropped)" if dropped else ""),
+            "",
+            "| detector | AUROC native | AUROC mapped | AUROC drop | FPR@95TPR native | FPR@95TPR mapped "
+            "| AUPR native | AUPR mapped | OOD flagged native | OOD flagged mapped |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for det, m in metrics.items():
+            n, p = m["native"], m["mapped"]
+            lines.append(f"| {det} | {n['auroc']:.3f} | {p['auroc']:.3f} | {m['auroc_drop']:+.3f} | "
+                         f"{n['fpr_at_95tpr']:.3f} | {p['fpr_at_95tpr']:.3f} | {n['aupr']:.3f} | {p['aupr']:.3f} | "
+                         f"{n['ood_flagged']:.3f} | {p['ood_flagged']:.3f} |")
+    return "\n".join(lines) + "\n"
