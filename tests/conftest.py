@@ -25,6 +25,14 @@ def isolated_home(tmp_path, monkeypatch):
 
 
 @pytest.fixture
+def no_leftover_process_group():
+    """DDP tests: never leak a process group into the next test (Lightning #21308)."""
+    yield
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+@pytest.fixture
 def real_home(monkeypatch):
     monkeypatch.setenv("XSILO_HOME", REAL_XSILO_HOME)
     return Path(REAL_XSILO_HOME)

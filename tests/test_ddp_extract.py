@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from datamodules.cache import StateCache
 from datamodules.extraction import ExtractionConfig, extract
@@ -11,14 +10,8 @@ from datamodules.extraction import ExtractionConfig, extract
 from conftest import write_tiny_csv
 
 
-@pytest.fixture(autouse=True)
-def no_leftover_process_group():
-    yield
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
 @pytest.mark.slow
+@pytest.mark.usefixtures("no_leftover_process_group")
 def test_ddp_spawn_two_processes_equal_one(tiny_models, tmp_path):
     data = write_tiny_csv(tmp_path / "rows.csv", n=83)  # 6 shards of 16 rows, uneven across ranks
     cfg = ExtractionConfig(model=str(tiny_models["llama"]), data=str(data), batch_size=5)

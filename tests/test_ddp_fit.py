@@ -12,14 +12,8 @@ from conftest import write_tiny_csv
 from helpers import trainer
 
 
-@pytest.fixture(autouse=True)
-def no_leftover_process_group():
-    yield
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
 @pytest.mark.slow
+@pytest.mark.usefixtures("no_leftover_process_group")
 @pytest.mark.parametrize("estimator", ["ridge", "procrustes"])
 def test_ddp_spawn_fit_equals_single_process(tiny_models, tmp_path, estimator):
     data = write_tiny_csv(tmp_path / "public.csv", n=101)  # odd row counts: ranks get uneven shares
