@@ -58,6 +58,11 @@ def test_cosine_raw_vs_centred():
     assert mean_cosine(mean_only, target) > 0.9          # raw cosine rewards predicting the mean
     assert mean_cosine(mean_only, target, center=True) == pytest.approx(0.0, abs=1e-9)
     assert mean_cosine(-target, target) == pytest.approx(-1.0)
+    shifted = target + 2.0  # centred by the TARGET's mean, so a constant offset is penalised
+    p, t = shifted - target.mean(0), target - target.mean(0)
+    expected = float(torch.nn.functional.cosine_similarity(p, t, dim=1).mean())
+    assert mean_cosine(shifted, target, center=True) == pytest.approx(expected, rel=1e-9)
+    assert expected < 0.8
 
 
 @pytest.mark.parametrize("n", [40, 600])  # n < dims (n×n Gram path) and n > dims (feature path)

@@ -52,7 +52,8 @@ def test_stats_match_direct_sums_with_chunking_and_blocked_gram(monkeypatch):
     monkeypatch.setattr(S, "_PANEL", 4)       # exercise the block-triangular Gram path at small d
     monkeypatch.setattr(S, "_CHUNK_ROWS", 37)  # and the row chunking of one update call
     x, y, _, _ = make_data(n=301, d_x=18, d_y=11)
-    st = stats_of(x.float(), y.float())        # float32 input is promoted to float64
+    st = stats_of(x.float().requires_grad_(), y.float())  # float32 promoted to float64, no autograd
+    assert not st.xtx.requires_grad and st.xtx.grad_fn is None
     x64, y64 = x.float().double(), y.float().double()
     assert st.count == 301 and st.xtx.dtype == F64
     torch.testing.assert_close(st.sum_x, x64.sum(0))
@@ -94,14 +95,15 @@ def test_merge_and_unflatten_reject_mismatched_shapes():
 
 
 @pytest.mark.parametrize("bad, name", [("x_nan", "x"), ("y_inf", "y")])
-def test_non_finite_rows_raise_clear_error_and_leave_stats_untouched(bad, name):
+def test_non_finite_rows_raise_clear_error_and_leave_stats_untouched(bad, name, monkeypatch):
+    monkeypatch.setattr(S, "_CHUNK_ROWS", 16)  # bad rows only in later chunks of one update call
     x, y, _, _ = make_data(n=50, d_x=5, d_y=3)
     st = stats_of(x[:10], y[:10])
     before = st.flatten().clone()
     if bad == "x_nan":
-        x[[3, 17], 1] = float("nan")
+        x[[33, 47], 1] = float("nan")
     else:
-        y[[4, 5, 9], 0] = float("inf")
+        y[[20, 21, 49], 0] = float("inf")
     n_bad = 2 if bad == "x_nan" else 3
     with pytest.raises(ValueError, match=rf"`{name}`.*{n_bad} of 50 rows contain NaN/inf.*corrupt"):
         st.update(x, y)
