@@ -1,0 +1,103 @@
+"""Demo check: send test texts to a running server one encrypted query at a time, and compare the decrypted
+predictions with the plaintext pipeline.
+
+    python -m serve.demo_check --url http://127.0.0.1:8765 --export runs/demo/export --data bbc --n 100
+
+The texts are the first N rows of the task's test split (the stratified split `xsilo evaluate` uses).
+The plaintext reference loads the export's weights locally: only this check does that; a real client
+never sees them. Exits with status 1 if any encrypted prediction differs from the plaintext one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import httpx
+import numpy as np
+
+STAGES = ("extract_ms", "encrypt_ms", "http_ms", "server_ms", "decrypt_ms", "total_ms")
+
+
+def wait_until_up(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit(f"error: no server answered {url}/healthz within {timeout_s:.0f}s; "
+                             "is `xsilo serve` running?")
+        time.sleep(0.5)
+
+
+def load_test_split(data: str, n: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """First n rows of the test split, with their label names."""
+    from datamodules.states import stratified_split
+    from datamodules.text import label_names, load_texts
+
+    ds = load_texts(data)
+    labels = np.asarray(ds["label"])
+    test = stratified_split(labels, 0.15, 0.15, seed)[2][:n]
+    names = label_names(ds) or [str(i) for i in range(labels.max() + 1)]
+    return [ds[int(i)]["text"] for i in test], [names[labels[int(i)]] for i in test]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default="http://127.0.0.1:8765")
+    parser.add_argument("--export", required=True, help="the served export, for the plaintext reference")
+    parser.add_argument("--data", default="bbc")
+    parser.add_argument("--n", type=int, default=100)
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for extraction")
+    parser.add_argument("--wait-s", type=float, default=120.0, help="how long to wait for the server to start")
+    args = parser.parse_args()
+
+    import torch
+    import transformers
+
+    torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    from lightning_modules.export import load_export
+    from serve.client import Client, ServeError
+
+    wait_until_up(args.url, args.wait_s)
+    texts, truth = load_test_split(args.data, args.n)
+    fused = load_export(args.export)
+    try:
+        with Client(args.url, api_key=args.api_key, threads=args.threads) as client:
+            client.classify(texts[:1])  # loads the client model, checks its identity, opens a session
+            results = [client.classify([text])[0] for text in texts]
+            reference = fused(client.encoder(texts))
+    except ServeError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+    encrypted = np.array([r["logits"] for r in results])
+    predicted = [r["label"] for r in results]
+    names = client.model_info().label_names
+    plain_labels = [names[i] for i in reference.argmax(1)]
+    agree = sum(a == b for a, b in zip(predicted, plain_labels))
+    medians = {k: statistics.median(r["timings"][k] for r in results) for k in STAGES}
+    p90 = float(np.percentile([r["timings"]["total_ms"] for r in results], 90))
+    figures = {"queries": len(texts), "agree": agree, "max_abs_logit_diff": float(np.abs(encrypted - reference).max()),
+               "accuracy_encrypted": float(np.mean([p == t for p, t in zip(predicted, truth)])),
+               "accuracy_plaintext": float(np.mean([p == t for p, t in zip(plain_labels, truth)])),
+               **{f"median_{k}": round(v, 2) for k, v in medians.items()}, "p90_total_ms": round(p90, 2)}
+    print(f"{len(texts)} encrypted {args.data} test queries: encrypted == plaintext argmax on {agree}/{len(texts)}, "
+          f"max |logit diff| {figures['max_abs_logit_diff']:.2e}; accuracy {figures['accuracy_encrypted']:.3f} "
+          f"(plaintext {figures['accuracy_plaintext']:.3f})")
+    print("latency per query, median: " + ", ".join(f"{k[:-3]} {v:.1f} ms" for k, v in medians.items())
+          + f"; p90 total {p90:.1f} ms")
+    print(json.dumps(figures))
+    if agree != len(texts):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

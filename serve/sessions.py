@@ -1,0 +1,79 @@
+"""In-memory sessions: one client's deserialised public keys, bounded by count (LRU) and idle time (TTL).
+
+Deserialising Galois keys costs tens of milliseconds and a few MB each, so a session keeps them for
+its later requests. Nothing here survives a restart: clients re-open sessions (see `serve.client`).
+"""
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+@dataclass
+class Session:
+    session_id: str
+    keys: Any = field(repr=False)  # encrypted.PublicKeys
+    key_bytes: int
+    created: float
+    last_used: float
+    requests: int = 0
+
+
+class SessionStore:
+    """Sessions by id, least recently used first. `ttl_s` counts from a session's last use."""
+
+    def __init__(self, max_sessions: int, ttl_s: float, *, id_prefix: str = "",
+                 clock: Callable[[], float] = time.monotonic):
+        if max_sessions < 1:
+            raise ValueError(f"max_sessions must be at least 1, got {max_sessions}")
+        if ttl_s <= 0:
+            raise ValueError(f"session_ttl_s must be positive, got {ttl_s}")
+        self.max_sessions, self.ttl_s, self.id_prefix, self.clock = max_sessions, ttl_s, id_prefix, clock
+        self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self._lock = threading.Lock()
+        self.evicted = 0
+        self.expired = 0
+
+    def _purge_expired(self, now: float) -> None:
+        while self._sessions:
+            oldest = next(iter(self._sessions.values()))
+            if now - oldest.last_used < self.ttl_s:
+                break
+            del self._sessions[oldest.session_id]
+            self.expired += 1
+
+    def add(self, keys: Any, key_bytes: int) -> Session:
+        now = self.clock()
+        session = Session(self.id_prefix + secrets.token_urlsafe(24), keys, key_bytes, now, now)
+        with self._lock:
+            self._purge_expired(now)
+            while len(self._sessions) >= self.max_sessions:
+                self._sessions.popitem(last=False)
+                self.evicted += 1
+            self._sessions[session.session_id] = session
+        return session
+
+    def get(self, session_id: str) -> Session | None:
+        """The live session, marked as used now; None if unknown, evicted or expired."""
+        now = self.clock()
+        with self._lock:
+            self._purge_expired(now)
+            session = self._sessions.get(session_id)
+            if session is not None:
+                session.last_used = now
+                session.requests += 1
+                self._sessions.move_to_end(session_id)
+            return session
+
+    def remove(self, session_id: str) -> bool:
+        with self._lock:
+            return self._sessions.pop(session_id, None) is not None
+
+    def __len__(self) -> int:
+        with self._lock:
+            self._purge_expired(self.clock())
+            return len(self._sessions)
