@@ -21,6 +21,7 @@ def _quiet() -> None:
 
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def assets_list() -> None:
@@ -173,11 +174,86 @@ def export(
     print(path)
 
 
+def serve(*, export: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          max_sessions: int = 64, session_ttl_s: float = 1800.0, max_concurrency: int = 2,
+          replica_id: str | None = None, log_level: str = "info") -> None:
+    """Serve an export's fused layer under CKKS encryption over HTTP (API docs at /docs).
+
+    The server evaluates W h + b on encrypted hidden states: it never sees texts, states or logits.
+
+    Args:
+        export: export directory (from `xsilo export`).
+        host: interface to bind (0.0.0.0 for all).
+        port: TCP port.
+        api_key: require this key as 'Authorization: Bearer KEY' or 'X-API-Key: KEY' (default $XSILO_API_KEY).
+        max_sessions: sessions kept at once; beyond it the least recently used is evicted.
+        session_ttl_s: idle seconds before a session is dropped.
+        max_concurrency: HE evaluations running at once (threads).
+        replica_id: prefix of session ids, for routing by session id behind a load balancer.
+        log_level: log level of uvicorn and the request log.
+    """
+    import os
+
+    from serve.server import run
+
+    run(export, host=host, port=port, api_key=api_key or os.environ.get("XSILO_API_KEY"),
+        max_sessions=max_sessions, session_ttl_s=session_ttl_s, max_concurrency=max_concurrency,
+        replica_id=replica_id, log_level=log_level)
+
+
+def query(*, server: str = "http://127.0.0.1:8000", text: list[str] | str | None = None, file: str | None = None,
+          api_key: str | None = None, client_model: str | None = None, threads: int | None = None,
+          timeout: float = 60.0) -> None:
+    """Classify texts through an encrypted server; print one JSON line per text.
+
+    Extraction, encryption and decryption run here: the server sees public keys and ciphertexts only.
+
+    Args:
+        server: server base URL.
+        text: a text, or a list: --text '["first text", "second text"]'.
+        file: a file with one text per line (- for stdin).
+        api_key: the server's API key (default $XSILO_API_KEY).
+        client_model: local copy of the client model (default: the model the server names).
+        threads: torch threads for extraction.
+        timeout: seconds per HTTP request.
+    """
+    import os
+
+    from serve.client import Client, ServeError
+
+    texts = [text] if isinstance(text, str) else list(text or [])
+    if file:
+        lines = sys.stdin.read() if file == "-" else Path(file).read_text(encoding="utf-8")
+        texts += [line for line in lines.splitlines() if line.strip()]
+    if not texts:
+        print("error: nothing to classify; pass --text or --file", file=sys.stderr)
+        raise SystemExit(2)
+    _quiet()
+    try:
+        with Client(server, api_key=api_key or os.environ.get("XSILO_API_KEY"), timeout=timeout,
+                    client_model=client_model, threads=threads) as client:
+            results = client.classify(texts)
+    except ServeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    for t, r in zip(texts, results):
+        line = {"text": t[:60], "label": r["label"],
+                "probabilities": {k: round(v, 4) for k, v in r["probabilities"].items()}}
+        if "ood" in r:
+            line["ood"] = r["ood"]
+        print(json.dumps(line))
+    timings = results[0]["timings"]
+    print(", ".join(f"{k[:-3]} {timings[k]:.1f} ms" for k in ("extract_ms", "encrypt_ms", "http_ms", "server_ms",
+                                                               "decrypt_ms", "total_ms")), file=sys.stderr)
+
+
 COMMANDS = {
     "assets": {"list": assets_list, "prepare": assets_prepare},
     "extract": extract,
     "evaluate": evaluate,
     "export": export,
+    "serve": serve,
+    "query": query,
 }
 
 

@@ -49,3 +49,13 @@ onnx_out = ort.InferenceSession(f"{sys.argv[1]}/fused.onnx").run(None, {"hidden"
 print(f"export: {fused.input_dim} -> {fused.output_dim} ({', '.join(fused.manifest['label_names'])}); "
       f"onnxruntime vs numpy max |diff| = {np.abs(onnx_out - fused(x)).max():.2e}")
 PY
+
+stage "5. encrypted serving: 100 BBC test queries from SmolLM2, answered under CKKS"
+PORT=${PORT:-8765}
+xsilo serve --export "$RUN/export" --port "$PORT" --log_level warning > "$RUN/serve.log" 2>&1 &
+SERVER_PID=$!
+trap 'kill $SERVER_PID 2>/dev/null || true' EXIT
+python -m serve.demo_check --url "http://127.0.0.1:$PORT" --export "$RUN/export" --data bbc --n 100 --threads "$THREADS"
+xsilo query --server "http://127.0.0.1:$PORT" --text "Shares in the bank rose after record profits" --threads "$THREADS"
+kill $SERVER_PID && wait $SERVER_PID 2>/dev/null || true
+trap - EXIT
