@@ -126,28 +126,27 @@ class Mahalanobis:
 class CosineKNN:
     """Cosine distance to the k-th nearest training state (Sun et al. 2022).
 
-    States are centred on the training mean before normalising: causal-LM states share one
-    dominant mean direction, so uncentred cosines are all close to 1.
+    States are not centred: on VADER movies vs tweets/NYT/Amazon/TREC (Gemma-3 states) centring
+    on the ID mean dropped AUROC from 0.90-0.96 to 0.14-0.64; the mean direction carries the signal.
     """
 
     input: Literal["logits", "features"] = "features"
 
-    def __init__(self, k: int = 50, center: bool = True, block_rows: int = 1024):
+    def __init__(self, k: int = 50, block_rows: int = 1024):
         if k < 1:
             raise OODError(f"k must be at least 1, got {k}")
-        self.k, self.center, self.block_rows = k, center, block_rows
+        self.k, self.block_rows = k, block_rows
 
     def fit(self, x: Tensor, labels: Tensor | None = None) -> CosineKNN:
         x = _checked(x, "kNN training states")
         if self.k > len(x):
             raise OODError(f"kNN with k={self.k} needs at least {self.k} training rows, got {len(x)}; "
                            "lower --knn_k or use more rows")
-        self.mean = x.mean(0) if self.center else torch.zeros(x.shape[1], dtype=F64)
-        self.bank = F.normalize(x - self.mean, dim=1)
+        self.bank = F.normalize(x, dim=1)
         return self
 
     def score(self, x: Tensor) -> Tensor:
-        q = F.normalize(_checked(x, "states") - self.mean, dim=1)
+        q = F.normalize(_checked(x, "states"), dim=1)
         kth = [(blk @ self.bank.T).topk(self.k, dim=1).values[:, -1] for blk in q.split(self.block_rows)]
         return 1 - torch.cat(kth)
 
