@@ -13,6 +13,7 @@ import hashlib
 from pathlib import Path
 
 import datasets
+import numpy as np
 from datasets import ClassLabel, Dataset
 
 from datamodules.assets import AssetError, get_asset, is_prepared, is_registered, package_file, prepare
@@ -140,7 +141,9 @@ def load_texts(
 ) -> Dataset:
     """Load a dataset as columns `text` (+ `label` as ClassLabel when it has labels).
 
-    Registry datasets have a single split, "train". `limit` keeps the first N rows.
+    Registry datasets have a single split, "train". `limit` keeps N rows drawn at random with a
+    fixed seed, in file order: many files are sorted by label (BBC's folders, VADER's scores), so
+    the first N rows would hold a few classes only.
     """
     if is_registered(name_or_path, "dataset"):
         if split != "train":
@@ -166,7 +169,9 @@ def load_texts(
     if limit is not None:
         if limit <= 0:
             raise AssetError(f"limit must be a positive number of rows, got {limit}")
-        ds = ds.select(range(min(limit, len(ds))))
+        if limit < len(ds):
+            keep = np.sort(np.random.default_rng(0).permutation(len(ds))[:limit])
+            ds = ds.select(keep)
     if len(ds) == 0:
         raise AssetError(f"dataset {name_or_path!r} (split {split!r}) has no rows")
     return ds

@@ -148,12 +148,71 @@ def evaluate(
     print(f"wrote {Path(out) / 'metrics.json'} and {Path(out) / 'metrics.md'}")
 
 
+def evaluate_ood(
+    *,
+    source: str,
+    target: str,
+    task: str,
+    ood: list[str],
+    public: str = "movie-dialog",
+    public_limit: int | None = 4000,
+    task_limit: int | None = None,
+    ood_limit: int | None = 500,
+    max_length: int = 128,
+    estimator: str = "ridge",
+    knn_k: int = 50,
+    mahalanobis_shrinkage: float = 1e-2,
+    threshold_tpr: float = 0.95,
+    export_detector: str = "energy",
+    classifier_epochs: int = 200,
+    seed: int = 0,
+    threads: int | None = None,
+    out: str = "runs/ood",
+) -> None:
+    """Out-of-distribution detection with native target states and mapped source states.
+
+    Writes ood.json/ood.md, the checkpoints and ood-threshold.json (for `xsilo export --ood`).
+
+    Args:
+        source: client model (registry name, folder or hub id).
+        target: server model whose classifier reads the mapped states.
+        task: labelled in-distribution dataset (train fits detectors, val sets thresholds, test is scored).
+        ood: out-of-distribution datasets, e.g. [vader-tweets,trec]; labels, if any, are ignored.
+        public: shared public dataset for fitting the map.
+        public_limit: rows of the public set to use.
+        task_limit: keep only the first N task rows.
+        ood_limit: keep only the first N rows of each OOD set.
+        max_length: truncation length in tokens.
+        estimator: ridge, lstsq, procrustes or scaled_procrustes.
+        knn_k: neighbours for the cosine kNN detector.
+        mahalanobis_shrinkage: shrinkage of the shared covariance towards a scaled identity.
+        threshold_tpr: share of ID validation inputs kept at or below each threshold.
+        export_detector: msp, max_logit or energy: the detector named in the export manifest.
+        classifier_epochs: maximum epochs for the target classifier (early stopping on val_loss).
+        seed: split and training seed.
+        threads: torch threads.
+        out: output directory.
+    """
+    from lightning_modules.ood import OODConfig, evaluate_ood as run_evaluate_ood, markdown_report
+
+    _quiet()
+    cfg = OODConfig(source=source, target=target, task=task, ood=ood, public=public, public_limit=public_limit,
+                    task_limit=task_limit, ood_limit=ood_limit, max_length=max_length, estimator=estimator,
+                    knn_k=knn_k, mahalanobis_shrinkage=mahalanobis_shrinkage, threshold_tpr=threshold_tpr,
+                    export_detector=export_detector, classifier_epochs=classifier_epochs, seed=seed,
+                    threads=threads)
+    results = run_evaluate_ood(cfg, out=out)
+    print(markdown_report(results))
+    print(f"wrote {', '.join(str(Path(out) / f) for f in ('ood.json', 'ood.md', 'ood-threshold.json'))}")
+
+
 def export(
     *,
     aligner: str,
     classifier: str,
     out: str,
     metrics: str | None = None,
+    ood: str | None = None,
     overwrite: bool = False,
 ) -> None:
     """Fuse an aligner and a target classifier into one linear layer (safetensors + ONNX + manifest).
@@ -165,12 +224,14 @@ def export(
         classifier: LinearClassifier checkpoint trained on the aligner's target states.
         out: export directory (must be empty or missing unless --overwrite).
         metrics: a metrics.json to record in the manifest.
+        ood: an ood-threshold.json from `xsilo evaluate_ood`, applied by clients to decrypted logits.
         overwrite: replace an existing export.
     """
     from lightning_modules.export import export_checkpoints
 
     recorded = json.loads(Path(metrics).read_text()) if metrics else None
-    path = export_checkpoints(aligner, classifier, out, metrics=recorded, overwrite=overwrite)
+    thresholds = json.loads(Path(ood).read_text()) if ood else None
+    path = export_checkpoints(aligner, classifier, out, metrics=recorded, ood=thresholds, overwrite=overwrite)
     print(path)
 
 
@@ -251,6 +312,7 @@ COMMANDS = {
     "assets": {"list": assets_list, "prepare": assets_prepare},
     "extract": extract,
     "evaluate": evaluate,
+    "evaluate_ood": evaluate_ood,
     "export": export,
     "serve": serve,
     "query": query,
@@ -261,8 +323,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from datamodules.assets import AssetError
     from datamodules.cache import CacheError
     from lightning_modules.export import ExportError
+    from lightning_modules.ood import OODError
 
-    return (AssetError, CacheError, ExportError)
+    return (AssetError, CacheError, ExportError, OODError)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -59,3 +59,25 @@ python -m serve.demo_check --url "http://127.0.0.1:$PORT" --export "$RUN/export"
 xsilo query --server "http://127.0.0.1:$PORT" --text "Shares in the bank rose after record profits" --threads "$THREADS"
 kill $SERVER_PID && wait $SERVER_PID 2>/dev/null || true
 trap - EXIT
+
+stage "6. OOD detection: VADER movies in-distribution; tweets, NYT, Amazon reviews, TREC out"
+xsilo evaluate_ood --source smollm2 --target gemma3 --task vader-movies --task_limit "${TASK_ROWS:-3000}" \
+  --ood "[vader-tweets,vader-nyt,vader-amazon,trec]" --ood_limit "${OOD_ROWS:-500}" \
+  --public movie-dialog --public_limit "$PUBLIC_ROWS" --threads "$THREADS" --out "$RUN/ood"
+xsilo export --aligner "$RUN/ood/aligner.ckpt" --classifier "$RUN/ood/classifier-target.ckpt" \
+  --ood "$RUN/ood/ood-threshold.json" --out "$RUN/export-ood" --overwrite
+python - "$RUN/export-ood" <<'PY'
+import sys
+from datamodules.extraction import StateEncoder
+from lightning_modules.export import load_export
+from lightning_modules.ood_client import ood_from_logits
+fused = load_export(sys.argv[1])
+src, ood = fused.manifest["source"], fused.manifest["ood"]
+encode = StateEncoder(src["model"], pooling=src["pooling"], layer=src["layer"], max_length=src["max_length"], threads=1)
+texts = ["A gorgeous, witty, seductive movie.", "The plot is a mess and the acting is even worse.",
+         "What is the capital of Australia ?", "The city council approved the new budget on Tuesday."]
+scores, flags = ood_from_logits(fused(encode(texts)), ood)
+print(f"client-side OOD check on logits: {ood['detector']} > {ood['threshold']:.3f} (keeps {ood['tpr']:.0%} of ID validation)")
+for text, score, flag in zip(texts, scores, flags):
+    print(f"  {'OOD' if flag else 'in '}  {score:+.3f}  {text}")
+PY

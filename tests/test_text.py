@@ -55,9 +55,15 @@ def test_label_folder_and_rotten_and_dialog_readers(tmp_path):
     assert text._read_dialog(tmp_path / "d.txt")["text"] == ["hi there", "hello.", "bye"]
 
 
-def test_local_csv_with_string_labels_and_limit(tiny_csv):
+def test_local_csv_with_string_labels_and_limit(tiny_csv, tmp_path):
     ds = load_texts(str(tiny_csv), limit=7)
     assert len(ds) == 7 and label_names(ds) == ["c0", "c1", "c2"]
+    full = load_texts(str(tiny_csv))["text"]
+    assert [full.index(t) for t in ds["text"]] == sorted(full.index(t) for t in ds["text"])  # file order
+    # a label-sorted file still gives every class under a limit
+    sorted_file = tmp_path / "sorted.csv"
+    sorted_file.write_text("text,label\n" + "".join(f"t{i},{'a' if i < 90 else 'b'}\n" for i in range(100)))
+    assert set(load_texts(str(sorted_file), limit=30)["label"]) == {0, 1}
     assert dataset_fingerprint(ds) == dataset_fingerprint(load_texts(str(tiny_csv), limit=7))
     assert dataset_fingerprint(ds) != dataset_fingerprint(load_texts(str(tiny_csv), limit=8))
 
