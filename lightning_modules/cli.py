@@ -82,7 +82,7 @@ def extract(
         max_length: truncation length in tokens.
         dtype: compute dtype: float32, bfloat16 or float16.
         batch_size: texts per forward pass.
-        limit: keep only the first N rows.
+        limit: keep N rows (a seeded random sample, in file order).
         text_column: text column of a non-registry dataset.
         label_column: label column of a non-registry dataset.
         cache_dir: cache root (default $XSILO_HOME/states).
@@ -180,8 +180,8 @@ def evaluate_ood(
         ood: out-of-distribution datasets, e.g. [vader-tweets,trec]; labels, if any, are ignored.
         public: shared public dataset for fitting the map.
         public_limit: rows of the public set to use.
-        task_limit: keep only the first N task rows.
-        ood_limit: keep only the first N rows of each OOD set.
+        task_limit: keep N task rows (a seeded random sample).
+        ood_limit: keep N rows of each OOD set (a seeded random sample).
         max_length: truncation length in tokens.
         estimator: ridge, lstsq, procrustes or scaled_procrustes.
         knn_k: neighbours for the cosine kNN detector.
