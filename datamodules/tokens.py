@@ -1,0 +1,479 @@
+"""Token positions paired across tokenizers, and per-position paired final states.
+
+Two causal LMs that tokenise the same text differently have both "read the same prefix" at
+every character offset where a token of each ends. `text_boundaries` finds the offsets
+where a token ends cleanly (not inside a character another token finishes, not a special
+token); `pair_positions` matches them by offset. `paired_batches` runs both models on a
+batch of texts and yields the final hidden states at paired positions, and `paired_stats`
+streams them into `SufficientStats` (train / held-out / shuffled-pair null), cached on disk
+under both models' identities, the dataset fingerprint, max_length and limit.
+
+Nothing depends on token indices: special tokens (BOS) are skipped, and only END offsets
+are compared, so tokenizers whose offsets include a token's leading space pair like those
+whose offsets do not.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from functools import cached_property, lru_cache
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from datamodules.assets import AssetError, resolve_model, xsilo_home
+from datamodules.cache import CacheError, atomic_write_bytes, atomic_write_json, ensure_writable
+from datamodules.extraction import DTYPES, is_causal_lm, load_tokenizer, model_identity
+from lightning_modules.solvers import SufficientStats
+
+FORMAT_VERSION = 1
+STATS_FILE = "stats.safetensors"
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val", "null")
+
+
+# --- models ---------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class CausalLM:
+    """A causal LM with its fast tokenizer. `identity` keys caches (None: never cached)."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    identity: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.model.get_output_embeddings() is None:
+            raise AssetError(f"model {self.name!r} has no LM head; cross-model generation needs causal LMs "
+                             "(AutoModelForCausalLM, e.g. smollm2 or gemma3)")
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise AssetError(f"model {self.name!r} has a slow tokenizer; token pairing needs a fast one "
+                             "(offset mappings): save the model with its tokenizer.json")
+
+    @property
+    def hidden_size(self) -> int:
+        return self.head.in_features
+
+    @property
+    def head(self) -> torch.nn.Linear:
+        return self.model.get_output_embeddings()
+
+    @property
+    def eos_ids(self) -> set[int]:
+        ids = getattr(self.model.config.get_text_config(), "eos_token_id", None)
+        ids = set(ids if isinstance(ids, (list, tuple)) else [] if ids is None else [ids])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    def spec(self) -> dict:
+        return {"model": self.name, "model_identity": self.identity, "hidden_size": self.hidden_size,
+                "layer": -1, "states": "final hidden state (the LM head's input) at every token position"}
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids as the model reads a text (with its special tokens, e.g. BOS)."""
+        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+
+    @torch.inference_mode()
+    def states(self, input_ids: Tensor, attention_mask: Tensor | None = None, past=None, use_cache: bool = True
+               ) -> tuple[Tensor, object]:
+        """Final hidden states (B, T, D) float32 and the KV cache; lm_head(states) are the logits."""
+        out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                    past_key_values=past, use_cache=use_cache)
+        return out.last_hidden_state.float(), out.past_key_values
+
+    @torch.inference_mode()
+    def logits(self, states: Tensor) -> Tensor:
+        head = self.head
+        return head(states.to(head.weight.dtype)).float()
+
+    @cached_property
+    def text_token_mask(self) -> Tensor:
+        """Vocabulary ids a generator may emit: tokens that decode to whole text, plus EOS.
+
+        Special tokens, and byte tokens that are only part of a character, are excluded: their
+        text cannot be appended to a prompt and read back by another tokenizer.
+        """
+        n = self.head.out_features
+        pieces = self.tokenizer.batch_decode([[i] for i in range(min(n, len(self.tokenizer)))],
+                                             skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[:len(pieces)] = torch.tensor([bool(p) and "\ufffd" not in p for p in pieces])
+        for i in self.eos_ids:
+            if i < n:
+                mask[i] = True
+        return mask
+
+
+def load_causal_lm(name: str, dtype: str = "float32") -> CausalLM:
+    """Load a registry name, folder or hub id as a causal LM with a clear error for anything else."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise AssetError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    path = resolve_model(name)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise AssetError(f"cannot read a model config from {name!r}: {e}") from e
+    if not is_causal_lm(config):
+        archs = ", ".join(getattr(config, "architectures", None) or [config.model_type])
+        raise AssetError(f"model {name!r} ({archs}) is not a causal LM with an LM head; cross-model "
+                         "generation needs two causal LMs, e.g. --source smollm2 --target gemma3")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval().requires_grad_(False)
+    return CausalLM(model, load_tokenizer(path), name, model_identity(path))
+
+
+# --- boundaries and pairing -------------------------------------------------------------
+
+def text_boundaries(offsets: Sequence[tuple[int, int]], special: Sequence[int] | None = None
+                    ) -> dict[int, int]:
+    """{end character offset: token position} for tokens that end a clean text prefix.
+
+    Skipped: special tokens and empty spans (BOS has (0, 0)); a token whose end lies inside a
+    later token's span (a byte-level token holding part of a multi-byte character ends where
+    the next token, which finishes the character, ends as well).
+    """
+    special = special or [0] * len(offsets)
+    spans = [(p, s, e) for p, ((s, e), sp) in enumerate(zip(offsets, special)) if not sp and e > s]
+    out: dict[int, int] = {}
+    last_end = 0
+    for k, (pos, _, end) in enumerate(spans):
+        if (k + 1 < len(spans) and spans[k + 1][1] < end) or end <= last_end:
+            continue
+        out[end], last_end = pos, end
+    return out
+
+
+def pair_positions(source: dict[int, int], target: dict[int, int]) -> tuple[list[int], list[int]]:
+    """(source positions, target positions) at the end offsets both share, in text order."""
+    shared = sorted(source.keys() & target.keys())
+    return [source[e] for e in shared], [target[e] for e in shared]
+
+
+@dataclass
+class TokenizedText:
+    """One text as one model reads it: ids (truncated to max_length) and its clean boundaries."""
+
+    ids: list[int]
+    boundaries: dict[int, int]  # end offset -> position, positions < len(ids) only
+
+
+def tokenize_text(tokenizer, text: str, max_length: int) -> TokenizedText:
+    """Tokenise in full (so the boundary test sees the token after the cut), then truncate."""
+    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True,
+                    return_special_tokens_mask=True)
+    ids = enc["input_ids"][:max_length]
+    bounds = text_boundaries(enc["offset_mapping"], enc["special_tokens_mask"])
+    return TokenizedText(ids, {e: p for e, p in bounds.items() if p < len(ids)})
+
+
+# --- vocabulary overlap ------------------------------------------------------------------
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's bytes_to_unicode: byte-level BPE characters back to bytes."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def token_scheme(tokenizer) -> str:
+    """How vocabulary strings spell text: byte_level (Ġ), metaspace (▁) or plain."""
+    try:
+        decoder = json.dumps(json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder"), ensure_ascii=False)
+    except (AttributeError, ValueError):
+        decoder = ""
+    if '"ByteLevel"' in decoder:
+        return "byte_level"
+    if "\u2581" in decoder or '"Metaspace"' in decoder:
+        return "metaspace"
+    return "plain"
+
+
+def token_bytes(token: str, scheme: str) -> bytes:
+    """A vocabulary string as the bytes of text it stands for (Ġ and ▁ become a space)."""
+    if scheme == "byte_level":
+        table = _byte_decoder()
+        if all(c in table for c in token):
+            return bytes(table[c] for c in token)
+    if scheme == "metaspace":
+        match = _BYTE_TOKEN.fullmatch(token)
+        if match:
+            return bytes([int(match.group(1), 16)])
+        token = token.replace("\u2581", " ")
+    return token.encode("utf-8")
+
+
+def normalised_vocabulary(tokenizer) -> set[bytes]:
+    scheme = token_scheme(tokenizer)
+    special = set(tokenizer.all_special_tokens)
+    return {token_bytes(t, scheme) for t in tokenizer.get_vocab() if t not in special}
+
+
+@dataclass
+class TokenizerCompatibility:
+    """How well two tokenizers line up, measured before anything is fitted."""
+
+    source_boundaries: int = 0
+    target_boundaries: int = 0
+    matched_boundaries: int = 0
+    texts: int = 0
+    source_vocab: int = 0
+    target_vocab: int = 0
+    shared_vocab: int = 0
+
+    @property
+    def source_boundary_match(self) -> float:
+        """Fraction of the source's token end offsets that the target also has."""
+        return self.matched_boundaries / max(self.source_boundaries, 1)
+
+    @property
+    def target_boundary_match(self) -> float:
+        return self.matched_boundaries / max(self.target_boundaries, 1)
+
+    @property
+    def vocab_jaccard(self) -> float:
+        return self.shared_vocab / max(self.source_vocab + self.target_vocab - self.shared_vocab, 1)
+
+    @property
+    def source_vocab_shared(self) -> float:
+        return self.shared_vocab / max(self.source_vocab, 1)
+
+    def add(self, source: TokenizedText, target: TokenizedText) -> None:
+        self.texts += 1
+        self.source_boundaries += len(source.boundaries)
+        self.target_boundaries += len(target.boundaries)
+        self.matched_boundaries += len(source.boundaries.keys() & target.boundaries.keys())
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "source_boundary_match": self.source_boundary_match,
+                "target_boundary_match": self.target_boundary_match, "vocab_jaccard": self.vocab_jaccard,
+                "source_vocab_shared": self.source_vocab_shared}
+
+
+def tokenizer_compatibility(source_tokenizer, target_tokenizer, texts: Sequence[str], max_length: int
+                            ) -> TokenizerCompatibility:
+    """Boundary match over `texts` and the overlap of the normalised vocabularies."""
+    src_vocab, tgt_vocab = normalised_vocabulary(source_tokenizer), normalised_vocabulary(target_tokenizer)
+    report = TokenizerCompatibility(source_vocab=len(src_vocab), target_vocab=len(tgt_vocab),
+                                    shared_vocab=len(src_vocab & tgt_vocab))
+    for text in texts:
+        report.add(tokenize_text(source_tokenizer, text, max_length),
+                   tokenize_text(target_tokenizer, text, max_length))
+    return report
+
+
+# --- paired per-position states ------------------------------------------------------------
+
+@dataclass
+class PairedBatch:
+    """Final states at paired positions of a batch of texts: row r of x and y read one prefix."""
+
+    x: Tensor  # (m, d_source) float32
+    y: Tensor  # (m, d_target) float32
+    text: Tensor  # (m,) index of each row's text in the batch
+    source_tokens: int
+    target_tokens: int
+
+
+def _pad_right(seqs: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Right padding: a causal LM's states at real positions do not depend on it."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = 1
+    return ids, mask
+
+
+def _final_states(lm: CausalLM, seqs: list[list[int]]) -> Tensor:
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    ids, mask = _pad_right(seqs, pad)
+    return lm.states(ids, mask, use_cache=False)[0]
+
+
+def paired_batches(source: CausalLM, target: CausalLM, texts: Sequence[str], max_length: int,
+                   batch_size: int = 16) -> Iterator[PairedBatch]:
+    """Run both models over `texts` and yield states at paired positions.
+
+    Batches group texts of similar length (less padding); `PairedBatch.text` keeps each row's
+    index into `texts`.
+    """
+    if max_length <= 0:
+        raise AssetError(f"max_length must be a positive number of tokens, got {max_length}")
+    order = sorted(range(len(texts)), key=lambda i: (len(texts[i]), i))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        src = [tokenize_text(source.tokenizer, texts[i], max_length) for i in chunk]
+        tgt = [tokenize_text(target.tokenizer, texts[i], max_length) for i in chunk]
+        keep = [k for k, (s, t) in enumerate(zip(src, tgt)) if s.ids and t.ids]
+        if not keep:
+            continue
+        hs = _final_states(source, [src[k].ids for k in keep])
+        ht = _final_states(target, [tgt[k].ids for k in keep])
+        xs, ys, rows = [], [], []
+        for b, k in enumerate(keep):
+            sp, tp = pair_positions(src[k].boundaries, tgt[k].boundaries)
+            xs.append(hs[b, sp])
+            ys.append(ht[b, tp])
+            rows.append(torch.full((len(sp),), chunk[k], dtype=torch.long))
+        yield PairedBatch(torch.cat(xs), torch.cat(ys), torch.cat(rows),
+                          sum(len(src[k].ids) for k in keep), sum(len(tgt[k].ids) for k in keep))
+
+
+def split_texts(n: int, val_fraction: float, test_fraction: float, seed: int) -> dict[str, np.ndarray]:
+    """Seeded text-level split: positions of one text never straddle train and held-out."""
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise AssetError(f"val_fraction + test_fraction must be in [0, 1), got {val_fraction} + {test_fraction}")
+    order = np.random.default_rng(seed).permutation(n)
+    n_val, n_test = int(round(n * val_fraction)), int(round(n * test_fraction))
+    if n - n_val - n_test < 1 or (val_fraction > 0 and n_val < 1):
+        raise AssetError(f"{n} texts are too few for val_fraction={val_fraction}, test_fraction={test_fraction}; "
+                         "use more texts (raise the limit)")
+    return {"train": np.sort(order[n_val + n_test:]), "val": np.sort(order[:n_val]),
+            "test": np.sort(order[n_val:n_val + n_test])}
+
+
+def reversed_stats(stats: SufficientStats) -> SufficientStats:
+    """The statistics of (y, x) from those of (x, y); needs the full yᵀy."""
+    if not stats.full_yty:
+        raise ValueError("reversing SufficientStats needs full_yty=True")
+    return SufficientStats(stats.n.clone(), stats.sum_y.clone(), stats.sum_x.clone(), stats.yty.clone(),
+                           stats.xty.T.contiguous(), stats.xtx.clone())
+
+
+@dataclass(eq=False)
+class PairedStats:
+    """Streamed statistics of paired final states: train, val (λ selection), null (shuffled pairs)."""
+
+    train: SufficientStats
+    val: SufficientStats
+    null: SufficientStats
+    info: dict = field(default_factory=dict)
+    hit: bool = False
+
+    def reversed(self) -> "PairedStats":
+        info = {**self.info, "source": self.info.get("target"), "target": self.info.get("source")}
+        return PairedStats(reversed_stats(self.train), reversed_stats(self.val), reversed_stats(self.null),
+                           info, self.hit)
+
+    def save(self, directory: Path) -> None:
+        from safetensors.torch import save
+
+        tensors = {f"{split}.{name}": t.contiguous() for split in SPLITS
+                   for name, t in zip(("n", "sum_x", "sum_y", "xtx", "xty", "yty"),
+                                      getattr(self, split)._fields())}
+        atomic_write_bytes(directory / STATS_FILE, save(tensors))
+
+    @classmethod
+    def load(cls, directory: Path, info: dict) -> "PairedStats":
+        from safetensors.torch import load
+
+        try:
+            tensors = load((directory / STATS_FILE).read_bytes())
+            parts = [SufficientStats(*(tensors[f"{split}.{name}"] for name in
+                                       ("n", "sum_x", "sum_y", "xtx", "xty", "yty"))) for split in SPLITS]
+        except (OSError, KeyError, ValueError) as e:
+            raise CacheError(f"{directory / STATS_FILE} is unreadable ({e}); delete {directory} and rerun") from e
+        return cls(*parts, info=info, hit=True)
+
+
+@dataclass(frozen=True)
+class PairedStatsKey:
+    """Everything that determines paired statistics (identities in a fixed, sorted order)."""
+
+    model_identities: tuple[str, str]
+    dataset_fingerprint: str
+    max_length: int
+    limit: int | None
+    val_fraction: float
+    test_fraction: float
+    seed: int
+    format: int = FORMAT_VERSION
+
+    def fingerprint(self) -> str:
+        import hashlib
+
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:20]
+
+
+def paired_stats_dir(key: PairedStatsKey, names: tuple[str, str], data: str, root: Path | None = None) -> Path:
+    slug = lambda s: "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(s).name)[:30] or "x"  # noqa: E731
+    return Path(root or xsilo_home() / "paired-positions") / (
+        f"{slug(names[0])}--{slug(names[1])}--{slug(data)}--{key.fingerprint()}")
+
+
+def accumulate_paired_stats(source: CausalLM, target: CausalLM, texts: Sequence[str], splits: dict[str, np.ndarray],
+                            max_length: int, batch_size: int = 16, seed: int = 0) -> PairedStats:
+    """One streamed pass: train and val statistics, and the null's (rows shuffled within each batch)."""
+    d_x, d_y = source.hidden_size, target.hidden_size
+    train, val, null = (SufficientStats.zeros(d_x, d_y) for _ in range(3))
+    generator = torch.Generator().manual_seed(seed + 1)
+    counts = {"train_positions": 0, "val_positions": 0, "source_tokens": 0, "target_tokens": 0}
+    for split, stats in (("train", train), ("val", val)):
+        chosen = [texts[i] for i in splits[split]]
+        for batch in paired_batches(source, target, chosen, max_length, batch_size):
+            stats.update(batch.x, batch.y)
+            counts[f"{split}_positions"] += batch.x.shape[0]
+            counts["source_tokens"] += batch.source_tokens
+            counts["target_tokens"] += batch.target_tokens
+            if split == "train":
+                null.update(batch.x, batch.y[torch.randperm(batch.y.shape[0], generator=generator)])
+    return PairedStats(train, val, null, info=counts)
+
+
+def paired_stats(source: CausalLM, target: CausalLM, texts: Sequence[str], data: str, max_length: int,
+                 limit: int | None, splits: dict[str, np.ndarray], val_fraction: float, test_fraction: float,
+                 seed: int, batch_size: int = 16, cache_root: Path | None = None, use_cache: bool = True
+                 ) -> PairedStats:
+    """Paired statistics oriented source → target, from the cache when it holds them.
+
+    One cache entry serves both directions: it is stored for the pair in sorted identity order
+    with the full yᵀy, and reversed on load. Models without an identity are never cached.
+    """
+    from datasets import Dataset
+
+    from datamodules.text import dataset_fingerprint
+
+    cacheable = use_cache and source.identity is not None and target.identity is not None
+    if not cacheable:
+        return accumulate_paired_stats(source, target, texts, splits, max_length, batch_size, seed)
+    flip = source.identity > target.identity
+    first, second = (target, source) if flip else (source, target)
+    fingerprint = dataset_fingerprint(Dataset.from_dict({"text": list(texts)}))
+    key = PairedStatsKey((first.identity, second.identity), fingerprint, max_length, limit, val_fraction,
+                         test_fraction, seed)
+    directory = paired_stats_dir(key, (first.name, second.name), data, cache_root)
+    manifest = directory / MANIFEST
+    if manifest.is_file():
+        info = json.loads(manifest.read_text())
+        if info.get("complete") and info.get("fingerprint") == key.fingerprint():
+            stats = PairedStats.load(directory, info)
+            return stats.reversed() if flip else stats
+    ensure_writable(directory)
+    stats = accumulate_paired_stats(first, second, texts, splits, max_length, batch_size, seed)
+    stats.info.update({"complete": True, "fingerprint": key.fingerprint(), "key": asdict(key),
+                       "source": first.spec(), "target": second.spec(), "data": data,
+                       "texts": {k: int(len(v)) for k, v in splits.items()}})
+    if manifest.exists():
+        manifest.unlink()  # never leave a complete-looking manifest over a stats file being rewritten
+    stats.save(directory)
+    atomic_write_json(manifest, stats.info)
+    return stats.reversed() if flip else stats
