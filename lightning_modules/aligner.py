@@ -109,8 +109,10 @@ class AffineAligner(L.LightningModule):
         if self.hparams.finetune_loss == "task" and self._head is None:
             from lightning_modules.classifier import LinearClassifier
 
-            self._head = LinearClassifier.load_from_checkpoint(self.hparams.classifier, map_location="cpu")
-            self._head.eval().requires_grad_(False)
+            head = LinearClassifier.load_from_checkpoint(self.hparams.classifier, map_location="cpu")
+            # Not a registered submodule: the frozen head belongs to the classifier's checkpoint,
+            # not to this one.
+            object.__setattr__(self, "_head", head.eval().requires_grad_(False).to(self.device))
 
     @property
     def solving(self) -> bool:

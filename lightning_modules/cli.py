@@ -206,6 +206,98 @@ def evaluate_ood(
     print(f"wrote {', '.join(str(Path(out) / f) for f in ('ood.json', 'ood.md', 'ood-threshold.json'))}")
 
 
+def generate(
+    prompt: str,
+    *,
+    source: str,
+    target: str,
+    aligner: str,
+    max_new_tokens: int = 32,
+    stop: list[str] | str | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    reuse_cache: bool = True,
+    compare: bool = False,
+    dtype: str = "float32",
+    threads: int | None = None,
+) -> None:
+    """Continue PROMPT with the target's LM head reading the source's mapped final states (streamed).
+
+    Args:
+        prompt: text to continue.
+        source: model that reads (registry name, folder or hub id).
+        target: model whose LM head writes.
+        aligner: map export from `xsilo evaluate_generation --out DIR` (DIR or DIR/export).
+        max_new_tokens: the most target tokens to generate.
+        stop: a stop string or a list of them; the output ends before the first one.
+        temperature: 0 is greedy; otherwise sample at this temperature.
+        top_k: sample among the k most likely tokens.
+        top_p: sample from the smallest set of tokens with this probability mass.
+        seed: sampling seed.
+        reuse_cache: reuse the source's KV cache when its re-tokenisation only appends tokens.
+        compare: also print each model's own continuation.
+        dtype: compute dtype: float32, bfloat16 or float16.
+        threads: torch threads.
+    """
+    import torch
+
+    from lightning_modules.generation import Sampling, run_generate
+
+    _quiet()
+    if threads:
+        torch.set_num_threads(threads)
+    result = run_generate(prompt, source=source, target=target, aligner=aligner, max_new_tokens=max_new_tokens,
+                          stop=[stop] if isinstance(stop, str) else stop or (), sampling=Sampling(temperature, top_k, top_p, seed),
+                          reuse_cache=reuse_cache, compare=compare, dtype=dtype)
+    print(f"{len(result.token_ids)} tokens, {result.tokens_per_second:.1f} tokens/s, stop: {result.stop_reason}; "
+          f"source KV cache reused {result.cache_reused}x, recomputed {result.recomputed}x", file=sys.stderr)
+
+
+def evaluate_generation(
+    *,
+    source: str,
+    target: str,
+    public: str = "movie-dialog",
+    public_limit: int | None = 2000,
+    max_length: int = 64,
+    estimator: str = "ridge",
+    eval_texts: int | None = 100,
+    prompts: list[str] | None = None,
+    max_new_tokens: int = 20,
+    seed: int = 0,
+    threads: int | None = None,
+    out: str = "runs/generation",
+) -> None:
+    """Fit a source→target map on paired token positions of the public set; score next-token agreement
+    and generation on held-out texts; write metrics.json, metrics.md and the map export (OUT/export).
+
+    Args:
+        source: model that reads.
+        target: model whose LM head writes.
+        public: public texts; every paired token position is a training pair.
+        public_limit: texts of the public set to use (10% choose λ, 10% are held out for the metrics).
+        max_length: truncation length in tokens.
+        estimator: ridge (λ chosen on held-out texts), lstsq, procrustes or scaled_procrustes.
+        eval_texts: held-out texts scored for next-token agreement.
+        prompts: prompts for the generation samples and perplexity (default: starts of held-out texts).
+        max_new_tokens: tokens generated per prompt.
+        seed: split seed.
+        threads: torch threads.
+        out: output directory.
+    """
+    from lightning_modules.generation import GenerationEvalConfig, evaluate_generation as run, markdown_report
+
+    _quiet()
+    cfg = GenerationEvalConfig(source=source, target=target, public=public, public_limit=public_limit,
+                               max_length=max_length, estimator=estimator, eval_texts=eval_texts, prompts=prompts,
+                               max_new_tokens=max_new_tokens, seed=seed, threads=threads)
+    results = run(cfg, out=out)
+    print(markdown_report(results))
+    print(f"wrote {Path(out) / 'metrics.json'}, {Path(out) / 'metrics.md'} and the map export {Path(out) / 'export'}")
+
+
 def export(
     *,
     aligner: str,
@@ -313,6 +405,8 @@ COMMANDS = {
     "extract": extract,
     "evaluate": evaluate,
     "evaluate_ood": evaluate_ood,
+    "evaluate_generation": evaluate_generation,
+    "generate": generate,
     "export": export,
     "serve": serve,
     "query": query,

@@ -81,3 +81,14 @@ print(f"client-side OOD check on logits: {ood['detector']} > {ood['threshold']:.
 for text, score, flag in zip(texts, scores, flags):
     print(f"  {'OOD' if flag else 'in '}  {score:+.3f}  {text}")
 PY
+
+stage "7. cross-model generation: a map on paired token positions, the target's LM head writes"
+GEN_PUBLIC=${GEN_PUBLIC:-movie-dialog:1200+bbc:200}
+PROMPTS='["The capital of France is", "Once upon a time, a little girl", "My favourite food is"]'
+for pair in "smollm2 gemma3" "gemma3 smollm2"; do
+  set -- $pair
+  xsilo evaluate_generation --source $1 --target $2 --public "$GEN_PUBLIC" --max_length 64 \
+    --prompts "$PROMPTS" --threads "$THREADS" --out "$RUN/generation/$1-$2"
+  xsilo generate --source $1 --target $2 --aligner "$RUN/generation/$1-$2" --max_new_tokens 24 \
+    --compare true --threads "$THREADS" "Once upon a time, a little girl"
+done

@@ -73,14 +73,14 @@ def test_aligner_task_loss_finetunes_through_the_frozen_head(tmp_path):
     x_s = (x_t - 100.0) @ torch.linalg.inv(w).T  # source states: a linear transform of the target's
     x_s = x_s + 0.3 * torch.randn(x_s.shape, generator=g)
     pairs = TensorDataModule(x_s, x_t, batch_size=64)
-    closed = AffineAligner(12, 12, lambdas=[1e-2], finetune_loss="task", classifier=str(ckpt))
+    # A heavily shrunk ridge start leaves room that only the task loss can recover.
+    closed = AffineAligner(12, 12, lambdas=[10.0], finetune_loss="task", classifier=str(ckpt))
     trainer().fit(closed, pairs)
-    tuned = AffineAligner(12, 12, lambdas=[1e-2], finetune_loss="task", classifier=str(ckpt), lr=1e-3)
+    torch.manual_seed(0)
+    tuned = AffineAligner(12, 12, lambdas=[10.0], finetune_loss="task", classifier=str(ckpt), lr=1e-3)
     trainer(max_epochs=10).fit(tuned, pairs)
     xv, yv = pairs.parts["val"]
-    frozen = LinearClassifier.load_from_checkpoint(ckpt).eval()
-    with torch.no_grad():
-        agree = lambda m: (frozen(m(xv)).argmax(1) == frozen(yv).argmax(1)).float().mean()  # noqa: E731
-        assert tuned.finetune_loss(xv, yv) < closed.finetune_loss(xv, yv)  # KL to the head on true states
-        assert agree(tuned) >= agree(closed)
+    with torch.no_grad():  # KL to the head's predictions on the true target states
+        assert tuned.finetune_loss(xv, yv) < 0.95 * closed.finetune_loss(xv, yv)
     assert not any(p.requires_grad for p in tuned._head.parameters())  # the head stayed frozen
+    assert not any(k.startswith("_head") for k in tuned.state_dict())  # and is not saved with the map
