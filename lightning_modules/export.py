@@ -14,7 +14,6 @@ safetensors and json, so a server loads an export with no training code.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -26,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from datamodules.assets import sha256_file
+
 MANIFEST = "manifest.json"
 FORMAT = "xsilo-export"
 FORMAT_VERSION = 1
@@ -34,14 +35,6 @@ PARTS = ("fused", "map", "head")
 
 class ExportError(ValueError):
     """An export is missing, tampered with or does not match what it is used with."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --- reading (numpy only) ---------------------------------------------------------------
@@ -87,7 +80,7 @@ def verify_file(directory: Path, manifest: dict[str, Any], filename: str) -> Pat
         raise ExportError(f"{filename} is not listed in {directory / MANIFEST}; re-run `xsilo export`")
     if not path.is_file():
         raise ExportError(f"{path} is missing; re-run `xsilo export`")
-    if _sha256(path) != record["sha256"]:
+    if sha256_file(path) != record["sha256"]:
         raise ExportError(f"{path} does not match its sha256 in {MANIFEST}: the file was modified or "
                           "corrupted; re-run `xsilo export` or restore the original file")
     return path
@@ -189,7 +182,7 @@ def write_export(
             (tmp / f"{name}.onnx").write_bytes(gemm_onnx(w, b).SerializeToString())
             for suffix in (".safetensors", ".onnx"):
                 file = tmp / f"{name}{suffix}"
-                files[file.name] = {"sha256": _sha256(file), "bytes": file.stat().st_size}
+                files[file.name] = {"sha256": sha256_file(file), "bytes": file.stat().st_size}
         manifest = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
@@ -237,7 +230,7 @@ def export_checkpoints(aligner_ckpt: str | Path, classifier_ckpt: str | Path, ou
             raise ExportError(f"checkpoint {path} does not exist")
     for role, path in (("aligner", aligner_ckpt), ("classifier", classifier_ckpt)):
         expected = (ood or {}).get("checkpoints", {}).get(role)
-        if expected is not None and _sha256(Path(path)) != expected:
+        if expected is not None and sha256_file(Path(path)) != expected:
             raise ExportError(f"the OOD thresholds were calibrated with another {role} than {path}; export the "
                               "checkpoints written by the same `xsilo evaluate_ood` run, or re-run it")
     aligner = AffineAligner.load_from_checkpoint(aligner_ckpt, map_location="cpu")

@@ -20,7 +20,6 @@ positive class. Thresholds are calibrated on ID validation states at 95% TPR; th
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import shutil
 import tempfile
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.functional.classification import binary_auroc, binary_average_precision, binary_roc
 
+from datamodules.assets import sha256_file
 from datamodules.cache import StateCache, atomic_write_bytes, atomic_write_json
 from datamodules.extraction import ResolvedExtraction, cache_hit, extract, resolve
 from datamodules.states import LabelledStatesDataModule, PairedStatesDataModule
@@ -231,10 +231,6 @@ def cached_states(job: ResolvedExtraction, threads: int | None) -> Tensor:
     return torch.from_numpy(StateCache(job.directory).all())
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def load_ood_sets(cfg: OODConfig, task: dict[str, LabelledStatesDataModule]
                   ) -> tuple[dict[str, dict[str, Tensor]], dict[str, int]]:
     """OOD states per set and role (target, source), without texts that also occur in the task.
@@ -289,10 +285,6 @@ def score_view(features: Callable[[dict[str, Tensor]], Tensor], detectors: dict[
     return ViewScores(thresholds, accuracy, scores(h_test), {n: scores(features(s)) for n, s in ood.items()})
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def evaluate_ood(cfg: OODConfig, out: str | Path | None = None) -> dict[str, Any]:
     """Detector × {native, mapped} metrics for each OOD set; writes ood.json, ood.md, the
     checkpoints and ood-threshold.json (for `xsilo export --ood`) into `out`."""
@@ -334,7 +326,7 @@ def evaluate_ood(cfg: OODConfig, out: str | Path | None = None) -> dict[str, Any
         export_ood = {"detector": cfg.export_detector, "threshold": mapped[cfg.export_detector],
                       "tpr": cfg.threshold_tpr, "all": {n: mapped[n] for n in LOGIT_DETECTORS},
                       "calibrated_on": f"{cfg.task} validation rows mapped {cfg.source} -> {cfg.target} head",
-                      "checkpoints": {"aligner": _sha256(work / "aligner.ckpt"), "classifier": _sha256(head_ckpt)}}
+                      "checkpoints": {"aligner": sha256_file(work / "aligner.ckpt"), "classifier": sha256_file(head_ckpt)}}
         results = {
             "config": {**asdict(cfg), "lambdas": list(cfg.lambdas), "ood": list(cfg.ood)},
             "pair": f"{cfg.source} -> {cfg.target}",
