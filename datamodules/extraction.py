@@ -12,6 +12,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -414,7 +415,10 @@ def extract(
                             callbacks=[writer], logger=False, enable_checkpointing=False,
                             enable_progress_bar=progress, enable_model_summary=False,
                             use_distributed_sampler=False, inference_mode=True)
-        trainer.predict(module, return_predictions=False)
+        with warnings.catch_warnings():
+            # FixedBatches yields every pending row exactly once; Lightning cannot know that.
+            warnings.filterwarnings("ignore", message=".*custom batch sampler.*")
+            trainer.predict(module, return_predictions=False)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()
         if trainer.global_rank != 0:

@@ -16,9 +16,15 @@ LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
 def _quiet() -> None:
+    """Commands that are not LightningCLI print results, not library chatter."""
+    import logging
+    import warnings
+
     import datasets
     import transformers
 
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
