@@ -37,7 +37,7 @@ xsilo evaluate --source smollm2 --target gemma3 --task bbc --public movie-dialog
 
 stage "4. export: map and head fused into one linear layer"
 xsilo export --aligner "$RUN/bbc/aligner.ckpt" --classifier "$RUN/bbc/classifier-target.ckpt" \
-  --metrics "$RUN/bbc/metrics.json" --out "$RUN/export" --overwrite
+  --metrics "$RUN/bbc/metrics.json" --out "$RUN/export" --overwrite true
 python - "$RUN/export" <<'PY'
 import sys
 import numpy as np
@@ -65,7 +65,7 @@ xsilo evaluate_ood --source smollm2 --target gemma3 --task vader-movies --task_l
   --ood "[vader-tweets,vader-nyt,vader-amazon,trec]" --ood_limit "${OOD_ROWS:-500}" \
   --public movie-dialog --public_limit "$PUBLIC_ROWS" --threads "$THREADS" --out "$RUN/ood"
 xsilo export --aligner "$RUN/ood/aligner.ckpt" --classifier "$RUN/ood/classifier-target.ckpt" \
-  --ood "$RUN/ood/ood-threshold.json" --out "$RUN/export-ood" --overwrite
+  --ood "$RUN/ood/ood-threshold.json" --out "$RUN/export-ood" --overwrite true
 python - "$RUN/export-ood" <<'PY'
 import sys
 from datamodules.extraction import StateEncoder
