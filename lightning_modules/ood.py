@@ -189,6 +189,23 @@ def detection_metrics(id_scores: Tensor, ood_scores: Tensor) -> dict[str, float]
             "aupr": float(binary_average_precision(preds, target))}
 
 
+def roc_points(id_scores: Tensor, ood_scores: Tensor, points: int = 101) -> dict[str, list[float]]:
+    """The ROC curve (OOD positive) at `points` evenly spaced false-positive rates, for plots:
+    tpr[i] is the highest TPR any threshold reaches with FPR <= fpr[i]."""
+    id_scores = _checked(id_scores.reshape(-1, 1), "ID scores").flatten()
+    ood_scores = _checked(ood_scores.reshape(-1, 1), "OOD scores").flatten()
+    scores, order = torch.sort(torch.cat([id_scores, ood_scores]), descending=True, stable=True)
+    is_ood = (order >= len(id_scores)).to(F64)
+    last = torch.ones(len(scores), dtype=torch.bool)  # the last row of each run of tied scores
+    last[:-1] = scores[1:] != scores[:-1]
+    zero = torch.zeros(1, dtype=F64)
+    tpr = torch.cat([zero, is_ood.cumsum(0)[last] / len(ood_scores)])
+    fpr = torch.cat([zero, (1 - is_ood).cumsum(0)[last] / len(id_scores)])
+    grid = torch.linspace(0, 1, points, dtype=F64)
+    at = torch.searchsorted(fpr, grid, right=True) - 1  # fpr grows as the threshold falls
+    return {"fpr": [round(v, 6) for v in grid.tolist()], "tpr": [round(v, 6) for v in tpr[at.clamp_min(0)].tolist()]}
+
+
 def flagged(scores: Tensor, threshold: float) -> float:
     """Share of inputs a threshold flags as OOD (score > threshold)."""
     return float((scores > threshold).to(F64).mean())
@@ -342,6 +359,8 @@ def evaluate_ood(cfg: OODConfig, out: str | Path | None = None) -> dict[str, Any
             "id_test_flagged": {view: {det: flagged(v.id_test[det], v.thresholds[det]) for det in DETECTORS}
                                 for view, v in scored.items()},
             "ood": per_set,
+            "roc": {name: {det: {view: roc_points(v.id_test[det], v.ood[name][det]) for view, v in scored.items()}
+                           for det in DETECTORS} for name in ood},
             "export_ood": export_ood,
         }
         if out is not None:

@@ -1,7 +1,8 @@
 """Demo check: send test texts to a running server one encrypted query at a time, and compare the decrypted
 predictions with the plaintext pipeline.
 
-    python -m serve.demo_check --url http://127.0.0.1:8765 --export runs/demo/export --data bbc --n 100
+    python -m serve.demo_check --url http://127.0.0.1:8765 --export runs/demo/export --data bbc --n 100 \
+        --out runs/demo/serve.json
 
 The texts are the first N rows of the task's test split (the stratified split `xsilo evaluate` uses).
 The plaintext reference loads the export's weights locally: only this check does that; a real client
@@ -14,6 +15,7 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -56,6 +58,7 @@ def main() -> None:
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--threads", type=int, default=1, help="torch threads for extraction")
     parser.add_argument("--wait-s", type=float, default=120.0, help="how long to wait for the server to start")
+    parser.add_argument("--out", default=None, help="also write the JSON result to this file (atomically)")
     args = parser.parse_args()
 
     import torch
@@ -95,6 +98,11 @@ def main() -> None:
     print("latency per query, median: " + ", ".join(f"{k[:-3]} {v:.1f} ms" for k, v in medians.items())
           + f"; p90 total {p90:.1f} ms")
     print(json.dumps(figures))
+    if args.out:
+        from datamodules.cache import atomic_write_json
+
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(Path(args.out), figures)
     if agree != len(texts):
         sys.exit(1)
 
