@@ -304,6 +304,68 @@ def evaluate_generation(
     print(f"wrote {Path(out) / 'metrics.json'}, {Path(out) / 'metrics.md'} and the map export {Path(out) / 'export'}")
 
 
+def study(
+    *,
+    models: list[str],
+    tasks: list[str],
+    public: str = "movie-dialog",
+    public_limit: int | None = 4000,
+    task_limit: int | None = None,
+    ood: list[str] | None = None,
+    ood_limit: int | None = 500,
+    ood_detector: str = "energy",
+    max_length: int = 128,
+    estimator: str = "ridge",
+    classifier_epochs: int = 200,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    threads: int | None = None,
+    out: str = "runs/study",
+) -> None:
+    """Every ordered pair of models: alignment, mapped accuracy and OOD drops per task, with bootstrap intervals.
+
+    Writes study.json, study.md and one N×N heatmap PNG per metric. Cached states are reused and each
+    (model, task) classifier is fitted once, so adding a model costs that model's extraction.
+
+    Args:
+        models: two or more models (registry names, folders or hub ids): --models smollm2 gemma3 minilm.
+        tasks: labelled datasets: --tasks bbc vader-movies.
+        public: shared public dataset for fitting each map.
+        public_limit: rows of the public set to use.
+        task_limit: keep N rows of each task (a seeded random sample).
+        ood: out-of-distribution datasets; none skips OOD.
+        ood_limit: keep N rows of each OOD set.
+        ood_detector: msp, max_logit, energy, mahalanobis or knn: the detector whose AUROC is reported.
+        max_length: truncation length in tokens.
+        estimator: ridge, lstsq, procrustes or scaled_procrustes.
+        classifier_epochs: maximum epochs per classifier (early stopping on val_loss).
+        bootstrap: resamples of the test rows for the 95% intervals.
+        seed: split, training and bootstrap seed.
+        threads: torch threads.
+        out: output directory.
+    """
+    from lightning_modules.study import StudyConfig, run_study
+
+    _quiet()
+    cfg = StudyConfig(models=models, tasks=tasks, public=public, public_limit=public_limit, task_limit=task_limit,
+                      ood=ood or (), ood_limit=ood_limit, ood_detector=ood_detector, max_length=max_length,
+                      estimator=estimator, classifier_epochs=classifier_epochs, bootstrap=bootstrap, seed=seed,
+                      threads=threads)
+    results = run_study(cfg, out=out)
+    print(f"wrote {Path(out) / 'study.json'}, {Path(out) / 'study.md'} and {len(results['heatmaps'])} heatmaps")
+
+
+def report(*, run: str = "runs/demo") -> None:
+    """Write RUN/report.md with PNG plots from the demo's JSON results; stages that did not run are noted.
+
+    Args:
+        run: the demo's run folder ($RUN in scripts/demo.sh).
+    """
+    from lightning_modules.report import write_demo_report
+
+    print(write_demo_report(run))
+
+
 def export(
     *,
     aligner: str,
@@ -413,10 +475,29 @@ COMMANDS = {
     "evaluate_ood": evaluate_ood,
     "evaluate_generation": evaluate_generation,
     "generate": generate,
+    "study": study,
+    "report": report,
     "export": export,
     "serve": serve,
     "query": query,
 }
+
+
+def _word_lists(argv: list[str], options: tuple[str, ...]) -> list[str]:
+    """`--models a b c` → `--models ["a", "b", "c"]`: jsonargparse takes one value per option."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        out.append(argv[i])
+        j = i + 1
+        while argv[i] in options and j < len(argv) and not argv[j].startswith("-"):
+            j += 1
+        if j > i + 1 and not argv[i + 1].startswith("["):
+            out.append(json.dumps(argv[i + 1:j]))
+            i = j
+        else:
+            i += 1
+    return out
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -424,8 +505,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from datamodules.cache import CacheError
     from lightning_modules.export import ExportError
     from lightning_modules.ood import OODError
+    from lightning_modules.report import ReportError
 
-    return (AssetError, CacheError, ExportError, OODError)
+    return (AssetError, CacheError, ExportError, OODError, ReportError)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -439,8 +521,9 @@ def main(argv: list[str] | None = None) -> None:
         from jsonargparse import CLI
 
         if argv[:2] == ["assets", "prepare"] and len(argv) > 2 and not argv[2].startswith("-"):
-            # `xsilo assets prepare a b` reads better than jsonargparse's `--names [a,b]`.
-            argv = argv[:2] + ["--names", json.dumps(argv[2:])]
+            argv = _word_lists(argv[:2] + ["--names"] + argv[2:], ("--names",))
+        if argv[:1] == ["study"]:
+            argv = _word_lists(argv, ("--models", "--tasks", "--ood"))
         CLI(COMMANDS, args=argv, prog="xsilo")
     except _user_errors() as e:
         print(f"error: {e}", file=sys.stderr)

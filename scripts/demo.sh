@@ -55,7 +55,8 @@ PORT=${PORT:-8765}
 xsilo serve --export "$RUN/export" --port "$PORT" --log_level warning > "$RUN/serve.log" 2>&1 &
 SERVER_PID=$!
 trap 'kill $SERVER_PID 2>/dev/null || true' EXIT
-python -m serve.demo_check --url "http://127.0.0.1:$PORT" --export "$RUN/export" --data bbc --n 100 --threads "$THREADS"
+python -m serve.demo_check --url "http://127.0.0.1:$PORT" --export "$RUN/export" --data bbc --n 100 --threads "$THREADS" \
+  --out "$RUN/serve.json"
 xsilo query --server "http://127.0.0.1:$PORT" --text "Shares in the bank rose after record profits" --threads "$THREADS"
 kill $SERVER_PID && wait $SERVER_PID 2>/dev/null || true
 trap - EXIT
@@ -92,3 +93,6 @@ for pair in "smollm2 gemma3" "gemma3 smollm2"; do
   xsilo generate --source $1 --target $2 --aligner "$RUN/generation/$1-$2" --max_new_tokens 24 \
     --compare true --threads "$THREADS" "Once upon a time, a little girl"
 done
+
+stage "8. report: plots and every figure above, each traced to its JSON file and key"
+xsilo report --run "$RUN"
