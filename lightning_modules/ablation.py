@@ -1,0 +1,595 @@
+"""One-factor-at-a-time ablation of the alignment recipe on one model pair and one task.
+
+From a base recipe (public-set mix and size, pooling and layer, standardisation, estimator and ridge λ,
+gradient fine-tuning of the map) each factor is varied on its own; every setting reports mapped accuracy
+through the target's head with its bootstrap interval, the drop from native (paired interval), a null map,
+alignment on held-out public rows and on the task's test texts (source and target states of the same
+texts), and with OOD sets the mapped AUROC of one detector and its drop from native.
+
+Public sets come from `build_public_set` (the task's validation and test texts are always excluded, and
+so are those of `exclude_tasks`; OOD sets are excluded entirely) and their states from `prefill_states`:
+rows already cached for the same texts are reused, and a setting that needs more new forward passes than
+`max_extract` per (model, dataset) is reported as skipped instead of run. The (model, task, view)
+classifiers and detectors are fitted once (the study's `Study.native`) and read by every setting.
+Outputs: ablation.json, ablation.md and ablation.png.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+from datamodules.assets import AssetError
+from datamodules.cache import atomic_write_bytes, atomic_write_json
+from datamodules.extraction import ExtractionConfig, resolve
+from datamodules.public_set import (ExtractionBudgetError, build_public_set, cached_texts, parse_mix, prefill_states,
+                                    read_manifest)
+from datamodules.states import PairedStatesDataModule
+from datamodules.text import load_texts
+from lightning_modules.aligner import AffineAligner
+from lightning_modules.evaluate import PairConfig, null_map, split_rows
+from lightning_modules.metrics import alignment_report
+from lightning_modules.report import _figure, save_png, short_name
+from lightning_modules.solvers import DEFAULT_LAMBDAS
+from lightning_modules.study import Native, Study, StudyConfig
+
+FACTORS = ("size", "mix", "view", "standardize", "estimator", "finetune", "seed")
+ESTIMATORS = ("lstsq", "procrustes", "scaled_procrustes")
+FINETUNE_LOSSES = ("mse", "cosine", "task")
+
+
+class AblationError(AssetError):
+    """Bad ablation input; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One alignment recipe: what the map is fitted on and how.
+
+    `mix`/`size` define the public set; `pooling`/`layer` the states (None: the model's default pooling);
+    `target_layer` None is `layer`; `lam` None picks ridge λ on held-out public rows from the path; `finetune` None is closed form only.
+    """
+
+    mix: str = "movie-dialog:1"
+    size: int | None = 4000
+    pooling: str | None = None
+    layer: int = -1
+    target_layer: int | None = None
+    standardize: bool = False
+    estimator: str = "ridge"
+    lam: float | None = None
+    finetune: str | None = None
+    public_seed: int = 0
+
+    def describe(self, factor: str) -> str:
+        if factor == "size":
+            return "all eligible rows" if self.size is None else f"{self.size} rows"
+        if factor == "mix":
+            return self.mix
+        if factor == "view":
+            layers = self.layer if self.target_layer in (None, self.layer) else f"{self.layer}/{self.target_layer}"
+            return f"{self.pooling or 'default'} pooling, layer {layers}"
+        if factor == "standardize":
+            return "standardised" if self.standardize else "centred only"
+        if factor == "estimator":
+            return self.estimator + (f" λ={self.lam:g}" if self.lam is not None else
+                                     " λ chosen on held-out rows" if self.estimator == "ridge" else "")
+        if factor == "finetune":
+            return f"+ {self.finetune} fine-tuning" if self.finetune else "closed form"
+        if factor == "seed":
+            return f"public-set sample seed {self.public_seed}"
+        return "base"
+
+
+def parse_view(text: str) -> tuple[str | None, int, int | None]:
+    """`"mean@-1"` → ("mean", -1, None); `"last@15/9"` → ("last", 15, 9): source layer 15, target layer 9;
+    `"@12"` → (None, 12, None): the models' default pooling."""
+    pooling, _, layers = text.partition("@")
+    first, _, second = layers.partition("/")
+    try:
+        return (pooling or None), (int(first) if first else -1), (int(second) if second else None)
+    except ValueError:
+        raise AblationError(f"a view is POOLING@LAYER or POOLING@SOURCE_LAYER/TARGET_LAYER, e.g. mean@-1 or "
+                            f"last@15/9; got {text!r}") from None
+
+
+@dataclass
+class AblationConfig:
+    """The pair, the task, the base recipe and the values each factor takes."""
+
+    source: str = "smollm2"
+    target: str = "gemma3"
+    task: str = "bbc"
+    task_limit: int | None = None
+    base: Recipe = field(default_factory=Recipe)
+    factors: Sequence[str] = FACTORS
+    sizes: Sequence[int | None] = (1000, 4000, 16000, 64000)
+    mixes: Sequence[str] = ()
+    views: Sequence[str] = ("mean@-1",)
+    view_task_limit: int | None = None
+    view_size: int | None = None
+    lambdas: Sequence[float] = DEFAULT_LAMBDAS
+    estimators: Sequence[str] = ESTIMATORS
+    finetune: Sequence[str] = ("mse", "task")
+    public_seeds: Sequence[int] = (1, 2)
+    finetune_epochs: int = 30
+    finetune_lr: float = 1e-3
+    finetune_batch_size: int = 256
+    exclude_tasks: Sequence[str] = ()
+    ood: Sequence[str] = ()
+    ood_limit: int | None = 500
+    ood_detector: str = "mahalanobis"
+    max_extract: int | None = 0
+    bootstrap: int = 1000
+    confidence: float = 0.95
+    max_length: int = 128
+    classifier_epochs: int = 200
+    classifier_lr: float = 1e-2
+    classifier_weight_decay: float = 1e-3
+    seed: int = 0
+    extract_batch_size: int = 16
+    threads: int | None = None
+
+    def validate(self) -> None:
+        unknown = sorted(set(self.factors) - set(FACTORS))
+        if unknown:
+            raise AblationError(f"unknown factors {unknown}; choose from {list(FACTORS)}")
+        bad = sorted(set(self.estimators) - set(ESTIMATORS) - {"ridge"})
+        if bad:
+            raise AblationError(f"unknown estimators {bad}; choose from ridge, {', '.join(ESTIMATORS)}")
+        bad = sorted(set(self.finetune) - set(FINETUNE_LOSSES))
+        if bad:
+            raise AblationError(f"unknown fine-tuning losses {bad}; choose from {list(FINETUNE_LOSSES)}")
+        for view in self.views:
+            parse_view(view)
+        for mix in (self.base.mix, *self.mixes):
+            parse_mix(mix)
+
+    def task_spec(self, limit: int | None) -> str:
+        return self.task if limit is None else f"{self.task}@{limit}"
+
+    def default_mixes(self) -> list[str]:
+        """Dialog only, dialog with the task's own training texts (labels dropped), the task's texts only."""
+        return [self.base.mix, f"movie-dialog:0.7,{self.task}:0.3", f"{self.task}:1",
+                f"movie-dialog:0.5,{self.task}:0.5"]
+
+
+@dataclass
+class Setting:
+    factor: str
+    value: str
+    recipe: Recipe
+    task_limit: int | None
+
+
+class Ablation:
+    """Runs the settings; natives (head + detector per model, task and view) and public sets are reused."""
+
+    def __init__(self, cfg: AblationConfig, work: Path):
+        self.cfg, self.work = cfg, work
+        self.studies: dict[tuple, Study] = {}
+        self.natives: dict[tuple, tuple[Native, dict[str, Any], Path]] = {}
+        self.public: dict[tuple, Path] = {}
+        self.done: dict[tuple, dict[str, Any]] = {}
+        self.fits = {"classifiers": 0, "aligners": 0, "public_sets": 0, "forward_passes": 0}
+        self.ci = dict(n_resamples=cfg.bootstrap, seed=cfg.seed, confidence=cfg.confidence)
+
+    # -- settings ------------------------------------------------------------------------------
+
+    def settings(self) -> list[Setting]:
+        cfg, base = self.cfg, self.cfg.base
+        out = [Setting("base", "base recipe", base, cfg.task_limit)]
+        for factor in cfg.factors:
+            if factor == "size":
+                out += [Setting(factor, "", replace(base, size=s), cfg.task_limit) for s in cfg.sizes]
+            elif factor == "mix":
+                out += [Setting(factor, "", replace(base, mix=m), cfg.task_limit)
+                        for m in (cfg.mixes or cfg.default_mixes())]
+            elif factor == "view":
+                views = [(base.pooling, base.layer, base.target_layer), *map(parse_view, cfg.views)]
+                size = cfg.view_size if cfg.view_size is not None else base.size
+                for pooling, layer, target_layer in dict.fromkeys(views):
+                    out.append(Setting(factor, "", replace(base, pooling=pooling, layer=layer,
+                                                           target_layer=target_layer, size=size),
+                                       cfg.view_task_limit if cfg.view_task_limit is not None else cfg.task_limit))
+            elif factor == "standardize":
+                out += [Setting(factor, "", replace(base, standardize=s), cfg.task_limit) for s in (False, True)]
+            elif factor == "estimator":
+                rows = [replace(base, estimator="ridge", lam=None)]
+                rows += [replace(base, estimator="ridge", lam=lam) for lam in cfg.lambdas]
+                rows += [replace(base, estimator=e, lam=None) for e in cfg.estimators if e != "ridge"]
+                out += [Setting(factor, "", r, cfg.task_limit) for r in rows]
+            elif factor == "finetune":
+                out += [Setting(factor, "", replace(base, finetune=f), cfg.task_limit) for f in (None, *cfg.finetune)]
+            elif factor == "seed":
+                seeds = dict.fromkeys([base.public_seed, *cfg.public_seeds])
+                out += [Setting(factor, "", replace(base, public_seed=s), cfg.task_limit) for s in seeds]
+        for s in out:
+            s.value = s.value or s.recipe.describe(s.factor)
+        return out
+
+    # -- reused pieces ---------------------------------------------------------------------------
+
+    def public_set(self, recipe: Recipe, views: bool = False) -> Path:
+        """The public set for a (mix, size, seed): the task's held-out texts and the OOD sets never in it; rows
+        with cached states of the base view drawn first. For the view factor (`views`), texts of the task sample
+        it uses (whose states every view needs anyway) are drawn first instead of the task's other cached texts."""
+        cfg = self.cfg
+        key = (recipe.mix, recipe.size, recipe.public_seed, views)
+        if key not in self.public:
+            prefer = self._cached_texts()
+            if views:
+                limit = cfg.view_task_limit if cfg.view_task_limit is not None else cfg.task_limit
+                task_texts = set(load_texts(cfg.task, limit=None)["text"])
+                prefer = (prefer - task_texts) | set(load_texts(cfg.task, limit=limit)["text"])
+            tasks = list(dict.fromkeys([cfg.task_spec(cfg.task_limit), *cfg.exclude_tasks]))
+            if cfg.view_task_limit is not None:
+                tasks.append(cfg.task_spec(cfg.view_task_limit))
+            self.public[key] = build_public_set(
+                mix=recipe.mix, size=recipe.size, exclude_tasks=tasks,
+                exclude_datasets=list(cfg.ood),
+                seed=recipe.public_seed, prefer=prefer, out=None)
+            self.fits["public_sets"] += 1
+        return self.public[key]
+
+    def _cached_texts(self) -> set[str]:
+        if not hasattr(self, "_cached"):
+            base = self.cfg.base
+            self._cached = cached_texts([self.cfg.source, self.cfg.target], base.pooling, base.layer,
+                                        self.cfg.max_length)
+        return self._cached
+
+    def prefill(self, config: ExtractionConfig) -> None:
+        result = prefill_states(config, max_extract=self.cfg.max_extract, threads=self.cfg.threads)
+        self.fits["forward_passes"] += result.extracted
+
+    def layer(self, model: str, recipe: Recipe, role: str) -> int:
+        return recipe.target_layer if role == "target" and recipe.target_layer is not None else recipe.layer
+
+    def native(self, role: str, recipe: Recipe, task_limit: int | None) -> tuple[Native, dict[str, Any], Path]:
+        """The (model, task, view) head and detector, fitted once; also its checkpoint (for task fine-tuning)."""
+        cfg = self.cfg
+        model = cfg.source if role == "source" else cfg.target
+        layer = self.layer(model, recipe, role)
+        key = (model, recipe.pooling, layer, task_limit)
+        if key in self.natives:
+            return self.natives[key]
+        base_view = (recipe.pooling, layer) == (cfg.base.pooling, self.layer(model, cfg.base, role))
+        self.prefill(ExtractionConfig(model=model, data=cfg.task, limit=task_limit, pooling=recipe.pooling,
+                                      layer=layer, max_length=cfg.max_length, batch_size=cfg.extract_batch_size))
+        for name in (cfg.ood if base_view else ()):
+            self.prefill(ExtractionConfig(model=model, data=name, limit=cfg.ood_limit, pooling=recipe.pooling,
+                                          layer=layer, max_length=cfg.max_length, batch_size=cfg.extract_batch_size))
+        skey = key[1:]
+        if skey not in self.studies:
+            scfg = StudyConfig(models=[cfg.source, cfg.target], tasks=[cfg.task], task_limit=task_limit,
+                               ood=list(cfg.ood) if base_view else [], ood_limit=cfg.ood_limit,
+                               ood_detector=cfg.ood_detector, bootstrap=cfg.bootstrap, confidence=cfg.confidence,
+                               max_length=cfg.max_length, classifier_epochs=cfg.classifier_epochs,
+                               classifier_lr=cfg.classifier_lr, classifier_weight_decay=cfg.classifier_weight_decay,
+                               seed=cfg.seed, extract_batch_size=cfg.extract_batch_size, threads=cfg.threads)
+            study = Study(scfg, self.work / f"view-{len(self.studies)}")
+            study.common = {**study.common, "pooling": recipe.pooling, "layer": layer}
+            self.studies[skey] = study
+        study = self.studies[skey]
+        index = study.fits["classifiers"]
+        native, result = study.native(model, cfg.task)
+        self.fits["classifiers"] += 1
+        checkpoint = next((study.work / f"head-{index}").glob("*.ckpt"))
+        self.natives[key] = (native, result, checkpoint)
+        return self.natives[key]
+
+    def extract_views(self, settings: list[Setting]) -> None:
+        """Every view the settings need that no cache holds, for all views at once: one forward pass per text."""
+        cfg = self.cfg
+        wanted: dict[tuple, set] = {}
+        for s in settings:
+            for role, model in (("source", cfg.source), ("target", cfg.target)):
+                view = (s.recipe.pooling, self.layer(model, s.recipe, role))
+                wanted.setdefault((model, cfg.task, s.task_limit, "label"), set()).add(view)
+                try:
+                    path = self.public_set(s.recipe, views=True)
+                except AssetError:
+                    continue
+                wanted.setdefault((model, str(path), None, None), set()).add(view)
+        for (model, data, limit, label_column), views in wanted.items():
+            if len(views) > 1:
+                self.fits["forward_passes"] += extract_views(
+                    model, data, sorted(views, key=str), limit=limit, label_column=label_column,
+                    max_length=cfg.max_length, batch_size=cfg.extract_batch_size, threads=cfg.threads,
+                    max_extract=cfg.max_extract)
+
+    # -- one setting -----------------------------------------------------------------------------
+
+    def fit_map(self, public: PairedStatesDataModule, recipe: Recipe, head_checkpoint: Path) -> AffineAligner:
+        cfg = self.cfg
+        lambdas = [recipe.lam] if recipe.lam is not None else list(cfg.lambdas)
+        model = AffineAligner(public.input_dim, public.output_dim, estimator=recipe.estimator, lambdas=lambdas,
+                              center=True, standardize=recipe.standardize,
+                              finetune_loss=recipe.finetune or "mse",
+                              classifier=str(head_checkpoint) if recipe.finetune == "task" else None,
+                              lr=cfg.finetune_lr)
+        L.seed_everything(cfg.seed, verbose=False)
+        if recipe.finetune is None:
+            trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+                                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+            trainer.fit(model, public)
+            return model
+        root = self.work / f"finetune-{self.fits['aligners']}"
+        best = ModelCheckpoint(dirpath=root, monitor="val_loss", mode="min", save_top_k=1)
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1 + cfg.finetune_epochs, logger=False,
+                            callbacks=[EarlyStopping("val_loss", patience=5), best], enable_progress_bar=False,
+                            enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=str(root))
+        trainer.fit(model, public)
+        tuned = AffineAligner.load_from_checkpoint(best.best_model_path, map_location="cpu").eval()
+        tuned.lambda_path = model.lambda_path
+        object.__setattr__(tuned, "epochs_run", trainer.current_epoch)
+        return tuned
+
+    def run_setting(self, setting: Setting) -> dict[str, Any]:
+        cfg, recipe = self.cfg, setting.recipe
+        key = (recipe, setting.task_limit, setting.factor == "view")
+        if key in self.done:
+            return self.done[key]
+        t0 = time.perf_counter()
+        try:
+            path = self.public_set(recipe, views=setting.factor == "view")
+            for role, model in (("source", cfg.source), ("target", cfg.target)):
+                self.prefill(ExtractionConfig(model=model, data=str(path), pooling=recipe.pooling,
+                                              layer=self.layer(model, recipe, role), max_length=cfg.max_length,
+                                              label_column=None, batch_size=cfg.extract_batch_size))
+            src, src_result, _ = self.native("source", recipe, setting.task_limit)
+            tgt, tgt_result, tgt_ckpt = self.native("target", recipe, setting.task_limit)
+        except ExtractionBudgetError as e:
+            result = {"status": "skipped", "reason": f"{e} (max_extract={cfg.max_extract})",
+                      "missing_texts": e.missing}
+            self.done[key] = result
+            return result
+        public = PairedStatesDataModule(source=cfg.source, target=cfg.target, data=str(path), limit=None,
+                                        source_pooling=recipe.pooling, target_pooling=recipe.pooling,
+                                        source_layer=self.layer(cfg.source, recipe, "source"),
+                                        target_layer=self.layer(cfg.target, recipe, "target"),
+                                        max_length=cfg.max_length, seed=cfg.seed,
+                                        batch_size=cfg.finetune_batch_size if recipe.finetune else 1024,
+                                        extract_batch_size=cfg.extract_batch_size)
+        public.prepare_data()
+        aligner = self.fit_map(public, recipe, tgt_ckpt)
+        self.fits["aligners"] += 1
+        lam = float(aligner.chosen_lambda) if recipe.estimator == "ridge" else 0.0
+        pcfg = PairConfig(source=cfg.source, target=cfg.target, task=cfg.task, estimator=recipe.estimator,
+                          center=True, standardize=recipe.standardize, seed=cfg.seed)
+        public.setup("fit")
+        study = self.studies[(recipe.pooling, self.layer(cfg.target, recipe, "target"), setting.task_limit)]
+        with torch.no_grad():
+            mapped = study._mapped(aligner, null_map(public, pcfg, lam), src, tgt)
+            x_val, y_val = split_rows(public, "val")
+            on_public = alignment_report(aligner(x_val).double(), y_val.double(), source=x_val.double(), k=10,
+                                         seed=cfg.seed)
+            on_task = alignment_report(aligner(src.test).double(), tgt.test.double(), source=src.test.double(),
+                                       k=10, seed=cfg.seed)
+        manifest = read_manifest(path)
+        result = {
+            "status": "ok",
+            "public": {"file": str(path), "rows": manifest["rows"], "mix_actual": manifest["mix_actual"],
+                       "train": len(public.splits["train"]), "heldout": len(x_val),
+                       "fingerprint": manifest["fingerprint"]},
+            "native_target": tgt_result["accuracy"],
+            "native_target_ci": tgt_result["accuracy_ci"],
+            "native_source": src_result["accuracy"],
+            "chosen_lambda": lam if recipe.estimator == "ridge" else None,
+            "lambda_path": {str(k): v for k, v in getattr(aligner, "lambda_path", {}).items()},
+            **mapped,
+            "alignment_public": on_public,
+            "alignment_task_test": on_task,
+            "seconds": time.perf_counter() - t0,
+        }
+        if recipe.finetune:
+            result["finetune_epochs_run"] = getattr(aligner, "epochs_run", None)
+        if "ood" in tgt_result and "ood" in mapped:
+            for name, values in mapped["ood"].items():
+                values["native_auroc"] = tgt_result["ood"][name]["auroc"]
+        self.done[key] = result
+        return result
+
+    def run(self, progress=None) -> dict[str, Any]:
+        cfg = self.cfg
+        rows = []
+        settings = self.settings()
+        try:
+            self.extract_views([s for s in settings if s.factor == "view"])
+        except ExtractionBudgetError:
+            pass  # each view setting then reports itself as skipped
+        for setting in settings:
+            result = self.run_setting(setting)
+            rows.append({"factor": setting.factor, "value": setting.value, "recipe": asdict(setting.recipe),
+                         "task_limit": setting.task_limit, **result})
+            if progress:
+                progress(rows[-1])
+        natives = {f"{m} {p or 'default'}@{layer} limit={lim}": {k: v for k, v in r.items()}
+                   for (m, p, layer, lim), (_, r, _) in self.natives.items()}
+        return {"config": _jsonable(asdict(cfg)), "pair": f"{cfg.source} -> {cfg.target}", "task": cfg.task,
+                "native": natives, "fits": dict(self.fits), "settings": rows}
+
+
+def extract_views(model: str, data: str, views: Sequence[tuple[str | None, int]], *, limit: int | None = None,
+                  label_column: str | None = "label", max_length: int = 128, dtype: str = "float32",
+                  batch_size: int = 16, threads: int | None = None, max_extract: int | None = None) -> int:
+    """Cache several (pooling, layer) views of one dataset with ONE forward pass per text that no cache of a
+    view holds; returns the number of texts run. Rows cached for the same texts are reused (`prefill_states`).
+
+    The new rows go into ordinary caches of a dataset of those texts (under $XSILO_HOME/public/_extra/), and
+    each view's cache is then assembled, so every DataModule finds it as a hit. Raises ExtractionBudgetError
+    when more than `max_extract` texts would be run.
+    """
+    import hashlib
+    import json
+
+    from transformers import AutoModel
+
+    from datamodules.assets import xsilo_home
+    from datamodules.cache import atomic_save_npy, atomic_write_bytes, ensure_writable, shard_name
+    from datamodules.extraction import DTYPES, _finalise, cache_hit, load_tokenizer, pool, shard_ranges
+    from datamodules.public_set import cached_text_index
+
+    configs = [ExtractionConfig(model=model, data=data, pooling=p, layer=layer, limit=limit, max_length=max_length,
+                                dtype=dtype, batch_size=batch_size, label_column=label_column) for p, layer in views]
+    todo, missing = [], {}
+    for config in configs:
+        job = resolve(config)
+        if cache_hit(job.directory):
+            continue
+        index = cached_text_index(asdict(job.key), skip=job.directory)
+        todo.append(config)
+        missing.update(dict.fromkeys(t for t in job.texts if t not in index))
+    texts = list(missing)
+    if texts:
+        if max_extract is not None and len(texts) > max_extract:
+            raise ExtractionBudgetError(f"{len(texts)} texts of {data!r} need new {model} states for views "
+                                        f"{[(c.pooling, c.layer) for c in todo]}; at most {max_extract} may be "
+                                        "extracted", len(texts))
+        body = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts).encode()
+        extra = xsilo_home() / "public" / "_extra" / f"{hashlib.sha256(body).hexdigest()[:16]}.jsonl"
+        extra.parent.mkdir(parents=True, exist_ok=True)
+        if not extra.is_file():
+            atomic_write_bytes(extra, body)
+        jobs = [resolve(dataclasses.replace(c, data=str(extra), limit=None, label_column=None)) for c in todo]
+        if threads:
+            torch.set_num_threads(threads)
+        tokenizer = load_tokenizer(jobs[0].model_path)
+        encoder = AutoModel.from_pretrained(jobs[0].model_path, dtype=DTYPES[dtype]).eval().requires_grad_(False)
+        n_layers = encoder.config.get_text_config().num_hidden_layers
+        out = [np.zeros((len(texts), job.hidden_size), np.float32) for job in jobs]
+        order = sorted(range(len(texts)), key=lambda i: (-len(texts[i]), i))
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                rows = order[start:start + batch_size]
+                enc = tokenizer([texts[i] for i in rows], padding=True, truncation=True, max_length=max_length,
+                                return_tensors="pt")
+                result = encoder(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                                 output_hidden_states=True)
+                for array, job in zip(out, jobs):
+                    final = job.config.layer in (-1, n_layers)  # as `pooled_states`: the final, normed layer
+                    hidden = result.last_hidden_state if final else result.hidden_states[job.config.layer]
+                    array[rows] = pool(hidden, enc["attention_mask"], job.pooling).float().numpy()
+        for array, job in zip(out, jobs):
+            ensure_writable(job.directory)
+            shards = shard_ranges(len(texts), 2048)
+            for i, (a, b) in enumerate(shards):
+                atomic_save_npy(job.directory / shard_name(i), array[a:b])
+            _finalise(job, shards)
+    for config in todo:
+        prefill_states(config, max_extract=0)
+    return len(texts)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+# --- report -----------------------------------------------------------------------------------
+
+def _f(x: float | None, digits: int = 3) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def markdown_report(results: dict[str, Any]) -> str:
+    cfg = results["config"]
+    level = f"{cfg['confidence']:.0%}"
+    lines = [f"# Ablation: {results['pair']} on {results['task']}", "",
+             f"Base recipe: {cfg['base']}. Each factor varies alone. Task split: stratified 70/15/15, seed "
+             f"{cfg['seed']}" + (f", {cfg['task_limit']} rows" if cfg["task_limit"] else "") +
+             f". Intervals: {level} bootstrap over test rows ({cfg['bootstrap']} resamples; drops paired). "
+             f"Public sets never hold the task's validation/test texts" +
+             (f" nor the OOD sets ({', '.join(cfg['ood'])})" if cfg["ood"] else "") + ".",
+             f"Fitted: {results['fits']['classifiers']} classifiers, {results['fits']['aligners']} maps, "
+             f"{results['fits']['public_sets']} public sets; new forward passes: {results['fits']['forward_passes']}.",
+             "", "| native head | accuracy |", "|---|---|"]
+    for name, r in results["native"].items():
+        lines.append(f"| {name} | {_f(r['accuracy'])} [{_f(r['accuracy_ci'][0])}, {_f(r['accuracy_ci'][1])}] |")
+    ood_names = list(cfg["ood"])
+    by_factor: dict[str, list] = {}
+    for row in results["settings"]:
+        by_factor.setdefault(row["factor"], []).append(row)
+    for factor, rows in by_factor.items():
+        head = ["setting", "public rows", "mapped acc", "drop", "null", "native source", "R² public", "CKA public", "R² task test",
+                "CKA task test", "λ"] + [f"AUROC {n} (drop)" for n in ood_names]
+        lines += ["", f"## {factor}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in rows:
+            if r["status"] != "ok":
+                lines.append(f"| {r['value']} | skipped: {r['reason']} |" + " |" * (len(head) - 2))
+                continue
+            m, ap, at = r["mapped"], r["alignment_public"], r["alignment_task_test"]
+            cells = [r["value"] + (f" (task rows {r['task_limit']})" if r["task_limit"] != cfg["task_limit"] else ""),
+                     f"{r['public']['train']}+{r['public']['heldout']}",
+                     f"{_f(m['accuracy'])} [{_f(m['accuracy_ci'][0])}, {_f(m['accuracy_ci'][1])}]",
+                     f"{r['mapped_drop']:+.3f} [{r['mapped_drop_ci'][0]:+.3f}, {r['mapped_drop_ci'][1]:+.3f}]",
+                     _f(r["null_map"]["accuracy"]), _f(r["native_source"]), _f(ap["r2"]), _f(ap["cka"]), _f(at["r2"]), _f(at["cka"]),
+                     f"{r['chosen_lambda']:g}" if r.get("chosen_lambda") else "–"]
+            for n in ood_names:
+                o = r.get("ood", {}).get(n)
+                cells.append(f"{_f(o['auroc'])} ({o['auroc_drop']:+.3f})" if o else "–")
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, Any], path: Path) -> Path:
+    """One panel per factor: mapped accuracy per setting (bars, with intervals), native and null lines."""
+    by_factor: dict[str, list] = {}
+    for row in results["settings"]:
+        if row["factor"] != "base":
+            by_factor.setdefault(row["factor"], []).append(row)
+    panels = list(by_factor.items()) or [("base", [r for r in results["settings"]])]
+    fig = _figure(6.5, 1.2 + 2.2 * len(panels))
+    axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
+    for ax, (factor, rows) in zip(axes, panels):
+        labels = [r["value"][:38] for r in rows]
+        acc = [r["mapped"]["accuracy"] if r["status"] == "ok" else 0.0 for r in rows]
+        err = [[a - r["mapped"]["accuracy_ci"][0] if r["status"] == "ok" else 0 for a, r in zip(acc, rows)],
+               [r["mapped"]["accuracy_ci"][1] - a if r["status"] == "ok" else 0 for a, r in zip(acc, rows)]]
+        y = np.arange(len(rows))
+        ax.barh(y, acc, xerr=err, color=["#4c72b0" if r["status"] == "ok" else "#dddddd" for r in rows])
+        for i, r in enumerate(rows):
+            if r["status"] == "ok":
+                ax.plot([r["native_target"]] * 2, [i - 0.4, i + 0.4], color="black", lw=1.5)
+                ax.plot([r["null_map"]["accuracy"]] * 2, [i - 0.4, i + 0.4], color="#c44e52", lw=1, ls=":")
+            else:
+                ax.text(0.01, i, "skipped (extraction budget)", va="center", fontsize=7)
+        ax.set_yticks(y, labels, fontsize=7)
+        ax.set_xlim(0, 1)
+        ax.set_title(f"{factor}: mapped accuracy (black: native target, red dotted: null map)", fontsize=9)
+    return save_png(fig, path)
+
+
+def run_ablation(cfg: AblationConfig, out: str | Path | None = None, progress=None) -> dict[str, Any]:
+    """The ablation; with `out`, writes ablation.json, ablation.md and ablation.png there."""
+    cfg.validate()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    work = Path(tempfile.mkdtemp(prefix="xsilo-ablation-"))
+    try:
+        results = Ablation(cfg, work).run(progress)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "ablation.json", results)
+        atomic_write_bytes(out / "ablation.md", markdown_report(results).encode())
+        plot(results, out / "ablation.png")
+        results["files"] = [str(out / f) for f in ("ablation.json", "ablation.md", "ablation.png")]
+    return results
