@@ -40,7 +40,7 @@ from datamodules.text import load_texts
 from lightning_modules.aligner import AffineAligner
 from lightning_modules.evaluate import PairConfig, null_map, split_rows
 from lightning_modules.metrics import alignment_report
-from lightning_modules.report import _figure, save_png, short_name
+from lightning_modules.report import _figure, _title, save_png, short_name
 from lightning_modules.solvers import DEFAULT_LAMBDAS
 from lightning_modules.study import Native, Study, StudyConfig
 
@@ -119,6 +119,7 @@ class AblationConfig:
     views: Sequence[str] = ("mean@-1",)
     view_task_limit: int | None = None
     view_size: int | None = None
+    view_ood: bool = False
     lambdas: Sequence[float] = DEFAULT_LAMBDAS
     estimators: Sequence[str] = ESTIMATORS
     finetune: Sequence[str] = ("mse", "task")
@@ -268,13 +269,14 @@ class Ablation:
         base_view = (recipe.pooling, layer) == (cfg.base.pooling, self.layer(model, cfg.base, role))
         self.prefill(ExtractionConfig(model=model, data=cfg.task, limit=task_limit, pooling=recipe.pooling,
                                       layer=layer, max_length=cfg.max_length, batch_size=cfg.extract_batch_size))
-        for name in (cfg.ood if base_view else ()):
+        with_ood = base_view or cfg.view_ood
+        for name in (cfg.ood if with_ood else ()):
             self.prefill(ExtractionConfig(model=model, data=name, limit=cfg.ood_limit, pooling=recipe.pooling,
                                           layer=layer, max_length=cfg.max_length, batch_size=cfg.extract_batch_size))
         skey = key[1:]
         if skey not in self.studies:
             scfg = StudyConfig(models=[cfg.source, cfg.target], tasks=[cfg.task], task_limit=task_limit,
-                               ood=list(cfg.ood) if base_view else [], ood_limit=cfg.ood_limit,
+                               ood=list(cfg.ood) if with_ood else [], ood_limit=cfg.ood_limit,
                                ood_detector=cfg.ood_detector, bootstrap=cfg.bootstrap, confidence=cfg.confidence,
                                max_length=cfg.max_length, classifier_epochs=cfg.classifier_epochs,
                                classifier_lr=cfg.classifier_lr, classifier_weight_decay=cfg.classifier_weight_decay,
@@ -298,6 +300,8 @@ class Ablation:
             for role, model in (("source", cfg.source), ("target", cfg.target)):
                 view = (s.recipe.pooling, self.layer(model, s.recipe, role))
                 wanted.setdefault((model, cfg.task, s.task_limit, "label"), set()).add(view)
+                for name in (cfg.ood if cfg.view_ood else ()):
+                    wanted.setdefault((model, name, cfg.ood_limit, "label"), set()).add(view)
                 try:
                     path = self.public_set(s.recipe, views=True)
                 except AssetError:
@@ -510,14 +514,18 @@ def _f(x: float | None, digits: int = 3) -> str:
 def markdown_report(results: dict[str, Any]) -> str:
     cfg = results["config"]
     level = f"{cfg['confidence']:.0%}"
+    base = ", ".join(f"{k}={v}" for k, v in cfg["base"].items())
     lines = [f"# Ablation: {results['pair']} on {results['task']}", "",
-             f"Base recipe: {cfg['base']}. Each factor varies alone. Task split: stratified 70/15/15, seed "
+             f"Base recipe: {base}. Each factor varies alone. Task split: stratified 70/15/15, seed "
              f"{cfg['seed']}" + (f", {cfg['task_limit']} rows" if cfg["task_limit"] else "") +
              f". Intervals: {level} bootstrap over test rows ({cfg['bootstrap']} resamples; drops paired). "
              f"Public sets never hold the task's validation/test texts" +
              (f" nor the OOD sets ({', '.join(cfg['ood'])})" if cfg["ood"] else "") + ".",
              f"Fitted: {results['fits']['classifiers']} classifiers, {results['fits']['aligners']} maps, "
              f"{results['fits']['public_sets']} public sets; new forward passes: {results['fits']['forward_passes']}.",
+             "'native source' is the source's own linear head: an affine map followed by the target's linear head is "
+             "itself a linear head on source states, so it is roughly the ceiling of mapped accuracy. R²/CKA 'task "
+             "test': mapped vs true target states of the task's test texts.",
              "", "| native head | accuracy |", "|---|---|"]
     for name, r in results["native"].items():
         lines.append(f"| {name} | {_f(r['accuracy'])} [{_f(r['accuracy_ci'][0])}, {_f(r['accuracy_ci'][1])}] |")
@@ -562,16 +570,18 @@ def plot(results: dict[str, Any], path: Path) -> Path:
         err = [[a - r["mapped"]["accuracy_ci"][0] if r["status"] == "ok" else 0 for a, r in zip(acc, rows)],
                [r["mapped"]["accuracy_ci"][1] - a if r["status"] == "ok" else 0 for a, r in zip(acc, rows)]]
         y = np.arange(len(rows))
-        ax.barh(y, acc, xerr=err, color=["#4c72b0" if r["status"] == "ok" else "#dddddd" for r in rows])
+        ax.barh(y, acc, xerr=err, zorder=2, color=["#4c72b0" if r["status"] == "ok" else "#dddddd" for r in rows])
         for i, r in enumerate(rows):
             if r["status"] == "ok":
-                ax.plot([r["native_target"]] * 2, [i - 0.4, i + 0.4], color="black", lw=1.5)
-                ax.plot([r["null_map"]["accuracy"]] * 2, [i - 0.4, i + 0.4], color="#c44e52", lw=1, ls=":")
+                ax.plot([r["native_target"]] * 2, [i - 0.4, i + 0.4], color="black", lw=1.5, zorder=3)
+                ax.plot([r["null_map"]["accuracy"]] * 2, [i - 0.4, i + 0.4], color="#c44e52", lw=1.5, zorder=3)
             else:
                 ax.text(0.01, i, "skipped (extraction budget)", va="center", fontsize=7)
         ax.set_yticks(y, labels, fontsize=7)
         ax.set_xlim(0, 1)
-        ax.set_title(f"{factor}: mapped accuracy (black: native target, red dotted: null map)", fontsize=9)
+        ax.set_title(factor, fontsize=9)
+    fig.suptitle(_title(6.5, f"{results['pair']} on {short_name(results['task'])}: mapped accuracy (bars, 95% "
+                             "interval); black: native target, red: null map"), fontsize=9)
     return save_png(fig, path)
 
 

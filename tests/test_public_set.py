@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -173,3 +174,19 @@ def test_prefill_reuses_cached_rows_and_extracts_only_new_texts(tmp_path, tiny_m
     assert (result.reused, result.extracted) == (5, 1)
     fresh = StateEncoder(model)(["a brand new line"])
     assert torch.allclose(torch.from_numpy(StateCache(result.path).rows([5])), torch.from_numpy(fresh), atol=1e-5)
+
+
+def test_public_set_configs_name_builder_arguments():
+    import inspect
+
+    import yaml
+
+    allowed = set(inspect.signature(build_public_set).parameters) | {"name", "models", "threads"}
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs" / "public").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        config = yaml.safe_load(path.read_text())
+        assert set(config) <= allowed, path
+        mix = parse_mix(config["mix"])
+        assert set(mix) <= set(config["sources"]) and sum(mix.values()) == pytest.approx(1)
+        assert {parse_task(t)[0] for t in config["exclude_tasks"]} >= set(config["sources"]) - {"movie-dialog"}
