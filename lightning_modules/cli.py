@@ -120,7 +120,7 @@ def evaluate(
     max_length: int = 128,
     estimator: str = "ridge",
     center: bool = True,
-    standardize: bool = False,
+    standardize: bool = True,
     classifier_epochs: int = 200,
     seed: int = 0,
     threads: int | None = None,
@@ -166,6 +166,7 @@ def evaluate_ood(
     ood_limit: int | None = 500,
     max_length: int = 128,
     estimator: str = "ridge",
+    standardize: bool = True,
     knn_k: int = 50,
     mahalanobis_shrinkage: float = 1e-2,
     threshold_tpr: float = 0.95,
@@ -190,6 +191,7 @@ def evaluate_ood(
         ood_limit: keep N rows of each OOD set (a seeded random sample).
         max_length: truncation length in tokens.
         estimator: ridge, lstsq, procrustes or scaled_procrustes.
+        standardize: z-score states before solving the map.
         knn_k: neighbours for the cosine kNN detector.
         mahalanobis_shrinkage: shrinkage of the shared covariance towards a scaled identity.
         threshold_tpr: share of ID validation inputs kept at or below each threshold.
@@ -203,7 +205,7 @@ def evaluate_ood(
 
     _quiet()
     cfg = OODConfig(source=source, target=target, task=task, ood=ood, public=public, public_limit=public_limit,
-                    task_limit=task_limit, ood_limit=ood_limit, max_length=max_length, estimator=estimator,
+                    task_limit=task_limit, ood_limit=ood_limit, max_length=max_length, estimator=estimator, standardize=standardize,
                     knn_k=knn_k, mahalanobis_shrinkage=mahalanobis_shrinkage, threshold_tpr=threshold_tpr,
                     export_detector=export_detector, classifier_epochs=classifier_epochs, seed=seed,
                     threads=threads)
@@ -366,6 +368,164 @@ def report(*, run: str = "runs/demo") -> None:
     print(write_demo_report(run))
 
 
+def public_set_build(
+    *,
+    sources: list[str] | None = None,
+    mix: str | None = None,
+    size: int | None = None,
+    exclude_tasks: list[str] | None = None,
+    exclude_datasets: list[str] | None = None,
+    name: str | None = None,
+    models: list[str] | None = None,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    split_seed: int = 0,
+    seed: int = 0,
+    text_column: str = "text",
+    strict: bool = False,
+    threads: int | None = None,
+) -> None:
+    """Compose the shared public set from unlabelled sources; it never holds a task's validation or test texts.
+
+    Writes $XSILO_HOME/public/NAME/NAME.jsonl and manifest.json and prints the .jsonl path: pass it as
+    --public to evaluate, evaluate_ood or study (or as data: in configs/data/public.yaml).
+
+    Args:
+        sources: datasets to draw from (registry names, local .csv/.jsonl/.txt files, hub ids); labels are dropped.
+        mix: domain weights, e.g. movie-dialog:0.5,bbc:0.5 (names not in --sources are added).
+        size: rows in the set (default: every eligible row; with a mix, the largest set that meets it).
+        exclude_tasks: tasks whose validation and test texts are removed, as NAME or NAME@LIMIT (the task_limit
+            the task is evaluated with); labelled sources are always added.
+        exclude_datasets: datasets whose every text is removed (e.g. OOD test sets).
+        name: the set's name under $XSILO_HOME/public/ (or a folder path); default public-<fingerprint>.
+        models: fill these models' state caches from rows already cached for the same texts (rows cached for
+            all of them are drawn first); only texts no cache holds run through a model.
+        val_fraction: the tasks' validation fraction.
+        test_fraction: the tasks' test fraction.
+        split_seed: the tasks' split seed.
+        seed: sampling seed.
+        text_column: text column of file and hub sources.
+        strict: fail instead of redistributing when the size or mix cannot be met.
+        threads: torch threads for any extraction.
+    """
+    from datamodules.extraction import ExtractionConfig
+    from datamodules.public_set import build_public_set, cached_texts, prefill_states, read_manifest
+
+    _quiet()
+    path = build_public_set(sources or (), size=size, mix=mix, exclude_tasks=exclude_tasks, out=name,
+                            exclude_datasets=exclude_datasets or (), val_fraction=val_fraction,
+                            test_fraction=test_fraction, split_seed=split_seed, seed=seed, text_column=text_column,
+                            prefer=cached_texts(models) if models else None, strict=strict)
+    m = read_manifest(path)
+    parts = ", ".join(f"{s['name']} {s['selected']}" for s in m["sources"])
+    print(f"{m['rows']} rows ({parts}); excluded {m['excluded']['rows_total']} held-out/excluded texts of "
+          f"{', '.join(t['task'] for t in m['excluded']['tasks']) or 'no task'}", file=sys.stderr)
+    for model in models or ():
+        r = prefill_states(ExtractionConfig(model=model, data=str(path), label_column=None), threads=threads)
+        print(f"{model}: {'cache hit' if r.hit else f'{r.reused} rows reused, {r.extracted} extracted'}",
+              file=sys.stderr)
+    print(path)
+
+
+def ablate(
+    *,
+    source: str = "smollm2",
+    target: str = "gemma3",
+    task: str = "bbc",
+    task_limit: int | None = None,
+    mix: str = "movie-dialog:1",
+    size: int | None = 4000,
+    pooling: str | None = None,
+    layer: int = -1,
+    target_layer: int | None = None,
+    standardize: bool = False,
+    estimator: str = "ridge",
+    lam: float | None = None,
+    finetune: str | None = None,
+    factors: list[str] | None = None,
+    sizes: list[int] | None = None,
+    mixes: list[str] | None = None,
+    views: list[str] | None = None,
+    view_task_limit: int | None = None,
+    view_size: int | None = None,
+    estimators: list[str] | None = None,
+    finetune_losses: list[str] | None = None,
+    public_seeds: list[int] | None = None,
+    exclude_tasks: list[str] | None = None,
+    ood: list[str] | None = None,
+    ood_limit: int | None = 500,
+    ood_detector: str = "mahalanobis",
+    max_extract: int | None = 0,
+    bootstrap: int = 1000,
+    max_length: int = 128,
+    classifier_epochs: int = 200,
+    seed: int = 0,
+    threads: int | None = None,
+    out: str = "runs/ablation",
+) -> None:
+    """Vary each factor of the alignment recipe alone from a base recipe; mapped accuracy, drop from native,
+    alignment and OOD AUROC per setting. Writes ablation.json, ablation.md and ablation.png.
+
+    Args:
+        source: client model.
+        target: server model whose head reads the mapped states.
+        task: labelled dataset.
+        task_limit: keep N task rows (a seeded random sample).
+        mix: base public-set mix, e.g. movie-dialog:0.5,bbc:0.5 (the task's val/test texts are always excluded).
+        size: base public-set rows.
+        pooling: base pooling (default: the models' own, last token for causal LMs).
+        layer: base layer (-1: final).
+        target_layer: the target's layer when it differs from the source's.
+        standardize: base: z-score states before solving.
+        estimator: base estimator: ridge, lstsq, procrustes or scaled_procrustes.
+        lam: base ridge λ (default: chosen on held-out public rows).
+        finetune: base gradient fine-tuning loss: mse, cosine or task (default: closed form only).
+        factors: factors to vary: size, mix, view, standardize, estimator, finetune, seed (default: all).
+        sizes: public-set sizes (default 1000 4000 16000 64000).
+        mixes: public-set mixes (default: dialog, dialog + the task's training texts, the task's texts only).
+        views: POOLING@LAYER or POOLING@SOURCE_LAYER/TARGET_LAYER, e.g. mean@-1 last@15/9 (default mean@-1).
+        view_task_limit: task rows for the view factor (new views need new forward passes).
+        view_size: public rows for the view factor.
+        estimators: estimators besides the ridge λ path (default lstsq procrustes scaled_procrustes).
+        finetune_losses: fine-tuning losses to try (default mse task).
+        public_seeds: public-set sampling seeds besides the base one (default 1 2).
+        exclude_tasks: other tasks whose val/test texts stay out of every public set (NAME or NAME@LIMIT).
+        ood: OOD datasets (excluded from every public set); AUROC of --ood_detector per setting.
+        ood_limit: rows per OOD set.
+        ood_detector: msp, max_logit, energy, mahalanobis or knn.
+        max_extract: new forward passes allowed per (model, dataset); settings needing more are reported as
+            skipped (states already cached for the same texts are reused for free).
+        bootstrap: resamples for the 95% intervals.
+        max_length: truncation length in tokens.
+        classifier_epochs: maximum epochs per classifier.
+        seed: split, training and bootstrap seed.
+        threads: torch threads.
+        out: output directory.
+    """
+    from lightning_modules.ablation import FACTORS, AblationConfig, Recipe, run_ablation
+
+    _quiet()
+    defaults = AblationConfig()
+    cfg = AblationConfig(
+        source=source, target=target, task=task, task_limit=task_limit,
+        base=Recipe(mix=mix, size=size, pooling=pooling, layer=layer, target_layer=target_layer,
+                    standardize=standardize, estimator=estimator, lam=lam, finetune=finetune),
+        factors=factors or FACTORS, sizes=sizes or defaults.sizes, mixes=mixes or (), views=views or defaults.views,
+        view_task_limit=view_task_limit, view_size=view_size, estimators=estimators or defaults.estimators,
+        finetune=finetune_losses or defaults.finetune, public_seeds=public_seeds or defaults.public_seeds,
+        exclude_tasks=exclude_tasks or (), ood=ood or (), ood_limit=ood_limit, ood_detector=ood_detector,
+        max_extract=max_extract, bootstrap=bootstrap, max_length=max_length, classifier_epochs=classifier_epochs,
+        seed=seed, threads=threads)
+
+    def progress(row: dict) -> None:
+        text = (f"{row['mapped']['accuracy']:.3f} (drop {row['mapped_drop']:+.3f})" if row["status"] == "ok"
+                else f"skipped: {row['reason']}")
+        print(f"{row['factor']:<12} {row['value']:<45} {text}", file=sys.stderr)
+
+    results = run_ablation(cfg, out=out, progress=progress)
+    print(f"wrote {', '.join(results['files'])}")
+
+
 def export(
     *,
     aligner: str,
@@ -477,6 +637,8 @@ COMMANDS = {
     "generate": generate,
     "study": study,
     "report": report,
+    "ablate": ablate,
+    "public-set": {"build": public_set_build},
     "export": export,
     "serve": serve,
     "query": query,
@@ -524,6 +686,11 @@ def main(argv: list[str] | None = None) -> None:
             argv = _word_lists(argv[:2] + ["--names"] + argv[2:], ("--names",))
         if argv[:1] == ["study"]:
             argv = _word_lists(argv, ("--models", "--tasks", "--ood"))
+        if argv[:2] == ["public-set", "build"]:
+            argv = _word_lists(argv, ("--sources", "--exclude_tasks", "--exclude_datasets", "--models"))
+        if argv[:1] == ["ablate"]:
+            argv = _word_lists(argv, ("--factors", "--sizes", "--mixes", "--views", "--estimators",
+                                      "--finetune_losses", "--public_seeds", "--exclude_tasks", "--ood"))
         CLI(COMMANDS, args=argv, prog="xsilo")
     except _user_errors() as e:
         print(f"error: {e}", file=sys.stderr)

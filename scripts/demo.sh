@@ -32,8 +32,10 @@ for model in ("smollm2", "gemma3"):
 PY
 
 stage "3. fit SmolLM2 -> Gemma-3 on the public set, classifiers on BBC, evaluation table"
-xsilo evaluate --source smollm2 --target gemma3 --task bbc --public movie-dialog \
-  --public_limit "$PUBLIC_ROWS" --threads "$THREADS" --out "$RUN/bbc"
+# The public set: half dialog, half BBC *training* texts (labels dropped); BBC's val/test never enter it.
+PUBLIC=$(xsilo public-set build --config configs/public/bbc.yaml --threads "$THREADS" | tail -1)
+xsilo evaluate --source smollm2 --target gemma3 --task bbc --public "$PUBLIC" \
+  --public_limit 4000 --standardize true --threads "$THREADS" --out "$RUN/bbc"
 
 stage "4. export: map and head fused into one linear layer"
 xsilo export --aligner "$RUN/bbc/aligner.ckpt" --classifier "$RUN/bbc/classifier-target.ckpt" \
@@ -62,9 +64,10 @@ kill $SERVER_PID && wait $SERVER_PID 2>/dev/null || true
 trap - EXIT
 
 stage "6. OOD detection: VADER movies in-distribution; tweets, NYT, Amazon reviews, TREC out"
-xsilo evaluate_ood --source smollm2 --target gemma3 --task vader-movies --task_limit "${TASK_ROWS:-3000}" \
+VADER_PUBLIC=$(xsilo public-set build --config configs/public/vader-movies.yaml --threads "$THREADS" | tail -1)
+xsilo evaluate_ood --source smollm2 --target gemma3 --task vader-movies --task_limit 3000 \
   --ood "[vader-tweets,vader-nyt,vader-amazon,trec]" --ood_limit "${OOD_ROWS:-500}" \
-  --public movie-dialog --public_limit "$PUBLIC_ROWS" --threads "$THREADS" --out "$RUN/ood"
+  --public "$VADER_PUBLIC" --public_limit 4000 --standardize true --threads "$THREADS" --out "$RUN/ood"
 xsilo export --aligner "$RUN/ood/aligner.ckpt" --classifier "$RUN/ood/classifier-target.ckpt" \
   --ood "$RUN/ood/ood-threshold.json" --out "$RUN/export-ood" --overwrite true
 python - "$RUN/export-ood" <<'PY'
