@@ -8,6 +8,7 @@ litgpt. Imports are lazy so that `xsilo serve` never loads training code.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -662,16 +663,6 @@ def _word_lists(argv: list[str], options: tuple[str, ...]) -> list[str]:
     return out
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from datamodules.assets import AssetError
-    from datamodules.cache import CacheError
-    from lightning_modules.export import ExportError
-    from lightning_modules.ood import OODError
-    from lightning_modules.report import ReportError
-
-    return (AssetError, CacheError, ExportError, OODError, ReportError)
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -692,7 +683,11 @@ def main(argv: list[str] | None = None) -> None:
             argv = _word_lists(argv, ("--factors", "--sizes", "--mixes", "--views", "--estimators",
                                       "--finetune_losses", "--public_seeds", "--exclude_tasks", "--ood"))
         CLI(COMMANDS, args=argv, prog="xsilo")
-    except _user_errors() as e:
+    except ValueError as e:
+        # Every xsilo check of user input (assets, caches, exports, configs, ciphertexts) raises a
+        # ValueError whose message names the problem and the fix. XSILO_DEBUG=1 shows the traceback.
+        if os.environ.get("XSILO_DEBUG"):
+            raise
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:

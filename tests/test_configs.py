@@ -74,3 +74,15 @@ def test_fit_aligner_and_classifier_from_configs(tiny_models, tmp_path):
     ])
     assert cli.model.hparams.output_dim == 3 and cli.model.hparams.label_names == ["c0", "c1", "c2"]
     assert cli.trainer.callback_metrics["val_acc"] >= 0
+
+
+def test_cli_prints_bad_configuration_as_one_line(tiny_models, tmp_path, capsys):
+    from lightning_modules.cli import main
+
+    data = write_tiny_csv(tmp_path / "task.csv", n=60)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--source", str(tiny_models["llama"]), "--target", str(tiny_models["gpt2"]),
+              "--task", str(data), "--public", str(data), "--estimator", "pca", "--out", str(tmp_path / "o")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: unknown estimator 'pca'" in err and "Traceback" not in err
