@@ -94,9 +94,11 @@ def atomic_save_npy(path: Path, array: np.ndarray) -> str:
         atomic_write_bytes(path.with_suffix(".sha256"), digest.encode())
         os.replace(tmp, path)
         return digest
-    except OSError as e:
+    except BaseException as e:  # a signal mid-write must not leave the temp file behind either
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if not isinstance(e, OSError):
+            raise
         raise CacheError(
             f"could not write {path}: {e.strerror or e}; free disk space or choose another cache "
             "directory (XSILO_HOME), then rerun: finished shards are kept and the run resumes"

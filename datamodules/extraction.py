@@ -39,6 +39,8 @@ from datamodules.cache import (
     shard_name,
     valid_shard,
 )
+from datamodules.progress import ProgressLines, is_terminal
+from datamodules.signals import Stopped, stop_on_signals
 from datamodules.text import dataset_fingerprint, label_names, load_texts
 
 Pooling = Literal["mean", "last", "first"]
@@ -410,15 +412,25 @@ def extract(
         module = HiddenStateExtractor(job.model_path, job.texts, [shards[i] for i in pending],
                                       job.pooling, config.layer, config.max_length, config.dtype,
                                       config.batch_size, threads)
-        writer = ShardWriter(directory, shards, job.hidden_size)
+        callbacks = [ShardWriter(directory, shards, job.hidden_size)]
+        bar = progress and is_terminal()
+        if progress and not bar:  # a log or a pipe: plain periodic lines instead of a bar
+            rows = sum(shards[i][1] - shards[i][0] for i in pending)
+            callbacks.append(ProgressLines(f"extract {config.model} {config.data}:{config.split}", rows))
         trainer = L.Trainer(accelerator=accelerator, devices=devices, strategy=strategy,
-                            callbacks=[writer], logger=False, enable_checkpointing=False,
-                            enable_progress_bar=progress, enable_model_summary=False,
+                            callbacks=callbacks, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=bar, enable_model_summary=False,
                             use_distributed_sampler=False, inference_mode=True)
-        with warnings.catch_warnings():
-            # FixedBatches yields every pending row exactly once; Lightning cannot know that.
-            warnings.filterwarnings("ignore", message=".*custom batch sampler.*")
-            trainer.predict(module, return_predictions=False)
+        try:
+            with stop_on_signals(), warnings.catch_warnings():
+                # FixedBatches yields every pending row exactly once; Lightning cannot know that.
+                warnings.filterwarnings("ignore", message=".*custom batch sampler.*")
+                trainer.predict(module, return_predictions=False)
+        except Stopped as stop:
+            kept = sum(valid_shard(directory, i, b - a, job.hidden_size) is not None
+                       for i, (a, b) in enumerate(shards))
+            raise Stopped(stop.signum, f"{kept} of {len(shards)} shard(s) finished in {directory} are kept; "
+                                       "rerun the same command to resume") from None
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()
         if trainer.global_rank != 0:

@@ -81,12 +81,19 @@ class CausalLM:
         return self.tokenizer(text, add_special_tokens=True)["input_ids"]
 
     @torch.inference_mode()
-    def states(self, input_ids: Tensor, attention_mask: Tensor | None = None, past=None, use_cache: bool = True
+    def states(self, input_ids: Tensor, attention_mask: Tensor | None = None, cache=None, use_cache: bool = True
                ) -> tuple[Tensor, object]:
         """Final hidden states (B, T, D) float32 and the KV cache; lm_head(states) are the logits."""
-        out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                    past_key_values=past, use_cache=use_cache)
-        return out.last_hidden_state.float(), out.past_key_values
+        out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache,
+                                    **{self._cache_argument: cache})
+        return out.last_hidden_state.float(), getattr(out, self._cache_argument)
+
+    @cached_property
+    def _cache_argument(self) -> str:
+        """The KV cache's name: `cache` in current transformers (5.x deprecates `past_key_values`)."""
+        import inspect
+
+        return "cache" if "cache" in inspect.signature(self.model.base_model.forward).parameters else "past_key_values"
 
     @torch.inference_mode()
     def logits(self, states: Tensor) -> Tensor:

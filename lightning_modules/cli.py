@@ -73,12 +73,16 @@ def extract(
     text_column: str = "text",
     label_column: str | None = "label",
     cache_dir: str | None = None,
+    shard_size: int = 2048,
     accelerator: str = "cpu",
     devices: int = 1,
     strategy: str = "auto",
     threads: int | None = None,
 ) -> None:
     """Extract pooled hidden states into the cache (or find them there) and print its path.
+
+    Without a terminal it prints a progress line every $XSILO_PROGRESS_S seconds (default 10). SIGTERM or
+    Ctrl-C stops it within a batch; finished shards are kept and the same command resumes from them.
 
     Args:
         model: registry name (minilm, smollm2, gemma3), local checkpoint folder or hub id.
@@ -93,6 +97,7 @@ def extract(
         text_column: text column of a non-registry dataset.
         label_column: label column of a non-registry dataset.
         cache_dir: cache root (default $XSILO_HOME/states).
+        shard_size: rows per shard file (the unit that is kept when a run stops).
         accelerator: cpu, gpu or auto.
         devices: number of devices (DDP when > 1).
         strategy: Lightning strategy, e.g. ddp.
@@ -104,8 +109,10 @@ def extract(
     config = ExtractionConfig(model=model, data=data, split=split, pooling=pooling, layer=layer,
                               max_length=max_length, dtype=dtype, batch_size=batch_size, limit=limit,
                               text_column=text_column, label_column=label_column)
-    result = run_extract(config, cache_root=cache_dir, accelerator=accelerator, devices=devices,
-                         strategy=strategy, threads=threads)
+    if shard_size <= 0:
+        raise ValueError(f"shard_size must be a positive number of rows, got {shard_size}")
+    result = run_extract(config, cache_root=cache_dir, shard_size=shard_size, accelerator=accelerator,
+                         devices=devices, strategy=strategy, threads=threads)
     status = "cache hit" if result.hit else f"computed {result.computed_shards} shard(s)"
     print(f"{status}: {result.n_rows} x {result.dim} in {result.seconds:.1f}s", file=sys.stderr)
     print(result.path)
@@ -665,6 +672,21 @@ def _word_lists(argv: list[str], options: tuple[str, ...]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:  # the server handles its own signals (uvicorn's graceful shutdown)
+        _main(argv)
+        return
+    from datamodules.signals import Stopped, stop_on_signals
+
+    try:
+        with stop_on_signals():
+            _main(argv)
+    except Stopped as e:
+        # SIGTERM or Ctrl-C: every file is written atomically, so what finished is kept and a rerun resumes.
+        print(str(e), file=sys.stderr)
+        raise SystemExit(e.exit_code) from None
+
+
+def _main(argv: list[str]) -> None:
     try:
         if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
             from lightning_modules.lightning_cli import run_lightning_cli

@@ -214,7 +214,7 @@ class Reader:
         else:
             self.recomputed += self.cache is not None
             new, self.cache = ids, None
-        hidden, self.cache = self.lm.states(torch.tensor([new]), past=self.cache)
+        hidden, self.cache = self.lm.states(torch.tensor([new]), cache=self.cache)
         self.ids, self.state = list(ids), hidden[0, -1]
 
     def read_text(self, text: str) -> None:
