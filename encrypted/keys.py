@@ -10,7 +10,7 @@ import tenseal.sealapi as seal
 from . import wire
 from .errors import EncryptedError, InvalidKeys, ParameterMismatch
 from .layout import LinearLayout
-from .profiles import CkksProfile, galois_element, seal_context
+from .profiles import PROFILES, CkksProfile, galois_element, seal_context
 from .wire import Kind
 
 MAX_ROTATION_STEPS = 64
@@ -105,19 +105,24 @@ class ClientKeys:
         return wire.pack(Kind.SECRET_KEYS, self.profile.fingerprint, sections)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "ClientKeys":
+    def from_bytes(cls, data: bytes, expected: LinearLayout | CkksProfile | None = None) -> "ClientKeys":
+        """Load `to_bytes()` output. `expected` (the layout or profile the keys are for) is required unless
+        they use a built-in profile; every section is checked as data before a SEAL object is built."""
         kind, fingerprint, sections = wire.unpack(data, Kind.SECRET_KEYS, InvalidKeys)
         if kind != Kind.SECRET_KEYS:
             raise InvalidKeys(f"expected secret keys (ClientKeys.to_bytes()), got {wire.KIND_NAMES[kind]}")
         grouped = wire.section_map(sections, {b"PROF": (1, 1), b"STEP": (1, 1), b"SECK": (1, 1), b"GALK": (0, 1)},
                                    "secret keys", InvalidKeys)
-        profile, steps = _read_profile_and_steps(grouped, fingerprint, "secret keys")
-        context = profile.context()
-        secret_key = wire.seal_from_bytes(seal.SecretKey(), context, grouped[b"SECK"][0],
-                                          secret_key_max_bytes(profile), "secret key", InvalidKeys)
+        profile, steps = _read_profile_and_steps(grouped, fingerprint, "secret keys", expected)
         galois = bytes(grouped[b"GALK"][0]) if b"GALK" in grouped else b""
         if bool(galois) != bool(steps):
             raise InvalidKeys("secret keys: Galois key section does not match the rotation steps")
+        if galois:
+            wire.check_seal_blob(memoryview(galois), galois_keys_max_bytes(profile, len(steps)), "Galois keys",
+                                 InvalidKeys)
+        wire.check_seal_blob(grouped[b"SECK"][0], secret_key_max_bytes(profile), "secret key", InvalidKeys)
+        secret_key = wire.seal_from_bytes(seal.SecretKey(), profile.context(), grouped[b"SECK"][0],
+                                          secret_key_max_bytes(profile), "secret key", InvalidKeys)
         return cls(profile, steps, secret_key, galois)
 
     def _tool(self, name: str):
@@ -129,17 +134,60 @@ class ClientKeys:
         return self._tools[name]
 
 
-def _read_profile_and_steps(grouped: dict, fingerprint: bytes, what: str) -> tuple[CkksProfile, tuple[int, ...]]:
-    try:
-        profile = CkksProfile.from_dict(wire.load_json(grouped[b"PROF"][0], what, InvalidKeys))
-    except InvalidKeys:
-        raise
-    except EncryptedError as exc:
-        raise InvalidKeys(f"{what}: bad profile section ({exc})") from None
-    if profile.fingerprint != fingerprint:
-        raise InvalidKeys(f"{what}: header fingerprint does not match the profile section (corrupted bytes)")
-    steps = _check_steps(wire.load_json(grouped[b"STEP"][0], what, InvalidKeys), profile, InvalidKeys)
+def _expectation(expected: Any) -> tuple[CkksProfile | None, tuple[int, ...] | None]:
+    """(profile, rotation steps) that key bytes must match: a layout fixes both, a profile only the parameters."""
+    if expected is None:
+        return None, None
+    if isinstance(expected, LinearLayout):
+        return expected.profile, tuple(expected.rotation_steps)
+    if isinstance(expected, CkksProfile):
+        return expected, None
+    raise EncryptedError(f"expected must be a LinearLayout (the layer's layout) or a CkksProfile, "
+                         f"got {type(expected).__name__}")
+
+
+def _read_profile_and_steps(grouped: dict, fingerprint: bytes, what: str,
+                            expected: Any) -> tuple[CkksProfile, tuple[int, ...]]:
+    """The PROF and STEP sections, compared with what the caller expects as plain data.
+
+    The profile returned is always one that code chose (`expected`'s, or a built-in one), never one
+    built from the bytes, so no SEAL context is ever made for parameters a client picked.
+    """
+    want_profile, want_steps = _expectation(expected)
+    if want_profile is not None and fingerprint != want_profile.fingerprint:
+        raise ParameterMismatch(f"{what} were made for other CKKS parameters than profile {want_profile.describe()}; "
+                                "generate them with ClientKeys.generate(layout.profile, layout.rotation_steps)")
+    prof = wire.load_json(grouped[b"PROF"][0], f"{what}: PROF section", InvalidKeys)
+    if want_profile is not None:
+        if prof != want_profile.to_dict():
+            raise ParameterMismatch(f"{what}: PROF section {_summary(prof)} is not the expected profile "
+                                    f"{want_profile.describe()}; generate keys with "
+                                    "ClientKeys.generate(layout.profile, layout.rotation_steps)")
+        profile = want_profile
+    else:
+        profile = next((p for p in PROFILES.values() if p.to_dict() == prof), None)
+        if profile is None:
+            raise ParameterMismatch(f"{what}: PROF section {_summary(prof)} is not a built-in profile "
+                                    f"({sorted(PROFILES)}); pass the layout the keys were made for "
+                                    "(from_bytes(data, layout))")
+        if profile.fingerprint != fingerprint:
+            raise InvalidKeys(f"{what}: header fingerprint does not match the PROF section (corrupted bytes)")
+    steps = _check_steps(wire.load_json(grouped[b"STEP"][0], f"{what}: STEP section", InvalidKeys), profile,
+                         InvalidKeys)
+    if want_steps is not None and steps != want_steps:
+        extra, missing = sorted(set(steps) - set(want_steps)), sorted(set(want_steps) - set(steps))
+        raise InvalidKeys(f"{what}: rotation steps must be exactly the layout's {list(want_steps)} "
+                          f"(extra {extra}, missing {missing}); generate keys with "
+                          "ClientKeys.generate(layout.profile, layout.rotation_steps)")
     return profile, steps
+
+
+def _summary(prof: Any) -> str:
+    """A bounded description of a PROF section read from bytes, for error messages."""
+    if isinstance(prof, dict):
+        n, bits = prof.get("poly_modulus_degree"), prof.get("coeff_modulus_bits")
+        return f"(N={n!r:.20}, primes {bits!r:.120})"
+    return f"({type(prof).__name__}, not a profile object)"
 
 
 @dataclass(frozen=True)
@@ -152,22 +200,20 @@ class PublicKeys:
     nbytes: int
 
     @classmethod
-    def from_bytes(cls, data: bytes, profile: CkksProfile | None = None) -> "PublicKeys":
-        """Parse and check a client's public bytes. A server should pass its `profile`: bytes for other
-        parameters are then refused before any SEAL object is built."""
+    def from_bytes(cls, data: bytes, expected: LinearLayout | CkksProfile | None = None) -> "PublicKeys":
+        """Parse and check a client's public bytes. A server passes the `layout` it serves: the profile and
+        the rotation steps must then equal the layout's, and Galois keys may inflate only to the size of
+        the layout's keys; anything else is refused before SEAL sees it. A `CkksProfile` fixes only the
+        parameters; with neither, only built-in profiles are accepted."""
         kind, fingerprint, sections = wire.unpack(data, Kind.PUBLIC_KEYS, InvalidKeys)
         if kind == Kind.SECRET_KEYS or any(tag == b"SECK" for tag, _ in sections):
             raise InvalidKeys("these bytes carry a secret key, which must never leave the client; "
                               "send ClientKeys.public_bytes() instead and treat this key as compromised")
         if kind != Kind.PUBLIC_KEYS:
             raise InvalidKeys(f"expected public keys (ClientKeys.public_bytes()), got {wire.KIND_NAMES[kind]}")
-        if profile is not None and fingerprint != profile.fingerprint:
-            raise ParameterMismatch(f"public keys were made for other CKKS parameters than profile "
-                                    f"{profile.to_dict()}; generate them with ClientKeys.generate(layout.profile, "
-                                    "layout.rotation_steps)")
         grouped = wire.section_map(sections, {b"PROF": (1, 1), b"STEP": (1, 1), b"GALK": (0, 1)},
                                    "public keys", InvalidKeys)
-        profile, steps = _read_profile_and_steps(grouped, fingerprint, "public keys")
+        profile, steps = _read_profile_and_steps(grouped, fingerprint, "public keys", expected)
         galois_keys = seal.GaloisKeys()
         if steps:
             if b"GALK" not in grouped:
@@ -186,15 +232,19 @@ class PublicKeys:
         return cls(profile, steps, galois_keys, len(data))
 
     def require(self, layout: LinearLayout) -> None:
-        """Raise unless these keys were made for `layout`'s profile and rotation steps."""
+        """Raise unless these keys were made for exactly `layout`'s profile and rotation steps."""
         if self.profile != layout.profile:
-            raise ParameterMismatch(f"public keys use profile {self.profile.to_dict()} but the layer uses "
-                                    f"{layout.profile.to_dict()}; generate keys with layer.layout.profile")
+            raise ParameterMismatch(f"public keys use profile {self.profile.describe()} but the layer uses "
+                                    f"{layout.profile.describe()}; generate keys with layer.layout.profile")
         missing = sorted(set(layout.rotation_steps) - set(self.rotation_steps))
         if missing:
             raise InvalidKeys(f"public keys lack Galois keys for rotation steps {missing}; generate them with "
                               "ClientKeys.generate(layout.profile, layer.rotation_steps)")
+        extra = sorted(set(self.rotation_steps) - set(layout.rotation_steps))
+        if extra:
+            raise InvalidKeys(f"public keys carry Galois keys for rotation steps {extra} that the layer does not "
+                              "use; generate them with ClientKeys.generate(layout.profile, layer.rotation_steps)")
 
 
-def load_public_keys(data: bytes, profile: CkksProfile | None = None) -> PublicKeys:
-    return PublicKeys.from_bytes(data, profile)
+def load_public_keys(data: bytes, expected: LinearLayout | CkksProfile | None = None) -> PublicKeys:
+    return PublicKeys.from_bytes(data, expected)

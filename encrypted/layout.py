@@ -106,15 +106,15 @@ class LinearLayout:
             profile = CkksProfile.from_dict(data["profile"])
             ints = {k: data[k] for k in ("input_dim", "output_dim", "padded_input", "stride", "lanes",
                                          "complex_rows", "block_rows", "blocks", "baby", "giant")}
-            fold = tuple((int(s), int(r)) for s, r in data["fold"])
+            fold = tuple((s, r) for s, r in data["fold"])
             pairing = data["pairing"]
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, InvalidLayout):
                 raise
             raise InvalidLayout(f"layout dict is missing or has malformed fields ({exc!r}); "
                                 "pass exactly what LinearLayout.to_dict() produced") from None
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in ints.values()):
-            raise InvalidLayout(f"layout fields must be ints, got {ints}")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in [*ints.values(), *sum(fold, ())]):
+            raise InvalidLayout(f"layout fields and fold stages must be ints, got {ints}, fold {fold!r:.200}")
         if pairing not in PAIRINGS:
             raise InvalidLayout(f"layout pairing must be one of {PAIRINGS}, got {pairing!r}")
         layout = cls(profile=profile, fold=fold, pairing=pairing, **ints)

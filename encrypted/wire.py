@@ -32,7 +32,8 @@ FORMAT_VERSION = 1
 HEADER = struct.Struct("<4sBBH32s")
 SECTION = struct.Struct("<4sI")
 MAX_SECTIONS = 64
-MAX_JSON_BYTES = 1 << 16
+MAX_JSON_BYTES = 4096  # PROF, STEP and META are each well under 1 kB
+MAX_JSON_DEPTH = 4  # PROF nests 2 levels ({"coeff_modulus_bits": [...]}), STEP and META 1
 
 
 class Kind(enum.IntEnum):
@@ -115,13 +116,61 @@ def dump_json(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
+def _json_depth(payload: bytes) -> int:
+    """Deepest nesting of arrays and objects in JSON text, counted outside strings, in one pass."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in payload:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return deepest
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text[:20]} overflows a float")
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise ValueError("an object repeats a key")
+    return obj
+
+
 def load_json(payload: memoryview, what: str, error: type[Exception]) -> Any:
+    """Parse a JSON section, bounded in size and nesting depth before the parser runs (no recursion errors)."""
     if len(payload) > MAX_JSON_BYTES:
-        raise error(f"{what}: JSON section of {len(payload)} bytes exceeds {MAX_JSON_BYTES}")
+        raise error(f"{what}: JSON section of {len(payload)} bytes exceeds {MAX_JSON_BYTES}; "
+                    "the bytes are corrupt or were not made by this library")
+    text = bytes(payload)
+    # the bracket count bounds the depth, so only a payload with many brackets needs the scan
+    if text.count(b"[") + text.count(b"{") > MAX_JSON_DEPTH and (depth := _json_depth(text)) > MAX_JSON_DEPTH:
+        raise error(f"{what}: JSON section nests arrays/objects {depth} levels deep, at most {MAX_JSON_DEPTH} "
+                    "are allowed; the bytes are corrupt or were not made by this library")
     try:
-        return json.loads(bytes(payload).decode("utf-8"))
+        return json.loads(text.decode("utf-8"), parse_constant=_no_constants, parse_float=_finite_float,
+                          object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, ValueError) as exc:
-        raise error(f"{what}: JSON section is malformed ({exc})") from None
+        raise error(f"{what}: JSON section is malformed ({str(exc)[:200]})") from None
 
 
 # --- SEAL blobs -------------------------------------------------------------------------------------
@@ -159,8 +208,20 @@ def _zstd_output_bound(data: memoryview, limit: int) -> int:
         if descriptor & 0x08:
             raise ValueError("zstd reserved bit set")
         single_segment = (descriptor >> 5) & 1
-        pos += (0 if single_segment else 1) + (0, 1, 2, 4)[descriptor & 3]
-        pos += (single_segment, 2, 4, 8)[descriptor >> 6]
+        fcs_size = (single_segment, 2, 4, 8)[descriptor >> 6]
+        need((0 if single_segment else 1) + (0, 1, 2, 4)[descriptor & 3] + fcs_size)
+        if not single_segment:  # the decoder allocates the declared window up front
+            exponent, mantissa = data[pos] >> 3, data[pos] & 7
+            window = (1 << (10 + exponent)) + ((1 << (10 + exponent)) >> 3) * mantissa
+            if window > 2 * limit:
+                raise ValueError(f"zstd window of {window} bytes exceeds {2 * limit}")
+            pos += 1
+        pos += (0, 1, 2, 4)[descriptor & 3]
+        if fcs_size:
+            content = int.from_bytes(data[pos:pos + fcs_size], "little") + (256 if fcs_size == 2 else 0)
+            if content > limit:
+                raise ValueError(f"zstd frame declares {content} bytes, beyond {limit}")
+        pos += fcs_size
         while True:
             need(3)
             header = int.from_bytes(data[pos:pos + 3], "little")

@@ -23,7 +23,7 @@ def setup(d: int, k: int, pairing: str = "outputs"):
         rng = np.random.default_rng(d * 1000 + k)
         layer = EncryptedLinear(rng.normal(0, 1 / np.sqrt(d), (k, d)), rng.normal(0, 0.5, k), pairing=pairing)
         keys = ClientKeys.generate(layer.layout.profile, layer.rotation_steps)
-        _CACHE[d, k, pairing] = (layer, keys, PublicKeys.from_bytes(keys.public_bytes(), layer.profile))
+        _CACHE[d, k, pairing] = (layer, keys, PublicKeys.from_bytes(keys.public_bytes(), layer.layout))
     return _CACHE[d, k, pairing]
 
 
@@ -183,7 +183,7 @@ def test_query_for_other_parameters_or_layout_is_refused():
         layer.apply(encrypt(keys, layer.layout, RNG.normal(0, 1, (1, 100)))[0],
                     PublicKeys.from_bytes(big_keys.public_bytes()))
     with pytest.raises(ParameterMismatch, match="other CKKS parameters"):
-        PublicKeys.from_bytes(big_keys.public_bytes(), profile=layer.profile)
+        PublicKeys.from_bytes(big_keys.public_bytes(), layer.layout)
     with pytest.raises(ParameterMismatch, match=r"shape \(n, 100\)"):
         encrypt(keys, layer.layout, RNG.normal(0, 1, (2, 99)))
 
