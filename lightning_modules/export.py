@@ -8,8 +8,8 @@ client maps locally):
     NAME.onnx          one Gemm node: output = input @ weightᵀ + bias
 
 plus `manifest.json` with the source and target states' specs, dimensions, label names,
-normalisation, metrics and every file's sha256. The reader (`load_export`) needs only numpy,
-safetensors and json, so a server loads an export with no training code.
+normalisation, metrics and every file's sha256. The reader (`load_export`, `read_manifest`,
+`verify_file`) is `serve.export_format`, re-exported here; it needs no training code.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,85 +26,9 @@ import numpy as np
 
 from datamodules.assets import sha256_file
 
-MANIFEST = "manifest.json"
-FORMAT = "xsilo-export"
-FORMAT_VERSION = 1
-PARTS = ("fused", "map", "head")
-
-
-class ExportError(ValueError):
-    """An export is missing, tampered with or does not match what it is used with."""
-
-
-# --- reading (numpy only) ---------------------------------------------------------------
-
-@dataclass
-class LinearExport:
-    """One exported linear layer: logits = x @ weight.T + bias."""
-
-    name: str
-    weight: np.ndarray  # (out, in) float32
-    bias: np.ndarray  # (out,) float32
-    manifest: dict[str, Any]
-
-    @property
-    def input_dim(self) -> int:
-        return self.weight.shape[1]
-
-    @property
-    def output_dim(self) -> int:
-        return self.weight.shape[0]
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return x @ self.weight.T + self.bias
-
-
-def read_manifest(directory: str | Path) -> dict[str, Any]:
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
-        raise ExportError(f"{directory} is not an xsilo export: {MANIFEST} is missing; create one with `xsilo export`")
-    try:
-        manifest = json.loads(path.read_text())
-    except ValueError as e:
-        raise ExportError(f"{path} is not valid JSON ({e}); re-run `xsilo export`") from e
-    if manifest.get("format") != FORMAT:
-        raise ExportError(f"{path} is not an xsilo export manifest (format={manifest.get('format')!r})")
-    return manifest
-
-
-def verify_file(directory: Path, manifest: dict[str, Any], filename: str) -> Path:
-    record = manifest.get("files", {}).get(filename)
-    path = directory / filename
-    if record is None:
-        raise ExportError(f"{filename} is not listed in {directory / MANIFEST}; re-run `xsilo export`")
-    if not path.is_file():
-        raise ExportError(f"{path} is missing; re-run `xsilo export`")
-    if sha256_file(path) != record["sha256"]:
-        raise ExportError(f"{path} does not match its sha256 in {MANIFEST}: the file was modified or "
-                          "corrupted; re-run `xsilo export` or restore the original file")
-    return path
-
-
-def load_export(directory: str | Path, name: str = "fused") -> LinearExport:
-    """Load one part of an export, checking its checksum and its dimensions against the manifest."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
-    if name not in PARTS:
-        raise ExportError(f"unknown export part {name!r}; use one of {PARTS}")
-    directory = Path(directory)
-    manifest = read_manifest(directory)
-    path = verify_file(directory, manifest, f"{name}.safetensors")
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ExportError(f"{path} is unreadable ({e}); re-run `xsilo export`") from e
-    weight, bias = tensors.get("weight"), tensors.get("bias")
-    expected = tuple(manifest["parts"][name]["shape"])
-    if weight is None or bias is None or weight.shape != expected or bias.shape != expected[:1]:
-        raise ExportError(f"{path} holds shapes {None if weight is None else weight.shape} / "
-                          f"{None if bias is None else bias.shape}, but {MANIFEST} says {expected}")
-    return LinearExport(name, weight.astype(np.float32), bias.astype(np.float32), manifest)
+# The reader lives in serve.export_format (numpy only, no training code): one reader for the server and here.
+from serve.export_format import (FORMAT, FORMAT_VERSION, MANIFEST, PARTS, ExportError, LinearExport,  # noqa: F401
+                                 load_export, read_manifest, verify_file)
 
 
 # --- writing ----------------------------------------------------------------------------
@@ -154,11 +77,11 @@ def write_export(
     """Write the three parts and the manifest into `out`, atomically (temp dir, then rename).
 
     `ood`, when given, is stored as `manifest["ood"]`: the logit detector thresholds a client
-    applies to decrypted logits (`lightning_modules.ood_client.ood_from_logits`).
+    applies to decrypted logits (`serve.ood_client.ood_from_logits`).
     """
     from safetensors.numpy import save_file
 
-    from lightning_modules.ood_client import check_ood_manifest
+    from serve.ood_client import check_ood_manifest
 
     if ood is not None:
         try:

@@ -54,7 +54,7 @@ class ModelInfo:
     layout: LinearLayout
     export_sha256: str
     limits: dict[str, Any]
-    ood: dict[str, Any] | None = None  # calibrated thresholds for `lightning_modules.ood_client.ood_from_logits`
+    ood: dict[str, Any] | None = None  # calibrated thresholds for `serve.ood_client.ood_from_logits`
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "ModelInfo":
@@ -106,7 +106,8 @@ class Client:
         if identity_check not in ("refuse", "warn", "off"):
             raise ValueError(f"identity_check must be 'refuse', 'warn' or 'off', got {identity_check!r}")
         self.url = url.rstrip("/")
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        # bytes: a non-ASCII key travels as its UTF-8 bytes, which is what the server compares
+        headers = {"Authorization": b"Bearer " + api_key.encode("utf-8")} if api_key else {}
         self._http = httpx.Client(base_url=self.url, timeout=timeout, headers=headers, transport=transport)
         self.client_model, self.identity_check = client_model, identity_check
         self.threads, self.ood = threads, ood
@@ -322,7 +323,7 @@ class Client:
         if not calibrated:
             raise ServeError(f"ood={rule!r} names a calibrated detector, but this server's export has none; "
                              "pass a float threshold or a callable")
-        from lightning_modules.ood_client import ood_from_logits
+        from serve.ood_client import ood_from_logits
 
         try:
             return ood_from_logits(logits, calibrated, detector=rule)

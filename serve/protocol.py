@@ -10,6 +10,7 @@ API_PREFIX = "/v1"
 OCTET_STREAM = "application/octet-stream"
 API_KEY_HEADER = "X-API-Key"
 SERVER_TIMING_HEADER = "Server-Timing"  # "he;dur=<ms>": server-side HE time of one reply
+BUDGET_HEADER = "X-Xsilo-Budget-Remaining"  # rows the session/client may still be answered, or "unlimited"
 
 # Error codes in {"error": {"code": ..., "message": ...}}.
 SESSION_NOT_FOUND = "session_not_found"  # the client re-opens a session and retries once

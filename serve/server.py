@@ -10,18 +10,22 @@ hidden state or logits. Routes (JSON unless noted; errors are ``{"error": {"code
     DELETE /v1/sessions/{id}             forget the session's keys
     GET    /docs, /openapi.json          FastAPI's docs
 
-HE work runs in worker threads behind a capacity limiter, so the event loop keeps answering.
+HE work runs in worker threads behind a capacity limiter, so the event loop keeps answering. Starting the
+server imports no torch, lightning, transformers, `lightning_modules` or `datamodules`: the export is read by
+`serve.export_format` (numpy + safetensors).
 """
 from __future__ import annotations
 
 import hmac
 import logging
 import logging.config
+import math
+import signal
 import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,11 +39,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from encrypted import EncryptedError, EncryptedLinear, InvalidCiphertext, InvalidKeys, ParameterMismatch, PublicKeys
-from lightning_modules.export import ExportError, load_export
 
-from .protocol import (API_KEY_HEADER, API_PREFIX, OCTET_STREAM, REOPEN_HINT, SERVER_TIMING_HEADER,
+from .budget import QueryBudget
+from .export_format import ExportError, load_export
+from .ood_client import check_ood_manifest
+from .protocol import (API_KEY_HEADER, API_PREFIX, BUDGET_HEADER, OCTET_STREAM, REOPEN_HINT, SERVER_TIMING_HEADER,
                        SESSION_NOT_FOUND, max_public_key_bytes, max_query_bytes)
 from .sessions import Session, SessionStore
+from .transport import HeaderLimit, limited_protocol
 
 log = logging.getLogger("serve")
 
@@ -105,6 +112,11 @@ class Limits(BaseModel):
     max_query_bytes: int
     max_sessions: int
     session_ttl_s: float
+    header_timeout_s: float
+    body_timeout_s: float
+    max_connections: int
+    rows_per_session: int | None  # rows (query lanes) answered per session; null: no limit
+    rows_per_client: int | None  # per API key, or per address when the server has no key
 
 
 class ModelInfo(BaseModel):
@@ -117,6 +129,7 @@ class ModelInfo(BaseModel):
     lanes: int
     export_sha256: str
     limits: Limits
+    output_noise: float  # std of the Gaussian noise added to every output (0: exact answers)
     ood: dict[str, Any] | None = None  # calibrated logit-detector thresholds, applied by the client
 
 
@@ -136,8 +149,9 @@ class Health(BaseModel):
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "Missing or wrong API key"},
     404: {"model": ErrorBody, "description": "Unknown session: open a new one"},
+    408: {"model": ErrorBody, "description": "Headers or body arrived too slowly"},
     413: {"model": ErrorBody, "description": "Body over this route's cap"},
-    503: {"model": ErrorBody, "description": "Too many requests waiting for HE workers; retry"},
+    503: {"model": ErrorBody, "description": "Too many requests waiting for HE workers, or too many connections; retry"},
 }
 BODY_ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "Malformed bytes, or secret-key material"},
@@ -155,7 +169,9 @@ def raw_body(description: str) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class ServerSettings:
-    api_key: str | None = None
+    """Every server setting, declared once (`create_app(export_dir, **settings)`; `xsilo serve` flags)."""
+
+    api_key: str | None = None  # None: no authentication; never empty
     max_sessions: int = 64  # each holds the client's Galois keys: a few MB at N=8192
     session_ttl_s: float = 1800.0  # idle time before a session is dropped
     max_key_bytes: int | None = None  # None: bound derived from the layout
@@ -163,18 +179,53 @@ class ServerSettings:
     max_concurrency: int = 2  # HE jobs running at once (threads)
     max_pending: int = 256  # HE jobs running or waiting; beyond it, 503
     replica_id: str | None = None  # prefixes session ids, for routing by id behind a load balancer
+    header_timeout_s: float = 10.0  # from connect (or the previous response) until the headers are complete
+    body_timeout_s: float = 30.0  # from the headers until the whole body has arrived
+    keep_alive_s: int = 5  # idle keep-alive connections are closed after this
+    max_connections: int = 256  # open connections; beyond it a request gets 503 and its connection is closed
+    max_header_bytes: int = 16384  # request line + headers
+    rows_per_session: int | None = None  # query budget in rows (lanes answered); None: no limit
+    rows_per_client: int | None = None  # per API key, or per client address without one
+    max_clients: int = 10_000  # entries of the per-client budget table (LRU)
+    output_noise: float = 0.0  # std of Gaussian noise added to every output, against extraction
+
+    def __post_init__(self) -> None:
+        if self.api_key is not None:
+            check_api_key(self.api_key)
+        if self.max_concurrency < 1 or self.max_pending < 1:
+            raise ValueError(f"max_concurrency and max_pending must be at least 1, got {self.max_concurrency}, "
+                             f"{self.max_pending}")
+        if not self.body_timeout_s > 0 or self.keep_alive_s < 1:
+            raise ValueError(f"body_timeout_s must be positive and keep_alive_s at least 1, got "
+                             f"{self.body_timeout_s}, {self.keep_alive_s}")
+        if not (math.isfinite(self.output_noise) and self.output_noise >= 0):
+            raise ValueError(f"output_noise must be a finite standard deviation >= 0, got {self.output_noise}")
+        limited_protocol(self.header_timeout_s, self.max_connections, self.max_header_bytes)  # validates them
+        QueryBudget(self.rows_per_session, self.rows_per_client, self.max_clients)  # validates them
+
+
+def check_api_key(key: str) -> None:
+    """Refuse a key that would disable or defeat authentication. Non-ASCII keys are fine: compared as UTF-8."""
+    if not isinstance(key, str) or key == "":
+        raise ValueError("the API key is empty, which would turn authentication off; pass a non-empty --api_key "
+                         "(or XSILO_API_KEY), or leave it unset to serve without a key")
+    if key != key.strip() or any(ord(c) < 32 or ord(c) == 127 for c in key):
+        raise ValueError("the API key has leading/trailing whitespace or control characters, which HTTP headers "
+                         "cannot carry; choose a key of visible characters")
 
 
 def load_layer(export_dir: str | Path, name: str = "fused") -> tuple[EncryptedLinear, dict[str, Any]]:
     """The export's layer (sha256 and shapes checked against its manifest) laid out for CKKS, and the manifest."""
-    from lightning_modules.ood_client import check_ood_manifest
-
     export = load_export(export_dir, name)
     if export.manifest.get("ood") is not None:
         try:
             check_ood_manifest(export.manifest["ood"])
         except ValueError as exc:
             raise ExportError(f"{export_dir}/manifest.json: {exc}") from None
+    labels = export.manifest.get("label_names")
+    if labels is not None and len(labels) != export.output_dim:
+        raise ExportError(f"{export_dir}/manifest.json: 'label_names' has {len(labels)} names for "
+                          f"{export.output_dim} outputs; re-run `xsilo export`")
     try:
         layer = EncryptedLinear(export.weight, export.bias)
     except EncryptedError as exc:
@@ -193,6 +244,7 @@ class EncryptedService:
         self.max_query_bytes = settings.max_query_bytes or max_query_bytes(layout)
         self.sessions = SessionStore(settings.max_sessions, settings.session_ttl_s,
                                      id_prefix=f"{settings.replica_id}." if settings.replica_id else "")
+        self.budget = QueryBudget(settings.rows_per_session, settings.rows_per_client, settings.max_clients)
         self.export_sha256 = str(manifest["files"][f"{name}.safetensors"]["sha256"])
         source = manifest.get("source") or {}
         labels = manifest.get("label_names") or [str(i) for i in range(layer.output_dim)]
@@ -206,7 +258,11 @@ class EncryptedService:
             "lanes": layer.lanes,
             "export_sha256": self.export_sha256,
             "limits": {"max_key_bytes": self.max_key_bytes, "max_query_bytes": self.max_query_bytes,
-                       "max_sessions": settings.max_sessions, "session_ttl_s": settings.session_ttl_s},
+                       "max_sessions": settings.max_sessions, "session_ttl_s": settings.session_ttl_s,
+                       "header_timeout_s": settings.header_timeout_s, "body_timeout_s": settings.body_timeout_s,
+                       "max_connections": settings.max_connections, "rows_per_session": settings.rows_per_session,
+                       "rows_per_client": settings.rows_per_client},
+            "output_noise": settings.output_noise,
             "ood": {key: manifest["ood"][key] for key in OOD_KEYS} if manifest.get("ood") else None,
         }
         self._limiter = anyio.CapacityLimiter(settings.max_concurrency)
@@ -225,7 +281,7 @@ class EncryptedService:
 
     def load_keys(self, body: bytes) -> PublicKeys:
         try:
-            keys = PublicKeys.from_bytes(body, self.layer.layout.profile)
+            keys = PublicKeys.from_bytes(body, self.layer.layout)
             keys.require(self.layer.layout)
         except ValueError as exc:
             raise input_error(exc) from None
@@ -249,11 +305,28 @@ class EncryptedService:
             raise session_not_found(session_id)
         return session
 
+    def reserve_rows(self, session: Session, client: str) -> str:
+        """Charge one query's `lanes` rows to the session and the client; the remaining budget, for the header.
 
-async def read_body(request: Request, limit: int, what: str) -> bytes:
-    """The raw body, refused with 413 past `limit`: by Content-Length first, then while streaming."""
+        Raises a 429 when a budget would be exceeded."""
+        rows = self.layer.lanes
+        refusal, left = self.budget.reserve(session.rows, client, rows)
+        if refusal is not None:
+            raise ApiError(429, "budget_exhausted", refusal.message, {BUDGET_HEADER: "0"})
+        session.rows += rows
+        return "unlimited" if left is None else str(left)
+
+    def refund_rows(self, session: Session, client: str) -> None:
+        session.rows -= self.layer.lanes
+        self.budget.refund(client, self.layer.lanes)
+
+
+async def read_body(request: Request, limit: int, what: str, timeout_s: float) -> bytes:
+    """The raw body, refused with 413 past `limit` (by Content-Length first, then while streaming) and with 408
+    when it has not all arrived within `timeout_s`. Both close the connection: its unread rest is dropped."""
     too_large = ApiError(413, "body_too_large", f"{what} may be at most {limit} bytes on this route; send the "
-                                                f"bytes the xsilo client produces for this server's layout")
+                                                f"bytes the xsilo client produces for this server's layout",
+                         {"Connection": "close"})
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.strip().isdigit():
@@ -262,12 +335,17 @@ async def read_body(request: Request, limit: int, what: str) -> bytes:
             raise too_large
     body = bytearray()
     try:
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise too_large
+        with anyio.fail_after(timeout_s):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise too_large
     except ClientDisconnect:
         raise ApiError(400, "client_disconnected", f"the client closed the connection while sending {what}") from None
+    except TimeoutError:
+        raise ApiError(408, "body_timeout", f"{what} did not arrive within {timeout_s:g} s of the headers "
+                                            f"({len(body)} bytes came); send the body at once",
+                       {"Connection": "close"}) from None
     if not body:
         raise ApiError(400, "empty_body", f"the request has no body; send {what} as raw {OCTET_STREAM} bytes")
     return bytes(body)
@@ -322,31 +400,35 @@ class RequestLogMiddleware:
 
 # --- the app --------------------------------------------------------------------------------------------
 
+def presented_key(request: Request) -> bytes | None:
+    """The API key the request carries, as the raw header bytes (HTTP headers are bytes; Starlette decodes them
+    as latin-1, so re-encoding as latin-1 gives the bytes back: a UTF-8 key arrives as its UTF-8 bytes)."""
+    given = request.headers.get(API_KEY_HEADER)
+    if given is None:
+        scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+        given = credentials.strip() if scheme.lower() == "bearer" and credentials.strip() else None
+    return None if given is None else given.encode("latin-1")
+
+
 def api_key_dependency(expected: str) -> Callable[..., Any]:
     bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
     header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="the API key")
-    expected_bytes = expected.encode()
+    expected_bytes = expected.encode("utf-8")
 
-    async def require_api_key(credentials: HTTPAuthorizationCredentials | None = Security(bearer),
+    async def require_api_key(request: Request, credentials: HTTPAuthorizationCredentials | None = Security(bearer),
                               api_key: str | None = Security(header)) -> None:
-        given = api_key if api_key is not None else (credentials.credentials if credentials else None)
-        if given is None or not hmac.compare_digest(given.encode(), expected_bytes):
+        given = presented_key(request)
+        if given is None or not hmac.compare_digest(given, expected_bytes):
             raise ApiError(401, "unauthorized", f"missing or wrong API key; send 'Authorization: Bearer <key>' "
                                                 f"or '{API_KEY_HEADER}: <key>'", {"WWW-Authenticate": "Bearer"})
 
     return require_api_key
 
 
-def create_app(export_dir: str | Path, *, api_key: str | None = None, max_sessions: int = 64,
-               session_ttl_s: float = 1800.0, max_key_bytes: int | None = None, max_query_bytes: int | None = None,
-               max_concurrency: int = 2, max_pending: int = 256, replica_id: str | None = None,
-               name: str = "fused") -> FastAPI:
-    """A FastAPI app serving `<export_dir>/<name>.safetensors` under encryption (raises ExportError if unusable)."""
-    if max_concurrency < 1 or max_pending < 1:
-        raise ValueError(f"max_concurrency and max_pending must be at least 1, got {max_concurrency}, {max_pending}")
-    settings = ServerSettings(api_key=api_key or None, max_sessions=max_sessions, session_ttl_s=session_ttl_s,
-                              max_key_bytes=max_key_bytes, max_query_bytes=max_query_bytes,
-                              max_concurrency=max_concurrency, max_pending=max_pending, replica_id=replica_id)
+def create_app(export_dir: str | Path, *, name: str = "fused", **options: Any) -> FastAPI:
+    """A FastAPI app serving `<export_dir>/<name>.safetensors` under encryption; `options` are `ServerSettings`
+    fields. Raises ExportError if the export is unusable, ValueError for a bad setting."""
+    settings = ServerSettings(**options)
     layer, manifest = load_layer(export_dir, name)
     service = EncryptedService(layer, manifest, settings, name)
 
@@ -355,7 +437,7 @@ def create_app(export_dir: str | Path, *, api_key: str | None = None, max_sessio
                               "client's text, hidden state or logits; the client never sees W or b.",
                   version="1")
     app.state.service = service
-    auth = [Depends(api_key_dependency(settings.api_key))] if settings.api_key else []
+    auth = [Depends(api_key_dependency(settings.api_key))] if settings.api_key is not None else []
 
     @app.exception_handler(ApiError)
     async def on_api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -377,7 +459,8 @@ def create_app(export_dir: str | Path, *, api_key: str | None = None, max_sessio
         problems = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}" for e in exc.errors())
         return error_response(422, "invalid_request", f"invalid request ({problems[:500]}); see /docs")
 
-    app.add_middleware(RequestLogMiddleware)
+    app.add_middleware(HeaderLimit, max_header_bytes=settings.max_header_bytes)
+    app.add_middleware(RequestLogMiddleware)  # outermost: logs every request, the refused ones too
 
     @app.get("/healthz", response_model=Health, tags=["operations"])
     async def healthz() -> dict[str, Any]:
@@ -397,7 +480,7 @@ def create_app(export_dir: str | Path, *, api_key: str | None = None, max_sessio
                                      "Bytes that carry a secret key are refused."))
     async def open_session(request: Request) -> dict[str, Any]:
         """Upload public keys once; later queries name the session instead of re-sending them."""
-        body = await read_body(request, service.max_key_bytes, "public keys")
+        body = await read_body(request, service.max_key_bytes, "public keys", settings.body_timeout_s)
         keys = await service.run_cpu(service.load_keys, body)
         session = service.sessions.add(keys, len(body))
         return {"session_id": session.session_id, "session_ttl_s": settings.session_ttl_s, "lanes": layer.lanes}
@@ -412,9 +495,17 @@ def create_app(export_dir: str | Path, *, api_key: str | None = None, max_sessio
     async def infer(session_id: str, request: Request) -> Response:
         """Evaluate the layer on one encrypted query; the reply is encrypted under the client's key."""
         session = service.session(session_id)
-        body = await read_body(request, service.max_query_bytes, "a query")
-        reply, ms = await service.run_cpu(service.apply, session.keys, body)
-        return Response(reply, media_type=OCTET_STREAM, headers={SERVER_TIMING_HEADER: f"he;dur={ms:.2f}"})
+        body = await read_body(request, service.max_query_bytes, "a query", settings.body_timeout_s)
+        client = QueryBudget.client_id(presented_key(request) if settings.api_key is not None else None,
+                                       request.client.host if request.client else None)
+        remaining = service.reserve_rows(session, client)
+        try:
+            reply, ms = await service.run_cpu(service.apply, session.keys, body)
+        except ApiError:
+            service.refund_rows(session, client)  # no answer: nothing was revealed
+            raise
+        return Response(reply, media_type=OCTET_STREAM,
+                        headers={SERVER_TIMING_HEADER: f"he;dur={ms:.2f}", BUDGET_HEADER: remaining})
 
     @app.delete(f"{API_PREFIX}/sessions/{{session_id}}", status_code=204, response_class=Response,
                 dependencies=auth, responses=ERROR_RESPONSES, tags=["sessions"])
@@ -429,9 +520,28 @@ def create_app(export_dir: str | Path, *, api_key: str | None = None, max_sessio
 
 # --- running --------------------------------------------------------------------------------------------
 
+def uvicorn_config(app: FastAPI, **options: Any) -> Any:
+    """A uvicorn.Config for `app` with its ServerSettings' connection limits (header deadline, connection cap,
+    header size, keep-alive) on the h11 protocol; `options` are other uvicorn.Config arguments."""
+    import uvicorn
+
+    settings: ServerSettings = app.state.service.settings
+    protocol = limited_protocol(settings.header_timeout_s, settings.max_connections, settings.max_header_bytes)
+    return uvicorn.Config(app, http=protocol, h11_max_incomplete_event_size=settings.max_header_bytes,
+                          timeout_keep_alive=settings.keep_alive_s, server_header=False, access_log=False, **options)
+
+
+def exit_on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM as SystemExit, so that `finally` blocks and atexit handlers (the HE scratch folder) run.
+
+    uvicorn catches SIGTERM, shuts down gracefully, then re-raises it with the handler it found: with the
+    default one the process would die at once, skipping atexit."""
+    raise SystemExit(128 + signum)
+
+
 def run(export_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
         **app_options: Any) -> None:
-    """Serve an export with uvicorn until interrupted (options as in `create_app`)."""
+    """Serve an export with uvicorn until interrupted or sent SIGTERM (options as in `create_app`)."""
     import copy
 
     import uvicorn
@@ -444,8 +554,10 @@ def run(export_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, lo
     log.info("serving %s: %d -> %d (%s), sha256 %s, CKKS N=%d, %d lanes per ciphertext; docs at http://%s:%d/docs",
              export_dir, info["input_dim"], info["output_dim"], ", ".join(info["label_names"]),
              info["export_sha256"][:16], info["layout"]["profile"]["poly_modulus_degree"], info["lanes"], host, port)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, log_config=log_config, access_log=False,
-                server_header=False, timeout_graceful_shutdown=5)
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
+    config = uvicorn_config(app, host=host, port=port, log_level=log_level, log_config=log_config,
+                            timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run()
 
 
 class ServerThread:
@@ -464,8 +576,7 @@ class ServerThread:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
         self.host, self.port = host, self.sock.getsockname()[1]
-        config = uvicorn.Config(app, log_level=log_level, log_config=None, access_log=False, lifespan="off",
-                                server_header=False, timeout_graceful_shutdown=2)
+        config = uvicorn_config(app, log_level=log_level, log_config=None, lifespan="off", timeout_graceful_shutdown=2)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True,
                                        name=f"uvicorn-{self.port}")

@@ -21,6 +21,7 @@ class Session:
     created: float
     last_used: float
     requests: int = 0
+    rows: int = 0  # rows (query lanes) answered, for the query budget
 
 
 class SessionStore:

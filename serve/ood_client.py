@@ -1,0 +1,78 @@
+"""Out-of-distribution scores from decrypted logits: numpy only, for the client.
+
+Under CKKS the server returns encrypted logits; the client decrypts them and calls
+`ood_from_logits(logits, manifest["ood"])`, so the server learns nothing beyond what it
+already computes. Every score is oriented so that HIGHER means MORE out-of-distribution:
+
+* ``msp``: −max softmax probability (Hendrycks & Gimpel 2017);
+* ``max_logit``: −max logit (Hendrycks et al. 2022);
+* ``energy``: −logsumexp(logits), the free energy at T = 1 (Liu et al. 2020).
+
+An input is flagged when its score is strictly above the threshold, which was calibrated
+so that at least `tpr` (0.95) of in-distribution validation inputs score at or below it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+LOGIT_DETECTORS = ("msp", "max_logit", "energy")
+
+
+def _logsumexp(logits: np.ndarray) -> np.ndarray:
+    top = logits.max(axis=1)
+    return top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
+
+
+def logit_scores(logits: np.ndarray, detector: str) -> np.ndarray:
+    """(n, classes) logits → (n,) float64 scores, higher = more OOD."""
+    if detector not in LOGIT_DETECTORS:
+        raise ValueError(f"unknown logit detector {detector!r}; use one of {LOGIT_DETECTORS}")
+    logits = np.asarray(logits, dtype=np.float64)
+    if logits.ndim != 2 or logits.shape[1] < 2:
+        raise ValueError(f"expected (n, classes >= 2) logits, got shape {logits.shape}")
+    if not np.isfinite(logits).all():
+        raise ValueError("the logits contain NaN or inf; check the decryption (keys, scale) before scoring")
+    if detector == "max_logit":
+        return -logits.max(axis=1)
+    if detector == "energy":
+        return -_logsumexp(logits)
+    return -np.exp(logits.max(axis=1) - _logsumexp(logits))  # msp
+
+
+def check_ood_manifest(ood: Any) -> dict[str, Any]:
+    """Validate `manifest["ood"]`: {"detector", "threshold", "tpr", "all": {detector: threshold}}."""
+    fix = "write it with `xsilo evaluate_ood` (ood-threshold.json) and pass it to `xsilo export --ood`"
+    if not isinstance(ood, dict) or not {"detector", "threshold", "tpr", "all"} <= set(ood) \
+            or not isinstance(ood["all"], dict):
+        raise ValueError(f"manifest['ood'] must hold detector, threshold, tpr and all (an object); {fix}")
+    unknown = set(ood["all"]) - set(LOGIT_DETECTORS)
+    if unknown:
+        raise ValueError(f"manifest['ood'] names detectors {sorted(unknown)} that a client cannot compute from "
+                         f"logits; use {LOGIT_DETECTORS}")
+    numbers = [*ood["all"].values(), ood["threshold"], ood["tpr"]]
+    if not all(isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) for t in numbers) \
+            or not 0 < ood["tpr"] < 1:
+        raise ValueError(f"manifest['ood'] thresholds must be finite numbers and tpr in (0, 1); {fix}")
+    if not isinstance(ood["detector"], str) or ood["detector"] not in ood["all"] \
+            or ood["all"][ood["detector"]] != ood["threshold"]:
+        raise ValueError(f"manifest['ood']['threshold'] must equal all[{ood['detector']!r}]; {fix}")
+    return ood
+
+
+def ood_from_logits(logits: np.ndarray, manifest_ood: dict[str, Any], detector: str | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Scores (higher = more OOD) and boolean flags (score > threshold) for decrypted logits.
+
+    `detector` picks another calibrated detector from `manifest_ood["all"]`; default the
+    manifest's own choice.
+    """
+    ood = check_ood_manifest(manifest_ood)
+    name = detector or ood["detector"]
+    if name not in ood["all"]:
+        raise ValueError(f"no threshold for detector {name!r} in the manifest; it has {sorted(ood['all'])}")
+    scores = logit_scores(np.atleast_2d(logits), name)
+    return scores, scores > ood["all"][name]

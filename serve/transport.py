@@ -1,0 +1,154 @@
+"""HTTP/1.1 connection limits for uvicorn's h11 protocol: header timeout, connection cap, JSON protocol errors.
+
+uvicorn bounds idle keep-alive connections (`timeout_keep_alive`) and header size
+(`h11_max_incomplete_event_size`), but not the time a client may take to send its headers, and its own
+errors (malformed HTTP, over the concurrency limit) are plain text. `limited_protocol` returns an
+`H11Protocol` subclass that adds, per connection:
+
+* a header deadline: from the connection's start, or the end of its previous response, the next request's
+  headers must be complete within `header_timeout_s`, else the server writes a JSON 408 and closes;
+* a connection cap: beyond `max_connections` open connections, a request gets a JSON 503 and the connection
+  is closed;
+* JSON bodies for the protocol errors h11 reports (400 malformed request, 431 headers over the cap).
+
+h11 bounds only *incomplete* headers; `HeaderLimit` (ASGI middleware) refuses complete ones over the cap.
+
+Body read timeouts belong to the route that reads the body (`serve.server.read_body`).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+
+def error_bytes(code: str, message: str) -> bytes:
+    return json.dumps({"error": {"code": code, "message": message}}).encode()
+
+
+def raw_response(status: int, reason: str, code: str, message: str) -> bytes:
+    """A complete HTTP/1.1 error response that closes the connection, for when h11 cannot frame one."""
+    body = error_bytes(code, message)
+    head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+            "connection: close\r\n\r\n")
+    return head.encode("ascii") + body
+
+
+def over_capacity_app(max_connections: int):
+    """An ASGI app answering 503 JSON and closing: used for connections beyond the cap."""
+    body = error_bytes("too_many_connections", f"the server already holds {max_connections} connections; "
+                                               "retry shortly, and reuse one keep-alive connection per client")
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 503,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close"), (b"retry-after", b"1")]})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+class HeaderLimit:
+    """ASGI middleware: 431 JSON for a request whose target and headers exceed `max_header_bytes`."""
+
+    def __init__(self, app: Any, max_header_bytes: int):
+        self.app, self.max_header_bytes = app, max_header_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            size = len(scope.get("raw_path", b"")) + len(scope.get("query_string", b"")) + sum(
+                len(name) + len(value) + 4 for name, value in scope.get("headers", ()))
+            if size > self.max_header_bytes:
+                body = error_bytes("headers_too_large", f"the request target and headers exceed "
+                                                        f"{self.max_header_bytes} bytes; send shorter headers")
+                await send({"type": "http.response.start", "status": 431,
+                            "headers": [(b"content-type", b"application/json"),
+                                        (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
+def limited_protocol(header_timeout_s: float, max_connections: int, max_header_bytes: int) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with a header deadline, a connection cap and JSON protocol errors."""
+    if header_timeout_s <= 0 or max_connections < 1 or max_header_bytes < 1024:
+        raise ValueError(f"header_timeout_s must be positive, max_connections at least 1 and max_header_bytes at "
+                         f"least 1024, got {header_timeout_s}, {max_connections}, {max_header_bytes}")
+    busy = over_capacity_app(max_connections)
+
+    class LimitedH11Protocol(H11Protocol):
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._header_timer: asyncio.TimerHandle | None = None
+            self._waiting_after: Any = None
+            if len(self.connections) > max_connections:
+                self.app = busy
+            self._arm_header_timer()
+
+        def _arm_header_timer(self) -> None:
+            """Start the deadline for the next request's headers (the current cycle, if any, is finished)."""
+            self._cancel_header_timer()
+            self._waiting_after = self.cycle
+            self._header_timer = self.loop.call_later(header_timeout_s, self._header_timeout)
+
+        def _cancel_header_timer(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_arrived(self) -> None:
+            if self.cycle is not self._waiting_after:  # h11 parsed a new request: its headers are complete
+                self._cancel_header_timer()
+
+        def _header_timeout(self) -> None:
+            self._header_timer = None
+            if self.transport.is_closing() or self.cycle is not self._waiting_after:
+                return
+            self.transport.write(raw_response(
+                408, "Request Timeout", "header_timeout",
+                f"the request headers did not arrive within {header_timeout_s:g} s; send the whole request at once"))
+            self.transport.close()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            self._headers_arrived()
+
+        def on_response_complete(self) -> None:
+            if not self.transport.is_closing():
+                self._arm_header_timer()
+            super().on_response_complete()  # may start a pipelined request at once
+            self._headers_arrived()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._cancel_header_timer()
+            super().connection_lost(exc)
+
+        def send_400_response(self, msg: str) -> None:
+            received = len(self.conn.trailing_data[0])
+            if received > max_header_bytes:
+                status, code, message = 431, "headers_too_large", (
+                    f"the request target and headers exceed {max_header_bytes} bytes; send shorter headers")
+            else:
+                status, code, message = 400, "malformed_http", (
+                    "the request is not valid HTTP/1.1 (request line, header or body framing); "
+                    "send a well-formed request")
+            body = error_bytes(code, message)
+            try:
+                for event in (h11.Response(status_code=status, reason=h11_reason(status),
+                                           headers=[(b"content-type", b"application/json"),
+                                                    (b"content-length", str(len(body)).encode()),
+                                                    (b"connection", b"close")]),
+                              h11.Data(data=body), h11.EndOfMessage()):
+                    self.transport.write(self.conn.send(event))
+            except h11.LocalProtocolError:  # a response had already started: nothing more can be framed
+                pass
+            self.transport.close()
+
+    return LimitedH11Protocol
+
+
+def h11_reason(status: int) -> bytes:
+    return {400: b"Bad Request", 431: b"Request Header Fields Too Large"}.get(status, b"Error")

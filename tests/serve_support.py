@@ -1,0 +1,84 @@
+"""Helpers shared by the serve tests: a small export, raw loopback sockets, JSON error checks."""
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+
+LEAKS = ("Traceback", 'File "', "site-packages", "line ")
+
+
+def write_small_export(out: Path, d: int = 64, k: int = 3, seed: int = 0, ood: dict | None = None) -> Path:
+    """A fused export d -> k (map d -> 8, head 8 -> k) with random weights; no client model needed."""
+    from lightning_modules.export import write_export
+
+    rng = np.random.default_rng(seed)
+    t = 8
+    source = {"model": "client-model", "model_identity": None, "pooling": "last", "layer": -1, "max_length": 32,
+              "dtype": "float32", "hidden_size": d}
+    return write_export(out, rng.normal(0, 1 / np.sqrt(d), (t, d)), rng.normal(0, 0.1, t), rng.normal(0, 1, (k, t)),
+                        rng.normal(0, 0.1, k), source=source, target={"model": "server-model"},
+                        label_names=[f"c{i}" for i in range(k)], ood=ood)
+
+
+def json_error(body: bytes) -> dict:
+    """The {"error": {"code", "message"}} of an error body; fails on any other shape or on a leaked traceback."""
+    text = body.decode("utf-8", "replace")
+    for leak in LEAKS:
+        assert leak not in text, text[:500]
+    data = json.loads(body)
+    assert set(data) == {"error"} and set(data["error"]) == {"code", "message"}, data
+    assert data["error"]["code"] and data["error"]["message"]
+    return data["error"]
+
+
+def split_response(raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    """(status, lower-cased headers, body) of one raw HTTP/1.1 response."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    if "content-length" in headers:
+        body = body[:int(headers["content-length"])]
+    return status, headers, body
+
+
+def exchange(port: int, data: bytes, *, trickle: list[bytes] = (), every_s: float = 0.25,
+             max_wait_s: float = 10.0) -> tuple[bytes, float, bool]:
+    """Send `data`, then `trickle` pieces every `every_s` while the server keeps the connection open; read until
+    the server closes it or `max_wait_s` pass. Returns (bytes received, seconds until closed, closed?)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=max_wait_s)
+    start = time.monotonic()
+    received, closed = b"", False
+    try:
+        if data:
+            sock.sendall(data)
+        pieces = list(trickle)
+        sock.settimeout(every_s)
+        while time.monotonic() - start < max_wait_s:
+            try:
+                chunk = sock.recv(65536)
+            except socket.timeout:
+                if pieces:
+                    try:
+                        sock.sendall(pieces.pop(0))
+                    except OSError:  # the server closed while we were sending
+                        closed = True
+                        break
+                continue
+            except ConnectionResetError:
+                closed = True
+                break
+            if not chunk:
+                closed = True
+                break
+            received += chunk
+    finally:
+        sock.close()
+    return received, time.monotonic() - start, closed
