@@ -565,7 +565,9 @@ def export(
 
 def serve(*, export: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_sessions: int = 64, session_ttl_s: float = 1800.0, max_concurrency: int = 2,
-          replica_id: str | None = None, log_level: str = "info") -> None:
+          replica_id: str | None = None, header_timeout_s: float = 10.0, body_timeout_s: float = 30.0,
+          max_connections: int = 256, rows_per_session: int | None = None, rows_per_client: int | None = None,
+          output_noise: float = 0.0, log_level: str = "info") -> None:
     """Serve an export's fused layer under CKKS encryption over HTTP (API docs at /docs).
 
     The server evaluates W h + b on encrypted hidden states: it never sees texts, states or logits.
@@ -574,20 +576,29 @@ def serve(*, export: str, host: str = "127.0.0.1", port: int = 8000, api_key: st
         export: export directory (from `xsilo export`).
         host: interface to bind (0.0.0.0 for all).
         port: TCP port.
-        api_key: require this key as 'Authorization: Bearer KEY' or 'X-API-Key: KEY' (default $XSILO_API_KEY).
+        api_key: require this key as 'Authorization: Bearer KEY' or 'X-API-Key: KEY' (default $XSILO_API_KEY;
+            an empty key is refused).
         max_sessions: sessions kept at once; beyond it the least recently used is evicted.
         session_ttl_s: idle seconds before a session is dropped.
         max_concurrency: HE evaluations running at once (threads).
         replica_id: prefix of session ids, for routing by session id behind a load balancer.
+        header_timeout_s: seconds a client has to send a request's headers.
+        body_timeout_s: seconds a client has to send a request's body, after its headers.
+        max_connections: open connections; beyond it requests get 503.
+        rows_per_session: query budget: rows (query lanes) answered per session (default: no limit).
+        rows_per_client: query budget per API key, or per client address without a key (default: no limit).
+        output_noise: standard deviation of Gaussian noise added to every output, against model extraction.
         log_level: log level of uvicorn and the request log.
     """
     import os
 
     from serve.server import run
 
-    run(export, host=host, port=port, api_key=api_key or os.environ.get("XSILO_API_KEY"),
+    run(export, host=host, port=port, api_key=api_key if api_key is not None else os.environ.get("XSILO_API_KEY"),
         max_sessions=max_sessions, session_ttl_s=session_ttl_s, max_concurrency=max_concurrency,
-        replica_id=replica_id, log_level=log_level)
+        replica_id=replica_id, header_timeout_s=header_timeout_s, body_timeout_s=body_timeout_s,
+        max_connections=max_connections, rows_per_session=rows_per_session, rows_per_client=rows_per_client,
+        output_noise=output_noise, log_level=log_level)
 
 
 def query(*, server: str = "http://127.0.0.1:8000", text: list[str] | str | None = None, file: str | None = None,
