@@ -178,7 +178,7 @@ def evaluate_ood(
     knn_k: int = 50,
     mahalanobis_shrinkage: float = 1e-2,
     threshold_tpr: float = 0.95,
-    export_detector: str = "energy",
+    export_detector: str = "auto",
     classifier_epochs: int = 200,
     seed: int = 0,
     threads: int | None = None,
@@ -203,7 +203,9 @@ def evaluate_ood(
         knn_k: neighbours for the cosine kNN detector.
         mahalanobis_shrinkage: shrinkage of the shared covariance towards a scaled identity.
         threshold_tpr: share of ID validation inputs kept at or below each threshold.
-        export_detector: msp, max_logit or energy: the detector named in the export manifest.
+        export_detector: the logit detector named in the export manifest: auto (best validation AUROC), msp,
+            max_logit or energy. Whichever detector a fused-mode client can run scores best on validation
+            (logits or its own states) is reported; a state detector is written to OUT/client-ood.npz.
         classifier_epochs: maximum epochs for the target classifier (early stopping on val_loss).
         seed: split and training seed.
         threads: torch threads.

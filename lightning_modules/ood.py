@@ -223,16 +223,16 @@ class OODConfig(PairConfig):
     knn_k: int = 50
     mahalanobis_shrinkage: float = 1e-2
     threshold_tpr: float = 0.95
-    export_detector: str = "energy"
+    export_detector: str = "auto"
 
     def validate(self) -> None:
         if not self.ood:
             raise OODError("pass at least one OOD dataset (--ood vader-tweets trec ...)")
         if self.task in self.ood:
             raise OODError(f"the OOD sets include the in-distribution task {self.task!r}; drop it from --ood")
-        if self.export_detector not in LOGIT_DETECTORS:
-            raise OODError(f"export_detector must be a logit detector {LOGIT_DETECTORS} (a client computes it "
-                           f"from decrypted logits), got {self.export_detector!r}")
+        if self.export_detector not in ("auto", *LOGIT_DETECTORS):
+            raise OODError(f"export_detector must be auto or a logit detector {LOGIT_DETECTORS} (a client computes "
+                           f"it from decrypted logits), got {self.export_detector!r}")
         if not 0 < self.threshold_tpr < 1:
             raise OODError(f"threshold_tpr must be in (0, 1), got {self.threshold_tpr}")
 
@@ -265,6 +265,22 @@ def load_ood_sets(cfg: OODConfig, task: dict[str, LabelledStatesDataModule]
     states = {name: {role: cached_states(job, cfg.threads)[novel[name]] for role, job in roles.items()}
               for name, roles in jobs.items()}
     return states, {name: int((~mask).sum()) for name, mask in novel.items()}
+
+
+def split_ood(ood: dict[str, dict[str, Tensor]], seed: int
+              ) -> tuple[dict[str, dict[str, Tensor]], dict[str, dict[str, Tensor]]]:
+    """Seeded halves of every OOD set: validation (chooses the detector) and test (is reported)."""
+    val, test = {}, {}
+    for name, roles in ood.items():
+        n = len(roles["target"])
+        if n < 2:
+            raise OODError(f"OOD set {name!r} has {n} new row(s); it needs at least 2 (one to choose a detector "
+                           "on, one to test it): raise --ood_limit or choose a larger set")
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        cut = n // 2
+        val[name] = {role: h[order[:cut].sort().values] for role, h in roles.items()}
+        test[name] = {role: h[order[cut:].sort().values] for role, h in roles.items()}
+    return val, test
 
 
 def task_states(task: dict[str, LabelledStatesDataModule], split: str) -> tuple[dict[str, Tensor], Tensor]:
@@ -304,7 +320,11 @@ def score_view(features: Callable[[dict[str, Tensor]], Tensor], detectors: dict[
 
 def evaluate_ood(cfg: OODConfig, out: str | Path | None = None) -> dict[str, Any]:
     """Detector × {native, mapped} metrics for each OOD set; writes ood.json, ood.md, the
-    checkpoints and ood-threshold.json (for `xsilo export --ood`) into `out`."""
+    checkpoints and ood-threshold.json (for `xsilo export --ood`) into `out`, and client-ood.npz when the
+    detector chosen for a fused deployment runs on the client's own states."""
+    from lightning_modules.ood_select import (FUSED_CANDIDATES, LOGIT_CANDIDATES, fit_source_detectors,
+                                              save_state_detector, select_detector)
+
     cfg.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -316,14 +336,17 @@ def evaluate_ood(cfg: OODConfig, out: str | Path | None = None) -> dict[str, Any
     for dm in (public, *task.values()):
         dm.prepare_data()
     ood, dropped = load_ood_sets(cfg, task)
+    ood_val, ood = split_ood(ood, cfg.seed)
 
     work = Path(tempfile.mkdtemp(prefix="xsilo-ood-"))
     try:
         aligner, aligner_trainer = fit_aligner(public, cfg)
         aligner_trainer.save_checkpoint(work / "aligner.ckpt")
         head, head_ckpt = fit_classifier(task["target"], cfg, work / "target")
-        task["target"].setup("fit")
+        for dm in task.values():
+            dm.setup("fit")
         h_train, y_train = split_rows(task["target"], "train")
+        h_source_train, _ = split_rows(task["source"], "train")
         (val, _), (test, labels) = task_states(task, "val"), task_states(task, "test")
         views = {"native": lambda states: states["target"], "mapped": lambda states: aligner(states["source"])}
         with torch.no_grad():
@@ -332,6 +355,22 @@ def evaluate_ood(cfg: OODConfig, out: str | Path | None = None) -> dict[str, Any
                 d.fit(head(h_train) if d.input == "logits" else h_train, y_train)
             scored = {view: score_view(features, detectors, head, val, test, labels, ood, cfg.threshold_tpr)
                       for view, features in views.items()}
+            # What a fused-mode client can run: its decrypted logits, or its own source states (class
+            # means from the labels the service returns for its training texts).
+            served_labels = head(aligner(h_source_train)).argmax(1)
+            state_detectors = fit_source_detectors(h_source_train, served_labels, cfg.knn_k,
+                                                   cfg.mahalanobis_shrinkage)
+
+            def candidate(name: str, states: dict[str, Tensor]) -> Tensor:
+                if name in state_detectors:
+                    return state_detectors[name].score(states["source"])
+                return detectors[name.split("@")[0]].score(head(aligner(states["source"])))
+
+            selection = select_detector(
+                {name: {"id_val": candidate(name, val), "id_test": candidate(name, test),
+                        "ood_val": {o: candidate(name, s) for o, s in ood_val.items()},
+                        "ood_test": {o: candidate(name, s) for o, s in ood.items()}}
+                 for name in FUSED_CANDIDATES}, cfg.threshold_tpr)
 
         per_set = {name: {det: {view: {**detection_metrics(v.id_test[det], v.ood[name][det]),
                                        "ood_flagged": flagged(v.ood[name][det], v.thresholds[det])}
@@ -340,9 +379,18 @@ def evaluate_ood(cfg: OODConfig, out: str | Path | None = None) -> dict[str, Any
             for m in metrics.values():
                 m["auroc_drop"] = m["native"]["auroc"] - m["mapped"]["auroc"]
         mapped = scored["mapped"].thresholds
-        export_ood = {"detector": cfg.export_detector, "threshold": mapped[cfg.export_detector],
+        logit_choice = cfg.export_detector
+        if logit_choice == "auto":  # the best detector on decrypted logits, by validation AUROC
+            logit_choice = max(LOGIT_CANDIDATES, key=lambda n: selection["candidates"][n]["val_auroc_mean"])
+            logit_choice = logit_choice.split("@")[0]
+        chosen = selection["chosen"]
+        client_file = "client-ood.npz" if chosen in state_detectors else None
+        export_ood = {"detector": logit_choice, "threshold": mapped[logit_choice],
                       "tpr": cfg.threshold_tpr, "all": {n: mapped[n] for n in LOGIT_DETECTORS},
                       "calibrated_on": f"{cfg.task} validation rows mapped {cfg.source} -> {cfg.target} head",
+                      "selection": {"chosen": chosen, "reason": selection["reason"], "state_detector": client_file,
+                                    "val_auroc_mean": {n: c["val_auroc_mean"]
+                                                       for n, c in selection["candidates"].items()}},
                       "checkpoints": {"aligner": sha256_file(work / "aligner.ckpt"), "classifier": sha256_file(head_ckpt)}}
         results = {
             "config": {**asdict(cfg), "lambdas": list(cfg.lambdas), "ood": list(cfg.ood)},
@@ -353,6 +401,7 @@ def evaluate_ood(cfg: OODConfig, out: str | Path | None = None) -> dict[str, Any
             "detectors_fitted_on": "native target states of the task's train split",
             "rows": {"task_train": len(y_train), "task_val": len(val["target"]),
                      "task_test": len(labels), "ood": {n: len(s["target"]) for n, s in ood.items()},
+                     "ood_val": {n: len(s["target"]) for n, s in ood_val.items()},
                      "ood_dropped_as_task_texts": dropped},
             "accuracy": {view: v.accuracy for view, v in scored.items()},
             "thresholds": {view: v.thresholds for view, v in scored.items()},
@@ -361,6 +410,7 @@ def evaluate_ood(cfg: OODConfig, out: str | Path | None = None) -> dict[str, Any
             "ood": per_set,
             "roc": {name: {det: {view: roc_points(v.id_test[det], v.ood[name][det]) for view, v in scored.items()}
                            for det in DETECTORS} for name in ood},
+            "deployable": selection,
             "export_ood": export_ood,
         }
         if out is not None:
@@ -369,6 +419,9 @@ def evaluate_ood(cfg: OODConfig, out: str | Path | None = None) -> dict[str, Any
             _publish(work / "aligner.ckpt", out / "aligner.ckpt")
             _publish(head_ckpt, out / "classifier-target.ckpt")
             atomic_write_json(out / "ood-threshold.json", export_ood)
+            if client_file:
+                save_state_detector(out / client_file, chosen, state_detectors[chosen],
+                                    selection["candidates"][chosen]["threshold"], task["source"].job.spec())
             atomic_write_json(out / "ood.json", results)
             atomic_write_bytes(out / "ood.md", markdown_report(results).encode())
         return results
@@ -393,6 +446,16 @@ def markdown_report(results: dict[str, Any]) -> str:
         *(f"| {d} | {thr['native'][d]:.4g} | {thr['mapped'][d]:.4g} | {flagged['native'][d]:.3f} | "
           f"{flagged['mapped'][d]:.3f} |" for d in DETECTORS),
     ]
+    if "deployable" in results:
+        sel = results["deployable"]
+        sets = list(results["ood"])
+        lines += ["", "### The detector a fused-mode client can run (chosen by validation AUROC)", "",
+                  f"Chosen: **{sel['chosen']}**. {sel['reason']}.", "",
+                  "| candidate | val AUROC (mean) | " + " | ".join(f"test AUROC {n}" for n in sets)
+                  + " | ID test flagged |", "|---|---|" + "---|" * len(sets) + "---|"]
+        for cand, c in sorted(sel["candidates"].items(), key=lambda kv: -kv[1]["val_auroc_mean"]):
+            lines.append(f"| {cand} | {c['val_auroc_mean']:.3f} | "
+                         + " | ".join(f"{c['test'][n]['auroc']:.3f}" for n in sets) + f" | {c['id_test_flagged']:.3f} |")
     for name, metrics in results["ood"].items():
         dropped = r["ood_dropped_as_task_texts"][name]
         lines += [

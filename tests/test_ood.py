@@ -142,7 +142,7 @@ def test_evaluate_ood_reports_every_detector_and_view(evaluated):
     saved = json.loads((run / "ood.json").read_text())
     assert saved["ood"] == results["ood"] and saved["positive_class"] == "ood"
     (name,) = cfg.ood
-    assert results["rows"]["ood"][name] == 50 and results["rows"]["task_test"] == 18
+    assert results["rows"]["ood"][name] + results["rows"]["ood_val"][name] == 50 and results["rows"]["task_test"] == 18
     for det in DETECTORS:
         m = results["ood"][name][det]
         for view in ("native", "mapped"):
@@ -162,7 +162,7 @@ def test_export_carries_the_threshold_and_the_client_applies_it(evaluated, tmp_p
     ood = json.loads((run / "ood-threshold.json").read_text())
     out = export_checkpoints(run / "aligner.ckpt", run / "classifier-target.ckpt", tmp_path / "e", ood=ood)
     fused = load_export(out)
-    assert fused.manifest["ood"]["threshold"] == results["thresholds"]["mapped"]["energy"]
+    assert fused.manifest["ood"]["threshold"] == results["thresholds"]["mapped"][results["export_ood"]["detector"]]
     assert set(fused.manifest["ood"]["all"]) == set(LOGIT_DETECTORS)
     # the client's flags on fused logits of the ID validation rows: the calibrated 5%
     from datamodules.states import LabelledStatesDataModule
@@ -193,3 +193,21 @@ def test_an_ood_set_equal_to_the_task_is_refused(evaluated, tmp_path, monkeypatc
     copy = shutil.copy(cfg.task, tmp_path / "same.csv")
     with pytest.raises(OODError, match="not out-of-distribution"):
         evaluate_ood(OODConfig(**{**cfg.__dict__, "ood": [str(copy)]}))
+
+
+def test_the_fused_deployment_exports_the_best_detector_it_can_run(evaluated):
+    from lightning_modules.ood_select import FUSED_CANDIDATES, LOGIT_CANDIDATES, load_state_detector
+
+    _, root, results = evaluated
+    sel = results["deployable"]
+    assert set(sel["candidates"]) == set(FUSED_CANDIDATES)
+    best = max(sel["candidates"], key=lambda n: sel["candidates"][n]["val_auroc_mean"])
+    assert sel["candidates"][sel["chosen"]]["val_auroc_mean"] == sel["candidates"][best]["val_auroc_mean"]
+    best_logit = max(LOGIT_CANDIDATES, key=lambda n: sel["candidates"][n]["val_auroc_mean"])
+    assert results["export_ood"]["detector"] == best_logit.split("@")[0]
+    assert results["export_ood"]["selection"]["chosen"] == sel["chosen"]
+    client_file = root / "run" / "client-ood.npz"
+    assert client_file.exists() == (sel["chosen"] not in LOGIT_CANDIDATES)
+    if client_file.exists():
+        assert load_state_detector(client_file).name == sel["chosen"]
+    assert "chosen by validation AUROC" in (root / "run" / "ood.md").read_text()
