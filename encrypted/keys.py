@@ -1,4 +1,4 @@
-"""Client key material: the secret key stays on the client; public keys (Galois keys only) go to the server."""
+"""Client key material: the secret key stays on the client; public keys (Galois keys and a public encryption key) go to the server."""
 from __future__ import annotations
 
 import hashlib
@@ -24,6 +24,11 @@ def galois_keys_max_bytes(profile: CkksProfile, n_keys: int) -> int:
 
 def secret_key_max_bytes(profile: CkksProfile) -> int:
     return len(profile.coeff_modulus_bits) * profile.poly_modulus_degree * 8 + _SLACK
+
+
+def public_key_max_bytes(profile: CkksProfile) -> int:
+    """A public encryption key: two polynomials over every prime of the (server's) profile."""
+    return 2 * len(profile.coeff_modulus_bits) * profile.poly_modulus_degree * 8 + _SLACK
 
 
 def _check_steps(steps: Any, profile: CkksProfile, error: type[Exception]) -> tuple[int, ...]:
@@ -58,12 +63,14 @@ def _seed_words(seed: int | bytes | str) -> list[int]:
 
 @dataclass
 class ClientKeys:
-    """The client's CKKS secret key and the seeded Galois keys for exactly `rotation_steps`."""
+    """The client's CKKS secret key, the seeded Galois keys for exactly `rotation_steps`, and a seeded public
+    encryption key (PUBK) with which a server re-randomises circuit-private replies."""
 
     profile: CkksProfile
     rotation_steps: tuple[int, ...]
     secret_key: Any = field(repr=False)  # seal.SecretKey
     galois_blob: bytes = field(repr=False)  # seeded SEAL GaloisKeys, as sent to the server
+    public_key_blob: bytes = field(default=b"", repr=False)  # seeded SEAL PublicKey, as sent to the server
     _tools: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -85,14 +92,19 @@ class ClientKeys:
         keygen = seal.KeyGenerator(context, secret_key)
         elements = [galois_element(s, profile.poly_modulus_degree) for s in steps]
         galois_blob = wire.seal_to_bytes(keygen.create_galois_keys(elements)) if elements else b""
-        return cls(profile, steps, secret_key, galois_blob)
+        # A public key is a symmetric encryption of zero at the key level (what KeyGenerator.create_public_key
+        # does); made this way it saves seeded, at half the bytes, which sealapi does not offer for PublicKey.
+        public_key = seal.Encryptor(context, secret_key).encrypt_zero_symmetric(context.key_parms_id())
+        return cls(profile, steps, secret_key, galois_blob, wire.seal_to_bytes(public_key))
 
     def public_bytes(self) -> bytes:
-        """Parameters, rotation steps and Galois keys: everything the server needs, no secret key."""
+        """Parameters, rotation steps, Galois keys and the public key: everything the server needs, no secret key."""
         sections = [(b"PROF", wire.dump_json(self.profile.to_dict())),
                     (b"STEP", wire.dump_json(list(self.rotation_steps)))]
         if self.galois_blob:
             sections.append((b"GALK", self.galois_blob))
+        if self.public_key_blob:
+            sections.append((b"PUBK", self.public_key_blob))
         return wire.pack(Kind.PUBLIC_KEYS, self.profile.fingerprint, sections)
 
     def to_bytes(self) -> bytes:
@@ -102,6 +114,8 @@ class ClientKeys:
                     (b"SECK", wire.seal_to_bytes(self.secret_key))]
         if self.galois_blob:
             sections.append((b"GALK", self.galois_blob))
+        if self.public_key_blob:
+            sections.append((b"PUBK", self.public_key_blob))
         return wire.pack(Kind.SECRET_KEYS, self.profile.fingerprint, sections)
 
     @classmethod
@@ -111,8 +125,8 @@ class ClientKeys:
         kind, fingerprint, sections = wire.unpack(data, Kind.SECRET_KEYS, InvalidKeys)
         if kind != Kind.SECRET_KEYS:
             raise InvalidKeys(f"expected secret keys (ClientKeys.to_bytes()), got {wire.KIND_NAMES[kind]}")
-        grouped = wire.section_map(sections, {b"PROF": (1, 1), b"STEP": (1, 1), b"SECK": (1, 1), b"GALK": (0, 1)},
-                                   "secret keys", InvalidKeys)
+        grouped = wire.section_map(sections, {b"PROF": (1, 1), b"STEP": (1, 1), b"SECK": (1, 1), b"GALK": (0, 1),
+                                              b"PUBK": (0, 1)}, "secret keys", InvalidKeys)
         profile, steps = _read_profile_and_steps(grouped, fingerprint, "secret keys", expected)
         galois = bytes(grouped[b"GALK"][0]) if b"GALK" in grouped else b""
         if bool(galois) != bool(steps):
@@ -123,7 +137,10 @@ class ClientKeys:
         wire.check_seal_blob(grouped[b"SECK"][0], secret_key_max_bytes(profile), "secret key", InvalidKeys)
         secret_key = wire.seal_from_bytes(seal.SecretKey(), profile.context(), grouped[b"SECK"][0],
                                           secret_key_max_bytes(profile), "secret key", InvalidKeys)
-        return cls(profile, steps, secret_key, galois)
+        public_key = bytes(grouped[b"PUBK"][0]) if b"PUBK" in grouped else b""
+        if public_key:
+            wire.check_seal_blob(memoryview(public_key), public_key_max_bytes(profile), "public key", InvalidKeys)
+        return cls(profile, steps, secret_key, galois, public_key)
 
     def _tool(self, name: str):
         if name not in self._tools:
@@ -198,6 +215,7 @@ class PublicKeys:
     rotation_steps: tuple[int, ...]
     galois_keys: Any = field(repr=False)  # seal.GaloisKeys
     nbytes: int
+    public_key: Any = field(default=None, repr=False)  # seal.PublicKey (PUBK), for circuit-private replies
 
     @classmethod
     def from_bytes(cls, data: bytes, expected: LinearLayout | CkksProfile | None = None) -> "PublicKeys":
@@ -211,7 +229,7 @@ class PublicKeys:
                               "send ClientKeys.public_bytes() instead and treat this key as compromised")
         if kind != Kind.PUBLIC_KEYS:
             raise InvalidKeys(f"expected public keys (ClientKeys.public_bytes()), got {wire.KIND_NAMES[kind]}")
-        grouped = wire.section_map(sections, {b"PROF": (1, 1), b"STEP": (1, 1), b"GALK": (0, 1)},
+        grouped = wire.section_map(sections, {b"PROF": (1, 1), b"STEP": (1, 1), b"GALK": (0, 1), b"PUBK": (0, 1)},
                                    "public keys", InvalidKeys)
         profile, steps = _read_profile_and_steps(grouped, fingerprint, "public keys", expected)
         galois_keys = seal.GaloisKeys()
@@ -229,7 +247,14 @@ class PublicKeys:
                                   "ClientKeys.generate(profile, layer.rotation_steps)")
         elif b"GALK" in grouped:
             raise InvalidKeys("public keys carry Galois keys but list no rotation steps")
-        return cls(profile, steps, galois_keys, len(data))
+        public_key = None
+        if b"PUBK" in grouped:  # bounded by the expected profile, loaded only after every check above
+            public_key = wire.seal_from_bytes(seal.PublicKey(), profile.context(), grouped[b"PUBK"][0],
+                                              public_key_max_bytes(profile), "public key", InvalidKeys)
+            if public_key.parms_id() != profile.context().key_parms_id():
+                raise InvalidKeys("public key (PUBK) is not at the key level of the profile; "
+                                  "send ClientKeys.public_bytes()")
+        return cls(profile, steps, galois_keys, len(data), public_key)
 
     def require(self, layout: LinearLayout) -> None:
         """Raise unless these keys were made for exactly `layout`'s profile and rotation steps."""

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -10,19 +12,44 @@ import numpy as np
 import tenseal.sealapi as seal
 
 from . import messages
-from .errors import EncryptedError, IntegrityError, InvalidKeys
+from .errors import EncryptedError, IntegrityError, InvalidKeys, InvalidLayout
 from .keys import PublicKeys
 from .layout import LinearLayout, plan_layout
 from .profiles import DEFAULT_PROFILE, CkksProfile
+
+# Bound on the W-dependent noise of a reply, as the 2-norm of its coefficients (docs/protocol.md, "Circuit
+# privacy"): rescale rounding and key switching, NOISE_ABS * N * sqrt(1 + rotations) (measured at most
+# N * 2^5.6 at N=8192, d=4096), plus float64 encoding error, FLOAT_REL * scale * (|W row| |x| + |b|)
+# (measured 2^-55). Both carry a margin of about 8x.
+NOISE_ABS = 64.0
+FLOAT_REL = 2.0**-52
+MAX_FLOOD_STD = 1.0  # refuse a flood that adds more than this std to every output
+
+
+def gaussian(n: int) -> np.ndarray:
+    """n independent N(0, 1) samples from the OS's cryptographic RNG (Box-Muller over 53-bit uniforms)."""
+    m = (n + 1) // 2
+    u = np.frombuffer(os.urandom(16 * m), dtype=np.uint64).reshape(2, m) >> np.uint64(11)
+    radius = np.sqrt(-2.0 * np.log((u[0] + 1.0) * 2.0**-53))
+    angle = 2.0 * np.pi * u[1] * 2.0**-53
+    return np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:n]
 
 
 class EncryptedLinear:
     """An affine layer y = W x + b evaluated on CKKS-encrypted x (see `encrypted.layout` for the method)."""
 
     def __init__(self, weight: Any, bias: Any = None, profile: CkksProfile = DEFAULT_PROFILE, *,
-                 pairing: str = "outputs", max_galois_keys: int = 10):
+                 pairing: str = "outputs", max_galois_keys: int = 10, circuit_privacy: int | None = None,
+                 input_norm_bound: float = 256.0, output_noise: float = 0.0):
         """`pairing="outputs"` gives the lowest latency per query; `"inputs"` packs two inputs per slot,
-        which doubles `lanes` for batches at a small cost per ciphertext (see `encrypted.layout`)."""
+        which doubles `lanes` for batches at a small cost per ciphertext (see `encrypted.layout`).
+
+        `circuit_privacy=λ` makes every reply statistically independent of W beyond W x + b (distinguishing
+        advantage at most 2^-λ for inputs with ||x|| <= `input_norm_bound`): the reply is re-randomised with
+        an encryption of zero under the client's public key and flooded with Gaussian noise. Off (None) by
+        default: it needs a profile with room for the flood (`N8192_PRIVATE`; at λ=30 each output then gets
+        noise of std `flood_std` ~0.01) and a client that uploads a public key. `output_noise=σ` adds fresh
+        N(0, σ²) noise to every output of every reply, the same in each of its replica slots."""
         W = np.asarray(weight, dtype=np.float64)
         if W.ndim != 2 or 0 in W.shape:
             raise EncryptedError(f"weight must be a non-empty (k, d) matrix, got shape {W.shape}")
@@ -34,6 +61,11 @@ class EncryptedLinear:
             raise EncryptedError("weight or bias contains NaN or infinity")
         self.weight, self.bias, self.profile = W, b, profile
         self.layout: LinearLayout = plan_layout(profile, d, k, pairing=pairing, max_galois_keys=max_galois_keys)
+        if not (isinstance(output_noise, (int, float)) and math.isfinite(output_noise) and output_noise >= 0):
+            raise EncryptedError(f"output_noise must be a finite std >= 0, got {output_noise!r}")
+        self.output_noise = float(output_noise)
+        self.circuit_privacy = circuit_privacy
+        self.noise_bound, self.flood_sigma, self.flood_std = self._flood(circuit_privacy, input_norm_bound)
         context = profile.context()
         self._evaluator = seal.Evaluator(context)
         self._encoder = seal.CKKSEncoder(context)
@@ -76,6 +108,34 @@ class EncryptedLinear:
         if "weight" not in tensors:
             raise EncryptedError(f"{path} has no 'weight' tensor (found {sorted(tensors)})")
         return cls(tensors["weight"], tensors.get("bias"), profile, **kwargs)
+
+    def _flood(self, bits: int | None, input_norm: float) -> tuple[float, float, float]:
+        """(noise bound B, flood std per coefficient 2^λ B, resulting std per decoded output); zeros when off.
+
+        Two replies whose noise differs by at most 2B have Gaussian-flooded coefficients within statistical
+        distance 2B / (2 * 2^λ B) = 2^-λ (Pinsker). W's largest row norm enters B rounded up to a power of
+        two, so the flood reveals that magnitude and nothing finer.
+        """
+        if bits is None:
+            return 0.0, 0.0, 0.0
+        if not isinstance(bits, int) or isinstance(bits, bool) or not 8 <= bits <= 64:
+            raise EncryptedError(f"circuit_privacy must be None or a statistical security level in bits "
+                                 f"(an int in [8, 64], e.g. 30), got {bits!r}")
+        if not (isinstance(input_norm, (int, float)) and math.isfinite(input_norm) and input_norm > 0):
+            raise EncryptedError(f"input_norm_bound must be a positive number, got {input_norm!r}")
+        profile, n = self.profile, self.profile.poly_modulus_degree
+        row = 2.0 ** math.ceil(math.log2(max(float(np.max(np.linalg.norm(self.weight, axis=1))), 2.0**-30)))
+        bias = 2.0 ** math.ceil(math.log2(max(float(np.max(np.abs(self.bias))), 2.0**-30)))
+        bound = (NOISE_ABS * n * math.sqrt(1 + self.layout.rotations)
+                 + FLOAT_REL * profile.scale * (row * input_norm + bias))
+        sigma = 2.0**bits * bound
+        std = math.sqrt(n / 2) * sigma / profile.scale
+        reply_bits = sum(profile.coeff_modulus_bits[:-2])
+        if std > MAX_FLOOD_STD or math.log2(sigma) + 8 > reply_bits - 1:
+            raise InvalidLayout(f"circuit_privacy={bits} at profile {profile.describe()} would add noise of std "
+                                f"{std:.3g} to every output; use encrypted.profiles.N8192_PRIVATE (scale 2^64), "
+                                "a lower level, or a smaller input_norm_bound")
+        return bound, sigma, std
 
     def _encode(self) -> tuple[list[list[list[tuple[int, Any]]]], list[Any]]:
         """Pre-rotated diagonals as NTT-form plaintexts at the query level; bias at the reply level.
@@ -157,8 +217,42 @@ class EncryptedLinear:
             raise InvalidKeys(f"public_keys must be PublicKeys (PublicKeys.from_bytes(client_bytes), once per "
                               f"session), got {type(public_keys).__name__}")
         public_keys.require(self.layout)
+        if self.circuit_privacy is not None and public_keys.public_key is None:
+            raise InvalidKeys("this server sends circuit-private replies, which need the client's public key "
+                              "(a PUBK section); upload the bytes of ClientKeys.public_bytes() from this version")
         ciphertext, count = messages.read_query(query, self.layout)
-        return messages.write_reply(self.layout, self.evaluate(ciphertext, public_keys.galois_keys), count)
+        replies = self.evaluate(ciphertext, public_keys.galois_keys)
+        self.add_noise(replies, public_keys.public_key)
+        return messages.write_reply(self.layout, replies, count)
+
+    def add_noise(self, replies: list[Any], public_key: Any = None) -> None:
+        """In place: re-randomise and flood (circuit privacy) and add output noise, as this layer is set up."""
+        if self.circuit_privacy is None and not self.output_noise:
+            return
+        L, context = self.layout, self.profile.context()
+        parms_id = messages.reply_parms_id(self.profile)
+        encryptor = seal.Encryptor(context, public_key) if self.circuit_privacy is not None else None
+        rows = np.arange(L.padded_input) % L.block_rows
+        for ct in replies:
+            slots = np.zeros(self.profile.slots, dtype=np.complex128)
+            if encryptor is not None:
+                zero = seal.Ciphertext()
+                encryptor.encrypt_zero(parms_id, zero)
+                zero.scale = ct.scale
+                self._evaluator.add_inplace(ct, zero)
+                # i.i.d. complex slots of this std are i.i.d. N(0, flood_sigma^2) coefficients once encoded
+                z = gaussian(2 * self.profile.slots) * self.flood_std
+                slots += z[0::2] + 1j * z[1::2]
+            if self.output_noise:
+                z = gaussian(2 * L.stride * L.block_rows).reshape(2, L.stride, L.block_rows) * self.output_noise
+                z[:, :, L.complex_rows:] = 0
+                if L.pairing == "outputs":
+                    z[1, :, L.output_dim - L.complex_rows:] = 0
+                noise = z[0] + 1j * z[1]  # (lane, row); every replica slot of a row gets the same value
+                slots += noise[:, rows].T.ravel()
+            plain = seal.Plaintext()
+            self._encoder.encode(slots.tolist(), parms_id, ct.scale, plain)
+            self._evaluator.add_plain_inplace(ct, plain)
 
     def evaluate(self, x: Any, galois_keys: Any) -> list[Any]:
         """Enc(x) -> [Enc(W'x + b') per block] on sealapi objects (no validation: use `apply` for bytes)."""

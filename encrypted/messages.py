@@ -15,7 +15,9 @@ _SLACK = 4096
 
 
 def ciphertext_max_bytes(profile: CkksProfile, primes: int) -> int:
-    return 2 * primes * profile.poly_modulus_degree * 8 + _SLACK
+    """Raw size of a 2-polynomial ciphertext over `primes` primes, plus one zstd block: the zstd bound counts
+    every compressed block as a full 128 KiB, and a 2-prime reply's last block is short."""
+    return 2 * primes * profile.poly_modulus_degree * 8 + _SLACK + wire.ZSTD_MAX_BLOCK
 
 
 def query_parms_id(profile: CkksProfile) -> list[int]:

@@ -133,10 +133,11 @@ class CkksProfile:
                 "larger N"
             )
         s = self.scale_bits
-        if not isinstance(s, int) or isinstance(s, bool) or not MIN_PRIME_BITS <= s < bits[0]:
+        reply_bits = sum(bits[:-2])  # the reply lives over all but the last two primes
+        if not isinstance(s, int) or isinstance(s, bool) or not MIN_PRIME_BITS <= s < reply_bits:
             raise InsecureParameters(
-                f"scale_bits={s!r} must be at least {MIN_PRIME_BITS} and below the first prime's {bits[0]} bits "
-                "(the reply's headroom is q0 / scale)"
+                f"scale_bits={s!r} must be at least {MIN_PRIME_BITS} and below the reply modulus's {reply_bits} bits "
+                "(the reply's headroom is (q0 ... q_{L-1}) / scale)"
             )
 
     @property
@@ -198,8 +199,12 @@ N8192 = CkksProfile("n8192", 8192, (60, 40, 60), 40)
 N16384 = CkksProfile("n16384", 16384, (60, 40, 60), 40)
 """8192 slots, for hidden states wider than 4096; about twice the cost of N8192 per operation."""
 
+N8192_PRIVATE = CkksProfile("n8192-private", 8192, (60, 30, 60, 60), 64)
+"""For circuit-private replies (EncryptedLinear(..., circuit_privacy=30)): scale 2^64 over a 90-bit reply modulus
+and W encoded at a 60-bit prime, so the flooding noise costs little precision (210 bits; SEAL allows 218)."""
+
 DEFAULT_PROFILE = N8192
-PROFILES: dict[str, CkksProfile] = {p.name: p for p in (N8192, N16384)}
+PROFILES: dict[str, CkksProfile] = {p.name: p for p in (N8192, N16384, N8192_PRIVATE)}
 
 
 def get_profile(name: str) -> CkksProfile:
