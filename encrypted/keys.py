@@ -245,6 +245,10 @@ class PublicKeys:
                 raise InvalidKeys(f"Galois keys do not match the listed rotation steps {list(steps)} "
                                   f"(missing {missing}, {galois_keys.size()} keys present); regenerate them with "
                                   "ClientKeys.generate(profile, layer.rotation_steps)")
+            zero = [s for s in steps if any(pk.data().is_transparent() for pk in galois_keys.key(galois_element(s, n)))]
+            if zero:  # a real key's second polynomial is uniformly random, never zero
+                raise InvalidKeys(f"Galois keys for rotation steps {zero} are zero (transparent) and rotate nothing; "
+                                  "regenerate them with ClientKeys.generate(profile, layer.rotation_steps)")
         elif b"GALK" in grouped:
             raise InvalidKeys("public keys carry Galois keys but list no rotation steps")
         public_key = None
