@@ -435,7 +435,7 @@ def create_app(export_dir: str | Path, *, name: str = "fused", **options: Any) -
     app = FastAPI(title="xsilo encrypted inference",
                   description="Evaluates W h + b on CKKS-encrypted hidden states. The server never sees a "
                               "client's text, hidden state or logits; the client never sees W or b.",
-                  version="1")
+                  version="1", redirect_slashes=False)  # no redirects built from a client's Host header
     app.state.service = service
     auth = [Depends(api_key_dependency(settings.api_key))] if settings.api_key is not None else []
 

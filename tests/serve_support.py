@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-LEAKS = ("Traceback", 'File "', "site-packages", "line ")
+LEAKS = ("Traceback", 'File "', "site-packages", '", line ')  # traceback frames, not JSON's "line 1 column 2"
 
 
 def write_small_export(out: Path, d: int = 64, k: int = 3, seed: int = 0, ood: dict | None = None) -> Path:
