@@ -5,7 +5,9 @@
 Reports server ms (median; the JSON also has the minimum, which load from other jobs inflates least),
 client ms (encrypt + decrypt), query / reply / key bytes and ratios from one run,
 the rotation lower bound at d=4096, and batch throughput at d=576, k=5 (pairing="inputs": two inputs
-per slot, and the default pairing="outputs" for comparison). TenSEAL matmul takes ~30 s
+per slot, and the default pairing="outputs" for comparison), and the cost of circuit-private replies at
+d=4096, k=20 (profile N8192_PRIVATE with circuit_privacy=30 against the default profile without it, and the
+same profile without flooding, in server ms, reply and key bytes, and output error). TenSEAL matmul takes ~30 s
 at d=4096, so each baseline runs once per (d, k); --quick keeps the TenSEAL baselines only at
 d=4096, k=20 (dot also where k <= 20). The last line is JSON with the d=4096, k=20 figures.
 """
@@ -44,6 +46,7 @@ import tenseal.sealapi as seal  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from encrypted import ClientKeys, EncryptedLinear, PublicKeys, decrypt, encrypt  # noqa: E402
 from encrypted import messages  # noqa: E402
+from encrypted.profiles import N8192_PRIVATE  # noqa: E402
 
 try:  # torch is not used here; pin its threads anyway so an import elsewhere cannot oversubscribe
     import torch
@@ -80,9 +83,8 @@ def tenseal_context() -> ts.Context:
     return ctx
 
 
-def bench_ours(W: np.ndarray, b: np.ndarray, x: np.ndarray) -> dict:
-    d = W.shape[1]
-    load_ms, layer = once_ms(lambda: EncryptedLinear(W, b))
+def bench_ours(W: np.ndarray, b: np.ndarray, x: np.ndarray, **layer_args) -> dict:
+    load_ms, layer = once_ms(lambda: EncryptedLinear(W, b, **layer_args))
     keys = ClientKeys.generate(layer.layout.profile, layer.rotation_steps)
     key_bytes = keys.public_bytes()
     public = PublicKeys.from_bytes(key_bytes)
@@ -95,7 +97,8 @@ def bench_ours(W: np.ndarray, b: np.ndarray, x: np.ndarray) -> dict:
     enc = median_ms(lambda: encrypt(keys, layer.layout, x[None]), reps)
     dec = median_ms(lambda: decrypt(keys, layer.layout, [reply], 1), reps)
     ref = layer.plain(x)
-    return {"server_ms": server, "server_min_ms": min(server_times), "client_ms": enc + dec, "query_bytes": len(query), "reply_bytes": len(reply),
+    errors = np.concatenate([decrypt(keys, layer.layout, [layer.apply(query, public)], 1)[0] - ref for _ in range(5)])
+    return {"abs_err_std": float(errors.std()), "flood_std": layer.flood_std, "server_ms": server, "server_min_ms": min(server_times), "client_ms": enc + dec, "query_bytes": len(query), "reply_bytes": len(reply),
             "key_bytes": len(key_bytes), "keys": len(layer.rotation_steps), "rotations": layer.layout.rotations,
             "load_ms": load_ms, "rel_err": float(np.linalg.norm(y - ref) / np.linalg.norm(ref)), "lanes": layer.lanes,
             "_layer": layer, "_public": public, "_keys": keys}
@@ -233,6 +236,29 @@ def main() -> None:
                     "strict_lower_bound_ms": round(bound["strict_bound_ms"], 2),
                     "ratio_to_strict_lower_bound": round(ours["server_ms"] / bound["strict_bound_ms"], 2),
                 }
+    privacy = {}
+    if summary:
+        rng = np.random.default_rng(0)
+        W, b, x = rng.normal(0, 1 / np.sqrt(4096), (20, 4096)), rng.normal(0, 0.5, 20), rng.normal(0, 1, 4096)
+        base = bench_ours(W, b, x)  # measured again here, so all three come from the same minutes
+        plain_private = bench_ours(W, b, x, profile=N8192_PRIVATE)
+        private = bench_ours(W, b, x, profile=N8192_PRIVATE, circuit_privacy=30)
+        privacy = {
+            "private_server_ms": round(private["server_ms"], 2), "private_base_server_ms": round(base["server_ms"], 2),
+            "private_noflood_server_ms": round(plain_private["server_ms"], 2),
+            "private_server_ratio": round(private["server_ms"] / base["server_ms"], 2),
+            "private_reply_bytes": private["reply_bytes"], "private_base_reply_bytes": base["reply_bytes"],
+            "private_key_bytes": private["key_bytes"], "private_base_key_bytes": base["key_bytes"],
+            "private_query_bytes": private["query_bytes"], "private_base_query_bytes": base["query_bytes"],
+            "private_err_std": private["abs_err_std"], "private_base_err_std": base["abs_err_std"],
+            "private_flood_std": round(private["flood_std"], 5), "private_bits": 30,
+        }
+        print(f"circuit privacy d=4096 k=20 (N8192_PRIVATE, 30 bits): server {private['server_ms']:.1f} ms vs "
+              f"{base['server_ms']:.1f} ms default ({privacy['private_server_ratio']:.2f}x; the profile alone "
+              f"{plain_private['server_ms']:.1f} ms), reply {private['reply_bytes'] / 1e3:.0f} vs "
+              f"{base['reply_bytes'] / 1e3:.0f} kB, keys {private['key_bytes'] / 1e6:.2f} vs "
+              f"{base['key_bytes'] / 1e6:.2f} MB, output error std {private['abs_err_std']:.2g} vs "
+              f"{base['abs_err_std']:.2g} (flood std {private['flood_std']:.3g})")
     batches = {}
     for pairing in ("inputs", "outputs"):
         batch = batches[pairing] = batch_throughput(576, 5, ARGS.batch_ciphertexts, pairing)
@@ -251,6 +277,7 @@ def main() -> None:
         summary["batch_qps_d576_k5"] = round(batch["server_qps_1proc"], 1)
         summary["batch_qps_d576_k5_2proc"] = round(batch["server_qps_2proc"], 1) if batch["server_qps_2proc"] else None
         summary["batch_qps_d576_k5_outputs_pairing"] = round(batches["outputs"]["server_qps_1proc"], 1)
+        summary.update(privacy)
         summary["load_avg"] = round(os.getloadavg()[0], 2)
         print(json.dumps(summary))
 
