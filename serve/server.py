@@ -38,7 +38,9 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from encrypted import EncryptedError, EncryptedLinear, InvalidCiphertext, InvalidKeys, ParameterMismatch, PublicKeys
+from encrypted import (DEFAULT_PROFILE, EncryptedError, EncryptedLinear, InvalidCiphertext, InvalidKeys,
+                       ParameterMismatch, PublicKeys)
+from encrypted.profiles import N8192_PRIVATE
 
 from .budget import QueryBudget
 from .export_format import ExportError, load_export
@@ -130,6 +132,7 @@ class ModelInfo(BaseModel):
     export_sha256: str
     limits: Limits
     output_noise: float  # std of the Gaussian noise added to every output (0: exact answers)
+    circuit_privacy: int | None  # statistical security (bits) of circuit-private replies; null: off
     ood: dict[str, Any] | None = None  # calibrated logit-detector thresholds, applied by the client
 
 
@@ -188,6 +191,7 @@ class ServerSettings:
     rows_per_client: int | None = None  # per API key, or per client address without one
     max_clients: int = 10_000  # entries of the per-client budget table (LRU)
     output_noise: float = 0.0  # std of Gaussian noise added to every output, against extraction
+    circuit_privacy: int | None = None  # λ bits: replies independent of W beyond W x + b (needs the client's PUBK)
 
     def __post_init__(self) -> None:
         if self.api_key is not None:
@@ -214,8 +218,11 @@ def check_api_key(key: str) -> None:
                          "cannot carry; choose a key of visible characters")
 
 
-def load_layer(export_dir: str | Path, name: str = "fused") -> tuple[EncryptedLinear, dict[str, Any]]:
-    """The export's layer (sha256 and shapes checked against its manifest) laid out for CKKS, and the manifest."""
+def load_layer(export_dir: str | Path, name: str = "fused", *, output_noise: float = 0.0,
+               circuit_privacy: int | None = None) -> tuple[EncryptedLinear, dict[str, Any]]:
+    """The export's layer (sha256 and shapes checked against its manifest) laid out for CKKS, and the manifest.
+
+    `circuit_privacy=λ` serves circuit-private replies on the `N8192_PRIVATE` profile (see `EncryptedLinear`)."""
     export = load_export(export_dir, name)
     if export.manifest.get("ood") is not None:
         try:
@@ -227,7 +234,9 @@ def load_layer(export_dir: str | Path, name: str = "fused") -> tuple[EncryptedLi
         raise ExportError(f"{export_dir}/manifest.json: 'label_names' has {len(labels)} names for "
                           f"{export.output_dim} outputs; re-run `xsilo export`")
     try:
-        layer = EncryptedLinear(export.weight, export.bias)
+        profile = N8192_PRIVATE if circuit_privacy is not None else DEFAULT_PROFILE
+        layer = EncryptedLinear(export.weight, export.bias, profile, output_noise=output_noise,
+                                circuit_privacy=circuit_privacy)
     except EncryptedError as exc:
         raise ExportError(f"{export_dir} cannot be served under encryption: {exc}") from None
     return layer, export.manifest
@@ -263,6 +272,7 @@ class EncryptedService:
                        "max_connections": settings.max_connections, "rows_per_session": settings.rows_per_session,
                        "rows_per_client": settings.rows_per_client},
             "output_noise": settings.output_noise,
+            "circuit_privacy": settings.circuit_privacy,
             "ood": {key: manifest["ood"][key] for key in OOD_KEYS} if manifest.get("ood") else None,
         }
         self._limiter = anyio.CapacityLimiter(settings.max_concurrency)
@@ -429,7 +439,8 @@ def create_app(export_dir: str | Path, *, name: str = "fused", **options: Any) -
     """A FastAPI app serving `<export_dir>/<name>.safetensors` under encryption; `options` are `ServerSettings`
     fields. Raises ExportError if the export is unusable, ValueError for a bad setting."""
     settings = ServerSettings(**options)
-    layer, manifest = load_layer(export_dir, name)
+    layer, manifest = load_layer(export_dir, name, output_noise=settings.output_noise,
+                                 circuit_privacy=settings.circuit_privacy)
     service = EncryptedService(layer, manifest, settings, name)
 
     app = FastAPI(title="xsilo encrypted inference",

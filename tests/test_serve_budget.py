@@ -130,3 +130,22 @@ def test_session_budget_and_refunds(export_dir, client_keys):
         assert "open a new session" in json_error(attacker.ask(rows).content)["message"]
         attacker.open()
         assert attacker.ask(rows).status_code == 200
+
+
+def test_output_noise_is_published_and_added_to_every_reply(tmp_path):
+    from serve.client import Client
+
+    export = write_small_export(tmp_path / "export", d=64, k=3)
+    fused = load_export(export)
+    X = np.random.default_rng(1).normal(0, 1, (64, 64))
+    errors = {}
+    for sigma in (0.0, 0.05):
+        with ServerThread(create_app(export, output_noise=sigma), max_lifetime_s=60) as srv, Client(srv.url) as client:
+            assert httpx.get(f"{srv.url}/v1/model").json()["output_noise"] == sigma
+            errors[sigma] = [client.infer_states(X) - fused(X) for _ in range(2)]
+    assert np.abs(errors[0.0][0]).max() < 1e-3
+    noisy = np.concatenate([e.ravel() for e in errors[0.05]])
+    assert 0.04 < noisy.std() < 0.06 and abs(noisy.mean()) < 0.01  # 384 samples of N(0, 0.05²)
+    assert np.abs(errors[0.05][0] - errors[0.05][1]).max() > 0.01  # fresh noise per reply
+    with pytest.raises(ValueError, match="output_noise"):
+        create_app(export, output_noise=-1.0)
