@@ -1,7 +1,8 @@
 """Encrypted affine layer over CKKS (TenSEAL / SEAL). Math over arrays and keys only: imports no other xsilo package.
 
 Server: ``layer = EncryptedLinear(W, b)``; publish ``layer.layout.to_dict()``; per session
-``keys = PublicKeys.from_bytes(client_public_bytes)``; per request ``layer.apply(query, keys)``.
+``keys = PublicKeys.from_bytes(client_public_bytes, layer.layout)`` (anything not made for exactly that layout
+is refused before SEAL sees it); per request ``layer.apply(query, keys)``.
 Client: ``keys = ClientKeys.generate(layout.profile, layout.rotation_steps)``; send ``keys.public_bytes()``;
 ``queries = encrypt(keys, layout, X)``; ``Y = decrypt(keys, layout, replies, len(X))``.
 """

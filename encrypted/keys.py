@@ -258,6 +258,9 @@ class PublicKeys:
             if public_key.parms_id() != profile.context().key_parms_id():
                 raise InvalidKeys("public key (PUBK) is not at the key level of the profile; "
                                   "send ClientKeys.public_bytes()")
+            if public_key.data().is_transparent():  # a zero mask would leave replies un-re-randomised
+                raise InvalidKeys("public key (PUBK) is zero (transparent) and re-randomises nothing; "
+                                  "send ClientKeys.public_bytes()")
         return cls(profile, steps, galois_keys, len(data), public_key)
 
     def require(self, layout: LinearLayout) -> None:

@@ -11,7 +11,12 @@ Container (little-endian)::
     40      ...   sections, each: tag (4 ASCII bytes), payload length (u32), payload
 
 Tags: PROF (profile JSON), STEP (rotation steps JSON), META (JSON), GALK (SEAL Galois keys),
-SECK (SEAL secret key), CTXT (SEAL ciphertext; a reply has one per output block).
+PUBK (SEAL public key), SECK (SEAL secret key), CTXT (SEAL ciphertext; a reply has one per output block).
+
+Bounds, checked before any parser or SEAL sees a section: at most MAX_SECTIONS sections; a JSON section
+holds at most MAX_JSON_BYTES bytes nested at most MAX_JSON_DEPTH levels (strict JSON: no NaN/Infinity,
+no repeated keys); a SEAL blob may inflate only to the size its expected parameters allow (zlib and zstd
+streams are measured from their headers, zstd windows and declared content sizes included).
 """
 from __future__ import annotations
 
