@@ -569,7 +569,7 @@ def serve(*, export: str, host: str = "127.0.0.1", port: int = 8000, api_key: st
           max_sessions: int = 64, session_ttl_s: float = 1800.0, max_concurrency: int = 2,
           replica_id: str | None = None, header_timeout_s: float = 10.0, body_timeout_s: float = 30.0,
           max_connections: int = 256, rows_per_session: int | None = None, rows_per_client: int | None = None,
-          output_noise: float = 0.0, log_level: str = "info") -> None:
+          output_noise: float = 0.0, circuit_privacy: int | None = None, log_level: str = "info") -> None:
     """Serve an export's fused layer under CKKS encryption over HTTP (API docs at /docs).
 
     The server evaluates W h + b on encrypted hidden states: it never sees texts, states or logits.
@@ -595,12 +595,13 @@ def serve(*, export: str, host: str = "127.0.0.1", port: int = 8000, api_key: st
     import os
 
     from serve.server import run
+        circuit_privacy: statistical security in bits (e.g. 30) of circuit-private replies (profile n8192-private).
 
     run(export, host=host, port=port, api_key=api_key if api_key is not None else os.environ.get("XSILO_API_KEY"),
         max_sessions=max_sessions, session_ttl_s=session_ttl_s, max_concurrency=max_concurrency,
         replica_id=replica_id, header_timeout_s=header_timeout_s, body_timeout_s=body_timeout_s,
         max_connections=max_connections, rows_per_session=rows_per_session, rows_per_client=rows_per_client,
-        output_noise=output_noise, log_level=log_level)
+        output_noise=output_noise, circuit_privacy=circuit_privacy, log_level=log_level)
 
 
 def query(*, server: str = "http://127.0.0.1:8000", text: list[str] | str | None = None, file: str | None = None,
