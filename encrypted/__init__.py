@@ -9,14 +9,15 @@ Client: ``keys = ClientKeys.generate(layout.profile, layout.rotation_steps)``; s
 from .client import decode_slots, decrypt, encrypt
 from .errors import (EncryptedError, InsecureParameters, IntegrityError, InvalidCiphertext, InvalidKeys,
                      InvalidLayout, ParameterMismatch)
-from .keys import ClientKeys, PublicKeys, load_public_keys
+from .keys import ClientKeys, PublicKeys, load_public_keys, public_bytes_max
 from .layout import LinearLayout, plan_layout
 from .linear import EncryptedLinear
-from .profiles import DEFAULT_PROFILE, N8192, N16384, PROFILES, CkksProfile, get_profile
+from .messages import query_max_bytes
+from .profiles import DEFAULT_PROFILE, N8192, N8192_PRIVATE, N16384, PROFILES, CkksProfile, get_profile
 
 __all__ = [
     "CkksProfile", "ClientKeys", "DEFAULT_PROFILE", "EncryptedError", "EncryptedLinear", "InsecureParameters",
     "IntegrityError", "InvalidCiphertext", "InvalidKeys", "InvalidLayout", "LinearLayout", "N16384", "N8192",
-    "PROFILES", "ParameterMismatch", "PublicKeys", "decode_slots", "decrypt", "encrypt", "get_profile",
-    "load_public_keys", "plan_layout",
+    "N8192_PRIVATE", "PROFILES", "ParameterMismatch", "PublicKeys", "decode_slots", "decrypt", "encrypt",
+    "get_profile", "load_public_keys", "plan_layout", "public_bytes_max", "query_max_bytes",
 ]

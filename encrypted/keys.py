@@ -31,6 +31,14 @@ def public_key_max_bytes(profile: CkksProfile) -> int:
     return 2 * len(profile.coeff_modulus_bits) * profile.poly_modulus_degree * 8 + _SLACK
 
 
+def public_bytes_max(layout: LinearLayout) -> int:
+    """Upper bound of `ClientKeys.public_bytes()` for `layout`: the container, PROF/STEP JSON, the Galois keys for
+    the layout's steps and the public key, uncompressed. A server caps the upload body with it."""
+    profile, sections = layout.profile, 4
+    return (wire.HEADER.size + sections * wire.SECTION.size + 2 * wire.MAX_JSON_BYTES
+            + galois_keys_max_bytes(profile, len(layout.rotation_steps)) + public_key_max_bytes(profile))
+
+
 def _check_steps(steps: Any, profile: CkksProfile, error: type[Exception]) -> tuple[int, ...]:
     if isinstance(steps, LinearLayout):
         steps = steps.rotation_steps

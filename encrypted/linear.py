@@ -1,18 +1,15 @@
 """Server side: Enc(x) -> Enc(Wx + b) with W's diagonals encoded once at load."""
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tenseal.sealapi as seal
 
 from . import messages
-from .errors import EncryptedError, IntegrityError, InvalidKeys, InvalidLayout
+from .errors import EncryptedError, InvalidKeys, InvalidLayout
 from .keys import PublicKeys
 from .layout import LinearLayout, plan_layout
 from .profiles import DEFAULT_PROFILE, CkksProfile
@@ -72,42 +69,6 @@ class EncryptedLinear:
         self._diagonals, self._bias_plain = self._encode()
 
     # --- construction -------------------------------------------------------------------------------
-
-    @classmethod
-    def from_export(cls, directory: str | Path, name: str = "fused", profile: CkksProfile = DEFAULT_PROFILE,
-                    **kwargs: Any) -> "EncryptedLinear":
-        """Load `<directory>/<name>.safetensors` (tensors `weight` (k, d), `bias` (k,)).
-
-        If `manifest.json` sits beside it and lists the file with a sha256, the bytes must match it.
-        """
-        from safetensors.numpy import load as load_safetensors
-
-        directory = Path(directory)
-        filename = f"{name}.safetensors"
-        path = directory / filename
-        if not path.is_file():
-            raise EncryptedError(f"{path} not found; pass the export directory and the file stem (e.g. 'fused')")
-        data = path.read_bytes()
-        manifest_path = directory / "manifest.json"
-        if manifest_path.is_file():
-            try:
-                manifest = json.loads(manifest_path.read_text())
-                entry = manifest.get("files", {}).get(filename)
-            except (ValueError, AttributeError) as exc:
-                raise IntegrityError(f"{manifest_path} is not valid JSON with a 'files' mapping ({exc})") from None
-            expected = entry.get("sha256") if isinstance(entry, dict) else None
-            if expected is not None:
-                actual = hashlib.sha256(data).hexdigest()
-                if actual != str(expected).lower():
-                    raise IntegrityError(f"{filename} does not match manifest.json (sha256 {actual}, manifest says "
-                                         f"{expected}); the file was modified or corrupted: re-export it")
-        try:
-            tensors = load_safetensors(data)
-        except Exception as exc:
-            raise EncryptedError(f"{path} is not a readable safetensors file ({exc})") from None
-        if "weight" not in tensors:
-            raise EncryptedError(f"{path} has no 'weight' tensor (found {sorted(tensors)})")
-        return cls(tensors["weight"], tensors.get("bias"), profile, **kwargs)
 
     def _flood(self, bits: int | None, input_norm: float) -> tuple[float, float, float]:
         """(noise bound B, flood std per coefficient 2^λ B, resulting std per decoded output); zeros when off.
@@ -214,8 +175,8 @@ class EncryptedLinear:
     def apply(self, query: bytes, public_keys: PublicKeys) -> bytes:
         """Reply bytes for one query blob, using the client's public keys (loaded once per session)."""
         if not isinstance(public_keys, PublicKeys):
-            raise InvalidKeys(f"public_keys must be PublicKeys (PublicKeys.from_bytes(client_bytes), once per "
-                              f"session), got {type(public_keys).__name__}")
+            raise InvalidKeys(f"public_keys must be PublicKeys (PublicKeys.from_bytes(client_bytes, layer.layout), "
+                              f"once per session), got {type(public_keys).__name__}")
         public_keys.require(self.layout)
         if self.circuit_privacy is not None and public_keys.public_key is None:
             raise InvalidKeys("this server sends circuit-private replies, which need the client's public key "

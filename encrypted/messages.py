@@ -20,6 +20,14 @@ def ciphertext_max_bytes(profile: CkksProfile, primes: int) -> int:
     return 2 * primes * profile.poly_modulus_degree * 8 + _SLACK + wire.ZSTD_MAX_BLOCK
 
 
+def query_max_bytes(layout: LinearLayout) -> int:
+    """Upper bound of one query for `layout`: the container, its META JSON and one ciphertext over all but the
+    special prime, uncompressed. A server caps the query body with it."""
+    primes = len(layout.profile.coeff_modulus_bits) - 1
+    return (wire.HEADER.size + 2 * wire.SECTION.size + wire.MAX_JSON_BYTES
+            + ciphertext_max_bytes(layout.profile, primes))
+
+
 def query_parms_id(profile: CkksProfile) -> list[int]:
     return profile.context().first_parms_id()
 

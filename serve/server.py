@@ -38,15 +38,14 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from encrypted import (DEFAULT_PROFILE, EncryptedError, EncryptedLinear, InvalidCiphertext, InvalidKeys,
-                       ParameterMismatch, PublicKeys)
-from encrypted.profiles import N8192_PRIVATE
+from encrypted import (DEFAULT_PROFILE, N8192_PRIVATE, EncryptedError, EncryptedLinear, InvalidCiphertext,
+                       InvalidKeys, ParameterMismatch, PublicKeys, public_bytes_max, query_max_bytes)
 
 from .budget import QueryBudget
 from .export_format import ExportError, load_export
 from .ood_client import check_ood_manifest
 from .protocol import (API_KEY_HEADER, API_PREFIX, BUDGET_HEADER, OCTET_STREAM, REOPEN_HINT, SERVER_TIMING_HEADER,
-                       SESSION_NOT_FOUND, max_public_key_bytes, max_query_bytes)
+                       SESSION_NOT_FOUND)
 from .sessions import Session, SessionStore
 from .transport import HeaderLimit, limited_protocol
 
@@ -249,8 +248,8 @@ class EncryptedService:
                  name: str = "fused"):
         self.layer, self.settings = layer, settings
         layout = layer.layout.to_dict()
-        self.max_key_bytes = settings.max_key_bytes or max_public_key_bytes(layout)
-        self.max_query_bytes = settings.max_query_bytes or max_query_bytes(layout)
+        self.max_key_bytes = settings.max_key_bytes or public_bytes_max(layer.layout)
+        self.max_query_bytes = settings.max_query_bytes or query_max_bytes(layer.layout)
         self.sessions = SessionStore(settings.max_sessions, settings.session_ttl_s,
                                      id_prefix=f"{settings.replica_id}." if settings.replica_id else "")
         self.budget = QueryBudget(settings.rows_per_session, settings.rows_per_client, settings.max_clients)

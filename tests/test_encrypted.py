@@ -1,7 +1,6 @@
-"""Encrypted affine layer: correctness, what a reply reveals, byte validation, keys, exports."""
+"""Encrypted affine layer: correctness, what a reply reveals, byte validation, keys."""
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 
@@ -9,7 +8,7 @@ import numpy as np
 import pytest
 
 from encrypted import (N8192, N16384, ClientKeys, CkksProfile, EncryptedError, EncryptedLinear, InsecureParameters,
-                       IntegrityError, InvalidCiphertext, InvalidKeys, InvalidLayout, LinearLayout,
+                       InvalidCiphertext, InvalidKeys, InvalidLayout, LinearLayout,
                        ParameterMismatch, PublicKeys, decode_slots, decrypt, encrypt)
 from encrypted import wire
 
@@ -282,32 +281,6 @@ def test_bad_weights_are_refused():
         EncryptedLinear(np.ones((2, 8)), np.ones(3))
     with pytest.raises(EncryptedError, match="all zero"):
         EncryptedLinear(np.zeros((2, 8)))
-
-
-# --- exports ----------------------------------------------------------------------------------------
-
-def test_from_export_with_manifest_checksum(tmp_path):
-    from safetensors.numpy import save_file
-
-    W = RNG.normal(0, 0.1, (5, 64)).astype(np.float32)
-    bias = RNG.normal(0, 1, 5).astype(np.float32)
-    save_file({"weight": W, "bias": bias}, str(tmp_path / "fused.safetensors"))
-    save_file({"weight": W[:2], "bias": bias[:2]}, str(tmp_path / "head.safetensors"))
-    digest = hashlib.sha256((tmp_path / "fused.safetensors").read_bytes()).hexdigest()
-    (tmp_path / "manifest.json").write_text(json.dumps({"files": {"fused.safetensors": {"sha256": digest}}}))
-
-    layer = EncryptedLinear.from_export(tmp_path)
-    keys = ClientKeys.generate(layer.layout.profile, layer.rotation_steps)
-    x = RNG.normal(0, 1, (2, 64))
-    reply = layer.apply(encrypt(keys, layer.layout, x)[0], PublicKeys.from_bytes(keys.public_bytes()))
-    assert rel_err(decrypt(keys, layer.layout, [reply], 2), x @ W.T.astype(float) + bias) < 1e-3
-    assert EncryptedLinear.from_export(tmp_path, name="head").output_dim == 2
-
-    save_file({"weight": W * 2, "bias": bias}, str(tmp_path / "fused.safetensors"))
-    with pytest.raises(IntegrityError, match="fused.safetensors"):
-        EncryptedLinear.from_export(tmp_path)
-    with pytest.raises(EncryptedError, match="not found"):
-        EncryptedLinear.from_export(tmp_path, name="map")
 
 
 @pytest.mark.parametrize("pairing", ["outputs", "inputs"])
