@@ -5,12 +5,19 @@ sufficient statistics, which are summed across DDP ranks, and the λ path (ridge
 the validation statistics. Every later epoch is optional gradient fine-tuning from that
 initialisation (MSE, cosine, or the task loss through a frozen target classifier), stopped
 early on `val_loss` with Lightning's `EarlyStopping`. `max_epochs=1` means closed form only.
+
+A fitted aligner is saved as tuned-lens and transformers save a model: `save_pretrained(dir)` writes
+`config.json` (dims, estimator, λ, centering/standardisation, the source and target states' specs,
+format version, checksums) and `model.safetensors`; `AffineAligner.from_pretrained(dir_or_hub_id)`
+reads it back (`serve.export_format` checks the format, version and checksums).
 """
 
 from __future__ import annotations
 
+import math
 import warnings
-from typing import Any, Literal, Sequence
+from pathlib import Path
+from typing import Any, Literal, Sequence, get_args
 
 import lightning as L
 import torch
@@ -61,7 +68,7 @@ class AffineAligner(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        if estimator not in ("ridge", "lstsq", "procrustes", "scaled_procrustes"):
+        if estimator not in get_args(Estimator):
             raise ValueError(f"unknown estimator {estimator!r}; use ridge, lstsq, procrustes or scaled_procrustes")
         if estimator == "ridge" and not lambdas:
             raise ValueError("ridge needs at least one λ in `lambdas`")
@@ -92,6 +99,61 @@ class AffineAligner(L.LightningModule):
             self.linear.weight.copy_(amap.weight.to(self.linear.weight))
             self.linear.bias.copy_(amap.bias.to(self.linear.bias))
         self.fitted.fill_(True)
+
+    # -- saving and loading: config.json + model.safetensors ---------------------------------
+
+    def save_pretrained(self, directory: str | Path, metrics: dict[str, Any] | None = None) -> Path:
+        """Write the fitted map to `directory` (atomically); `AffineAligner.from_pretrained` reads it back."""
+        from lightning_modules.export import write_map_folder
+
+        if not bool(self.fitted):
+            raise ValueError("this aligner was never fitted; fit it first (`xsilo fit` or `Trainer.fit`), then save it")
+        hp, lam = self.hparams, float(self.chosen_lambda)
+        config = {
+            "estimator": hp.estimator,
+            "lambdas": [float(v) for v in hp.lambdas],
+            "chosen_lambda": None if math.isnan(lam) else lam,
+            "lambda_path": [[float(k), float(v)] for k, v in self.lambda_path.items()],  # [λ, validation MSE]
+            "center": bool(hp.center),
+            "standardize": bool(hp.standardize),
+            "normalisation": "centering/standardisation folded into weight and bias: y = x @ weight.T + bias "
+                             "on raw source states",
+            "finetune": {"loss": hp.finetune_loss, "classifier": hp.classifier, "lr": float(hp.lr),
+                         "weight_decay": float(hp.weight_decay)},
+            "source": self.source_spec,
+            "target": self.target_spec,
+            "metrics": metrics or {},
+        }
+        amap = self.affine_map
+        return write_map_folder(directory, amap.weight.double().numpy(), amap.bias.double().numpy(), config)
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id: str | Path, revision: str | None = None) -> "AffineAligner":
+        """A fitted aligner from a `save_pretrained` folder, or a hub id (`owner/name`) fetched with
+        huggingface_hub; refuses a folder whose format, version or checksums do not match."""
+        from serve.export_format import MAP_CONFIG, RESAVE, ExportError, load_map_folder, resolve_pretrained
+
+        directory = resolve_pretrained(path_or_hub_id, revision)
+        part = load_map_folder(directory)
+        config, finetune = part.manifest, part.manifest.get("finetune") or {}
+        loss, classifier = finetune.get("loss", "mse"), finetune.get("classifier")
+        lr, weight_decay = finetune.get("lr", 1e-4), finetune.get("weight_decay", 0.0)
+        if (loss not in get_args(FinetuneLoss) or not (classifier is None or isinstance(classifier, str))
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lr, weight_decay))):
+            raise ExportError(f"{directory / MAP_CONFIG}: 'finetune' must hold loss (mse, cosine or task), "
+                              f"classifier (a path or null), lr and weight_decay (numbers); {RESAVE}")
+        try:
+            aligner = cls(config["input_dim"], config["output_dim"], estimator=config["estimator"],
+                          lambdas=config["lambdas"], center=config["center"], standardize=config["standardize"],
+                          finetune_loss=loss, classifier=classifier, lr=lr, weight_decay=weight_decay)
+        except ValueError as e:
+            raise ExportError(f"{directory / MAP_CONFIG}: {e}; {RESAVE}") from None
+        aligner.load_map(AffineMap(torch.from_numpy(part.weight), torch.from_numpy(part.bias)))
+        if config.get("chosen_lambda") is not None:
+            aligner.chosen_lambda.fill_(float(config["chosen_lambda"]))
+        aligner.lambda_path = {float(k): float(v) for k, v in config.get("lambda_path") or []}
+        aligner.source_spec, aligner.target_spec = config.get("source") or {}, config.get("target") or {}
+        return aligner.eval()
 
     # -- Lightning hooks -----------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Export: fuse the aligner and the target head into one linear layer, and read exports back.
+"""Export: fuse the aligner and the target head into one linear layer; write exports and map folders.
 
 An export directory holds, for each of `fused` (map then head: what the encrypted server
 runs), `map` (the aligner alone) and `head` (the classifier alone, for split mode where the
@@ -8,8 +8,10 @@ client maps locally):
     NAME.onnx          one Gemm node: output = input @ weightᵀ + bias
 
 plus `manifest.json` with the source and target states' specs, dimensions, label names,
-normalisation, metrics and every file's sha256. The reader (`load_export`, `read_manifest`,
-`verify_file`) is `serve.export_format`, re-exported here; it needs no training code.
+normalisation, metrics and every file's sha256 (`FusedExport.save_pretrained`, `write_export`).
+A map folder is `config.json` + `model.safetensors` (`write_map_folder`, under
+`AffineAligner.save_pretrained`). The reader of both (`load_export`, `LinearExport.from_pretrained`,
+`load_map_folder`, ...) is `serve.export_format`, re-exported here; it needs no training code.
 """
 
 from __future__ import annotations
@@ -19,16 +21,22 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from datamodules.assets import sha256_file
-
 # The reader lives in serve.export_format (numpy only, no training code): one reader for the server and here.
-from serve.export_format import (FORMAT, FORMAT_VERSION, MANIFEST, PARTS, ExportError, LinearExport,  # noqa: F401
-                                 load_export, read_manifest, verify_file)
+from serve.export_format import (FORMAT, FORMAT_VERSION, MANIFEST, MAP_CONFIG, MAP_FORMAT,  # noqa: F401
+                                 MAP_VERSION, MAP_WEIGHTS, PARTS, ExportError, LinearExport, load_export,
+                                 load_map_folder, read_manifest, read_map_config, resolve_pretrained,
+                                 sha256_file, verify_file)
+
+if TYPE_CHECKING:
+    from lightning_modules.aligner import AffineAligner
+    from lightning_modules.classifier import LinearClassifier
 
 
 # --- writing ----------------------------------------------------------------------------
@@ -64,6 +72,43 @@ def gemm_onnx(weight: np.ndarray, bias: np.ndarray, input_name: str = "hidden", 
     return model
 
 
+@contextmanager
+def staged_folder(out: Path, replaceable: bool) -> Iterator[Path]:
+    """A temp folder beside `out`, renamed onto `out` when the block succeeds and removed when it fails, so
+    `out` is never half-written. An existing non-empty `out` is replaced only when `replaceable`."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} is a file; choose a folder path for the output")
+    if out.exists() and any(out.iterdir()) and not replaceable:
+        raise ExportError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def file_records(folder: Path) -> dict[str, dict[str, Any]]:
+    """{filename: {"sha256", "bytes"}} for every file in `folder` (what the reader verifies)."""
+    return {f.name: {"sha256": sha256_file(f), "bytes": f.stat().st_size} for f in sorted(folder.iterdir())}
+
+
+def _float32(t) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(t, dtype=np.float64).astype(np.float32))
+
+
+def _write_json(path: Path, doc: dict[str, Any]) -> None:
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 def write_export(
     out: str | Path,
     map_weight, map_bias, head_weight, head_bias,
@@ -90,26 +135,17 @@ def write_export(
             raise ExportError(str(e)) from e
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
     fused_w, fused_b = fuse(map_weight, map_bias, head_weight, head_bias)
-    as32 = lambda t: np.ascontiguousarray(np.asarray(t, dtype=np.float64).astype(np.float32))  # noqa: E731
-    parts = {"fused": (as32(fused_w), as32(fused_b)), "map": (as32(map_weight), as32(map_bias)),
-             "head": (as32(head_weight), as32(head_bias))}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-    try:
-        files = {}
+    parts = {"fused": (_float32(fused_w), _float32(fused_b)), "map": (_float32(map_weight), _float32(map_bias)),
+             "head": (_float32(head_weight), _float32(head_bias))}
+    with staged_folder(out, overwrite) as tmp:
         for name, (w, b) in parts.items():
             save_file({"weight": w, "bias": b}, str(tmp / f"{name}.safetensors"))
             (tmp / f"{name}.onnx").write_bytes(gemm_onnx(w, b).SerializeToString())
-            for suffix in (".safetensors", ".onnx"):
-                file = tmp / f"{name}{suffix}"
-                files[file.name] = {"sha256": sha256_file(file), "bytes": file.stat().st_size}
         manifest = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "created": _now(),
             "source": source,
             "target": target,
             "input_dim": int(parts["fused"][0].shape[1]),
@@ -125,47 +161,109 @@ def write_export(
             },
             "metrics": metrics or {},
             **({"ood": ood} if ood is not None else {}),
-            "files": files,
+            "files": file_records(tmp),
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _write_json(tmp / MANIFEST, manifest)
     return out
+
+
+def write_map_folder(out: str | Path, weight, bias, config: dict[str, Any]) -> Path:
+    """Write a map folder: `model.safetensors` (float32 `weight`, `bias`) and `config.json` (`config` plus
+    format, version, dims and checksums), atomically. `out` may replace an earlier map folder, never
+    another non-empty folder."""
+    from safetensors.numpy import save_file
+
+    out = Path(out)
+    w, b = _float32(weight), _float32(bias)
+    if w.ndim != 2 or b.shape != w.shape[:1]:
+        raise ExportError(f"a map needs weight (out, in) and bias (out,), got {w.shape} and {b.shape}")
+    if not (np.isfinite(w).all() and np.isfinite(b).all()):
+        raise ExportError("the map's weight or bias holds NaN/inf; refit it (a larger ridge λ, or check the states)")
+    earlier = (out / MAP_CONFIG).is_file() and _is_map_config(out / MAP_CONFIG)
+    if out.exists() and out.is_dir() and any(out.iterdir()) and not earlier:
+        raise ExportError(f"{out} holds other files and is not a map folder; save the map into a new or empty folder")
+    with staged_folder(out, replaceable=True) as tmp:
+        save_file({"weight": w, "bias": b}, str(tmp / MAP_WEIGHTS))
+        doc = {"format": MAP_FORMAT, "version": MAP_VERSION, "created": _now(),
+               "input_dim": int(w.shape[1]), "output_dim": int(w.shape[0]),
+               **{k: v for k, v in config.items() if k not in ("format", "version", "files")},
+               "files": file_records(tmp)}
+        _write_json(tmp / MAP_CONFIG, doc)
+    return out
+
+
+def _is_map_config(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("format") == MAP_FORMAT
+    except (ValueError, OSError, AttributeError, RecursionError):
+        return False
+
+
+@dataclass
+class FusedExport:
+    """A map and a target head, with what an export records beside them; `save_pretrained` writes the
+    export folder that `LinearExport.from_pretrained` (and `xsilo serve`) read."""
+
+    map_weight: np.ndarray  # (target_dim, input_dim)
+    map_bias: np.ndarray
+    head_weight: np.ndarray  # (classes, target_dim)
+    head_bias: np.ndarray
+    source: dict[str, Any] = field(default_factory=dict)
+    target: dict[str, Any] = field(default_factory=dict)
+    label_names: list[str] | None = None
+    metrics: dict[str, Any] | None = None
+    ood: dict[str, Any] | None = None
+
+    @classmethod
+    def from_modules(cls, aligner: "AffineAligner", head: "LinearClassifier", metrics: dict[str, Any] | None = None,
+                     ood: dict[str, Any] | None = None, where: str = "the aligner") -> "FusedExport":
+        """From a fitted aligner and a classifier trained on the same target states."""
+        if not bool(aligner.fitted):
+            raise ExportError(f"{where} holds an aligner that was never fitted; run `xsilo fit` first")
+        target, head_states = aligner.target_spec, head.states_spec
+        for key in ("model_identity", "pooling", "layer", "max_length"):
+            if target.get(key) is not None and head_states.get(key) is not None and target[key] != head_states[key]:
+                raise ExportError(f"the aligner maps into {key}={target[key]!r} states but the classifier was "
+                                  f"trained on {key}={head_states[key]!r}; train both on the same target states")
+        amap, hmap = aligner.affine_map, head.affine_map
+        return cls(amap.weight.double().numpy(), amap.bias.double().numpy(), hmap.weight.double().numpy(),
+                   hmap.bias.double().numpy(), source=aligner.source_spec, target=target,
+                   label_names=head.hparams.label_names, metrics=metrics, ood=ood)
+
+    @classmethod
+    def from_checkpoints(cls, aligner_ckpt: str | Path, classifier_ckpt: str | Path,
+                         metrics: dict[str, Any] | None = None, ood: dict[str, Any] | None = None) -> "FusedExport":
+        """From an AffineAligner checkpoint (or a `save_pretrained` map folder) and a LinearClassifier checkpoint.
+
+        `ood` (from `xsilo evaluate_ood`'s ood-threshold.json) must have been calibrated on these two
+        checkpoints when it records their sha256.
+        """
+        from lightning_modules.aligner import AffineAligner
+        from lightning_modules.classifier import LinearClassifier
+
+        aligner_is_folder = Path(aligner_ckpt).is_dir()
+        for path in ((classifier_ckpt,) if aligner_is_folder else (aligner_ckpt, classifier_ckpt)):
+            if not Path(path).is_file():
+                raise ExportError(f"checkpoint {path} does not exist")
+        for role, path in (("aligner", aligner_ckpt), ("classifier", classifier_ckpt)):
+            expected = (ood or {}).get("checkpoints", {}).get(role)
+            if expected is not None and (not Path(path).is_file() or sha256_file(Path(path)) != expected):
+                raise ExportError(f"the OOD thresholds were calibrated with another {role} than {path}; export the "
+                                  "checkpoints written by the same `xsilo evaluate_ood` run, or re-run it")
+        aligner = (AffineAligner.from_pretrained(aligner_ckpt) if aligner_is_folder
+                   else AffineAligner.load_from_checkpoint(aligner_ckpt, map_location="cpu"))
+        head = LinearClassifier.load_from_checkpoint(classifier_ckpt, map_location="cpu")
+        return cls.from_modules(aligner, head, metrics, ood, where=str(aligner_ckpt))
+
+    def save_pretrained(self, out: str | Path, overwrite: bool = False) -> Path:
+        """Write the export folder (fused, map and head parts, manifest.json) atomically."""
+        return write_export(out, self.map_weight, self.map_bias, self.head_weight, self.head_bias,
+                            source=self.source, target=self.target, label_names=self.label_names,
+                            metrics=self.metrics, overwrite=overwrite, ood=self.ood)
 
 
 def export_checkpoints(aligner_ckpt: str | Path, classifier_ckpt: str | Path, out: str | Path,
                        metrics: dict[str, Any] | None = None, overwrite: bool = False,
                        ood: dict[str, Any] | None = None) -> Path:
-    """Fuse a fitted AffineAligner checkpoint with a target LinearClassifier checkpoint.
-
-    `ood` (from `xsilo evaluate_ood`'s ood-threshold.json) must have been calibrated on these
-    two checkpoints when it records their sha256.
-    """
-    from lightning_modules.aligner import AffineAligner
-    from lightning_modules.classifier import LinearClassifier
-
-    for path in (aligner_ckpt, classifier_ckpt):
-        if not Path(path).is_file():
-            raise ExportError(f"checkpoint {path} does not exist")
-    for role, path in (("aligner", aligner_ckpt), ("classifier", classifier_ckpt)):
-        expected = (ood or {}).get("checkpoints", {}).get(role)
-        if expected is not None and sha256_file(Path(path)) != expected:
-            raise ExportError(f"the OOD thresholds were calibrated with another {role} than {path}; export the "
-                              "checkpoints written by the same `xsilo evaluate_ood` run, or re-run it")
-    aligner = AffineAligner.load_from_checkpoint(aligner_ckpt, map_location="cpu")
-    head = LinearClassifier.load_from_checkpoint(classifier_ckpt, map_location="cpu")
-    if not bool(aligner.fitted):
-        raise ExportError(f"{aligner_ckpt} holds an aligner that was never fitted; run `xsilo fit` first")
-    target, head_states = aligner.target_spec, head.states_spec
-    for key in ("model_identity", "pooling", "layer", "max_length"):
-        if target.get(key) is not None and head_states.get(key) is not None and target[key] != head_states[key]:
-            raise ExportError(f"the aligner maps into {key}={target[key]!r} states but the classifier was "
-                              f"trained on {key}={head_states[key]!r}; train both on the same target states")
-    amap, hmap = aligner.affine_map, head.affine_map
-    return write_export(out, amap.weight, amap.bias, hmap.weight, hmap.bias, source=aligner.source_spec,
-                        target=target, label_names=head.hparams.label_names, metrics=metrics,
-                        overwrite=overwrite, ood=ood)
+    """`xsilo export`: fuse a fitted aligner (checkpoint or map folder) with a target classifier checkpoint."""
+    return FusedExport.from_checkpoints(aligner_ckpt, classifier_ckpt, metrics, ood).save_pretrained(out, overwrite)

@@ -5,8 +5,8 @@ space and the target's LM head picks the next token. That token's text is append
 source reads on (reusing its KV cache whenever its re-tokenisation only appends tokens).
 
 * `fit_generation_map` fits the map on paired per-position states (`datamodules.tokens`) with
-  the aligner's estimators; `export_generation_map` / `load_generation_map` store it as a
-  map-only `lightning_modules.export` export.
+  the aligner's estimators; `save_generation_map` / `load_generation_map` store it as a map
+  folder (`AffineAligner.save_pretrained` / `from_pretrained`: config.json + model.safetensors).
 * `generate` / `stream_generate` run the loop (greedy or temperature / top-k / top-p sampling,
   stop strings, max_new_tokens, streamed text pieces); with no source they run the target alone.
 * `evaluate_generation` reports next-token agreement (top-1, top-5, KL) on held-out texts'
@@ -36,10 +36,11 @@ from datamodules.tokens import (
     split_texts,
     tokenizer_compatibility,
 )
-from lightning_modules.export import ExportError, load_export, read_manifest, write_export
+from lightning_modules.aligner import AffineAligner
+from lightning_modules.export import MAP_CONFIG, MANIFEST, ExportError
 from lightning_modules.solvers import DEFAULT_LAMBDAS, AffineMap, fit_affine, select_lambda
 
-EXPORT_DIR = "export"
+MAP_DIR = "map"  # the map folder under `xsilo evaluate_generation --out DIR`
 _DECODE_CONTEXT = 8  # target tokens decoded before a new one, so its text carries the right spacing
 
 
@@ -82,30 +83,38 @@ def check_map(amap: AffineMap, source: CausalLM, target: CausalLM, where: str = 
             f"`xsilo evaluate_generation --source {source.name} --target {target.name} --out DIR`")
 
 
-def export_generation_map(out: str | Path, amap: AffineMap, source: CausalLM, target: CausalLM,
-                          max_length: int, metrics: dict[str, Any] | None = None, overwrite: bool = True) -> Path:
-    """A map-only export: the map as `map` (and `fused`), an identity `head` in the target's space."""
-    eye = torch.eye(amap.d_y, dtype=torch.float64)
+def save_generation_map(out: str | Path, amap: AffineMap, source: CausalLM, target: CausalLM, max_length: int, *,
+                        estimator: str = "ridge", lambdas: Sequence[float] = DEFAULT_LAMBDAS,
+                        chosen_lambda: float | None = None, center: bool = True, standardize: bool = False,
+                        metrics: dict[str, Any] | None = None) -> Path:
+    """Save the map as a map folder (`AffineAligner.save_pretrained`), with both models' specs."""
+    aligner = AffineAligner(amap.d_x, amap.d_y, estimator=estimator, lambdas=lambdas, center=center,
+                            standardize=standardize)
+    aligner.load_map(amap)
+    if chosen_lambda is not None:
+        aligner.chosen_lambda.fill_(chosen_lambda)
     spec = lambda lm: {**lm.spec(), "max_length": max_length, "pooling": "per-position"}  # noqa: E731
-    return write_export(out, amap.weight.double(), amap.bias.double(), eye, torch.zeros(amap.d_y, dtype=torch.float64),
-                        source=spec(source), target=spec(target), label_names=None, metrics=metrics,
-                        overwrite=overwrite)
+    aligner.source_spec, aligner.target_spec = spec(source), spec(target)
+    return aligner.save_pretrained(out, metrics=metrics)
 
 
 def load_generation_map(directory: str | Path, source: CausalLM, target: CausalLM) -> AffineMap:
-    """Read an export's `map` part (DIR or DIR/export) and check it against both models."""
+    """The map of a map folder (DIR, DIR/map or a hub id), checked against both models."""
     directory = Path(directory)
-    if not (directory / "manifest.json").is_file() and (directory / EXPORT_DIR / "manifest.json").is_file():
-        directory = directory / EXPORT_DIR
-    manifest = read_manifest(directory)
-    for role, lm in (("source", source), ("target", target)):
-        recorded = (manifest.get(role) or {}).get("model_identity")
+    if (directory / MAP_DIR / MAP_CONFIG).is_file():
+        directory = directory / MAP_DIR
+    elif (directory / "export" / MANIFEST).is_file() and not (directory / MAP_CONFIG).is_file():
+        raise ExportError(f"{directory / 'export'} is a generation map saved by an older xsilo as an export with an "
+                          f"identity head; re-run `xsilo evaluate_generation --out {directory}` to save it as a map "
+                          "folder")
+    aligner = AffineAligner.from_pretrained(directory)
+    for role, lm, spec in (("source", source, aligner.source_spec), ("target", target, aligner.target_spec)):
+        recorded = spec.get("model_identity")
         if recorded and lm.identity and recorded != lm.identity:
-            raise ExportError(f"the map in {directory} was fitted for {role} "
-                              f"{manifest[role].get('model')!r}, not {lm.name!r} (model identities differ); "
-                              f"fit one with `xsilo evaluate_generation --source {source.name} --target {target.name}`")
-    part = load_export(directory, "map")
-    amap = AffineMap(torch.from_numpy(part.weight), torch.from_numpy(part.bias))
+            raise ExportError(f"the map in {directory} was fitted for {role} {spec.get('model')!r}, not {lm.name!r} "
+                              f"(model identities differ); fit one with "
+                              f"`xsilo evaluate_generation --source {source.name} --target {target.name}`")
+    amap = aligner.affine_map
     check_map(amap, source, target, f"the map in {directory}")
     return amap
 
@@ -423,7 +432,7 @@ def public_texts(spec: str, limit: int | None) -> list[str]:
 def evaluate_generation(cfg: GenerationEvalConfig, out: str | Path | None = None,
                         source: CausalLM | None = None, target: CausalLM | None = None) -> dict[str, Any]:
     """Compatibility, fit (cached paired statistics), agreement and generation metrics; writes
-    metrics.json, metrics.md and the map export under `out` when given. Models may be injected."""
+    metrics.json, metrics.md and the map folder (OUT/map) under `out` when given. Models may be injected."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     texts = public_texts(cfg.public, cfg.public_limit)
@@ -460,8 +469,10 @@ def evaluate_generation(cfg: GenerationEvalConfig, out: str | Path | None = None
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        export_generation_map(out / EXPORT_DIR, fitted.amap, source, target, cfg.max_length,
-                              metrics={k: results[k] for k in ("pair", "compatibility", "positions", "rows")})
+        save_generation_map(out / MAP_DIR, fitted.amap, source, target, cfg.max_length, estimator=cfg.estimator,
+                            lambdas=cfg.lambdas, chosen_lambda=fitted.lam, center=cfg.center,
+                            standardize=cfg.standardize,
+                            metrics={k: results[k] for k in ("pair", "compatibility", "positions", "rows")})
         write_report(results, out)
     return results
 

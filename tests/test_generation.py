@@ -35,11 +35,11 @@ from lightning_modules.generation import (
     GenerationEvalConfig,
     Sampling,
     evaluate_generation,
-    export_generation_map,
     fit_generation_map,
     generate,
     load_generation_map,
     public_texts,
+    save_generation_map,
     stream_generate,
 )
 from lightning_modules.solvers import AffineMap
@@ -195,10 +195,10 @@ def test_paired_stats_are_cached_once_for_both_directions(pair, tmp_path):
     assert not other.hit and len(list(tmp_path.iterdir())) == 2  # max_length is part of the key
 
 
-def test_export_round_trip_and_mismatch_errors(pair, fitted, tmp_path):
+def test_map_round_trip_and_mismatch_errors(pair, fitted, tmp_path):
     source, target = pair
     amap = fitted[1].amap
-    export_generation_map(tmp_path / "run" / "export", amap, source, target, max_length=32)
+    save_generation_map(tmp_path / "run" / "map", amap, source, target, max_length=32)
     loaded = load_generation_map(tmp_path / "run", source, target)  # the parent folder works too
     assert torch.allclose(loaded.weight, amap.weight) and torch.allclose(loaded.bias, amap.bias)
     with pytest.raises(ExportError, match="fitted for source"):
@@ -328,7 +328,7 @@ def test_cli_generate_streams_the_mapped_text(tmp_path, capsys):
         pytest.skip("`xsilo generate` is not wired into lightning_modules/cli.py yet")
     path = build_tiny_model("llama", tmp_path / "llama")
     lm = load_causal_lm(str(path))
-    export_generation_map(tmp_path / "map", AffineMap(torch.eye(D), torch.zeros(D)), lm, lm, max_length=32)
+    save_generation_map(tmp_path / "map", AffineMap(torch.eye(D), torch.zeros(D)), lm, lm, max_length=32)
     expected = generate(lm, "the cat", max_new_tokens=6).text
     cli.main(["generate", "--source", str(path), "--target", str(path), "--aligner", str(tmp_path / "map"),
               "--max_new_tokens", "6", "the cat"])
