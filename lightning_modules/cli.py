@@ -590,12 +590,12 @@ def serve(*, export: str, host: str = "127.0.0.1", port: int = 8000, api_key: st
         rows_per_session: query budget: rows (query lanes) answered per session (default: no limit).
         rows_per_client: query budget per API key, or per client address without a key (default: no limit).
         output_noise: standard deviation of Gaussian noise added to every output, against model extraction.
+        circuit_privacy: statistical security in bits (e.g. 30) of circuit-private replies (profile n8192-private).
         log_level: log level of uvicorn and the request log.
     """
     import os
 
     from serve.server import run
-        circuit_privacy: statistical security in bits (e.g. 30) of circuit-private replies (profile n8192-private).
 
     run(export, host=host, port=port, api_key=api_key if api_key is not None else os.environ.get("XSILO_API_KEY"),
         max_sessions=max_sessions, session_ttl_s=session_ttl_s, max_concurrency=max_concurrency,
@@ -729,6 +729,27 @@ def _main(argv: list[str]) -> None:
     except KeyboardInterrupt:
         print("interrupted: finished shards and files are kept; rerun to resume", file=sys.stderr)
         raise SystemExit(130) from None
+    except ModuleNotFoundError as e:
+        # The base install serves only; models, fitting and evaluation need the `train` extra.
+        if not e.name or e.name.split(".")[0] not in _train_modules():
+            raise
+        command = " ".join(argv[:2] if argv and isinstance(COMMANDS.get(argv[0]), dict) else argv[:1])
+        print(f"error: `xsilo {command}` needs {e.name}, which is not installed; "
+              "install the training extras: pip install 'xsilo[train]'", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _train_modules() -> set[str]:
+    """Top-level modules of the `train` extra (each is named like its distribution)."""
+    import re
+    from importlib.metadata import PackageNotFoundError, requires
+
+    try:
+        requirements = requires("xsilo") or []
+    except PackageNotFoundError:
+        return set()
+    return {re.split(r"[^A-Za-z0-9_.-]", r, maxsplit=1)[0].lower().replace("-", "_")
+            for r in requirements if re.search(r"extra\s*==\s*['\"]train['\"]", r)}
 
 
 if __name__ == "__main__":
