@@ -233,7 +233,8 @@ class FusedExport:
     @classmethod
     def from_checkpoints(cls, aligner_ckpt: str | Path, classifier_ckpt: str | Path,
                          metrics: dict[str, Any] | None = None, ood: dict[str, Any] | None = None) -> "FusedExport":
-        """From an AffineAligner checkpoint (or a `save_pretrained` map folder) and a LinearClassifier checkpoint.
+        """From an AffineAligner checkpoint (`*.ckpt`; else a `save_pretrained` map folder or hub id) and a
+        LinearClassifier checkpoint.
 
         `ood` (from `xsilo evaluate_ood`'s ood-threshold.json) must have been calibrated on these two
         checkpoints when it records their sha256.
@@ -241,7 +242,7 @@ class FusedExport:
         from lightning_modules.aligner import AffineAligner
         from lightning_modules.classifier import LinearClassifier
 
-        aligner_is_folder = Path(aligner_ckpt).is_dir()
+        aligner_is_folder = not (Path(aligner_ckpt).is_file() or str(aligner_ckpt).endswith(".ckpt"))
         for path in ((classifier_ckpt,) if aligner_is_folder else (aligner_ckpt, classifier_ckpt)):
             if not Path(path).is_file():
                 raise ExportError(f"checkpoint {path} does not exist")
