@@ -538,7 +538,7 @@ def prepare(names: list[str] | None = None, log: callable = print) -> list[str]:
 def asset_table() -> list[dict[str, str]]:
     return [
         {"name": a.name, "kind": a.kind, "prepared": "yes" if is_prepared(a.name) else "no",
-         "description": a.description, "origin": a.origin}
+         "description": a.description}
         for a in load_registry().values()
     ]
 
