@@ -254,8 +254,10 @@ class _Entry:
         if fmt is not None and fmt not in DATA_FORMATS:
             self.fail("format", f"{fmt!r} is not a known format", f"use one of {', '.join(DATA_FORMATS)}")
         if fmt is None:
-            first = Path(next(iter(paths.values())))
-            fmt = FORMATS.get(first.suffix.lower(), "datasets" if not first.suffix else None)
+            first = Path(next(iter(paths.values()))).expanduser()
+            local = first if first.is_absolute() or self.packages or self.base is None else self.base / first
+            folder = not first.suffix and (bool(self.packages) or not local.is_file())
+            fmt = FORMATS.get(first.suffix.lower(), "datasets" if folder else None)
             if fmt is None:
                 self.fail("format", f"cannot be inferred from {first.name!r}",
                           f"add format: one of {', '.join(DATA_FORMATS)}")

@@ -144,6 +144,7 @@ def test_a_reader_entry_has_no_data_files():
     ("datasets:\n  d: {reader: csv, file: x, packages: [p==1]}\n", r"key 'reader' 'csv' is not a built-in reader"),
     ("datasets:\n  d: {file: ok.csv, format: xlsx}\n", r"key 'format' 'xlsx' is not a known format; use one of"),
     ("datasets:\n  d: {file: ok.xlsx}\n", r"key 'format' cannot be inferred from 'ok.xlsx'; add format"),
+    ("datasets:\n  d: {file: m/plain}\n", r"key 'format' cannot be inferred from 'plain'; add format"),
     ("datasets:\n  d: {file: ok.csv, splits: {train: 0.8, test: 0.3}}\n", r"fractions must each be in \(0, 1\) and sum"),
     ("datasets:\n  d: {file: ok.csv, splits: {train: 0.5, test: ok.csv}}\n", r"key 'splits' mixes files and fractions"),
     ("datasets:\n  d: {splits: {test: ok.csv}}\n", r"key 'splits' has no 'train' split"),
@@ -155,6 +156,7 @@ def test_a_reader_entry_has_no_data_files():
 def test_bad_entries_get_one_line_errors(tmp_path, text, message):
     (tmp_path / "m").mkdir()
     write(tmp_path / "ok.csv", "text,label\n")
+    write(tmp_path / "m" / "plain", "text\n")
     with pytest.raises(AssetError, match=message) as error:
         parse_registry(text, "mine.yaml", tmp_path)
     assert str(error.value).startswith("registry mine.yaml") and "\n" not in str(error.value)
