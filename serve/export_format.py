@@ -46,7 +46,7 @@ MAP_CONFIG = "config.json"
 MAP_WEIGHTS = "model.safetensors"
 MAP_FORMAT = "xsilo-affine-map"
 MAP_VERSION = 1
-RESAVE = "save the map again with `AffineAligner.save_pretrained` (or `xsilo evaluate_generation --out DIR`)"
+RESAVE = "save the map again (`AffineAligner.save_pretrained`, or `xsilo evaluate_generation --out DIR`)"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}")
 
@@ -123,7 +123,7 @@ def check_header(doc: Any, path: Path | str, fmt: str, version: int, fix: str) -
                           f"{'`xsilo export`' if fmt == FORMAT else '`save_pretrained`'} wrote")
     if doc.get("version") != version:
         raise ExportError(f"{path}: {fmt} version {doc.get('version')!r} is not the version {version} this xsilo "
-                          f"reads; {fix} with this xsilo, or use the xsilo that wrote it")
+                          f"reads; use the xsilo that wrote it, or {fix} with this one")
     files = doc.get("files")
     if not isinstance(files, dict) or not files:
         raise bad("'files'", "must be a non-empty object {filename: {\"sha256\": ..., \"bytes\": ...}}")
