@@ -1,10 +1,10 @@
-# Two commands do everything on a fresh machine: `make demo` and `make test`.
+# Two commands do everything on a fresh machine: `make demo` and `make test` (`make demo-full`: full sizes).
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export XSILO_HOME ?= $(HOME)/.cache/xsilo
 
-.PHONY: demo test test-fast venv clean-venv
+.PHONY: demo demo-full test test-fast venv clean-venv
 
 venv: $(STAMP)
 
@@ -21,8 +21,13 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
+# DEMO=quick (default): seeded samples, about 10 minutes on 2 cores; DEMO=full or `make demo-full`: full sizes.
+DEMO ?= quick
 demo: $(STAMP)
-	bash scripts/demo.sh
+	DEMO=$(DEMO) bash scripts/demo.sh
+
+demo-full: $(STAMP)
+	DEMO=full bash scripts/demo.sh
 
 clean-venv:
 	rm -rf $(VENV)

@@ -449,7 +449,7 @@ def prefill_states(config, cache_root: str | Path | None = None, max_extract: in
         extra_cfg = ExtractionConfig(model=config.model, data=str(extra), pooling=job.pooling, layer=config.layer,
                                      max_length=config.max_length, dtype=config.dtype, batch_size=config.batch_size,
                                      label_column=None)
-        result = extract(extra_cfg, cache_root=cache_root, threads=threads, progress=False)
+        result = extract(extra_cfg, cache_root=cache_root, threads=threads)
         for row, text in enumerate(missing):
             index[text] = (result.path, row)
     ensure_writable(job.directory)

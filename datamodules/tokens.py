@@ -29,6 +29,7 @@ from torch import Tensor
 from datamodules.assets import AssetError, resolve_model, xsilo_home
 from datamodules.cache import CacheError, atomic_write_bytes, atomic_write_json, ensure_writable
 from datamodules.extraction import DTYPES, is_causal_lm, load_tokenizer, model_identity
+from datamodules.progress import Progress
 from lightning_modules.solvers import SufficientStats
 
 FORMAT_VERSION = 1
@@ -434,15 +435,19 @@ def accumulate_paired_stats(source: CausalLM, target: CausalLM, texts: Sequence[
     train, val, null = (SufficientStats.zeros(d_x, d_y) for _ in range(3))
     generator = torch.Generator().manual_seed(seed + 1)
     counts = {"train_positions": 0, "val_positions": 0, "source_tokens": 0, "target_tokens": 0}
+    progress = Progress(f"paired token states {source.name} -> {target.name}",
+                        len(splits["train"]) + len(splits["val"]), unit="texts")
     for split, stats in (("train", train), ("val", val)):
         chosen = [texts[i] for i in splits[split]]
         for batch in paired_batches(source, target, chosen, max_length, batch_size):
+            progress.update(int(batch.text.unique().numel()))
             stats.update(batch.x, batch.y)
             counts[f"{split}_positions"] += batch.x.shape[0]
             counts["source_tokens"] += batch.source_tokens
             counts["target_tokens"] += batch.target_tokens
             if split == "train":
                 null.update(batch.x, batch.y[torch.randperm(batch.y.shape[0], generator=generator)])
+    progress.close()
     return PairedStats(train, val, null, info=counts)
 
 

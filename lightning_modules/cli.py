@@ -125,6 +125,7 @@ def evaluate(
     task: str,
     public: str = "movie-dialog",
     public_limit: int | None = 4000,
+    task_limit: int | None = None,
     max_length: int = 128,
     estimator: str = "ridge",
     center: bool = True,
@@ -142,6 +143,7 @@ def evaluate(
         task: labelled dataset (stratified train/val/test split).
         public: shared public dataset for fitting the map.
         public_limit: rows of the public set to use.
+        task_limit: keep N task rows (a seeded random sample; the split is stratified within it).
         max_length: truncation length in tokens.
         estimator: ridge (λ chosen on held-out public rows), lstsq, procrustes or scaled_procrustes.
         center: fit an intercept.
@@ -155,7 +157,7 @@ def evaluate(
 
     _quiet()
     cfg = PairConfig(source=source, target=target, task=task, public=public, public_limit=public_limit,
-                     max_length=max_length, estimator=estimator, center=center, standardize=standardize,
+                     task_limit=task_limit, max_length=max_length, estimator=estimator, center=center, standardize=standardize,
                      classifier_epochs=classifier_epochs, seed=seed, threads=threads)
     results = evaluate_pair(cfg, out=out)
     print(markdown_report(results))
@@ -393,6 +395,7 @@ def public_set_build(
     seed: int = 0,
     text_column: str = "text",
     strict: bool = False,
+    max_length: int = 128,
     threads: int | None = None,
 ) -> None:
     """Compose the shared public set from unlabelled sources; it never holds a task's validation or test texts.
@@ -416,6 +419,7 @@ def public_set_build(
         seed: sampling seed.
         text_column: text column of file and hub sources.
         strict: fail instead of redistributing when the size or mix cannot be met.
+        max_length: truncation length in tokens of the --models caches (use the one you evaluate with).
         threads: torch threads for any extraction.
     """
     from datamodules.extraction import ExtractionConfig
@@ -425,13 +429,14 @@ def public_set_build(
     path = build_public_set(sources or (), size=size, mix=mix, exclude_tasks=exclude_tasks, out=name,
                             exclude_datasets=exclude_datasets or (), val_fraction=val_fraction,
                             test_fraction=test_fraction, split_seed=split_seed, seed=seed, text_column=text_column,
-                            prefer=cached_texts(models) if models else None, strict=strict)
+                            prefer=cached_texts(models, max_length=max_length) if models else None, strict=strict)
     m = read_manifest(path)
     parts = ", ".join(f"{s['name']} {s['selected']}" for s in m["sources"])
     print(f"{m['rows']} rows ({parts}); excluded {m['excluded']['rows_total']} held-out/excluded texts of "
           f"{', '.join(t['task'] for t in m['excluded']['tasks']) or 'no task'}", file=sys.stderr)
     for model in models or ():
-        r = prefill_states(ExtractionConfig(model=model, data=str(path), label_column=None), threads=threads)
+        r = prefill_states(ExtractionConfig(model=model, data=str(path), max_length=max_length, label_column=None),
+                           threads=threads)
         print(f"{model}: {'cache hit' if r.hit else f'{r.reused} rows reused, {r.extracted} extracted'}",
               file=sys.stderr)
     print(path)

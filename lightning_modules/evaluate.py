@@ -43,6 +43,7 @@ class PairConfig:
     task: str
     public: str = "movie-dialog"
     public_limit: int | None = 4000
+    task_limit: int | None = None  # a seeded sample of the task's rows (None: all)
     max_length: int = 128
     estimator: str = "ridge"
     lambdas: Sequence[float] = DEFAULT_LAMBDAS
@@ -121,8 +122,8 @@ def evaluate_pair(cfg: PairConfig, out: str | Path | None = None) -> dict[str, A
     common = dict(max_length=cfg.max_length, seed=cfg.seed, extract_batch_size=cfg.extract_batch_size)
     public = PairedStatesDataModule(source=cfg.source, target=cfg.target, data=cfg.public,
                                     limit=cfg.public_limit, **common)
-    task_target = LabelledStatesDataModule(model=cfg.target, data=cfg.task, **common)
-    task_source = LabelledStatesDataModule(model=cfg.source, data=cfg.task, **common)
+    task_target = LabelledStatesDataModule(model=cfg.target, data=cfg.task, limit=cfg.task_limit, **common)
+    task_source = LabelledStatesDataModule(model=cfg.source, data=cfg.task, limit=cfg.task_limit, **common)
     for dm in (public, task_target, task_source):
         dm.prepare_data()
 

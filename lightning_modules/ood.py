@@ -218,7 +218,6 @@ class OODConfig(PairConfig):
     """A PairConfig plus the OOD sets and detector settings."""
 
     ood: Sequence[str] = ()
-    task_limit: int | None = None
     ood_limit: int | None = 500
     knn_k: int = 50
     mahalanobis_shrinkage: float = 1e-2

@@ -215,8 +215,12 @@ def _ood_section(run: Path, result: dict, notes: list[str]) -> list[str]:
         return lines + ["ROC plot skipped: no ROC points in ood.json.", ""]
     curves = {name: per_detector[detector] for name, per_detector in result["roc"].items()}
     roc_chart(curves, f"ROC, detector {detector}: native target states vs mapped source states", run / "roc.png")
-    return lines + [f"ROC curves of the `{detector}` detector (the one in the export), OOD as the positive class.",
-                    "", "![roc](roc.png)", ""]
+    lines.append(f"ROC curves of the `{detector}` detector (the logit detector in the export), OOD as the positive "
+                 "class.")
+    if "deployable" in result:
+        lines.append(f"The detector a fused-mode client runs is `{result['deployable']['chosen']}`, chosen by "
+                     f"validation AUROC among those it can compute (`{OOD}` key `deployable`).")
+    return lines + ["", "![roc](roc.png)", ""]
 
 
 def _serve_section(run: Path, result: dict, notes: list[str]) -> list[str]:

@@ -1,43 +1,72 @@
 #!/usr/bin/env bash
 # The whole pipeline on real models and data: `make demo` runs this inside .venv.
-# Client A runs SmolLM2, server B runs Gemma-3; the public set is movie dialog.
+# Client A runs SmolLM2, server B runs Gemma-3.
+#   DEMO=quick (default, `make demo`): seeded samples of every task and public set, ~10 min on 2 cores.
+#   DEMO=full (`make demo-full`): the full sizes behind the README's "full run" figures (~45 min).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 RUN=${RUN:-runs/demo}
-PUBLIC_ROWS=${PUBLIC_ROWS:-4000}
 THREADS=${THREADS:-2}
+DEMO=${DEMO:-quick}
+case "$DEMO" in
+  quick)  # sizes chosen so that every printed figure still means something (see the summary table)
+    # BBC's public half is its training texts (already cached), topped up with cheap short dialog.
+    BBC_LIMIT=400 MAX_LENGTH=48 BBC_PUBLIC=1000 BBC_MIX=movie-dialog:0.7,bbc:0.3 SERVE_N=30
+    VADER_LIMIT=600 OOD_ROWS=100 VADER_PUBLIC=600
+    GEN_PUBLIC=movie-dialog:300+bbc:50 GEN_EVAL=30 GEN_TOKENS=16 GEN_STREAM_PAIRS=1 ;;
+  full)
+    BBC_LIMIT= MAX_LENGTH=128 BBC_PUBLIC=4000 BBC_MIX=movie-dialog:0.5,bbc:0.5 SERVE_N=100
+    VADER_LIMIT=3000 OOD_ROWS=500 VADER_PUBLIC=4000
+    GEN_PUBLIC=movie-dialog:1200+bbc:200 GEN_EVAL=100 GEN_TOKENS=24 GEN_STREAM_PAIRS=2 ;;
+  *) echo "error: DEMO must be quick or full, got '$DEMO'" >&2; exit 2 ;;
+esac
+limit() { [ -n "$1" ] && echo "--$2 $1" || true; }        # an optional --NAME N
+task() { [ -n "$2" ] && echo "$1@$2" || echo "$1"; }       # a task as the public-set builder names it
 mkdir -p "$RUN"
+: > "$RUN/stage-times.tsv"
+STAGE_NO= STAGE_NAME= STAGE_T0=
+stage_end() {
+  if [ -n "$STAGE_NO" ]; then
+    local took=$(( $(date +%s) - STAGE_T0 ))
+    printf '%s\t%s\t%s\n' "$STAGE_NO" "$STAGE_NAME" "$took" >> "$RUN/stage-times.tsv"
+    printf -- '--- stage %s took %ss\n' "$STAGE_NO" "$took"
+  fi
+}
+stage() { stage_end; STAGE_NO=$1 STAGE_NAME=$2 STAGE_T0=$(date +%s); printf '\n=== %s. %s ===\n' "$1" "$3"; }
+echo "DEMO=$DEMO: BBC ${BBC_LIMIT:-all} docs, public set $BBC_PUBLIC rows ($BBC_MIX), $MAX_LENGTH tokens; $SERVE_N encrypted queries;" \
+  "VADER movies $VADER_LIMIT rows, $OOD_ROWS per OOD set; generation public $GEN_PUBLIC"
 
-stage() { printf '\n=== %s ===\n' "$*"; }
-
-stage "1. assets"
+stage 1 assets "assets"
 xsilo assets prepare
 xsilo assets list
 
-stage "2. hidden-state cache"
+stage 2 cache "hidden-state cache: the BBC sample and its public set (movie dialog and BBC training texts)"
 for model in smollm2 gemma3; do
-  xsilo extract --model $model --data movie-dialog --limit "$PUBLIC_ROWS" --threads "$THREADS"
-  xsilo extract --model $model --data bbc --threads "$THREADS"
+  xsilo extract --model $model --data bbc $(limit "$BBC_LIMIT" limit) --max_length "$MAX_LENGTH" --threads "$THREADS"
 done
-python - <<'PY'
+# BBC's validation and test texts (of this sample) never enter the public set; rows cached above are reused.
+PUBLIC=$(xsilo public-set build --config configs/public/bbc.yaml --size "$BBC_PUBLIC" --mix "$BBC_MIX" --max_length "$MAX_LENGTH" \
+  --exclude_tasks "[$(task bbc "$BBC_LIMIT"),$(task vader-movies "$VADER_LIMIT")]" --name "bbc-public-$DEMO" \
+  --threads "$THREADS" | tail -1)
+BBC_LIMIT=$BBC_LIMIT MAX_LENGTH=$MAX_LENGTH PUBLIC=$PUBLIC python - <<'PY'
+import os
 from datamodules.extraction import ExtractionConfig, resolve
 from datamodules.cache import StateCache
-import os
-rows = int(os.environ.get("PUBLIC_ROWS", 4000))
+limit, length = int(os.environ["BBC_LIMIT"]) if os.environ["BBC_LIMIT"] else None, int(os.environ["MAX_LENGTH"])
 for model in ("smollm2", "gemma3"):
-    for data, limit in (("movie-dialog", rows), ("bbc", None)):
-        cache = StateCache(resolve(ExtractionConfig(model=model, data=data, limit=limit)).directory)
-        print(f"{model:8s} {data:13s} states {cache.n_rows} x {cache.dim}  pooling={cache.manifest['pooling']}  {cache.path}")
+    for data, lim, labels in (("bbc", limit, "label"), (os.environ["PUBLIC"], None, None)):
+        cache = StateCache(resolve(ExtractionConfig(model=model, data=data, limit=lim, max_length=length,
+                                                    label_column=labels)).directory)
+        print(f"{model:8s} {os.path.basename(data)[:24]:24s} states {cache.n_rows} x {cache.dim}  "
+              f"pooling={cache.manifest['pooling']}  {cache.path}")
 PY
 
-stage "3. fit SmolLM2 -> Gemma-3 on the public set, classifiers on BBC, evaluation table"
-# The public set: half dialog, half BBC *training* texts (labels dropped); BBC's val/test never enter it.
-PUBLIC=$(xsilo public-set build --config configs/public/bbc.yaml --threads "$THREADS" | tail -1)
-xsilo evaluate --source smollm2 --target gemma3 --task bbc --public "$PUBLIC" \
-  --public_limit 4000 --standardize true --threads "$THREADS" --out "$RUN/bbc"
+stage 3 fit "fit SmolLM2 -> Gemma-3 on the public set, classifiers on BBC, evaluation table"
+xsilo evaluate --source smollm2 --target gemma3 --task bbc $(limit "$BBC_LIMIT" task_limit) --max_length "$MAX_LENGTH" \
+  --public "$PUBLIC" --public_limit "$BBC_PUBLIC" --standardize true --threads "$THREADS" --out "$RUN/bbc"
 
-stage "4. export: map and head fused into one linear layer"
+stage 4 export "export: map and head fused into one linear layer"
 xsilo export --aligner "$RUN/bbc/aligner.ckpt" --classifier "$RUN/bbc/classifier-target.ckpt" \
   --metrics "$RUN/bbc/metrics.json" --out "$RUN/export" --overwrite true
 python - "$RUN/export" <<'PY'
@@ -52,50 +81,48 @@ print(f"export: {fused.input_dim} -> {fused.output_dim} ({', '.join(fused.manife
       f"onnxruntime vs numpy max |diff| = {np.abs(onnx_out - fused(x)).max():.2e}")
 PY
 
-stage "5. encrypted serving: 100 BBC test queries from SmolLM2, answered under CKKS"
+stage 5 serve "encrypted serving: $SERVE_N BBC test queries from SmolLM2, answered under CKKS"
 PORT=${PORT:-8765}
 xsilo serve --export "$RUN/export" --port "$PORT" --log_level warning > "$RUN/serve.log" 2>&1 &
 SERVER_PID=$!
 trap 'kill $SERVER_PID 2>/dev/null || true' EXIT
-python -m serve.demo_check --url "http://127.0.0.1:$PORT" --export "$RUN/export" --data bbc --n 100 --threads "$THREADS" \
-  --out "$RUN/serve.json"
+python -m serve.demo_check --url "http://127.0.0.1:$PORT" --export "$RUN/export" --data bbc --n "$SERVE_N" \
+  $(limit "$BBC_LIMIT" limit) --threads "$THREADS" --out "$RUN/serve.json"
 xsilo query --server "http://127.0.0.1:$PORT" --text "Shares in the bank rose after record profits" --threads "$THREADS"
 kill $SERVER_PID && wait $SERVER_PID 2>/dev/null || true
 trap - EXIT
 
-stage "6. OOD detection: VADER movies in-distribution; tweets, NYT, Amazon reviews, TREC out"
-VADER_PUBLIC=$(xsilo public-set build --config configs/public/vader-movies.yaml --threads "$THREADS" | tail -1)
-xsilo evaluate_ood --source smollm2 --target gemma3 --task vader-movies --task_limit 3000 \
-  --ood "[vader-tweets,vader-nyt,vader-amazon,trec]" --ood_limit "${OOD_ROWS:-500}" \
-  --public "$VADER_PUBLIC" --public_limit 4000 --standardize true --threads "$THREADS" --out "$RUN/ood"
+stage 6 ood "OOD detection: VADER movies in-distribution; tweets, NYT, Amazon reviews, TREC out"
+for model in smollm2 gemma3; do  # first, so that the public set below reuses the task's training rows
+  xsilo extract --model $model --data vader-movies --limit "$VADER_LIMIT" --max_length "$MAX_LENGTH" --threads "$THREADS"
+done
+VADER_PUBLIC_SET=$(xsilo public-set build --config configs/public/vader-movies.yaml --size "$VADER_PUBLIC" --max_length "$MAX_LENGTH" \
+  --exclude_tasks "[$(task vader-movies "$VADER_LIMIT"),$(task bbc "$BBC_LIMIT")]" --name "vader-movies-public-$DEMO" \
+  --threads "$THREADS" | tail -1)
+xsilo evaluate_ood --source smollm2 --target gemma3 --task vader-movies --task_limit "$VADER_LIMIT" --max_length "$MAX_LENGTH" \
+  --ood "[vader-tweets,vader-nyt,vader-amazon,trec]" --ood_limit "$OOD_ROWS" \
+  --public "$VADER_PUBLIC_SET" --public_limit "$VADER_PUBLIC" --standardize true --threads "$THREADS" --out "$RUN/ood"
 xsilo export --aligner "$RUN/ood/aligner.ckpt" --classifier "$RUN/ood/classifier-target.ckpt" \
   --ood "$RUN/ood/ood-threshold.json" --out "$RUN/export-ood" --overwrite true
-python - "$RUN/export-ood" <<'PY'
-import sys
-from datamodules.extraction import StateEncoder
-from lightning_modules.export import load_export
-from lightning_modules.ood_client import ood_from_logits
-fused = load_export(sys.argv[1])
-src, ood = fused.manifest["source"], fused.manifest["ood"]
-encode = StateEncoder(src["model"], pooling=src["pooling"], layer=src["layer"], max_length=src["max_length"], threads=1)
-texts = ["A gorgeous, witty, seductive movie.", "The plot is a mess and the acting is even worse.",
-         "What is the capital of Australia ?", "The city council approved the new budget on Tuesday."]
-scores, flags = ood_from_logits(fused(encode(texts)), ood)
-print(f"client-side OOD check on logits: {ood['detector']} > {ood['threshold']:.3f} (keeps {ood['tpr']:.0%} of ID validation)")
-for text, score, flag in zip(texts, scores, flags):
-    print(f"  {'OOD' if flag else 'in '}  {score:+.3f}  {text}")
-PY
+python -m lightning_modules.ood_demo --export "$RUN/export-ood" --ood "$RUN/ood" --threads "$THREADS"
 
-stage "7. cross-model generation: a map on paired token positions, the target's LM head writes"
-GEN_PUBLIC=${GEN_PUBLIC:-movie-dialog:1200+bbc:200}
+stage 7 generation "cross-model generation: a map on paired token positions, the target's LM head writes"
 PROMPTS='["The capital of France is", "Once upon a time, a little girl", "My favourite food is"]'
+pairs=0
 for pair in "smollm2 gemma3" "gemma3 smollm2"; do
   set -- $pair
-  xsilo evaluate_generation --source $1 --target $2 --public "$GEN_PUBLIC" --max_length 64 \
-    --prompts "$PROMPTS" --threads "$THREADS" --out "$RUN/generation/$1-$2"
-  xsilo generate --source $1 --target $2 --aligner "$RUN/generation/$1-$2" --max_new_tokens 24 \
-    --compare true --threads "$THREADS" "Once upon a time, a little girl"
+  xsilo evaluate_generation --source $1 --target $2 --public "$GEN_PUBLIC" --max_length 64 --eval_texts "$GEN_EVAL" \
+    --prompts "$PROMPTS" --max_new_tokens "$GEN_TOKENS" --threads "$THREADS" --out "$RUN/generation/$1-$2"
+  pairs=$((pairs + 1))
+  if [ "$pairs" -le "$GEN_STREAM_PAIRS" ]; then  # streamed, token by token (the quick run streams one pair)
+    xsilo generate --source $1 --target $2 --aligner "$RUN/generation/$1-$2" --max_new_tokens "$GEN_TOKENS" \
+      --compare true --threads "$THREADS" "Once upon a time, a little girl"
+  fi
 done
 
-stage "8. report: plots and every figure above, each traced to its JSON file and key"
+stage 8 report "report: plots and every figure above, each traced to its JSON file and key"
 xsilo report --run "$RUN"
+stage_end
+
+printf '\n=== summary (DEMO=%s) ===\n' "$DEMO"
+python -m lightning_modules.demo_summary "$RUN"

@@ -37,12 +37,12 @@ def wait_until_up(url: str, timeout_s: float) -> None:
         time.sleep(0.5)
 
 
-def load_test_split(data: str, n: int, seed: int = 0) -> tuple[list[str], list[str]]:
-    """First n rows of the test split, with their label names."""
+def load_test_split(data: str, n: int, seed: int = 0, limit: int | None = None) -> tuple[list[str], list[str]]:
+    """First n rows of the test split (of the task's seeded `limit`-row sample), with their label names."""
     from datamodules.states import stratified_split
     from datamodules.text import label_names, load_texts
 
-    ds = load_texts(data)
+    ds = load_texts(data, limit=limit)
     labels = np.asarray(ds["label"])
     test = stratified_split(labels, 0.15, 0.15, seed)[2][:n]
     names = label_names(ds) or [str(i) for i in range(labels.max() + 1)]
@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--export", required=True, help="the served export, for the plaintext reference")
     parser.add_argument("--data", default="bbc")
     parser.add_argument("--n", type=int, default=100)
+    parser.add_argument("--limit", type=int, default=None, help="the task_limit the export was evaluated with")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--threads", type=int, default=1, help="torch threads for extraction")
     parser.add_argument("--wait-s", type=float, default=120.0, help="how long to wait for the server to start")
@@ -67,16 +68,22 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    from datamodules.progress import Progress
     from lightning_modules.export import load_export
     from serve.client import Client, ServeError
 
     wait_until_up(args.url, args.wait_s)
-    texts, truth = load_test_split(args.data, args.n)
+    texts, truth = load_test_split(args.data, args.n, limit=args.limit)
     fused = load_export(args.export)
     try:
         with Client(args.url, api_key=args.api_key, threads=args.threads) as client:
             client.classify(texts[:1])  # loads the client model, checks its identity, opens a session
-            results = [client.classify([text])[0] for text in texts]
+            progress = Progress("encrypted queries", len(texts), unit="queries")
+            results = []
+            for text in texts:
+                results.append(client.classify([text])[0])
+                progress.update()
+            progress.close()
             reference = fused(client.encoder(texts))
     except ServeError as exc:
         raise SystemExit(f"error: {exc}") from None
