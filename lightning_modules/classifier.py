@@ -12,10 +12,11 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from lightning_modules.solvers import AffineMap
+from lightning_modules.standardize import REL_TOL, safe_scale, std_from_moments
 
 
 class Standardizer(nn.Module):
-    """(x - mean) / scale with buffers; zero-variance dims keep scale 1 (MiniLM has 3 of them)."""
+    """(x - mean) / scale with buffers; dead dims keep scale 1 (`lightning_modules.standardize`)."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -26,12 +27,10 @@ class Standardizer(nn.Module):
         return (x - self.mean) / self.scale
 
     @torch.no_grad()
-    def set_from_moments(self, n: Tensor, s1: Tensor, s2: Tensor, rel_tol: float = 1e-6) -> None:
-        mean = s1 / n
-        std = (s2 / n - mean**2).clamp_min(0).sqrt()
-        tiny = std <= rel_tol * std.max().clamp_min(1e-30)
+    def set_from_moments(self, n: Tensor, s1: Tensor, s2: Tensor, rel_tol: float = REL_TOL) -> None:
+        mean, std = std_from_moments(n, s1, s2)
         self.mean.copy_(mean.to(self.mean))
-        self.scale.copy_(torch.where(tiny, torch.ones_like(std), std).to(self.scale))
+        self.scale.copy_(safe_scale(std, rel_tol).to(self.scale))
 
 
 class LinearClassifier(L.LightningModule):
@@ -45,6 +44,8 @@ class LinearClassifier(L.LightningModule):
         class_weights: None, "balanced" (n / (k * count_c) from the train split) or one weight per class.
         lr, weight_decay: AdamW settings.
     """
+
+    prediction_kind = "logits"  # what `predict_step` returns, named in `xsilo predict --output` files
 
     def __init__(
         self,
@@ -143,6 +144,7 @@ class LinearClassifier(L.LightningModule):
         self.log_dict(self.test_metrics, batch_size=len(h))
 
     def predict_step(self, batch, batch_idx: int) -> Tensor:
+        """One logit per class (softmax gives the probabilities)."""
         return self(batch[0])
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -39,6 +39,7 @@ from datamodules.states import LabelledStatesDataModule, PairedStatesDataModule
 from lightning_modules.evaluate import (PairConfig, _publish, classification_scores, fit_aligner,
                                         fit_classifier, split_rows)
 from lightning_modules.ood_client import LOGIT_DETECTORS, logit_scores
+from lightning_modules.standardize import REL_TOL, dead_dims
 
 F64 = torch.float64
 FEATURE_DETECTORS = ("mahalanobis", "knn")
@@ -80,15 +81,15 @@ class LogitDetector:
 class Mahalanobis:
     """min over classes of the squared Mahalanobis distance under one shared (tied) covariance.
 
-    States are first z-scored per dimension; dimensions with (near) zero variance are dropped,
-    since any shrinkage would turn their ~0 variance into enormous distances (MiniLM has three).
+    States are first z-scored per dimension; dead dimensions (`lightning_modules.standardize`) are
+    dropped, since any shrinkage would turn their ~0 variance into enormous distances (MiniLM has three).
     The pooled within-class covariance Σ is shrunk towards a scaled identity,
     (1 − s)·Σ + s·(tr Σ / d)·I, which keeps it invertible when rows are few or collinear.
     """
 
     input: Literal["logits", "features"] = "features"
 
-    def __init__(self, shrinkage: float = 1e-2, rel_tol: float = 1e-6):
+    def __init__(self, shrinkage: float = 1e-2, rel_tol: float = REL_TOL):
         if not 0 <= shrinkage <= 1:
             raise OODError(f"Mahalanobis shrinkage must be in [0, 1], got {shrinkage}")
         self.shrinkage, self.rel_tol = shrinkage, rel_tol
@@ -98,7 +99,7 @@ class Mahalanobis:
         if labels is None or len(labels) != len(x):
             raise OODError("Mahalanobis needs one class label per training row")
         std = x.std(0, correction=0)
-        self.keep = std > self.rel_tol * std.max().clamp_min(1e-300)
+        self.keep = ~dead_dims(std, self.rel_tol)
         if not self.keep.any():
             raise OODError("every dimension of the training states is constant; check the extraction")
         self.mean, self.scale = x.mean(0)[self.keep], std[self.keep]

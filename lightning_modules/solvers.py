@@ -28,6 +28,8 @@ from typing import Callable, Literal, Sequence
 import torch
 from torch import Tensor
 
+from lightning_modules.standardize import REL_TOL, safe_scale, std_from_moments
+
 F64 = torch.float64
 DEFAULT_LAMBDAS: tuple[float, ...] = tuple(10.0 ** e for e in range(-6, 3))
 Method = Literal["ridge", "lstsq", "procrustes", "scaled_procrustes"]
@@ -220,19 +222,12 @@ class AffineMap:
         return AffineMap(self.weight.to(device=device, dtype=dtype), self.bias.to(device=device, dtype=dtype))
 
 
-def _safe_scale(var: Tensor, rel_tol: float, abs_tol: float) -> Tensor:
-    """std, with 1 where the std is ~0 (constant dims would otherwise be multiplied by up to 1e33)."""
-    std = var.clamp_min(0).sqrt()
-    tiny = std <= max(abs_tol, rel_tol * float(std.max())) if std.numel() else std.bool()
-    return torch.where(tiny, torch.ones_like(std), std)
-
-
 @dataclass(eq=False)
 class Normalization:
     """Affine normalisation x' = (x - mean_x)/scale_x, y' = (y - mean_y)/scale_y used inside a fit.
 
     center=False sets the means to 0 (fit through the origin); standardize=False sets the scales to 1.
-    Standardisation uses each dim's true std; dims with std <= max(abs_tol, rel_tol·max std) keep scale 1.
+    Standardisation uses each dim's true std; dead dims (`lightning_modules.standardize`) keep scale 1.
     """
 
     mean_x: Tensor
@@ -242,14 +237,14 @@ class Normalization:
 
     @classmethod
     def from_stats(cls, stats: SufficientStats, center: bool = True, standardize: bool = False,
-                   rel_tol: float = 1e-6, abs_tol: float = 1e-12) -> "Normalization":
+                   rel_tol: float = REL_TOL) -> "Normalization":
         if stats.count < 1:
             raise ValueError("cannot fit from empty SufficientStats (n=0)")
         n = stats.n
         mx, my = stats.sum_x / n, stats.sum_y / n
         if standardize:
-            sx = _safe_scale(stats.xtx.diagonal() / n - mx * mx, rel_tol, abs_tol)
-            sy = _safe_scale(stats.yty_diag / n - my * my, rel_tol, abs_tol)
+            sx = safe_scale(std_from_moments(n, stats.sum_x, stats.xtx.diagonal())[1], rel_tol)
+            sy = safe_scale(std_from_moments(n, stats.sum_y, stats.yty_diag)[1], rel_tol)
         else:
             sx, sy = torch.ones_like(mx), torch.ones_like(my)
         if not center:
