@@ -22,6 +22,7 @@ from typing import Any, Literal, Sequence, get_args
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 
 from lightning_modules.solvers import (
@@ -41,6 +42,8 @@ FinetuneLoss = Literal["mse", "cosine", "task"]
 class AffineAligner(L.LightningModule):
     """y_hat = W x + b from source states x (input_dim) to target states y (output_dim).
 
+    `validate`/`test` score a fitted map (MSE, cosine); `predict` returns mapped states.
+
     Args:
         input_dim: source hidden size (linked from the DataModule).
         output_dim: target hidden size (linked from the DataModule).
@@ -52,6 +55,8 @@ class AffineAligner(L.LightningModule):
         classifier: path to a LinearClassifier checkpoint on target states, for finetune_loss="task".
         lr, weight_decay: AdamW settings for fine-tuning.
     """
+
+    prediction_kind = "mapped_states"  # what `predict_step` returns, named in `xsilo predict --output` files
 
     def __init__(
         self,
@@ -181,6 +186,21 @@ class AffineAligner(L.LightningModule):
         """True during the statistics epoch (epoch 0 of a fit that has not solved yet)."""
         return not bool(self.fitted)
 
+    def _require_fitted(self) -> None:
+        if not bool(self.fitted):
+            raise ValueError("this aligner was never fitted, so there is nothing to score or map; pass --ckpt_path "
+                             "with a checkpoint written by `xsilo fit` (or run Trainer.fit first)")
+
+    def on_validation_start(self) -> None:
+        if self.trainer.state.fn != TrainerFn.FITTING:  # inside fit, epoch 0's validation gathers statistics
+            self._require_fitted()
+
+    def on_test_start(self) -> None:
+        self._require_fitted()
+
+    def on_predict_start(self) -> None:
+        self._require_fitted()
+
     def on_train_epoch_start(self) -> None:
         if self.solving:
             self._train_stats = SufficientStats.zeros(self.hparams.input_dim, self.hparams.output_dim,
@@ -215,6 +235,16 @@ class AffineAligner(L.LightningModule):
             return
         self.log("val_loss", self.finetune_loss(x, y), prog_bar=True, sync_dist=True, batch_size=len(x))
         self.log("val_mse", F.mse_loss(self(x), y), sync_dist=True, batch_size=len(x))
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch[0], batch[1]
+        y_hat = self(x)
+        self.log("test_mse", F.mse_loss(y_hat, y), sync_dist=True, batch_size=len(x))
+        self.log("test_cosine", F.cosine_similarity(y_hat, y, dim=-1).mean(), sync_dist=True, batch_size=len(x))
+
+    def predict_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        """The source states mapped into the target's space."""
+        return self(batch[0])
 
     def on_validation_epoch_end(self) -> None:
         if self.solving and not self.trainer.sanity_checking:

@@ -1,19 +1,29 @@
-"""The `xsilo` console script.
+"""The `xsilo` console script: one root parser (`build_parser`) that lists every subcommand.
 
-Training commands (`fit`, `validate`, `test`) are LightningCLI subcommands over configs in
-`configs/`. Everything else is a typed function exposed with `jsonargparse.CLI`, as in
-litgpt. Imports are lazy so that `xsilo serve` never loads training code.
+`fit`, `validate`, `test` and `predict` are LightningCLI subcommands over configs in `configs/`
+(`lightning_modules.lightning_cli` parses their options when one runs). Every other subcommand is a
+typed function whose signature declares its options, as litgpt does with jsonargparse. A list option
+takes the words after it (`--models a b`) or one JSON/YAML list (`--models '[a,b]'`), in every
+subcommand. Imports are lazy so that `xsilo serve` never loads training code.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
 
-LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+LIGHTNING_SUBCOMMANDS = {
+    "fit": "Fit the config's model on its DataModule (LightningCLI): -c configs/trainer/cpu.yaml -c configs/data/... "
+           "-c configs/model/...",
+    "validate": "Score a fitted checkpoint (--ckpt_path) on the DataModule's validation split (LightningCLI).",
+    "test": "Score a fitted checkpoint (--ckpt_path) on the DataModule's test split (LightningCLI).",
+    "predict": "Write a fitted checkpoint's (--ckpt_path) mapped states (aligner) or logits (classifier) of the test "
+               "split to --output FILE.npz (LightningCLI).",
+}
 
 
 def _quiet() -> None:
@@ -672,17 +682,83 @@ COMMANDS = {
 }
 
 
-def _word_lists(argv: list[str], options: tuple[str, ...]) -> list[str]:
-    """`--models a b c` → `--models ["a", "b", "c"]`: jsonargparse takes one value per option."""
+def build_parser():
+    """The one `xsilo` parser (a jsonargparse ArgumentParser): every subcommand, each with its --help.
+
+    The LightningCLI subcommands are listed with their help line; their options belong to LightningCLI's
+    own parser, built only when one of them runs, so that no other subcommand imports Lightning.
+    """
+    from jsonargparse import ArgumentParser
+
+    root = ArgumentParser(prog="xsilo", description="Secure linear alignment of LLMs: extract, fit, evaluate, "
+                                                    "export and serve under CKKS. Each subcommand has --help.")
+    _add_subcommands(root, {**LIGHTNING_SUBCOMMANDS, **COMMANDS})
+    return root
+
+
+def _add_subcommands(parser, commands: dict) -> None:
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    subcommands = parser.add_subcommands(required=True)
+    for name, command in commands.items():
+        if isinstance(command, str):  # a LightningCLI subcommand
+            help_line, description = command, f"{command} Options: xsilo {name} --help"
+        elif isinstance(command, dict):
+            help_line = description = f"{name} subcommands: {', '.join(command)}"
+        else:
+            help_line = description = " ".join((command.__doc__ or name).strip().split("\n\n")[0].split())
+        sub = ArgumentParser(description=description)
+        subcommands.add_subcommand(name, sub, help=help_line)  # a level is added before the levels under it
+        if isinstance(command, dict):
+            _add_subcommands(sub, command)
+        elif callable(command):
+            sub.add_argument("--config", action=ActionConfigFile, help="a YAML file holding any of these options")
+            sub.add_function_arguments(command, as_group=False, as_positional=True, fail_untyped=True,
+                                       sub_configs=True)
+
+
+def _command(argv: list[str]):
+    """The function `argv` names (`assets prepare` → assets_prepare), or None."""
+    command = COMMANDS.get(argv[0]) if argv else None
+    if isinstance(command, dict):
+        command = command.get(argv[1]) if len(argv) > 1 else None
+    return command if callable(command) else None
+
+
+def list_options(command) -> set[str]:
+    """The options of a command function that take a list (`list[...]` anywhere in their type)."""
+    import types
+    import typing
+
+    def takes_list(t) -> bool:
+        if t is list or typing.get_origin(t) is list:
+            return True
+        return typing.get_origin(t) in (typing.Union, types.UnionType) and any(map(takes_list, typing.get_args(t)))
+
+    return {f"--{name}" for name, t in typing.get_type_hints(command).items() if name != "return" and takes_list(t)}
+
+
+_NEGATIVE = re.compile(r"-\.?\d")  # a word like -1 or -5% is a value, not an option
+
+
+def word_lists(argv: list[str], options: set[str] | None = None) -> list[str]:
+    """`--models a b c` → `--models ["a", "b", "c"]`, because jsonargparse takes one value per option.
+
+    options=None (LightningCLI, whose types are not known here): any option followed by two or more
+    words. A list already written as `[a,b]` or `null` is kept as it is.
+    """
     out: list[str] = []
     i = 0
     while i < len(argv):
         out.append(argv[i])
         j = i + 1
-        while argv[i] in options and j < len(argv) and not argv[j].startswith("-"):
-            j += 1
-        if j > i + 1 and not argv[i + 1].startswith("["):
-            out.append(json.dumps(argv[i + 1:j]))
+        if argv[i].startswith("--") and (options is None or argv[i] in options):
+            while j < len(argv) and not (argv[j].startswith("-") and not _NEGATIVE.match(argv[j])):
+                j += 1
+        words = argv[i + 1:j]
+        single_kept = len(words) == 1 and (options is None or words[0].startswith("[") or words[0] == "null")
+        if words and not single_kept:
+            out.append(json.dumps(words))
             i = j
         else:
             i += 1
@@ -710,20 +786,14 @@ def _main(argv: list[str]) -> None:
         if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
             from lightning_modules.lightning_cli import run_lightning_cli
 
-            run_lightning_cli(None if argv == sys.argv[1:] else argv)
+            run_lightning_cli(word_lists(argv))
             return
-        from jsonargparse import CLI
-
         if argv[:2] == ["assets", "prepare"] and len(argv) > 2 and not argv[2].startswith("-"):
-            argv = _word_lists(argv[:2] + ["--names"] + argv[2:], ("--names",))
-        if argv[:1] == ["study"]:
-            argv = _word_lists(argv, ("--models", "--tasks", "--ood"))
-        if argv[:2] == ["public-set", "build"]:
-            argv = _word_lists(argv, ("--sources", "--exclude_tasks", "--exclude_datasets", "--models"))
-        if argv[:1] == ["ablate"]:
-            argv = _word_lists(argv, ("--factors", "--sizes", "--mixes", "--views", "--estimators",
-                                      "--finetune_losses", "--public_seeds", "--exclude_tasks", "--ood"))
-        CLI(COMMANDS, args=argv, prog="xsilo")
+            argv = argv[:2] + ["--names"] + argv[2:]
+        command = _command(argv)
+        if command is not None:
+            argv = word_lists(argv, list_options(command))
+        run_parsed(build_parser().parse_args(argv))
     except ValueError as e:
         # Every xsilo check of user input (assets, caches, exports, configs, ciphertexts) raises a
         # ValueError whose message names the problem and the fix. XSILO_DEBUG=1 shows the traceback.
@@ -742,6 +812,17 @@ def _main(argv: list[str]) -> None:
         print(f"error: `xsilo {command}` needs {e.name}, which is not installed; "
               "install the training extras: pip install 'xsilo[train]'", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def run_parsed(cfg) -> None:
+    """Call the function that a `build_parser()` parse names, with its parsed options."""
+    command, options = COMMANDS, cfg
+    while isinstance(command, dict):
+        name = options.subcommand
+        command, options = command[name], options[name]
+    kwargs = options.as_dict()
+    kwargs.pop("config", None)
+    command(**kwargs)
 
 
 def _train_modules() -> set[str]:

@@ -3,12 +3,38 @@
 Any LightningModule and LightningDataModule can be named in a config (subclass mode). The
 DataModule's `input_dim` and `output_dim` are known at construction (from the cache manifest
 or the model config) and are linked into the model's `input_dim` and `output_dim`.
+`validate`, `test` and `predict` score a fitted model, so they need `--ckpt_path`; `predict
+--output FILE.npz` writes the mapped states (aligner) or logits (classifier).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
+
+from lightning_modules.predictions import PredictionWriter, check_output_path
+
+SEED = 0  # `seed_everything` default: a run is repeatable unless the config sets another seed
+
+
+class XsiloTrainer(L.Trainer):
+    """Lightning's Trainer; `predict` also takes `output`, the file its predictions are written to."""
+
+    def predict(self, model: L.LightningModule | None = None, dataloaders: Any = None,
+                datamodule: L.LightningDataModule | None = None, return_predictions: bool | None = None,
+                ckpt_path: str | None = None, output: str | None = None) -> Any:
+        """Predict with a fitted model: mapped states (aligner) or logits (classifier) of the data's test split.
+
+        Args:
+            return_predictions: keep the predictions in memory and return them.
+            ckpt_path: checkpoint of the fitted model, written by `xsilo fit` (required).
+            output: write the predictions to this .npz file (atomically): predictions, kind, rows, label_names.
+        """
+        if output is not None:
+            self.callbacks.append(PredictionWriter(check_output_path(output)))
+        return super().predict(model, dataloaders, datamodule, return_predictions, ckpt_path)
 
 
 class XsiloCLI(LightningCLI):
@@ -16,9 +42,24 @@ class XsiloCLI(LightningCLI):
         parser.link_arguments("data.input_dim", "model.init_args.input_dim", apply_on="instantiate")
         parser.link_arguments("data.output_dim", "model.init_args.output_dim", apply_on="instantiate")
 
+    def _require_checkpoint(self) -> None:
+        # The model a config builds is freshly initialised: scoring it would report an unfitted model.
+        if self.config[self.subcommand].get("ckpt_path") is None:
+            raise ValueError(f"`xsilo {self.subcommand}` needs a fitted model: pass --ckpt_path PATH, a checkpoint "
+                             "written by `xsilo fit` (under its default_root_dir, e.g. runs/fit/**/checkpoints/*.ckpt)")
+
+    def before_validate(self) -> None:
+        self._require_checkpoint()
+
+    def before_test(self) -> None:
+        self._require_checkpoint()
+
+    def before_predict(self) -> None:
+        self._require_checkpoint()
+
 
 def run_lightning_cli(argv: list[str] | None = None, run: bool = True) -> XsiloCLI:
     """argv=None reads sys.argv (the console script); a list runs in-process (tests)."""
-    return XsiloCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True,
-                    subclass_mode_data=True, args=argv, run=run,
+    return XsiloCLI(L.LightningModule, L.LightningDataModule, trainer_class=XsiloTrainer, subclass_mode_model=True,
+                    subclass_mode_data=True, args=argv, run=run, seed_everything_default=SEED,
                     save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)

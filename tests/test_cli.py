@@ -1,0 +1,151 @@
+"""The root command: one parser lists every subcommand; LightningCLI validate/test/predict score a fitted
+checkpoint; list options take words or one list in every subcommand."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_modules.aligner import AffineAligner
+from lightning_modules.classifier import LinearClassifier
+from lightning_modules.cli import COMMANDS, LIGHTNING_SUBCOMMANDS, build_parser, list_options, main, word_lists
+
+from conftest import write_tiny_csv
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+QUIET = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary",
+         "false"]
+
+
+def _leaves(commands: dict, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    return [leaf for name, c in commands.items()
+            for leaf in (_leaves(c, prefix + (name,)) if isinstance(c, dict) else [prefix + (name,)])]
+
+
+def test_root_help_lists_every_subcommand(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for name in (*LIGHTNING_SUBCOMMANDS, *COMMANDS):
+        assert f"\n    {name} " in out or f"\n    {name}\n" in out, name
+
+
+@pytest.mark.parametrize("words", [*([c] for c in LIGHTNING_SUBCOMMANDS), *_leaves(COMMANDS)], ids=" ".join)
+def test_every_subcommand_has_help(words, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*words, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage:") and "--help" in out
+    if words[0] == "predict":
+        assert "--output" in out and "--ckpt_path" in out
+
+
+def test_list_options_take_words_or_one_list():
+    study = list_options(COMMANDS["study"])
+    assert {"--models", "--tasks", "--ood"} <= study and "--public" not in study
+    parser = build_parser()
+    for argv in (["study", "--models", "a", "b", "--tasks", "t", "--ood", "o1", "o2"],
+                 ["study", "--models", "[a,b]", "--tasks", "[t]", "--ood", "[o1, o2]"]):
+        cfg = parser.parse_args(word_lists(argv, study))
+        assert (cfg.study.models, cfg.study.tasks, cfg.study.ood) == (["a", "b"], ["t"], ["o1", "o2"])
+    evaluate_ood = list_options(COMMANDS["evaluate_ood"])
+    cfg = parser.parse_args(word_lists(["evaluate_ood", "--source", "s", "--target", "t", "--task", "k",
+                                        "--ood", "a", "b"], evaluate_ood))
+    assert cfg.evaluate_ood.ood == ["a", "b"]
+    ablate = list_options(COMMANDS["ablate"])
+    cfg = parser.parse_args(word_lists(["ablate", "--sizes", "100", "200", "--public_seeds", "3"], ablate))
+    assert (cfg.ablate.sizes, cfg.ablate.public_seeds) == ([100, 200], [3])
+    # LightningCLI options: several words become one list; a single word or a written list is kept.
+    assert word_lists(["fit", "-c", "a.yaml", "--model.init_args.lambdas", "0.1", "1", "--trainer.max_epochs", "2"]) \
+        == ["fit", "-c", "a.yaml", "--model.init_args.lambdas", '["0.1", "1"]', "--trainer.max_epochs", "2"]
+
+
+@pytest.fixture
+def fitted(tiny_models, tmp_path) -> dict[str, object]:
+    """An aligner and a classifier fitted through `xsilo fit` on tiny data; their config args and checkpoints."""
+    public = write_tiny_csv(tmp_path / "public.csv", n=64)
+    aligner_args = ["-c", str(CONFIGS / "trainer/cpu.yaml"), "-c", str(CONFIGS / "data/public.yaml"),
+                    "-c", str(CONFIGS / "model/aligner-ridge.yaml"),
+                    "--data.init_args.source", str(tiny_models["llama"]),
+                    "--data.init_args.target", str(tiny_models["bert"]),
+                    "--data.init_args.data", str(public), "--data.init_args.limit", "null", *QUIET]
+    main(["fit", *aligner_args, "--trainer.default_root_dir", str(tmp_path / "aligner")])
+    task = write_tiny_csv(tmp_path / "task.csv", n=90)
+    classifier_args = ["-c", str(CONFIGS / "trainer/cpu.yaml"), "-c", str(CONFIGS / "data/bbc-gemma3.yaml"),
+                       "-c", str(CONFIGS / "model/classifier.yaml"),
+                       "--data.init_args.model", str(tiny_models["gpt2"]), "--data.init_args.data", str(task), *QUIET]
+    main(["fit", *classifier_args, "-c", str(CONFIGS / "trainer/classifier.yaml"), "--trainer.max_epochs", "5",
+          "--trainer.default_root_dir", str(tmp_path / "classifier")])
+    return {"aligner": (aligner_args, next((tmp_path / "aligner").rglob("*.ckpt"))),
+            "classifier": (classifier_args, next((tmp_path / "classifier").rglob("*.ckpt")))}
+
+
+def test_validate_test_predict_on_fitted_checkpoints(fitted, tmp_path, capsys):
+    args, ckpt = fitted["aligner"]
+    for command in ("validate", "test"):
+        main([command, *args, "--ckpt_path", str(ckpt)])
+    printed = capsys.readouterr().out
+    assert "val_mse" in printed and "test_mse" in printed and "test_cosine" in printed
+    aligner = AffineAligner.load_from_checkpoint(ckpt)
+    main(["predict", *args, "--ckpt_path", str(ckpt), "--output", str(tmp_path / "out/mapped.npz")])
+    saved = np.load(tmp_path / "out/mapped.npz")
+    assert str(saved["kind"]) == "mapped_states"
+    assert saved["predictions"].shape == (8, 32)  # the 12.5% validation rows of 64, 32-d target states
+    # The written rows are the aligner applied to those rows' cached source states.
+    from lightning_modules.lightning_cli import run_lightning_cli
+
+    dm = run_lightning_cli(list(args), run=False).datamodule  # the same config, not run
+    dm.prepare_data()
+    dm.setup("predict")
+    x = torch.cat([b[0] for b in dm.predict_dataloader()])
+    assert saved["rows"].tolist() == dm.splits["test"].index.tolist()
+    np.testing.assert_allclose(saved["predictions"], aligner(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+
+    args, ckpt = fitted["classifier"]
+    main(["test", *args, "--ckpt_path", str(ckpt)])
+    assert "test_acc" in capsys.readouterr().out
+    main(["predict", *args, "--ckpt_path", str(ckpt), "--output", str(tmp_path / "logits.npz")])
+    saved = np.load(tmp_path / "logits.npz")
+    assert str(saved["kind"]) == "logits" and saved["label_names"].tolist() == ["c0", "c1", "c2"]
+    assert saved["predictions"].shape == (len(saved["rows"]), 3)
+    classifier = LinearClassifier.load_from_checkpoint(ckpt)
+    assert classifier.hparams.output_dim == 3
+
+
+def test_scoring_without_a_fitted_model_is_one_line(fitted, capsys):
+    args, _ = fitted["aligner"]
+    for command in ("validate", "test", "predict"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, *args])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert f"error: `xsilo {command}` needs a fitted model: pass --ckpt_path" in err
+        assert "Traceback" not in err and "AttributeError" not in err
+
+
+def test_trainer_validate_on_an_unfitted_aligner_names_the_fix(tiny_models, tmp_path):
+    import lightning as L
+
+    from datamodules.states import PairedStatesDataModule
+
+    dm = PairedStatesDataModule(str(tiny_models["llama"]), str(tiny_models["bert"]),
+                                data=str(write_tiny_csv(tmp_path / "p.csv", n=40)), limit=None)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    for run in (trainer.validate, trainer.test, trainer.predict):
+        with pytest.raises(ValueError, match="never fitted.*pass --ckpt_path"):
+            run(AffineAligner(32, 32), datamodule=dm)
+
+
+def test_predict_output_must_be_an_npz_file(fitted, tmp_path, capsys):
+    args, ckpt = fitted["aligner"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", *args, "--ckpt_path", str(ckpt), "--output", str(tmp_path / "mapped.csv")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: --output" in err and ".npz" in err and "Traceback" not in err
+    assert not (tmp_path / "mapped.csv").exists()
