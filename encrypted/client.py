@@ -41,7 +41,7 @@ def encrypt(keys: ClientKeys, layout: LinearLayout, X: Any) -> list[bytes]:
         raise EncryptedError(f"X has values of magnitude {np.max(np.abs(X)):.3g}, beyond what profile "
                              f"{layout.profile.name!r} can encode ({limit:.3g})")
     dp, stride, d = layout.padded_input, layout.stride, layout.input_dim
-    encoder, encryptor = keys._tool("encoder"), keys._tool("encryptor")
+    encoder, encryptor = keys.tool("encoder"), keys.tool("encryptor")
     parms_id = messages.query_parms_id(layout.profile)
     blobs = []
     for start in range(0, X.shape[0], layout.lanes):
@@ -68,7 +68,7 @@ def decrypt(keys: ClientKeys, layout: LinearLayout, replies: list[bytes], n: int
     if not isinstance(n, int) or n < 1 or len(replies) != layout.ciphertexts_for(n):
         raise EncryptedError(f"{n!r} inputs need {layout.ciphertexts_for(n) if isinstance(n, int) and n > 0 else '?'} "
                              f"replies (lanes={layout.lanes}), got {len(replies)}")
-    encoder, decryptor = keys._tool("encoder"), keys._tool("decryptor")
+    encoder, decryptor = keys.tool("encoder"), keys.tool("decryptor")
     dp, stride, kp, kc, k = layout.padded_input, layout.stride, layout.block_rows, layout.complex_rows, layout.output_dim
     lanes = layout.lanes
     out = []
@@ -99,7 +99,7 @@ def decode_slots(keys: ClientKeys, reply: bytes, layout: LinearLayout) -> np.nda
     """All complex slots of every reply block, shape (blocks, slots): for audits of what a reply reveals."""
     _check(keys, layout)
     cts, _ = messages.read_reply(reply, layout)
-    encoder, decryptor = keys._tool("encoder"), keys._tool("decryptor")
+    encoder, decryptor = keys.tool("encoder"), keys.tool("decryptor")
     result = []
     for ct in cts:
         plain = seal.Plaintext()

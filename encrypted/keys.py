@@ -150,7 +150,8 @@ class ClientKeys:
             wire.check_seal_blob(memoryview(public_key), public_key_max_bytes(profile), "public key", InvalidKeys)
         return cls(profile, steps, secret_key, galois, public_key)
 
-    def _tool(self, name: str):
+    def tool(self, name: str):
+        """The SEAL `encoder`, `encryptor` or `decryptor` for these keys, built once (the context is costly)."""
         if name not in self._tools:
             context = self.profile.context()
             self._tools["encoder"] = seal.CKKSEncoder(context)
