@@ -1,11 +1,16 @@
-"""Alignment-quality metrics between row-paired representations (plain torch, float64, row-chunked).
+"""Alignment-quality metrics between row-paired representations, and the one ROC/AUROC code.
 
-All functions take tensors (n, d) on any device and return Python floats. Large inputs are processed
-in row blocks, so n = 20k rows needs O(block·n + d²) extra memory, never O(n²).
+The alignment functions take tensors (n, d) on any device and return Python floats (plain torch,
+float64). Large inputs are processed in row blocks, so n = 20k rows needs O(block·n + d²) extra
+memory, never O(n²).
+
+`roc_curve`, `auroc` and `average_precision` score a detector (OOD inputs are the positive class)
+exactly in float64, ties counted half, from one sort of the scores (numpy arrays or CPU tensors).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -155,3 +160,40 @@ def alignment_report(mapped: Tensor, target: Tensor, source: Tensor | None = Non
     if source is not None:
         report["cka_source_target"] = linear_cka(source, target)
     return report
+
+
+# --- detection: ROC, AUROC, average precision (OOD positive) --------------------------------------
+
+def _detection_counts(id_scores, ood_scores) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+    """(false positives, true positives, thresholds) at each distinct score, highest first; n_id, n_ood."""
+    id_scores = np.asarray(id_scores, dtype=np.float64).reshape(-1)
+    ood_scores = np.asarray(ood_scores, dtype=np.float64).reshape(-1)
+    if len(id_scores) == 0 or len(ood_scores) == 0:
+        raise ValueError(f"ROC needs ID and OOD scores, got {len(id_scores)} and {len(ood_scores)}")
+    if not (np.isfinite(id_scores).all() and np.isfinite(ood_scores).all()):
+        raise ValueError("ROC scores must be finite")
+    scores = np.concatenate([id_scores, ood_scores])
+    order = np.argsort(-scores, kind="stable")
+    scores, is_ood = scores[order], order >= len(id_scores)
+    last = np.r_[scores[1:] != scores[:-1], True]  # the last row of each run of tied scores
+    tps = np.cumsum(is_ood)[last]
+    return np.arange(1, len(scores) + 1)[last] - tps, tps, scores[last], len(id_scores), len(ood_scores)
+
+
+def roc_curve(id_scores, ood_scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fpr, tpr, thresholds), OOD positive, flagging score >= threshold; starts at (0, 0) (threshold +inf)."""
+    fps, tps, thresholds, n_id, n_ood = _detection_counts(id_scores, ood_scores)
+    return np.r_[0.0, fps / n_id], np.r_[0.0, tps / n_ood], np.r_[np.inf, thresholds]
+
+
+def auroc(id_scores, ood_scores) -> float:
+    """Area under the ROC curve: P(OOD score > ID score) + ½ P(tie)."""
+    fpr, tpr, _ = roc_curve(id_scores, ood_scores)
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1])) / 2)
+
+
+def average_precision(id_scores, ood_scores) -> float:
+    """Average precision of finding OOD inputs (AUPR-Out): Σ (recallₖ − recallₖ₋₁) · precisionₖ."""
+    fps, tps, _, _, n_ood = _detection_counts(id_scores, ood_scores)
+    recall = np.r_[0.0, tps / n_ood]
+    return float(np.sum(np.diff(recall) * tps / (tps + fps)))

@@ -125,3 +125,46 @@ def test_alignment_report_good_map_beats_null():
     assert rep["cosine_null"] > 0.5                   # raw cosine stays high under the null: the mean
     assert 0.3 < rep["cka_source_target"] < 1.0
     assert "cka_source_target" not in alignment_report(mapped, target)
+
+
+# --- the one ROC / AUROC code (OOD positive) --------------------------------------------------------
+
+def _mann_whitney(id_scores, ood_scores) -> float:
+    """The AUROC study.py computed before there was one: P(OOD > ID) + ½ P(tie), by counting."""
+    import numpy as np
+
+    ordered = np.sort(id_scores)
+    below = np.searchsorted(ordered, ood_scores, "left")
+    ties = np.searchsorted(ordered, ood_scores, "right") - below
+    return float((below.sum() + 0.5 * ties.sum()) / (len(ordered) * len(ood_scores)))
+
+
+@pytest.mark.parametrize("decimals", [None, 1, 0])
+def test_auroc_roc_and_average_precision_match_scikit_learn_and_the_former_count(decimals):
+    import numpy as np
+    from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+    rng = np.random.default_rng(3)
+    for n, m in ((40, 25), (1500, 700)):
+        id_scores, ood_scores = rng.normal(0, 1, n), rng.normal(0.8, 1, m)
+        if decimals is not None:  # ties
+            id_scores, ood_scores = np.round(id_scores, decimals), np.round(ood_scores, decimals)
+        is_ood, scores = np.r_[np.zeros(n), np.ones(m)], np.r_[id_scores, ood_scores]
+        assert M.auroc(id_scores, ood_scores) == pytest.approx(_mann_whitney(id_scores, ood_scores), abs=1e-9)
+        assert M.auroc(id_scores, ood_scores) == pytest.approx(roc_auc_score(is_ood, scores), abs=1e-12)
+        assert M.average_precision(id_scores, ood_scores) == pytest.approx(
+            average_precision_score(is_ood, scores), abs=1e-12)
+        fpr, tpr, thresholds = M.roc_curve(torch.from_numpy(id_scores), torch.from_numpy(ood_scores))
+        ref_fpr, ref_tpr, ref_thresholds = roc_curve(is_ood, scores, drop_intermediate=False)
+        np.testing.assert_allclose(fpr, ref_fpr, atol=1e-15)
+        np.testing.assert_allclose(tpr, ref_tpr, atol=1e-15)
+        np.testing.assert_array_equal(thresholds[1:], ref_thresholds[1:])
+
+
+def test_auroc_is_exact_at_the_extremes_and_refuses_bad_scores():
+    assert M.auroc([0.0, 1.0], [2.0, 3.0]) == 1.0
+    assert M.auroc([2.0, 3.0], [0.0, 1.0]) == 0.0
+    assert M.auroc([1.0, 1.0], [1.0]) == 0.5
+    for id_scores, ood_scores, match in (([], [1.0], "ID and OOD"), ([1.0], [float("nan")], "finite")):
+        with pytest.raises(ValueError, match=match):
+            M.auroc(id_scores, ood_scores)
