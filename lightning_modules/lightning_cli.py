@@ -24,17 +24,18 @@ class XsiloTrainer(L.Trainer):
 
     def predict(self, model: L.LightningModule | None = None, dataloaders: Any = None,
                 datamodule: L.LightningDataModule | None = None, return_predictions: bool | None = None,
-                ckpt_path: str | None = None, output: str | None = None) -> Any:
+                ckpt_path: str | None = None, weights_only: bool | None = None, output: str | None = None) -> Any:
         """Predict with a fitted model: mapped states (aligner) or logits (classifier) of the data's test split.
 
         Args:
             return_predictions: keep the predictions in memory and return them.
             ckpt_path: checkpoint of the fitted model, written by `xsilo fit` (required).
+            weights_only: load the checkpoint with torch.load(weights_only=...) (default: Lightning's choice).
             output: write the predictions to this .npz file (atomically): predictions, kind, rows, label_names.
         """
         if output is not None:
             self.callbacks.append(PredictionWriter(check_output_path(output)))
-        return super().predict(model, dataloaders, datamodule, return_predictions, ckpt_path)
+        return super().predict(model, dataloaders, datamodule, return_predictions, ckpt_path, weights_only)
 
 
 class XsiloCLI(LightningCLI):
@@ -56,6 +57,8 @@ class XsiloCLI(LightningCLI):
 
     def before_predict(self) -> None:
         self._require_checkpoint()
+        if self.config["predict"].get("output") is None:  # the console script would drop what it predicts
+            raise ValueError("`xsilo predict` writes its predictions to a file: pass --output FILE.npz")
 
 
 def run_lightning_cli(argv: list[str] | None = None, run: bool = True) -> XsiloCLI:

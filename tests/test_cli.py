@@ -3,6 +3,7 @@ checkpoint; list options take words or one list in every subcommand."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,8 @@ def fitted(tiny_models, tmp_path) -> dict[str, object]:
                        "--data.init_args.model", str(tiny_models["gpt2"]), "--data.init_args.data", str(task), *QUIET]
     main(["fit", *classifier_args, "-c", str(CONFIGS / "trainer/classifier.yaml"), "--trainer.max_epochs", "5",
           "--trainer.default_root_dir", str(tmp_path / "classifier")])
+    # Keep the config.yaml that fit saved (a later run in the same folder replaces it with its own).
+    shutil.copy(next((tmp_path / "classifier").rglob("config.yaml")), tmp_path / "classifier-fit.yaml")
     return {"aligner": (aligner_args, next((tmp_path / "aligner").rglob("*.ckpt"))),
             "classifier": (classifier_args, next((tmp_path / "classifier").rglob("*.ckpt")))}
 
@@ -116,6 +119,27 @@ def test_validate_test_predict_on_fitted_checkpoints(fitted, tmp_path, capsys):
     classifier = LinearClassifier.load_from_checkpoint(ckpt)
     assert classifier.hparams.output_dim == 3
 
+    # The config.yaml that `fit` saved is enough to score and predict again.
+    saved_config = tmp_path / "classifier-fit.yaml"
+    main(["validate", "-c", str(saved_config), "--ckpt_path", str(ckpt)])
+    assert "val_acc" in capsys.readouterr().out
+    main(["predict", "-c", str(saved_config), "--ckpt_path", str(ckpt), "--output", str(tmp_path / "again.npz")])
+    np.testing.assert_array_equal(np.load(tmp_path / "again.npz")["predictions"], saved["predictions"])
+
+
+@pytest.mark.slow
+def test_predict_under_ddp_writes_every_row_once_in_order(fitted, tmp_path, no_leftover_process_group):
+    """Two CPU processes (ddp_spawn): rank 0 writes one file equal to the one-process prediction."""
+    from lightning_modules.lightning_cli import run_lightning_cli
+
+    args, ckpt = fitted["classifier"]
+    main(["predict", *args, "--ckpt_path", str(ckpt), "--output", str(tmp_path / "one.npz")])
+    main(["predict", *args, "--ckpt_path", str(ckpt), "--output", str(tmp_path / "two.npz"),
+          "--trainer.devices", "2", "--trainer.strategy", "ddp_spawn"])
+    one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
+    np.testing.assert_array_equal(two["rows"], one["rows"])
+    np.testing.assert_allclose(two["predictions"], one["predictions"], rtol=1e-6, atol=1e-6)
+
 
 def test_scoring_without_a_fitted_model_is_one_line(fitted, capsys):
     args, _ = fitted["aligner"]
@@ -143,6 +167,10 @@ def test_trainer_validate_on_an_unfitted_aligner_names_the_fix(tiny_models, tmp_
 
 def test_predict_output_must_be_an_npz_file(fitted, tmp_path, capsys):
     args, ckpt = fitted["aligner"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", *args, "--ckpt_path", str(ckpt)])
+    assert exit_info.value.code == 2
+    assert "error: `xsilo predict` writes its predictions to a file: pass --output FILE.npz" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         main(["predict", *args, "--ckpt_path", str(ckpt), "--output", str(tmp_path / "mapped.csv")])
     assert exit_info.value.code == 2
