@@ -9,14 +9,17 @@ or the model config) and are linked into the model's `input_dim` and `output_dim
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_modules.predictions import PredictionWriter, check_output_path
 
 SEED = 0  # `seed_everything` default: a run is repeatable unless the config sets another seed
+SCORING = ("validate", "test", "predict")  # the subcommands that need a fitted checkpoint
 
 
 class XsiloTrainer(L.Trainer):
@@ -43,22 +46,50 @@ class XsiloCLI(LightningCLI):
         parser.link_arguments("data.input_dim", "model.init_args.input_dim", apply_on="instantiate")
         parser.link_arguments("data.output_dim", "model.init_args.output_dim", apply_on="instantiate")
 
-    def _require_checkpoint(self) -> None:
-        # The model a config builds is freshly initialised: scoring it would report an unfitted model.
-        if self.config[self.subcommand].get("ckpt_path") is None:
-            raise ValueError(f"`xsilo {self.subcommand}` needs a fitted model: pass --ckpt_path PATH, a checkpoint "
-                             "written by `xsilo fit` (under its default_root_dir, e.g. runs/fit/**/checkpoints/*.ckpt)")
+    def parse_arguments(self, parser, args) -> None:
+        # Checked here, before LightningCLI reads the checkpoint's hyperparameters, so that a missing or
+        # unreadable file is one line rather than a traceback.
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand in SCORING:
+            path = self.config[subcommand].get("ckpt_path")
+            if path is None:  # the model a config builds is freshly initialised: scoring it would mislead
+                raise ValueError(f"`xsilo {subcommand}` needs a fitted model: pass --ckpt_path PATH, a checkpoint "
+                                 "written by `xsilo fit` (under its default_root_dir, e.g. runs/fit/**/checkpoints/"
+                                 "*.ckpt)")
+            self.checkpoint_shapes = checkpoint_shapes(path)
+
+    def _require_matching_model(self) -> None:
+        expected = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
+        if self.checkpoint_shapes != expected:
+            differ = (sorted(set(self.checkpoint_shapes) ^ set(expected))
+                      or sorted(k for k in expected if self.checkpoint_shapes[k] != expected[k]))
+            raise ValueError(f"--ckpt_path {self.config[self.subcommand].ckpt_path} does not fit the model that the "
+                             f"config and data build ({type(self.model).__name__}: {', '.join(differ[:3])} differ); "
+                             "pass the config the checkpoint was fitted with")
 
     def before_validate(self) -> None:
-        self._require_checkpoint()
+        self._require_matching_model()
 
     def before_test(self) -> None:
-        self._require_checkpoint()
+        self._require_matching_model()
 
     def before_predict(self) -> None:
-        self._require_checkpoint()
+        self._require_matching_model()
         if self.config["predict"].get("output") is None:  # the console script would drop what it predicts
             raise ValueError("`xsilo predict` writes its predictions to a file: pass --output FILE.npz")
+
+
+def checkpoint_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes a Lightning checkpoint holds; one-line errors for a missing or unreadable file."""
+    if not Path(path).is_file():
+        raise ValueError(f"--ckpt_path {path}: no such file; pass a .ckpt written by `xsilo fit`")
+    try:  # as LightningCLI itself reads it next
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        return {k: tuple(v.shape) for k, v in state.items()}
+    except Exception as e:  # whatever makes the file unreadable, the fix is the same
+        raise ValueError(f"--ckpt_path {path} is not a Lightning checkpoint ({type(e).__name__}); pass a .ckpt "
+                         "written by `xsilo fit`") from None
 
 
 def run_lightning_cli(argv: list[str] | None = None, run: bool = True) -> XsiloCLI:
