@@ -36,9 +36,14 @@ class XsiloTrainer(L.Trainer):
             weights_only: load the checkpoint with torch.load(weights_only=...) (default: Lightning's choice).
             output: write the predictions to this .npz file (atomically): predictions, kind, rows, label_names.
         """
-        if output is not None:
-            self.callbacks.append(PredictionWriter(check_output_path(output)))
-        return super().predict(model, dataloaders, datamodule, return_predictions, ckpt_path, weights_only)
+        if output is None:
+            return super().predict(model, dataloaders, datamodule, return_predictions, ckpt_path, weights_only)
+        writer = PredictionWriter(check_output_path(output))
+        self.callbacks.append(writer)
+        try:
+            return super().predict(model, dataloaders, datamodule, return_predictions, ckpt_path, weights_only)
+        finally:  # this call's file only: a later predict names its own
+            self.callbacks.remove(writer)
 
 
 class XsiloCLI(LightningCLI):
