@@ -9,6 +9,7 @@ or the model config) and are linked into the model's `input_dim` and `output_dim
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,9 @@ class XsiloCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
         # Checked here, before LightningCLI reads the checkpoint's hyperparameters, so that a missing or
         # unreadable file is one line rather than a traceback.
-        super().parse_arguments(parser, args)
+        with warnings.catch_warnings():  # the console script passes its argv on, list words rewritten
+            warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python")
+            super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         if subcommand in SCORING:
             path = self.config[subcommand].get("ckpt_path")
@@ -101,4 +104,5 @@ def run_lightning_cli(argv: list[str] | None = None, run: bool = True) -> XsiloC
     """argv=None reads sys.argv (the console script); a list runs in-process (tests)."""
     return XsiloCLI(L.LightningModule, L.LightningDataModule, trainer_class=XsiloTrainer, subclass_mode_model=True,
                     subclass_mode_data=True, args=argv, run=run, seed_everything_default=SEED,
-                    save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
+                    save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
+                    parser_kwargs={"prog": "xsilo"})
