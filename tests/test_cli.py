@@ -61,6 +61,9 @@ def test_list_options_take_words_or_one_list():
     ablate = list_options(COMMANDS["ablate"])
     cfg = parser.parse_args(word_lists(["ablate", "--sizes", "100", "200", "--public_seeds", "3"], ablate))
     assert (cfg.ablate.sizes, cfg.ablate.public_seeds) == ([100, 200], [3])
+    prepare = list_options(COMMANDS["assets"]["prepare"])
+    cfg = parser.parse_args(word_lists(["assets", "prepare", "--names", "bbc", "trec"], prepare))
+    assert cfg.assets.prepare.names == ["bbc", "trec"]
     # LightningCLI options: several words become one list; a single word or a written list is kept.
     assert word_lists(["fit", "-c", "a.yaml", "--model.init_args.lambdas", "0.1", "1", "--trainer.max_epochs", "2"]) \
         == ["fit", "-c", "a.yaml", "--model.init_args.lambdas", '["0.1", "1"]', "--trainer.max_epochs", "2"]
@@ -152,6 +155,21 @@ def test_scoring_without_a_fitted_model_is_one_line(fitted, capsys):
         assert "Traceback" not in err and "AttributeError" not in err
 
 
+def test_a_bad_checkpoint_is_one_line(fitted, tmp_path, capsys):
+    args, _ = fitted["aligner"]
+    (tmp_path / "text.ckpt").write_text("not a checkpoint")
+    _, classifier_ckpt = fitted["classifier"]
+    for ckpt, message in ((tmp_path / "missing.ckpt", "no such file"),
+                          (tmp_path / "text.ckpt", "is not a Lightning checkpoint"),
+                          (classifier_ckpt, "does not fit the model that the config and data build")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["validate", *args, "--ckpt_path", str(ckpt)])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --ckpt_path {ckpt}") and message in err and "Traceback" not in err
+        assert len(err.strip().splitlines()) == 1
+
+
 def test_trainer_validate_on_an_unfitted_aligner_names_the_fix(tiny_models, tmp_path):
     import lightning as L
 
@@ -163,6 +181,23 @@ def test_trainer_validate_on_an_unfitted_aligner_names_the_fix(tiny_models, tmp_
     for run in (trainer.validate, trainer.test, trainer.predict):
         with pytest.raises(ValueError, match="never fitted.*pass --ckpt_path"):
             run(AffineAligner(32, 32), datamodule=dm)
+
+
+def test_trainer_predict_output_names_one_file_per_call(tiny_models, tmp_path):
+    from datamodules.states import PairedStatesDataModule
+    from lightning_modules.lightning_cli import XsiloTrainer
+
+    dm = PairedStatesDataModule(str(tiny_models["llama"]), str(tiny_models["bert"]),
+                                data=str(write_tiny_csv(tmp_path / "p.csv", n=40)), limit=None)
+    trainer = XsiloTrainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False,
+                           enable_model_summary=False, enable_checkpointing=False)
+    aligner = AffineAligner(32, 32)
+    trainer.fit(aligner, datamodule=dm)
+    returned = trainer.predict(aligner, datamodule=dm, output=str(tmp_path / "a.npz"))
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npz")["predictions"], torch.cat(returned).numpy())
+    (tmp_path / "a.npz").unlink()
+    trainer.predict(aligner, datamodule=dm, output=str(tmp_path / "b.npz"))
+    assert (tmp_path / "b.npz").is_file() and not (tmp_path / "a.npz").exists()  # the first call's writer is gone
 
 
 def test_predict_output_must_be_an_npz_file(fitted, tmp_path, capsys):
