@@ -1,0 +1,237 @@
+"""The recipe's settings, declared once with one set of defaults (the README's best recipe: a centred,
+standardised ridge map chosen on held-out public rows, logistic-regression heads).
+
+Every driver (`evaluate`, `evaluate_ood`, `evaluate_generation`, `study`, `ablate`) and every CLI command
+takes these dataclasses, so `--fit.standardize false` and a `--config configs/recipe/bbc.yaml` holding
+`fit: {standardize: false}` give the same `FitSettings`. Every Trainer a driver builds comes from
+`build_trainer(DeviceSettings, ...)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+
+# Ridge λ path, relative to the mean eigenvalue of the source covariance: one grid fits any model's scale.
+DEFAULT_LAMBDAS: tuple[float, ...] = tuple(10.0 ** e for e in range(-6, 3))
+Accelerator = Literal["auto", "cpu", "gpu", "cuda", "mps"]
+Devices = int | Literal["auto"]
+Precision = Literal["auto", "32-true", "64-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true"]
+
+
+class SettingsError(ValueError):
+    """A setting out of range; the message names it and the fix."""
+
+
+@dataclass(frozen=True)
+class ExtractionSettings:
+    """How states are read from every model and dataset (the cache key holds each of these).
+
+    Args:
+        pooling: mean, last or first; null: the model's own (sentence-transformers 1_Pooling, else last
+            token for causal LMs, mean otherwise).
+        layer: hidden_states index; -1 is the final (normed) layer.
+        max_length: truncation length in tokens; null: the model's own limit.
+        dtype: compute dtype of the forward pass (float32, bfloat16 or float16); states are stored in it.
+        batch_size: texts per forward pass.
+        text_column: text column of the task's file (default: `text`, or the registry entry's); the public
+            set and OOD sets keep their own.
+        label_column: label column of the task's file (default: `label`, or the registry entry's).
+        dedupe: drop texts of a task's train split that also appear in its val/test split (a count is printed).
+    """
+
+    pooling: Literal["mean", "last", "first"] | None = None
+    layer: int = -1
+    max_length: int | None = 128
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    batch_size: int = 16
+    text_column: str | None = None
+    label_column: str = "label"
+    dedupe: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_length is not None and self.max_length <= 0:
+            raise SettingsError(f"extraction.max_length must be a positive number of tokens, got {self.max_length}")
+        if self.batch_size <= 0:
+            raise SettingsError(f"extraction.batch_size must be positive, got {self.batch_size}")
+
+    def task_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of a LabelledStatesDataModule (a task's states)."""
+        return dict(pooling=self.pooling, layer=self.layer, max_length=self.max_length, dtype=self.dtype,
+                    text_column=self.text_column, label_column=self.label_column, dedupe=self.dedupe,
+                    extract_batch_size=self.batch_size)
+
+    def public_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of a PairedStatesDataModule (the public set's paired states)."""
+        return dict(source_pooling=self.pooling, target_pooling=self.pooling, source_layer=self.layer,
+                    target_layer=self.layer, max_length=self.max_length, dtype=self.dtype,
+                    extract_batch_size=self.batch_size)
+
+
+@dataclass(frozen=True)
+class PublicSetSettings:
+    """The shared public set the map is fitted on.
+
+    Args:
+        data: a registry dataset, a file or hub id, or a set from `xsilo public-set build` (its .jsonl path).
+        limit: rows of it to use (a seeded sample); null: all.
+    """
+
+    data: str = "movie-dialog"
+    limit: int | None = 4000
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 2:
+            raise SettingsError(f"public.limit must be at least 2 rows (or null for all), got {self.limit}")
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """How the source→target map is fitted.
+
+    Args:
+        estimator: ridge (λ chosen on held-out public rows), lstsq, procrustes or scaled_procrustes.
+        lambdas: the ridge λ path (relative to the mean eigenvalue of the source covariance).
+        center: fit an intercept.
+        standardize: z-score states before solving (the best measured recipe).
+    """
+
+    estimator: Literal["ridge", "lstsq", "procrustes", "scaled_procrustes"] = "ridge"
+    lambdas: tuple[float, ...] = DEFAULT_LAMBDAS
+    center: bool = True
+    standardize: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.lambdas or min(self.lambdas) < 0:
+            raise SettingsError(f"fit.lambdas must be a non-empty list of λ >= 0, got {list(self.lambdas)}")
+
+
+@dataclass(frozen=True)
+class HeadSettings:
+    """The linear classifier (logistic regression) on a model's task states.
+
+    Args:
+        epochs: maximum epochs (early stopping on val_loss, patience 10).
+        lr: learning rate.
+        weight_decay: L2 weight decay.
+    """
+
+    epochs: int = 200
+    lr: float = 1e-2
+    weight_decay: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.lr <= 0 or self.weight_decay < 0:
+            raise SettingsError(f"head needs epochs >= 1, lr > 0 and weight_decay >= 0; got {self.epochs}, "
+                                f"{self.lr}, {self.weight_decay}")
+
+
+@dataclass(frozen=True)
+class DeviceSettings:
+    """Where a driver's models and Trainers run: one process on one device. (Several devices: extract
+    with `xsilo extract --devices N`, whose cache every driver reads, or fit with `xsilo fit -c
+    configs/trainer/ddp.yaml`.)
+
+    Args:
+        accelerator: cpu, gpu, cuda, mps or auto (a GPU when one is visible).
+        devices: 1 or auto (one device).
+        precision: Lightning precision of fitting, e.g. 32-true or bf16-mixed; auto is 32-true.
+        threads: torch threads per process (default: torch's own).
+    """
+
+    accelerator: Accelerator = "auto"
+    devices: Devices = "auto"
+    precision: Precision = "auto"
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.devices not in ("auto", 1):
+            raise SettingsError(f"devices must be 1 or auto (a driver runs in one process), got {self.devices!r}; "
+                                "extract on several devices first with `xsilo extract --devices N`")
+        if self.threads is not None and self.threads < 1:
+            raise SettingsError(f"threads must be a positive number, got {self.threads}")
+
+    def trainer_kwargs(self) -> dict[str, Any]:
+        """The Trainer's accelerator, devices and precision."""
+        return dict(accelerator=self.accelerator, devices=1,
+                    precision=None if self.precision == "auto" else self.precision)
+
+    def extraction_kwargs(self) -> dict[str, Any]:
+        """`datamodules.extraction.extract`'s device keywords."""
+        return dict(accelerator=self.accelerator, devices=1, threads=self.threads)
+
+    def apply_threads(self) -> None:
+        if self.threads:
+            import torch
+
+            torch.set_num_threads(self.threads)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One alignment recipe (the base of `xsilo ablate`, and each setting it tries): what the map is fitted on
+    and how.
+
+    Args:
+        mix: public-set mix, e.g. movie-dialog:0.5,bbc:0.5 (the task's val/test texts are always excluded).
+        size: public-set rows.
+        pooling: pooling of both models (null: each model's own).
+        layer: the source's layer (-1: final).
+        target_layer: the target's layer when it differs from the source's.
+        standardize: z-score states before solving.
+        estimator: ridge, lstsq, procrustes or scaled_procrustes.
+        lam: ridge λ (null: chosen on held-out public rows from the λ path).
+        finetune: gradient fine-tuning loss after the closed form: mse, cosine or task (null: none).
+        public_seed: public-set sampling seed.
+    """
+
+    mix: str = "movie-dialog:1"
+    size: int | None = 4000
+    pooling: str | None = ExtractionSettings.pooling
+    layer: int = ExtractionSettings.layer
+    target_layer: int | None = None
+    standardize: bool = FitSettings.standardize
+    estimator: str = FitSettings.estimator
+    lam: float | None = None
+    finetune: str | None = None
+    public_seed: int = 0
+
+    def describe(self, factor: str) -> str:
+        if factor == "size":
+            return "all eligible rows" if self.size is None else f"{self.size} rows"
+        if factor == "mix":
+            return self.mix
+        if factor == "view":
+            layers = self.layer if self.target_layer in (None, self.layer) else f"{self.layer}/{self.target_layer}"
+            return f"{self.pooling or 'default'} pooling, layer {layers}"
+        if factor == "standardize":
+            return "standardised" if self.standardize else "centred only"
+        if factor == "estimator":
+            return self.estimator + (f" λ={self.lam:g}" if self.lam is not None else
+                                     " λ chosen on held-out rows" if self.estimator == "ridge" else "")
+        if factor == "finetune":
+            return f"+ {self.finetune} fine-tuning" if self.finetune else "closed form"
+        if factor == "seed":
+            return f"public-set sample seed {self.public_seed}"
+        return "base"
+
+
+GENERATION_PUBLIC = PublicSetSettings(limit=2000)  # every token position is a pair: fewer texts suffice
+
+
+def build_trainer(device: DeviceSettings, max_epochs: int, callbacks: list | None = None,
+                  root: str | None = None):
+    """The one Trainer of every driver: quiet, no logger; checkpointing only with callbacks."""
+    import lightning as L
+
+    return L.Trainer(**device.trainer_kwargs(), max_epochs=max_epochs, logger=False, callbacks=callbacks or [],
+                     enable_checkpointing=bool(callbacks), enable_progress_bar=False, enable_model_summary=False,
+                     num_sanity_val_steps=0, default_root_dir=root)
+
+
+def seed_all(seed: int) -> int:
+    """Seed python, numpy and torch (Lightning's `seed_everything`); returns the seed, for metrics files."""
+    import lightning as L
+
+    return L.seed_everything(seed, workers=True, verbose=False)
