@@ -59,6 +59,25 @@ def cache_dir_for(key: CacheKey, model_name: str, data_name: str, root: Path | N
     return Path(root or states_root()) / f"{slug(model_name)}--{slug(data_name)}--{key.fingerprint()}"
 
 
+def encode_states(states: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 states → the stored dtype: float32, float16, or bfloat16 kept as its uint16 bit pattern
+    (numpy has no bfloat16), rounded to nearest even; `decode_states` reads any of them back."""
+    states = np.ascontiguousarray(states, dtype=np.float32)
+    if dtype == "float16":
+        return states.astype(np.float16)
+    if dtype == "bfloat16":
+        bits = states.view(np.uint32)
+        return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    return states
+
+
+def decode_states(stored: np.ndarray) -> np.ndarray:
+    """Stored shard rows → float32 (a uint16 shard holds bfloat16 bit patterns)."""
+    if stored.dtype == np.uint16:
+        return (stored.astype(np.uint32) << 16).view(np.float32)
+    return np.asarray(stored, dtype=np.float32)
+
+
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.npy"
 
@@ -173,7 +192,7 @@ class StateCache:
         return self.n_rows
 
     def rows(self, index: np.ndarray | list[int] | slice) -> np.ndarray:
-        """Gather rows (float32, in the order given) across shards."""
+        """Gather rows (float32, in the order given, whatever the stored dtype) across shards."""
         idx = np.arange(self.n_rows)[index] if isinstance(index, slice) else np.asarray(index, dtype=np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= self.n_rows):
             raise IndexError(f"row index out of range for a cache of {self.n_rows} rows")
@@ -181,7 +200,7 @@ class StateCache:
         shard_of = np.searchsorted(self._starts, idx, side="right") - 1
         for s in np.unique(shard_of):
             sel = shard_of == s
-            out[sel] = self._shards[s][idx[sel] - self._starts[s]]
+            out[sel] = decode_states(self._shards[s][idx[sel] - self._starts[s]])
         return out
 
     def all(self) -> np.ndarray:

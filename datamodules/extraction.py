@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -35,6 +36,7 @@ from datamodules.cache import (
     atomic_write_bytes,
     atomic_write_json,
     cache_dir_for,
+    encode_states,
     ensure_writable,
     shard_name,
     valid_shard,
@@ -67,6 +69,54 @@ def is_causal_lm(config) -> bool:
 
 def default_pooling(config) -> str:
     return "last" if is_causal_lm(config) else "mean"
+
+
+# sentence-transformers `1_Pooling/config.json` modes → xsilo's poolings (max pooling has no equivalent).
+ST_POOLING_MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "first",
+                    "pooling_mode_lasttoken": "last"}
+MAX_LENGTH_CAP = 128  # the longest default truncation: a model's own limit only ever lowers it
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """Pooling and max_length as the model's own files state them, and where each came from."""
+
+    pooling: str
+    max_length: int
+    sources: dict[str, str]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def model_defaults(model_path: str, config) -> ModelDefaults:
+    """The pooling and max_length a model declares: sentence-transformers' `1_Pooling/config.json`
+    and `sentence_bert_config.json` when the folder has them, else `max_position_embeddings`,
+    capped at `MAX_LENGTH_CAP`; else last-token pooling for causal LMs and mean for encoders."""
+    folder = Path(model_path)
+    pooling, sources = default_pooling(config), {"pooling": "causal LM: last token" if is_causal_lm(config)
+                                                              else "encoder: mean"}
+    st_pooling = _read_json(folder / "1_Pooling" / "config.json")
+    chosen = [mode for key, mode in ST_POOLING_MODES.items() if st_pooling.get(key) is True]
+    if len(chosen) == 1:
+        pooling, sources["pooling"] = chosen[0], "1_Pooling/config.json"
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limits = {"sentence_bert_config.json max_seq_length": _read_json(folder / "sentence_bert_config.json").get("max_seq_length"),
+              "config max_position_embeddings": getattr(text_config, "max_position_embeddings", None)}
+    limits = {k: v for k, v in limits.items() if isinstance(v, int) and not isinstance(v, bool) and v > 0}
+    max_length, sources["max_length"] = MAX_LENGTH_CAP, f"cap {MAX_LENGTH_CAP}"
+    if limits:
+        where, limit = next(iter(limits.items()))
+        if limit < MAX_LENGTH_CAP:
+            max_length, sources["max_length"] = limit, where
+        else:
+            sources["max_length"] = f"{where} {limit}, capped at {MAX_LENGTH_CAP}"
+    return ModelDefaults(pooling, max_length, sources)
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -131,17 +181,17 @@ class ExtractionConfig:
     model: str
     data: str
     split: str = "train"
-    pooling: Pooling | None = None  # None: the model's default (last for causal LMs, else mean)
+    pooling: Pooling | None = None  # None: the model's own (`model_defaults`)
     layer: int = -1  # index into hidden_states: -1 is the final (normed) layer, 0 the embeddings
-    max_length: int = 128
+    max_length: int | None = None  # None: the model's own limit, at most MAX_LENGTH_CAP
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     batch_size: int = 16
     limit: int | None = None
-    text_column: str = "text"
+    text_column: str | None = None
     label_column: str | None = "label"
 
     def validate(self) -> None:
-        if self.max_length <= 0:
+        if self.max_length is not None and self.max_length <= 0:
             raise AssetError(f"max_length must be a positive number of tokens, got {self.max_length}")
         if self.batch_size <= 0:
             raise AssetError(f"batch_size must be positive, got {self.batch_size}")
@@ -158,19 +208,33 @@ class ResolvedExtraction:
     config: ExtractionConfig
     model_path: str
     pooling: str
+    max_length: int
+    n_layers: int
     hidden_size: int
     key: CacheKey
     directory: Path
     texts: list[str] = field(repr=False)
     labels: list[int] | None = field(repr=False)
     label_names: list[str] | None
+    defaults_from: dict[str, str] = field(default_factory=dict)
 
     def spec(self) -> dict[str, Any]:
-        """What a client needs to reproduce these states: model identity, pooling, layer, length."""
+        """What a client needs to reproduce these states: model identity, pooling, layer, length.
+
+        `pooling`, `layer` and `max_length` are as resolved; `defaults_from` says where each one
+        the user left unset came from (the model's files, or xsilo's rule)."""
         c = self.config
         return {"model": c.model, "model_identity": self.key.model_identity, "pooling": self.pooling,
-                "layer": c.layer, "max_length": c.max_length, "dtype": c.dtype,
-                "hidden_size": self.hidden_size, "data": c.data, "cache": str(self.directory)}
+                "layer": c.layer, "n_layers": self.n_layers, "max_length": self.max_length, "dtype": c.dtype,
+                "hidden_size": self.hidden_size, "data": c.data, "text_column": c.text_column,
+                "label_column": c.label_column, "defaults_from": self.defaults_from, "cache": str(self.directory)}
+
+    def describe(self) -> str:
+        """One line: the resolved pooling, layer and max_length, and where the defaults came from."""
+        layer = f"{self.config.layer} (final of {self.n_layers})" if self.config.layer == -1 else str(self.config.layer)
+        why = "; ".join(f"{k} from {v}" for k, v in self.defaults_from.items())
+        return (f"{self.config.model}: pooling {self.pooling}, layer {layer}, max_length {self.max_length}"
+                + (f" ({why})" if why else ""))
 
 
 def _check_layer(layer: int, n_layers: int) -> None:
@@ -192,7 +256,10 @@ def resolve(config: ExtractionConfig, cache_root: str | Path | None = None) -> R
         raise AssetError(f"cannot read a model config from {config.model!r}: {e}") from e
     text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     _check_layer(config.layer, text_config.num_hidden_layers)
-    pooling = config.pooling or default_pooling(model_config)
+    defaults = model_defaults(model_path, model_config)
+    pooling = config.pooling or defaults.pooling
+    max_length = config.max_length or defaults.max_length
+    defaults_from = {k: v for k, v in defaults.sources.items() if getattr(config, k) is None}
     ds = load_texts(config.data, config.split, config.text_column, config.label_column, config.limit)
     key = CacheKey(
         model_identity=model_identity(model_path),
@@ -200,15 +267,29 @@ def resolve(config: ExtractionConfig, cache_root: str | Path | None = None) -> R
         split=config.split,
         pooling=pooling,
         layer=config.layer,
-        max_length=config.max_length,
+        max_length=max_length,
         dtype=config.dtype,
     )
     directory = cache_dir_for(key, config.model, f"{config.data}-{config.split}", cache_root)
-    return ResolvedExtraction(
-        config=config, model_path=model_path, pooling=pooling, hidden_size=text_config.hidden_size,
+    job = ResolvedExtraction(
+        config=config, model_path=model_path, pooling=pooling, max_length=max_length,
+        n_layers=text_config.num_hidden_layers, hidden_size=text_config.hidden_size,
         key=key, directory=directory, texts=list(ds["text"]),
         labels=list(ds["label"]) if "label" in ds.column_names else None, label_names=label_names(ds),
+        defaults_from=defaults_from,
     )
+    _announce(job.describe())
+    return job
+
+
+_ANNOUNCED: set[str] = set()
+
+
+def _announce(line: str) -> None:
+    """Print each resolved-extraction line once per process (DataModules resolve the same job often)."""
+    if line not in _ANNOUNCED and len(_ANNOUNCED) < 1024:
+        _ANNOUNCED.add(line)
+        print(line, file=sys.stderr)
 
 
 # --- Lightning pieces -------------------------------------------------------------------
@@ -228,7 +309,7 @@ class StateEncoder:
     Produces exactly what `extract()` stores for the same model, pooling, layer and max_length.
     """
 
-    def __init__(self, model: str, pooling: str | None = None, layer: int = -1, max_length: int = 128,
+    def __init__(self, model: str, pooling: str | None = None, layer: int = -1, max_length: int | None = None,
                  dtype: str = "float32", batch_size: int = 16, threads: int | None = None):
         from transformers import AutoConfig, AutoModel
 
@@ -239,8 +320,9 @@ class StateEncoder:
         self.model_path = resolve_model(model)
         config = AutoConfig.from_pretrained(self.model_path)
         _check_layer(layer, config.get_text_config().num_hidden_layers)
-        self.pooling = pooling or default_pooling(config)
-        self.layer, self.max_length, self.batch_size = layer, max_length, batch_size
+        defaults = model_defaults(self.model_path, config)
+        self.pooling = pooling or defaults.pooling
+        self.layer, self.max_length, self.batch_size = layer, max_length or defaults.max_length, batch_size
         self.tokenizer = load_tokenizer(self.model_path)
         self.encoder = AutoModel.from_pretrained(self.model_path, dtype=DTYPES[dtype]).eval().requires_grad_(False)
         self.hidden_size = config.get_text_config().hidden_size
@@ -343,9 +425,9 @@ class ShardWriter(BasePredictionWriter):
     `shards` is the full plan, so a row's shard is `row // shard_size` on every rank.
     """
 
-    def __init__(self, directory: Path, shards: list[tuple[int, int]], dim: int):
+    def __init__(self, directory: Path, shards: list[tuple[int, int]], dim: int, dtype: str = "float32"):
         super().__init__(write_interval="batch")
-        self.directory, self.shards, self.dim = directory, shards, dim
+        self.directory, self.shards, self.dim, self.dtype = directory, shards, dim, dtype
         self.shard_size = shards[0][1] - shards[0][0] if shards else 1
         self.buffers: dict[int, np.ndarray] = {}
         self.filled: dict[int, int] = {}
@@ -361,7 +443,7 @@ class ShardWriter(BasePredictionWriter):
             buf[rows[sel] - start] = states[sel]
             self.filled[shard] = self.filled.get(shard, 0) + int(sel.sum())
             if self.filled[shard] == stop - start:
-                atomic_save_npy(self.directory / shard_name(shard), self.buffers.pop(shard))
+                atomic_save_npy(self.directory / shard_name(shard), encode_states(self.buffers.pop(shard), self.dtype))
 
 
 # --- entry point --------------------------------------------------------------------------
@@ -410,9 +492,9 @@ def extract(
     pending = [i for i in range(len(shards)) if i not in done]
     if pending:
         module = HiddenStateExtractor(job.model_path, job.texts, [shards[i] for i in pending],
-                                      job.pooling, config.layer, config.max_length, config.dtype,
+                                      job.pooling, config.layer, job.max_length, config.dtype,
                                       config.batch_size, threads)
-        callbacks = [ShardWriter(directory, shards, job.hidden_size)]
+        callbacks = [ShardWriter(directory, shards, job.hidden_size, config.dtype)]
         bar = progress and is_terminal()
         if progress and not bar:  # a log or a pipe: plain periodic lines instead of a bar
             rows = sum(shards[i][1] - shards[i][0] for i in pending)
@@ -436,12 +518,13 @@ def extract(
         if trainer.global_rank != 0:
             return ExtractionResult(directory, False, len(pending), time.perf_counter() - t0,
                                     len(job.texts), job.hidden_size)
-    _finalise(job, shards)
+    finalise(job, shards)
     return ExtractionResult(directory, False, len(pending), time.perf_counter() - t0,
                             len(job.texts), job.hidden_size)
 
 
-def _finalise(job: ResolvedExtraction, shards: list[tuple[int, int]]) -> None:
+def finalise(job: ResolvedExtraction, shards: list[tuple[int, int]]) -> None:
+    """Check every shard of a finished job, write its labels and, last, its manifest."""
     directory = job.directory
     records = []
     for i, (start, stop) in enumerate(shards):
@@ -471,10 +554,13 @@ def _finalise(job: ResolvedExtraction, shards: list[tuple[int, int]]) -> None:
         "limit": cfg.limit,
         "pooling": job.pooling,
         "layer": cfg.layer,
-        "max_length": cfg.max_length,
+        "max_length": job.max_length,
         "dtype": cfg.dtype,
         "n_rows": len(job.texts),
         "dim": job.hidden_size,
         "label_names": job.label_names,
         "shards": records,
     })
+
+
+_finalise = finalise  # the old private name, until public_set.py and ablation.py import `finalise`

@@ -8,6 +8,7 @@ cache manifest when the cache exists, otherwise from the model config and the da
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -17,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datamodules.cache import CacheError, StateCache
 from datamodules.extraction import ExtractionConfig, ResolvedExtraction, cache_hit, extract, resolve
+from datamodules.text import drop_seen, stratified_split  # noqa: F401 - stratified_split is public here too
 
 
 class CachedRows(Dataset):
@@ -75,21 +77,22 @@ class EvenShardBatches(DistributedSampler):
         return self.n_batches
 
 
-def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-class seeded split; every class keeps its share in every split."""
-    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise ValueError(f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be "
-                         "in [0, 1) and sum to less than 1")
-    rng = np.random.default_rng(seed)
-    parts: tuple[list, list, list] = ([], [], [])
-    for cls in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == cls))
-        n_test, n_val = round(len(idx) * test_fraction), round(len(idx) * val_fraction)
-        parts[2].append(idx[:n_test])
-        parts[1].append(idx[n_test:n_test + n_val])
-        parts[0].append(idx[n_test + n_val:])
-    return tuple(np.sort(np.concatenate(p)) for p in parts)  # type: ignore[return-value]
+def drop_split_duplicates(texts: list[str], split_index: dict[str, np.ndarray]
+                          ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Drop from each split the rows whose text (normalised) is also in a split ahead of it.
+
+    Test keeps its rows, val loses those also in test, train those in val or test: the evaluation
+    rows stay exactly those of the seeded split, and nothing the model is scored on was trained on.
+    Returns the new index and the number dropped per split.
+    """
+    order = [k for k in ("test", "val", "train") if k in split_index]
+    out, dropped, seen = dict(split_index), {}, []
+    for name in order:
+        idx = np.asarray(split_index[name])
+        keep = idx[drop_seen([texts[i] for i in idx], seen)] if seen else idx
+        out[name], dropped[name] = keep, len(idx) - len(keep)
+        seen += [texts[i] for i in idx]
+    return out, dropped
 
 
 def random_split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -156,9 +159,9 @@ class PairedStatesDataModule(_StatesDataModule):
         target_pooling: str | None = None,
         source_layer: int = -1,
         target_layer: int = -1,
-        max_length: int = 128,
+        max_length: int | None = None,
         dtype: str = "float32",
-        text_column: str = "text",
+        text_column: str | None = None,
         val_fraction: float = 0.125,
         seed: int = 0,
         batch_size: int = 1024,
@@ -210,6 +213,9 @@ class PairedStatesDataModule(_StatesDataModule):
 class LabelledStatesDataModule(_StatesDataModule):
     """Batches `(h, label)` of a labelled task, split train/val/test (stratified, seeded).
 
+    With `dedupe` (the default), a text that lands in more than one split is kept in test, else
+    val, and dropped from the others (`drop_split_duplicates`); the count is printed.
+
     The split depends only on the labels and the seed, so two models' caches of the same
     task share row indices: a source model's test rows are the target model's test rows.
     """
@@ -222,10 +228,11 @@ class LabelledStatesDataModule(_StatesDataModule):
         limit: int | None = None,
         pooling: str | None = None,
         layer: int = -1,
-        max_length: int = 128,
+        max_length: int | None = None,
         dtype: str = "float32",
-        text_column: str = "text",
-        label_column: str = "label",
+        text_column: str | None = None,
+        label_column: str | None = "label",
+        dedupe: bool = True,
         val_fraction: float = 0.15,
         test_fraction: float = 0.15,
         seed: int = 0,
@@ -239,7 +246,7 @@ class LabelledStatesDataModule(_StatesDataModule):
         self.job = resolve(ExtractionConfig(model=model, data=data, split=split, limit=limit,
                                             pooling=pooling, layer=layer, max_length=max_length,
                                             dtype=dtype, text_column=text_column,
-                                            label_column=label_column,
+                                            label_column=label_column or "label",
                                             batch_size=extract_batch_size), cache_dir)
         if self.job.labels is None:
             raise CacheError(f"dataset {data!r} has no label column {label_column!r}; pass label_column")
@@ -249,6 +256,13 @@ class LabelledStatesDataModule(_StatesDataModule):
         self.num_classes = len(self.label_names)
         self.split_index = dict(zip(("train", "val", "test"), stratified_split(
             np.asarray(self.job.labels), val_fraction, test_fraction, seed)))
+        self.duplicates_dropped = {}
+        if dedupe:
+            self.split_index, self.duplicates_dropped = drop_split_duplicates(self.job.texts, self.split_index)
+            if any(self.duplicates_dropped.values()):
+                counts = ", ".join(f"{n} from {k}" for k, n in sorted(self.duplicates_dropped.items(), reverse=True) if n)
+                print(f"{data}: dropped duplicate texts of the test (or val) split: {counts} "
+                      "(test keeps all its rows; dedupe false keeps every copy)", file=sys.stderr)
         missing = {name: sorted(set(range(self.num_classes)) - set(np.asarray(self.job.labels)[idx]))
                    for name, idx in self.split_index.items() if len(idx)}
         missing = {k: v for k, v in missing.items() if v}

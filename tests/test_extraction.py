@@ -199,3 +199,60 @@ def test_state_encoder_reproduces_the_cache(tiny_models, tiny_csv):
     encoder = StateEncoder(str(tiny_models["llama"]), batch_size=16)
     assert encoder.pooling == "last"
     np.testing.assert_allclose(encoder(texts), cache.all(), rtol=1e-5, atol=1e-6)
+
+
+# --- defaults from the model's own files; stored dtype ------------------------------------------------
+
+def sentence_transformers_folder(tiny_models, tmp_path, mode: str, max_positions: int = 40):
+    """A tiny random BERT saved with save_pretrained, plus sentence-transformers' pooling file."""
+    from transformers import AutoConfig, AutoTokenizer, BertModel
+
+    folder = tmp_path / f"st-{mode}"
+    config = AutoConfig.from_pretrained(tiny_models["bert"])
+    config.max_position_embeddings = max_positions
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_models["bert"]).save_pretrained(folder)
+    (folder / "1_Pooling").mkdir()
+    modes = {k: k == mode for k in ("pooling_mode_mean_tokens", "pooling_mode_cls_token", "pooling_mode_lasttoken")}
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32, **modes}))
+    return folder
+
+
+def test_pooling_and_max_length_come_from_the_models_files(tiny_models, tiny_csv, tmp_path):
+    folder = sentence_transformers_folder(tiny_models, tmp_path, "pooling_mode_cls_token")
+    job = extraction.resolve(ExtractionConfig(model=str(folder), data=str(tiny_csv)))
+    spec = job.spec()
+    assert (spec["pooling"], spec["layer"], spec["max_length"]) == ("first", -1, 40)
+    assert spec["defaults_from"] == {"pooling": "1_Pooling/config.json", "max_length": "config max_position_embeddings"}
+    assert job.key.pooling == "first" and job.key.max_length == 40
+    (folder / "sentence_bert_config.json").write_text('{"max_seq_length": 24}')
+    assert extraction.resolve(ExtractionConfig(model=str(folder), data=str(tiny_csv))).max_length == 24
+    # a user's explicit choice wins and is not attributed to the model
+    mine = extraction.resolve(ExtractionConfig(model=str(folder), data=str(tiny_csv), pooling="mean", max_length=8))
+    assert (mine.pooling, mine.max_length, mine.spec()["defaults_from"]) == ("mean", 8, {})
+    # a causal LM without those files: last token, and a long context capped
+    llama = extraction.resolve(ExtractionConfig(model=str(tiny_models["llama"]), data=str(tiny_csv)))
+    assert (llama.pooling, llama.max_length) == ("last", extraction.MAX_LENGTH_CAP)
+
+
+def test_resolved_settings_are_printed(tiny_models, tiny_csv, tmp_path, capsys):
+    folder = sentence_transformers_folder(tiny_models, tmp_path, "pooling_mode_mean_tokens", max_positions=30)
+    extraction.resolve(ExtractionConfig(model=str(folder), data=str(tiny_csv)))
+    assert "pooling mean, layer -1 (final of 2), max_length 30 (pooling from 1_Pooling/config.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype,stored", [("bfloat16", np.uint16), ("float16", np.float16)])
+def test_half_precision_extraction_is_stored_in_that_dtype(tiny_models, tiny_csv, dtype, stored):
+    from datamodules.extraction import StateEncoder
+
+    cfg = ExtractionConfig(model=str(tiny_models["llama"]), data=str(tiny_csv), dtype=dtype)
+    cache = StateCache(extract(cfg, progress=False).path)
+    shards = sorted(cache.path.glob("shard-*.npy"))
+    assert shards and all(np.load(s, mmap_mode="r").dtype == stored for s in shards)
+    assert cache.manifest["dtype"] == dtype
+    texts = [l.split('"')[1] for l in tiny_csv.read_text().splitlines()[1:]]
+    expected = StateEncoder(str(tiny_models["llama"]), dtype=dtype)(texts)  # the same model run in that dtype
+    np.testing.assert_allclose(cache.all(), expected, rtol=2e-2, atol=2e-2)
+    rows = cache.all()  # read back as float32, each value exactly one of that dtype's
+    np.testing.assert_array_equal(rows, torch.from_numpy(rows).to(getattr(torch, dtype)).float().numpy())

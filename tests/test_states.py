@@ -64,3 +64,28 @@ def test_stratified_split_is_seeded():
     assert not (first[2] == other[2]).all()
     with pytest.raises(ValueError, match="sum to less than 1"):
         stratified_split(labels, 0.6, 0.5, 0)
+
+
+def leaky_task(path, n: int = 90):
+    """A task CSV in which every text occurs twice, so the seeded split puts copies in train and test."""
+    rows = [f"\"good film number {i % (n // 2)}\",c{i % 3}" for i in range(n)]
+    path.write_text("text,label\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def test_duplicates_between_splits_are_dropped_from_train_and_counted(tiny_models, tmp_path, capsys):
+    data = leaky_task(tmp_path / "leaky.csv")
+    kept = LabelledStatesDataModule(model=str(tiny_models["bert"]), data=str(data), dedupe=False)
+    texts = kept.job.texts
+    leaked = {texts[i] for i in kept.split_index["train"]} & {texts[i] for i in kept.split_index["test"]}
+    assert leaked  # the test would prove nothing on a file without leaks
+    dm = LabelledStatesDataModule(model=str(tiny_models["bert"]), data=str(data))
+    np.testing.assert_array_equal(dm.split_index["test"], kept.split_index["test"])  # scored rows unchanged
+    assert set(dm.split_index["val"]) <= set(kept.split_index["val"])
+    train = {texts[i] for i in dm.split_index["train"]}
+    assert not train & {texts[i] for i in dm.split_index["test"]}
+    assert not train & {texts[i] for i in dm.split_index["val"]}
+    dropped = dm.duplicates_dropped["train"]
+    assert dropped == len(kept.split_index["train"]) - len(dm.split_index["train"]) > 0
+    err = capsys.readouterr().err
+    assert "dropped duplicate texts of the test (or val) split" in err and f"{dropped} from train" in err
