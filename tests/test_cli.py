@@ -4,6 +4,8 @@ checkpoint; list options take words or one list in every subcommand."""
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,8 @@ from lightning_modules.cli import COMMANDS, LIGHTNING_SUBCOMMANDS, build_parser,
 
 from conftest import write_tiny_csv
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
 QUIET = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary",
          "false"]
 
@@ -33,6 +36,14 @@ def test_root_help_lists_every_subcommand(capsys):
     out = capsys.readouterr().out
     for name in (*LIGHTNING_SUBCOMMANDS, *COMMANDS):
         assert f"\n    {name} " in out or f"\n    {name}\n" in out, name
+
+
+def test_root_help_imports_no_training_code():
+    code = ("import sys\nfrom lightning_modules.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n"
+            "    pass\nprint('LOADED', sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'lightning', "
+            "'transformers')))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "LOADED []" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("words", [*([c] for c in LIGHTNING_SUBCOMMANDS), *_leaves(COMMANDS)], ids=" ".join)
