@@ -52,10 +52,20 @@ def states_root() -> Path:
     return xsilo_home() / "states"
 
 
-def cache_dir_for(key: CacheKey, model_name: str, data_name: str, root: Path | None = None) -> Path:
-    def slug(s: str) -> str:
-        return "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(s).name)[:40] or "x"
+def slug(name: str, max_length: int = 40, suffix: bool = True) -> str:
+    """A file-name part for a model or dataset name: its last path part, each character other than a
+    letter, digit, '-', '_' or '.' made '-', cut to `max_length` ("x" when empty). `suffix=False` drops
+    a path's file suffix (`data/sms.csv` -> `sms`; a registry name is kept whole).
 
+    Cache folder names are built from it, so a change here orphans every existing cache.
+    """
+    part = Path(name).name
+    if not suffix and ("/" in name or "\\" in name):
+        part = Path(part).stem
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in part)[:max_length] or "x"
+
+
+def cache_dir_for(key: CacheKey, model_name: str, data_name: str, root: Path | None = None) -> Path:
     return Path(root or states_root()) / f"{slug(model_name)}--{slug(data_name)}--{key.fingerprint()}"
 
 

@@ -61,10 +61,22 @@ def normalize_text(text: str) -> str:
     return _SPACE.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
 
 
+_OLD_MIX = re.compile(r"[^,+:]+(:\d+)?(\+[^,+:]+(:\d+)?)+")
+
+
 def parse_mix(mix: str | Mapping[str, float] | None) -> dict[str, float]:
-    """`"movie-dialog:0.5,bbc:0.3,vader-movies:0.2"` (or a mapping) → weights summing to 1."""
+    """`"movie-dialog:0.5,bbc:0.3,vader-movies:0.2"` (or a mapping) → weights summing to 1.
+
+    The one mix syntax: `public-set build --mix`, its YAML and `evaluate_generation --public` read it.
+    """
     if mix is None or mix == "":
         return {}
+    if isinstance(mix, str) and _OLD_MIX.fullmatch(mix) and not Path(mix).expanduser().exists():
+        parts = [p.rpartition(":") for p in mix.split("+")]
+        total = sum(int(n) for _, _, n in parts) if all(name for name, _, _ in parts) else None
+        raise PublicSetError(f"mix {mix!r} uses the old 'a:N+b:M' form; write weights separated by commas, "
+                             f"{mix.replace('+', ',')!r}" + (f", with {total} rows in all (--size, or --public.limit)"
+                                                               if total else ""))
     if isinstance(mix, str):
         weights: dict[str, float] = {}
         for part in (p.strip() for p in mix.split(",")):
@@ -86,6 +98,11 @@ def parse_mix(mix: str | Mapping[str, float] | None) -> dict[str, float]:
         raise PublicSetError(f"mix weights must be non-negative with a positive sum, got {weights}")
     total = sum(weights.values())
     return {k: v / total for k, v in weights.items()}
+
+
+def mix_rows(weights: Mapping[str, float], size: int) -> dict[str, int]:
+    """Rows per source for `size` rows in all: round(size·weight), by largest remainders (sums to `size`)."""
+    return _allocate(dict(weights), {k: size for k in weights}, size)
 
 
 def parse_task(spec: str) -> tuple[str, int | None]:
@@ -427,7 +444,7 @@ def prefill_states(config, cache_root: str | Path | None = None, max_extract: in
     there are more than `max_extract` of them: then ExtractionBudgetError, and nothing is written.
     The result is an ordinary cache: `extract(config)` and the DataModules find it as a hit.
     """
-    from datamodules.extraction import ExtractionConfig, _finalise, cache_hit, extract, resolve, shard_ranges
+    from datamodules.extraction import ExtractionConfig, cache_hit, extract, finalise, resolve, shard_ranges
 
     job = resolve(config, cache_root)
     if cache_hit(job.directory):
@@ -471,5 +488,5 @@ def prefill_states(config, cache_root: str | Path | None = None, max_extract: in
         atomic_save_npy(job.directory / shard_name(i), block)
     atomic_write_json(job.directory / "assembled.json",
                       {"from": sorted(str(f) for f in caches), "extracted": len(missing)})
-    _finalise(job, shards)
+    finalise(job, shards)
     return PrefillResult(job.directory, False, len(job.texts) - len(missing), len(missing))

@@ -13,7 +13,7 @@ import torch
 
 from datamodules.extraction import ExtractionConfig, StateEncoder, extract, resolve
 from datamodules.public_set import (ExtractionBudgetError, PublicSetError, build_public_set, normalize_text,
-                                    parse_mix, parse_task, prefill_states, read_manifest)
+                                    mix_rows, parse_mix, parse_task, prefill_states, read_manifest)
 from datamodules.states import LabelledStatesDataModule
 from datamodules.text import dataset_fingerprint, load_texts
 
@@ -147,6 +147,19 @@ def test_parsers():
             parse_mix(bad)
     with pytest.raises(PublicSetError, match="no weight"):
         build_public_set(["x"], mix="y:1")
+
+
+def test_one_mix_syntax_and_a_one_line_error_for_the_old_plus_form(tmp_path):
+    assert mix_rows(parse_mix("movie-dialog:1200,bbc:200"), 1400) == {"movie-dialog": 1200, "bbc": 200}
+    assert mix_rows(parse_mix("a,b,c"), 10) == {"a": 4, "b": 3, "c": 3}  # largest remainders, in order
+    for old, fix in (("movie-dialog:1200+bbc:200", "'movie-dialog:1200,bbc:200', with 1400 rows"),
+                     ("a+b", "'a,b'")):
+        with pytest.raises(PublicSetError) as e:
+            build_public_set(mix=old)
+        assert "old 'a:N+b:M' form" in str(e.value) and fix in str(e.value) and "\n" not in str(e.value)
+    plus = tmp_path / "c+d.csv"  # a file whose name has a '+' is a source, not the old form
+    plus.write_text("text\nhello there\nhow are you\n")
+    assert parse_mix(str(plus)) == {str(plus): 1.0}
 
 
 def test_prefill_reuses_cached_rows_and_extracts_only_new_texts(tmp_path, tiny_models):
