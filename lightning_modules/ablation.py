@@ -11,6 +11,7 @@ so are those of `exclude_tasks`; OOD sets are excluded entirely) and their state
 rows already cached for the same texts are reused, and a setting that needs more new forward passes than
 `max_extract` per (model, dataset) is reported as skipped instead of run. The (model, task, view)
 classifiers and detectors are fitted once (the study's `Study.native`) and read by every setting.
+The base recipe's defaults are `FitSettings`' and `ExtractionSettings`' (lightning_modules/settings.py).
 Outputs: ablation.json, ablation.md and ablation.png.
 """
 
@@ -23,9 +24,8 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
-import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
@@ -38,10 +38,11 @@ from datamodules.public_set import (ExtractionBudgetError, build_public_set, cac
 from datamodules.states import PairedStatesDataModule
 from datamodules.text import load_texts
 from lightning_modules.aligner import AffineAligner
-from lightning_modules.evaluate import PairConfig, null_map, split_rows
+from lightning_modules.evaluate import null_map, split_rows
 from lightning_modules.metrics import alignment_report
-from lightning_modules.report import _figure, _title, save_png, short_name
-from lightning_modules.solvers import DEFAULT_LAMBDAS
+from lightning_modules.report import figure, save_png, short_name, wrap_title
+from lightning_modules.settings import (DeviceSettings, ExtractionSettings, FitSettings, HeadSettings, Recipe,
+                                        build_trainer, seed_all)
 from lightning_modules.study import Native, Study, StudyConfig
 
 FACTORS = ("size", "mix", "view", "standardize", "estimator", "finetune", "seed")
@@ -51,45 +52,6 @@ FINETUNE_LOSSES = ("mse", "cosine", "task")
 
 class AblationError(AssetError):
     """Bad ablation input; the message names the fix."""
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """One alignment recipe: what the map is fitted on and how.
-
-    `mix`/`size` define the public set; `pooling`/`layer` the states (None: the model's default pooling);
-    `target_layer` None is `layer`; `lam` None picks ridge λ on held-out public rows from the path; `finetune` None is closed form only.
-    """
-
-    mix: str = "movie-dialog:1"
-    size: int | None = 4000
-    pooling: str | None = None
-    layer: int = -1
-    target_layer: int | None = None
-    standardize: bool = False
-    estimator: str = "ridge"
-    lam: float | None = None
-    finetune: str | None = None
-    public_seed: int = 0
-
-    def describe(self, factor: str) -> str:
-        if factor == "size":
-            return "all eligible rows" if self.size is None else f"{self.size} rows"
-        if factor == "mix":
-            return self.mix
-        if factor == "view":
-            layers = self.layer if self.target_layer in (None, self.layer) else f"{self.layer}/{self.target_layer}"
-            return f"{self.pooling or 'default'} pooling, layer {layers}"
-        if factor == "standardize":
-            return "standardised" if self.standardize else "centred only"
-        if factor == "estimator":
-            return self.estimator + (f" λ={self.lam:g}" if self.lam is not None else
-                                     " λ chosen on held-out rows" if self.estimator == "ridge" else "")
-        if factor == "finetune":
-            return f"+ {self.finetune} fine-tuning" if self.finetune else "closed form"
-        if factor == "seed":
-            return f"public-set sample seed {self.public_seed}"
-        return "base"
 
 
 def parse_view(text: str) -> tuple[str | None, int, int | None]:
@@ -106,7 +68,11 @@ def parse_view(text: str) -> tuple[str | None, int, int | None]:
 
 @dataclass
 class AblationConfig:
-    """The pair, the task, the base recipe and the values each factor takes."""
+    """The pair, the task, the base recipe and the values each factor takes.
+
+    `extraction` gives what every view shares (max_length, dtype, columns); its pooling and layer are the
+    recipe's. `fit.lambdas` is the ridge λ path; the recipe chooses the estimator and standardisation.
+    """
 
     source: str = "smollm2"
     target: str = "gemma3"
@@ -120,7 +86,6 @@ class AblationConfig:
     view_task_limit: int | None = None
     view_size: int | None = None
     view_ood: bool = False
-    lambdas: Sequence[float] = DEFAULT_LAMBDAS
     estimators: Sequence[str] = ESTIMATORS
     finetune: Sequence[str] = ("mse", "task")
     public_seeds: Sequence[int] = (1, 2)
@@ -134,13 +99,11 @@ class AblationConfig:
     max_extract: int | None = 0
     bootstrap: int = 1000
     confidence: float = 0.95
-    max_length: int = 128
-    classifier_epochs: int = 200
-    classifier_lr: float = 1e-2
-    classifier_weight_decay: float = 1e-3
+    extraction: ExtractionSettings = field(default_factory=ExtractionSettings)
+    fit: FitSettings = field(default_factory=FitSettings)
+    head: HeadSettings = field(default_factory=HeadSettings)
+    device: DeviceSettings = field(default_factory=DeviceSettings)
     seed: int = 0
-    extract_batch_size: int = 16
-    threads: int | None = None
 
     def validate(self) -> None:
         unknown = sorted(set(self.factors) - set(FACTORS))
@@ -208,7 +171,7 @@ class Ablation:
                 out += [Setting(factor, "", replace(base, standardize=s), cfg.task_limit) for s in (False, True)]
             elif factor == "estimator":
                 rows = [replace(base, estimator="ridge", lam=None)]
-                rows += [replace(base, estimator="ridge", lam=lam) for lam in cfg.lambdas]
+                rows += [replace(base, estimator="ridge", lam=lam) for lam in cfg.fit.lambdas]
                 rows += [replace(base, estimator=e, lam=None) for e in cfg.estimators if e != "ridge"]
                 out += [Setting(factor, "", r, cfg.task_limit) for r in rows]
             elif factor == "finetune":
@@ -248,11 +211,11 @@ class Ablation:
         if not hasattr(self, "_cached"):
             base = self.cfg.base
             self._cached = cached_texts([self.cfg.source, self.cfg.target], base.pooling, base.layer,
-                                        self.cfg.max_length)
+                                        self.cfg.extraction.max_length)
         return self._cached
 
     def prefill(self, config: ExtractionConfig) -> None:
-        result = prefill_states(config, max_extract=self.cfg.max_extract, threads=self.cfg.threads)
+        result = prefill_states(config, max_extract=self.cfg.max_extract, threads=self.cfg.device.threads)
         self.fits["forward_passes"] += result.extracted
 
     def layer(self, model: str, recipe: Recipe, role: str) -> int:
@@ -267,74 +230,75 @@ class Ablation:
         if key in self.natives:
             return self.natives[key]
         base_view = (recipe.pooling, layer) == (cfg.base.pooling, self.layer(model, cfg.base, role))
-        self.prefill(ExtractionConfig(model=model, data=cfg.task, limit=task_limit, pooling=recipe.pooling,
-                                      layer=layer, max_length=cfg.max_length, batch_size=cfg.extract_batch_size))
+        view = replace(cfg.extraction, pooling=recipe.pooling, layer=layer)
+        self.prefill(self.extraction_config(view, model, cfg.task, task_limit, "task"))
         with_ood = base_view or cfg.view_ood
         for name in (cfg.ood if with_ood else ()):
-            self.prefill(ExtractionConfig(model=model, data=name, limit=cfg.ood_limit, pooling=recipe.pooling,
-                                          layer=layer, max_length=cfg.max_length, batch_size=cfg.extract_batch_size))
+            self.prefill(self.extraction_config(view, model, name, cfg.ood_limit, "ood"))
         skey = key[1:]
         if skey not in self.studies:
             scfg = StudyConfig(models=[cfg.source, cfg.target], tasks=[cfg.task], task_limit=task_limit,
                                ood=list(cfg.ood) if with_ood else [], ood_limit=cfg.ood_limit,
                                ood_detector=cfg.ood_detector, bootstrap=cfg.bootstrap, confidence=cfg.confidence,
-                               max_length=cfg.max_length, classifier_epochs=cfg.classifier_epochs,
-                               classifier_lr=cfg.classifier_lr, classifier_weight_decay=cfg.classifier_weight_decay,
-                               seed=cfg.seed, extract_batch_size=cfg.extract_batch_size, threads=cfg.threads)
-            study = Study(scfg, self.work / f"view-{len(self.studies)}")
-            study.common = {**study.common, "pooling": recipe.pooling, "layer": layer}
-            self.studies[skey] = study
-        study = self.studies[skey]
-        index = study.fits["classifiers"]
-        native, result = study.native(model, cfg.task)
+                               extraction=view, head=cfg.head, device=cfg.device, seed=cfg.seed)
+            self.studies[skey] = Study(scfg, self.work / f"view-{len(self.studies)}")
+        native, result = self.studies[skey].native(model, cfg.task)
         self.fits["classifiers"] += 1
-        checkpoint = next((study.work / f"head-{index}").glob("*.ckpt"))
-        self.natives[key] = (native, result, checkpoint)
+        self.natives[key] = (native, result, native.checkpoint)
         return self.natives[key]
+
+    @staticmethod
+    def extraction_config(view: ExtractionSettings, model: str, data: str, limit: int | None,
+                          role: Literal["task", "ood", "public"]) -> ExtractionConfig:
+        """One (model, dataset) extraction of a view: the settings' pooling, layer, length and dtype; the
+        settings' columns for the task only (an OOD set keeps its own, a public set has no labels)."""
+        columns = {"task": dict(text_column=view.text_column, label_column=view.label_column),
+                   "ood": {}, "public": dict(label_column=None)}[role]
+        return ExtractionConfig(model=model, data=data, limit=limit, pooling=view.pooling, layer=view.layer,
+                                max_length=view.max_length, dtype=view.dtype, batch_size=view.batch_size, **columns)
 
     def extract_views(self, settings: list[Setting]) -> None:
         """Every view the settings need that no cache holds, for all views at once: one forward pass per text."""
         cfg = self.cfg
+        task_columns = (cfg.extraction.text_column, cfg.extraction.label_column)
         wanted: dict[tuple, set] = {}
         for s in settings:
             for role, model in (("source", cfg.source), ("target", cfg.target)):
                 view = (s.recipe.pooling, self.layer(model, s.recipe, role))
-                wanted.setdefault((model, cfg.task, s.task_limit, "label"), set()).add(view)
+                wanted.setdefault((model, cfg.task, s.task_limit, task_columns), set()).add(view)
                 for name in (cfg.ood if cfg.view_ood else ()):
-                    wanted.setdefault((model, name, cfg.ood_limit, "label"), set()).add(view)
+                    wanted.setdefault((model, name, cfg.ood_limit, (None, "label")), set()).add(view)
                 try:
                     path = self.public_set(s.recipe, views=True)
                 except AssetError:
                     continue
-                wanted.setdefault((model, str(path), None, None), set()).add(view)
-        for (model, data, limit, label_column), views in wanted.items():
+                wanted.setdefault((model, str(path), None, (None, None)), set()).add(view)
+        for (model, data, limit, (text_column, label_column)), views in wanted.items():
             if len(views) > 1:
                 self.fits["forward_passes"] += extract_views(
-                    model, data, sorted(views, key=str), limit=limit, label_column=label_column,
-                    max_length=cfg.max_length, batch_size=cfg.extract_batch_size, threads=cfg.threads,
-                    max_extract=cfg.max_extract)
+                    model, data, sorted(views, key=str), limit=limit, text_column=text_column,
+                    label_column=label_column,
+                    max_length=cfg.extraction.max_length, dtype=cfg.extraction.dtype,
+                    batch_size=cfg.extraction.batch_size, threads=cfg.device.threads, max_extract=cfg.max_extract)
 
     # -- one setting -----------------------------------------------------------------------------
 
     def fit_map(self, public: PairedStatesDataModule, recipe: Recipe, head_checkpoint: Path) -> AffineAligner:
         cfg = self.cfg
-        lambdas = [recipe.lam] if recipe.lam is not None else list(cfg.lambdas)
+        lambdas = [recipe.lam] if recipe.lam is not None else list(cfg.fit.lambdas)
         model = AffineAligner(public.input_dim, public.output_dim, estimator=recipe.estimator, lambdas=lambdas,
                               center=True, standardize=recipe.standardize,
                               finetune_loss=recipe.finetune or "mse",
                               classifier=str(head_checkpoint) if recipe.finetune == "task" else None,
                               lr=cfg.finetune_lr)
-        L.seed_everything(cfg.seed, verbose=False)
+        seed_all(cfg.seed)
         if recipe.finetune is None:
-            trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-                                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
-            trainer.fit(model, public)
+            build_trainer(cfg.device, max_epochs=1).fit(model, public)
             return model
         root = self.work / f"finetune-{self.fits['aligners']}"
         best = ModelCheckpoint(dirpath=root, monitor="val_loss", mode="min", save_top_k=1)
-        trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1 + cfg.finetune_epochs, logger=False,
-                            callbacks=[EarlyStopping("val_loss", patience=5), best], enable_progress_bar=False,
-                            enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=str(root))
+        trainer = build_trainer(cfg.device, 1 + cfg.finetune_epochs, [EarlyStopping("val_loss", patience=5), best],
+                                str(root))
         trainer.fit(model, public)
         tuned = AffineAligner.load_from_checkpoint(best.best_model_path, map_location="cpu").eval()
         tuned.lambda_path = model.lambda_path
@@ -350,9 +314,8 @@ class Ablation:
         try:
             path = self.public_set(recipe, views=setting.factor == "view")
             for role, model in (("source", cfg.source), ("target", cfg.target)):
-                self.prefill(ExtractionConfig(model=model, data=str(path), pooling=recipe.pooling,
-                                              layer=self.layer(model, recipe, role), max_length=cfg.max_length,
-                                              label_column=None, batch_size=cfg.extract_batch_size))
+                view = replace(cfg.extraction, pooling=recipe.pooling, layer=self.layer(model, recipe, role))
+                self.prefill(self.extraction_config(view, model, str(path), None, "public"))
             src, src_result, _ = self.native("source", recipe, setting.task_limit)
             tgt, tgt_result, tgt_ckpt = self.native("target", recipe, setting.task_limit)
         except ExtractionBudgetError as e:
@@ -364,19 +327,18 @@ class Ablation:
                                         source_pooling=recipe.pooling, target_pooling=recipe.pooling,
                                         source_layer=self.layer(cfg.source, recipe, "source"),
                                         target_layer=self.layer(cfg.target, recipe, "target"),
-                                        max_length=cfg.max_length, seed=cfg.seed,
-                                        batch_size=cfg.finetune_batch_size if recipe.finetune else 1024,
-                                        extract_batch_size=cfg.extract_batch_size)
+                                        max_length=cfg.extraction.max_length, dtype=cfg.extraction.dtype,
+                                        seed=cfg.seed, batch_size=cfg.finetune_batch_size if recipe.finetune else 1024,
+                                        extract_batch_size=cfg.extraction.batch_size)
         public.prepare_data()
         aligner = self.fit_map(public, recipe, tgt_ckpt)
         self.fits["aligners"] += 1
         lam = float(aligner.chosen_lambda) if recipe.estimator == "ridge" else 0.0
-        pcfg = PairConfig(source=cfg.source, target=cfg.target, task=cfg.task, estimator=recipe.estimator,
-                          center=True, standardize=recipe.standardize, seed=cfg.seed)
+        fit = replace(cfg.fit, estimator=recipe.estimator, center=True, standardize=recipe.standardize)
         public.setup("fit")
         study = self.studies[(recipe.pooling, self.layer(cfg.target, recipe, "target"), setting.task_limit)]
         with torch.no_grad():
-            mapped = study._mapped(aligner, null_map(public, pcfg, lam), src, tgt)
+            mapped = study.mapped_views(aligner, null_map(public, fit, cfg.seed, lam), src, tgt)
             x_val, y_val = split_rows(public, "val")
             on_public = alignment_report(aligner(x_val).double(), y_val.double(), source=x_val.double(), k=10,
                                          seed=cfg.seed)
@@ -422,12 +384,15 @@ class Ablation:
                 progress(rows[-1])
         natives = {f"{m} {p or 'default'}@{layer} limit={lim}": {k: v for k, v in r.items()}
                    for (m, p, layer, lim), (_, r, _) in self.natives.items()}
-        return {"config": _jsonable(asdict(cfg)), "pair": f"{cfg.source} -> {cfg.target}", "task": cfg.task,
+        specs = {f"{key} view {i}": spec for i, study in enumerate(self.studies.values())
+                 for key, spec in study.specs.items()}
+        return {"config": _jsonable(asdict(cfg)), "seed": cfg.seed, "extraction": specs,
+                "pair": f"{cfg.source} -> {cfg.target}", "task": cfg.task,
                 "native": natives, "fits": dict(self.fits), "settings": rows}
 
 
 def extract_views(model: str, data: str, views: Sequence[tuple[str | None, int]], *, limit: int | None = None,
-                  label_column: str | None = "label", max_length: int = 128, dtype: str = "float32",
+                  text_column: str | None = None, label_column: str | None = "label", max_length: int = 128, dtype: str = "float32",
                   batch_size: int = 16, threads: int | None = None, max_extract: int | None = None) -> int:
     """Cache several (pooling, layer) views of one dataset with ONE forward pass per text that no cache of a
     view holds; returns the number of texts run. Rows cached for the same texts are reused (`prefill_states`).
@@ -443,11 +408,12 @@ def extract_views(model: str, data: str, views: Sequence[tuple[str | None, int]]
 
     from datamodules.assets import xsilo_home
     from datamodules.cache import atomic_save_npy, atomic_write_bytes, ensure_writable, shard_name
-    from datamodules.extraction import DTYPES, _finalise, cache_hit, load_tokenizer, pool, shard_ranges
+    from datamodules.extraction import DTYPES, cache_hit, finalise, load_tokenizer, pool, shard_ranges
     from datamodules.public_set import cached_text_index
 
     configs = [ExtractionConfig(model=model, data=data, pooling=p, layer=layer, limit=limit, max_length=max_length,
-                                dtype=dtype, batch_size=batch_size, label_column=label_column) for p, layer in views]
+                                dtype=dtype, batch_size=batch_size, text_column=text_column, label_column=label_column)
+               for p, layer in views]
     todo, missing = [], {}
     for config in configs:
         job = resolve(config)
@@ -467,7 +433,8 @@ def extract_views(model: str, data: str, views: Sequence[tuple[str | None, int]]
         extra.parent.mkdir(parents=True, exist_ok=True)
         if not extra.is_file():
             atomic_write_bytes(extra, body)
-        jobs = [resolve(dataclasses.replace(c, data=str(extra), limit=None, label_column=None)) for c in todo]
+        jobs = [resolve(dataclasses.replace(c, data=str(extra), limit=None, text_column=None, label_column=None))
+                for c in todo]
         if threads:
             torch.set_num_threads(threads)
         tokenizer = load_tokenizer(jobs[0].model_path)
@@ -491,7 +458,7 @@ def extract_views(model: str, data: str, views: Sequence[tuple[str | None, int]]
             shards = shard_ranges(len(texts), 2048)
             for i, (a, b) in enumerate(shards):
                 atomic_save_npy(job.directory / shard_name(i), array[a:b])
-            _finalise(job, shards)
+            finalise(job, shards)
     for config in todo:
         prefill_states(config, max_extract=0)
     return len(texts)
@@ -562,7 +529,7 @@ def plot(results: dict[str, Any], path: Path) -> Path:
         if row["factor"] != "base":
             by_factor.setdefault(row["factor"], []).append(row)
     panels = list(by_factor.items()) or [("base", [r for r in results["settings"]])]
-    fig = _figure(6.5, 1.2 + 2.2 * len(panels))
+    fig = figure(6.5, 1.2 + 2.2 * len(panels))
     axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
     for ax, (factor, rows) in zip(axes, panels):
         labels = [r["value"][:38] for r in rows]
@@ -580,7 +547,7 @@ def plot(results: dict[str, Any], path: Path) -> Path:
         ax.set_yticks(y, labels, fontsize=7)
         ax.set_xlim(0, 1)
         ax.set_title(factor, fontsize=9)
-    fig.suptitle(_title(6.5, f"{results['pair']} on {short_name(results['task'])}: mapped accuracy (bars, 95% "
+    fig.suptitle(wrap_title(6.5, f"{results['pair']} on {short_name(results['task'])}: mapped accuracy (bars, 95% "
                              "interval); black: native target, red: null map"), fontsize=9)
     return save_png(fig, path)
 
@@ -588,8 +555,8 @@ def plot(results: dict[str, Any], path: Path) -> Path:
 def run_ablation(cfg: AblationConfig, out: str | Path | None = None, progress=None) -> dict[str, Any]:
     """The ablation; with `out`, writes ablation.json, ablation.md and ablation.png there."""
     cfg.validate()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    cfg.device.apply_threads()
+    seed_all(cfg.seed)
     work = Path(tempfile.mkdtemp(prefix="xsilo-ablation-"))
     try:
         results = Ablation(cfg, work).run(progress)

@@ -16,6 +16,9 @@ import sys
 import time
 from pathlib import Path
 
+from lightning_modules.settings import (GENERATION_PUBLIC, Accelerator, DeviceSettings, Devices, ExtractionSettings,
+                                        FitSettings, HeadSettings, Precision, PublicSetSettings, Recipe)
+
 LIGHTNING_SUBCOMMANDS = {
     "fit": "Fit the config's model on its DataModule (LightningCLI): -c configs/trainer/cpu.yaml -c configs/data/... "
            "-c configs/model/...",
@@ -84,8 +87,8 @@ def extract(
     label_column: str | None = "label",
     cache_dir: str | None = None,
     shard_size: int = 2048,
-    accelerator: str = "cpu",
-    devices: int = 1,
+    accelerator: Accelerator = "auto",
+    devices: Devices = "auto",
     strategy: str = "auto",
     threads: int | None = None,
 ) -> None:
@@ -108,8 +111,8 @@ def extract(
         label_column: label column of a non-registry dataset.
         cache_dir: cache root (default $XSILO_HOME/states).
         shard_size: rows per shard file (the unit that is kept when a run stops).
-        accelerator: cpu, gpu or auto.
-        devices: number of devices (DDP when > 1).
+        accelerator: cpu, gpu or auto (a GPU when one is visible).
+        devices: number of devices (DDP when > 1), or auto (every visible GPU, else one CPU process).
         strategy: Lightning strategy, e.g. ddp.
         threads: torch threads per process.
     """
@@ -133,42 +136,44 @@ def evaluate(
     source: str,
     target: str,
     task: str,
-    public: str = "movie-dialog",
-    public_limit: int | None = 4000,
     task_limit: int | None = None,
-    max_length: int = 128,
-    estimator: str = "ridge",
-    center: bool = True,
-    standardize: bool = True,
-    classifier_epochs: int = 200,
+    public: PublicSetSettings = PublicSetSettings(),
+    extraction: ExtractionSettings = ExtractionSettings(),
+    fit: FitSettings = FitSettings(),
+    head: HeadSettings = HeadSettings(),
     seed: int = 0,
+    accelerator: Accelerator = "auto",
+    devices: Devices = "auto",
+    precision: Precision = "auto",
     threads: int | None = None,
     out: str = "runs/evaluate",
 ) -> None:
     """Fit source→target on the public set and heads on the task; write metrics.json/metrics.md.
 
+    A recipe file sets any of these: --config configs/recipe/bbc.yaml (flags after it win).
+
     Args:
         source: client model (registry name, folder or hub id).
         target: server model whose classifier reads the mapped states.
-        task: labelled dataset (stratified train/val/test split).
-        public: shared public dataset for fitting the map.
-        public_limit: rows of the public set to use.
+        task: labelled dataset (stratified train/val/test split): a registry name, a CSV/TSV/JSONL/Parquet
+            file, a saved datasets folder or a hub id.
         task_limit: keep N task rows (a seeded random sample; the split is stratified within it).
-        max_length: truncation length in tokens.
-        estimator: ridge (λ chosen on held-out public rows), lstsq, procrustes or scaled_procrustes.
-        center: fit an intercept.
-        standardize: z-score states before solving.
-        classifier_epochs: maximum epochs for each classifier (early stopping on val_loss).
-        seed: split and training seed.
+        public: the shared public set the map is fitted on.
+        extraction: how states are read (pooling, layer, max_length, dtype, columns of a user's file).
+        fit: how the map is fitted (estimator, λ path, centring, standardisation).
+        head: the logistic-regression heads.
+        seed: split, training and sampling seed (recorded in metrics.json).
+        accelerator: cpu, gpu or auto.
+        devices: number of devices, or auto.
+        precision: Lightning precision of fitting (32-true, bf16-mixed, ...); auto is 32-true.
         threads: torch threads.
         out: output directory (checkpoints, metrics.json, metrics.md).
     """
     from lightning_modules.evaluate import PairConfig, evaluate_pair, markdown_report
 
     _quiet()
-    cfg = PairConfig(source=source, target=target, task=task, public=public, public_limit=public_limit,
-                     task_limit=task_limit, max_length=max_length, estimator=estimator, center=center, standardize=standardize,
-                     classifier_epochs=classifier_epochs, seed=seed, threads=threads)
+    cfg = PairConfig(source, target, task, task_limit=task_limit, public=public, extraction=extraction, fit=fit,
+                     head=head, device=DeviceSettings(accelerator, devices, precision, threads), seed=seed)
     results = evaluate_pair(cfg, out=out)
     print(markdown_report(results))
     print(f"wrote {Path(out) / 'metrics.json'} and {Path(out) / 'metrics.md'}")
@@ -180,57 +185,59 @@ def evaluate_ood(
     target: str,
     task: str,
     ood: list[str],
-    public: str = "movie-dialog",
-    public_limit: int | None = 4000,
     task_limit: int | None = None,
     ood_limit: int | None = 500,
-    max_length: int = 128,
-    estimator: str = "ridge",
-    standardize: bool = True,
     knn_k: int = 50,
     mahalanobis_shrinkage: float = 1e-2,
     threshold_tpr: float = 0.95,
     export_detector: str = "auto",
-    classifier_epochs: int = 200,
+    public: PublicSetSettings = PublicSetSettings(),
+    extraction: ExtractionSettings = ExtractionSettings(),
+    fit: FitSettings = FitSettings(),
+    head: HeadSettings = HeadSettings(),
     seed: int = 0,
+    accelerator: Accelerator = "auto",
+    devices: Devices = "auto",
+    precision: Precision = "auto",
     threads: int | None = None,
     out: str = "runs/ood",
 ) -> None:
     """Out-of-distribution detection with native target states and mapped source states.
 
-    Writes ood.json/ood.md, the checkpoints and ood-threshold.json (for `xsilo export --ood`).
+    Writes ood.json/ood.md, the checkpoints and ood-threshold.json (for `xsilo export --ood`). A recipe file
+    sets any of these: --config configs/recipe/vader-movies.yaml.
 
     Args:
         source: client model (registry name, folder or hub id).
         target: server model whose classifier reads the mapped states.
         task: labelled in-distribution dataset (train fits detectors, val sets thresholds, test is scored).
-        ood: out-of-distribution datasets, e.g. [vader-tweets,trec]; labels, if any, are ignored.
-        public: shared public dataset for fitting the map.
-        public_limit: rows of the public set to use.
+        ood: out-of-distribution datasets, e.g. vader-tweets trec; labels, if any, are ignored.
         task_limit: keep N task rows (a seeded random sample).
         ood_limit: keep N rows of each OOD set (a seeded random sample).
-        max_length: truncation length in tokens.
-        estimator: ridge, lstsq, procrustes or scaled_procrustes.
-        standardize: z-score states before solving the map.
         knn_k: neighbours for the cosine kNN detector.
         mahalanobis_shrinkage: shrinkage of the shared covariance towards a scaled identity.
         threshold_tpr: share of ID validation inputs kept at or below each threshold.
         export_detector: the logit detector named in the export manifest: auto (best validation AUROC), msp,
             max_logit or energy. Whichever detector a fused-mode client can run scores best on validation
             (logits or its own states) is reported; a state detector is written to OUT/client-ood.npz.
-        classifier_epochs: maximum epochs for the target classifier (early stopping on val_loss).
-        seed: split and training seed.
+        public: the shared public set the map is fitted on.
+        extraction: how states are read (pooling, layer, max_length, dtype, columns of a user's file).
+        fit: how the map is fitted.
+        head: the target's logistic-regression head.
+        seed: split and training seed (recorded in ood.json).
+        accelerator: cpu, gpu or auto.
+        devices: number of devices, or auto.
+        precision: Lightning precision of fitting (32-true, bf16-mixed, ...); auto is 32-true.
         threads: torch threads.
         out: output directory.
     """
     from lightning_modules.ood import OODConfig, evaluate_ood as run_evaluate_ood, markdown_report
 
     _quiet()
-    cfg = OODConfig(source=source, target=target, task=task, ood=ood, public=public, public_limit=public_limit,
-                    task_limit=task_limit, ood_limit=ood_limit, max_length=max_length, estimator=estimator, standardize=standardize,
-                    knn_k=knn_k, mahalanobis_shrinkage=mahalanobis_shrinkage, threshold_tpr=threshold_tpr,
-                    export_detector=export_detector, classifier_epochs=classifier_epochs, seed=seed,
-                    threads=threads)
+    cfg = OODConfig(source, target, task, task_limit=task_limit, public=public, extraction=extraction, fit=fit,
+                    head=head, device=DeviceSettings(accelerator, devices, precision, threads), seed=seed, ood=ood,
+                    ood_limit=ood_limit, knn_k=knn_k, mahalanobis_shrinkage=mahalanobis_shrinkage,
+                    threshold_tpr=threshold_tpr, export_detector=export_detector)
     results = run_evaluate_ood(cfg, out=out)
     print(markdown_report(results))
     print(f"wrote {', '.join(str(Path(out) / f) for f in ('ood.json', 'ood.md', 'ood-threshold.json'))}")
@@ -289,10 +296,9 @@ def evaluate_generation(
     *,
     source: str,
     target: str,
-    public: str = "movie-dialog",
-    public_limit: int | None = 2000,
+    public: PublicSetSettings = GENERATION_PUBLIC,
     max_length: int = 64,
-    estimator: str = "ridge",
+    fit: FitSettings = FitSettings(),
     eval_texts: int | None = 100,
     prompts: list[str] | None = None,
     max_new_tokens: int = 20,
@@ -306,23 +312,23 @@ def evaluate_generation(
     Args:
         source: model that reads.
         target: model whose LM head writes.
-        public: public texts; every paired token position is a training pair.
-        public_limit: texts of the public set to use (10% choose λ, 10% are held out for the metrics).
+        public: public texts (a dataset or a mix such as movie-dialog:300,bbc:50); every paired token position
+            is a training pair; of its limit texts 10% choose λ and 10% are held out for the metrics.
         max_length: truncation length in tokens.
-        estimator: ridge (λ chosen on held-out texts), lstsq, procrustes or scaled_procrustes.
+        fit: how the map is fitted (ridge λ chosen on held-out texts).
         eval_texts: held-out texts scored for next-token agreement.
         prompts: prompts for the generation samples and perplexity (default: starts of held-out texts).
         max_new_tokens: tokens generated per prompt.
-        seed: split seed.
+        seed: split seed (recorded in metrics.json).
         threads: torch threads.
         out: output directory.
     """
     from lightning_modules.generation import GenerationEvalConfig, evaluate_generation as run, markdown_report
 
     _quiet()
-    cfg = GenerationEvalConfig(source=source, target=target, public=public, public_limit=public_limit,
-                               max_length=max_length, estimator=estimator, eval_texts=eval_texts, prompts=prompts,
-                               max_new_tokens=max_new_tokens, seed=seed, threads=threads)
+    cfg = GenerationEvalConfig(source=source, target=target, public=public, max_length=max_length, fit=fit,
+                               eval_texts=eval_texts, prompts=prompts, max_new_tokens=max_new_tokens, seed=seed,
+                               threads=threads)
     results = run(cfg, out=out)
     print(markdown_report(results))
     print(f"wrote {Path(out) / 'metrics.json'}, {Path(out) / 'metrics.md'} and the map export {Path(out) / 'export'}")
@@ -332,49 +338,53 @@ def study(
     *,
     models: list[str],
     tasks: list[str],
-    public: str = "movie-dialog",
-    public_limit: int | None = 4000,
     task_limit: int | None = None,
     ood: list[str] | None = None,
     ood_limit: int | None = 500,
     ood_detector: str = "energy",
-    max_length: int = 128,
-    estimator: str = "ridge",
-    classifier_epochs: int = 200,
     bootstrap: int = 1000,
+    public: PublicSetSettings = PublicSetSettings(),
+    extraction: ExtractionSettings = ExtractionSettings(),
+    fit: FitSettings = FitSettings(),
+    head: HeadSettings = HeadSettings(),
     seed: int = 0,
+    accelerator: Accelerator = "auto",
+    devices: Devices = "auto",
+    precision: Precision = "auto",
     threads: int | None = None,
     out: str = "runs/study",
 ) -> None:
     """Every ordered pair of models: alignment, mapped accuracy and OOD drops per task, with bootstrap intervals.
 
     Writes study.json, study.md and one N×N heatmap PNG per metric. Cached states are reused and each
-    (model, task) classifier is fitted once, so adding a model costs that model's extraction.
+    (model, task) classifier is fitted once, so adding a model costs that model's extraction. A recipe file
+    sets the settings: --config configs/recipe/bbc.yaml.
 
     Args:
         models: two or more models (registry names, folders or hub ids): --models smollm2 gemma3 minilm.
         tasks: labelled datasets: --tasks bbc vader-movies.
-        public: shared public dataset for fitting each map.
-        public_limit: rows of the public set to use.
         task_limit: keep N rows of each task (a seeded random sample).
         ood: out-of-distribution datasets; none skips OOD.
         ood_limit: keep N rows of each OOD set.
         ood_detector: msp, max_logit, energy, mahalanobis or knn: the detector whose AUROC is reported.
-        max_length: truncation length in tokens.
-        estimator: ridge, lstsq, procrustes or scaled_procrustes.
-        classifier_epochs: maximum epochs per classifier (early stopping on val_loss).
         bootstrap: resamples of the test rows for the 95% intervals.
-        seed: split, training and bootstrap seed.
+        public: the shared public set each map is fitted on.
+        extraction: how states are read (pooling, layer, max_length, dtype, columns of a user's file).
+        fit: how each map is fitted.
+        head: the logistic-regression heads.
+        seed: split, training and bootstrap seed (recorded in study.json).
+        accelerator: cpu, gpu or auto.
+        devices: number of devices, or auto.
+        precision: Lightning precision of fitting (32-true, bf16-mixed, ...); auto is 32-true.
         threads: torch threads.
         out: output directory.
     """
     from lightning_modules.study import StudyConfig, run_study
 
     _quiet()
-    cfg = StudyConfig(models=models, tasks=tasks, public=public, public_limit=public_limit, task_limit=task_limit,
-                      ood=ood or (), ood_limit=ood_limit, ood_detector=ood_detector, max_length=max_length,
-                      estimator=estimator, classifier_epochs=classifier_epochs, bootstrap=bootstrap, seed=seed,
-                      threads=threads)
+    cfg = StudyConfig(models=models, tasks=tasks, task_limit=task_limit, ood=ood or (), ood_limit=ood_limit,
+                      ood_detector=ood_detector, bootstrap=bootstrap, public=public, extraction=extraction, fit=fit,
+                      head=head, device=DeviceSettings(accelerator, devices, precision, threads), seed=seed)
     results = run_study(cfg, out=out)
     print(f"wrote {Path(out) / 'study.json'}, {Path(out) / 'study.md'} and {len(results['heatmaps'])} heatmaps")
 
@@ -458,15 +468,7 @@ def ablate(
     target: str = "gemma3",
     task: str = "bbc",
     task_limit: int | None = None,
-    mix: str = "movie-dialog:1",
-    size: int | None = 4000,
-    pooling: str | None = None,
-    layer: int = -1,
-    target_layer: int | None = None,
-    standardize: bool = False,
-    estimator: str = "ridge",
-    lam: float | None = None,
-    finetune: str | None = None,
+    base: Recipe = Recipe(),
     factors: list[str] | None = None,
     sizes: list[int] | None = None,
     mixes: list[str] | None = None,
@@ -482,9 +484,13 @@ def ablate(
     ood_detector: str = "mahalanobis",
     max_extract: int | None = 0,
     bootstrap: int = 1000,
-    max_length: int = 128,
-    classifier_epochs: int = 200,
+    extraction: ExtractionSettings = ExtractionSettings(),
+    fit: FitSettings = FitSettings(),
+    head: HeadSettings = HeadSettings(),
     seed: int = 0,
+    accelerator: Accelerator = "auto",
+    devices: Devices = "auto",
+    precision: Precision = "auto",
     threads: int | None = None,
     out: str = "runs/ablation",
 ) -> None:
@@ -496,15 +502,8 @@ def ablate(
         target: server model whose head reads the mapped states.
         task: labelled dataset.
         task_limit: keep N task rows (a seeded random sample).
-        mix: base public-set mix, e.g. movie-dialog:0.5,bbc:0.5 (the task's val/test texts are always excluded).
-        size: base public-set rows.
-        pooling: base pooling (default: the models' own, last token for causal LMs).
-        layer: base layer (-1: final).
-        target_layer: the target's layer when it differs from the source's.
-        standardize: base: z-score states before solving.
-        estimator: base estimator: ridge, lstsq, procrustes or scaled_procrustes.
-        lam: base ridge λ (default: chosen on held-out public rows).
-        finetune: base gradient fine-tuning loss: mse, cosine or task (default: closed form only).
+        base: the base recipe: --base.mix movie-dialog:0.5,bbc:0.5 --base.size 4000 --base.standardize true ...
+            (pooling/layer default to the extraction settings', estimator/standardize to the fit settings').
         factors: factors to vary: size, mix, view, standardize, estimator, finetune, seed (default: all).
         sizes: public-set sizes (default 1000 4000 16000 64000).
         mixes: public-set mixes (default: dialog, dialog + the task's training texts, the task's texts only).
@@ -521,26 +520,28 @@ def ablate(
         max_extract: new forward passes allowed per (model, dataset); settings needing more are reported as
             skipped (states already cached for the same texts are reused for free).
         bootstrap: resamples for the 95% intervals.
-        max_length: truncation length in tokens.
-        classifier_epochs: maximum epochs per classifier.
-        seed: split, training and bootstrap seed.
+        extraction: what every view shares (max_length, dtype, columns); pooling/layer are the recipe's.
+        fit: the ridge λ path (fit.lambdas) of the estimator factor.
+        head: the logistic-regression heads.
+        seed: split, training and bootstrap seed (recorded in ablation.json).
+        accelerator: cpu, gpu or auto.
+        devices: number of devices, or auto.
+        precision: Lightning precision of fitting (32-true, bf16-mixed, ...); auto is 32-true.
         threads: torch threads.
         out: output directory.
     """
-    from lightning_modules.ablation import FACTORS, AblationConfig, Recipe, run_ablation
+    from lightning_modules.ablation import FACTORS, AblationConfig, run_ablation
 
     _quiet()
     defaults = AblationConfig()
     cfg = AblationConfig(
-        source=source, target=target, task=task, task_limit=task_limit,
-        base=Recipe(mix=mix, size=size, pooling=pooling, layer=layer, target_layer=target_layer,
-                    standardize=standardize, estimator=estimator, lam=lam, finetune=finetune),
+        source=source, target=target, task=task, task_limit=task_limit, base=base,
         factors=factors or FACTORS, sizes=sizes or defaults.sizes, mixes=mixes or (), views=views or defaults.views,
         view_task_limit=view_task_limit, view_size=view_size, estimators=estimators or defaults.estimators,
         finetune=finetune_losses or defaults.finetune, public_seeds=public_seeds or defaults.public_seeds,
         exclude_tasks=exclude_tasks or (), ood=ood or (), ood_limit=ood_limit, ood_detector=ood_detector,
-        max_extract=max_extract, bootstrap=bootstrap, max_length=max_length, classifier_epochs=classifier_epochs,
-        seed=seed, threads=threads)
+        max_extract=max_extract, bootstrap=bootstrap, extraction=extraction, fit=fit, head=head,
+        device=DeviceSettings(accelerator, devices, precision, threads), seed=seed)
 
     def progress(row: dict) -> None:
         text = (f"{row['mapped']['accuracy']:.3f} (drop {row['mapped_drop']:+.3f})" if row["status"] == "ok"
@@ -726,16 +727,28 @@ def _command(argv: list[str]):
 
 
 def list_options(command) -> set[str]:
-    """The options of a command function that take a list (`list[...]` anywhere in their type)."""
+    """The options of a command function that take a list (`list[...]` anywhere in their type), including
+    the fields of dataclass parameters (`--recipe.ood`)."""
+    import dataclasses
     import types
     import typing
 
-    def takes_list(t) -> bool:
-        if t is list or typing.get_origin(t) is list:
-            return True
-        return typing.get_origin(t) in (typing.Union, types.UnionType) and any(map(takes_list, typing.get_args(t)))
+    def alternatives(t) -> tuple:
+        union = typing.get_origin(t) in (typing.Union, types.UnionType)
+        return typing.get_args(t) if union else (t,)
 
-    return {f"--{name}" for name, t in typing.get_type_hints(command).items() if name != "return" and takes_list(t)}
+    def options(hints: dict, prefix: str) -> set[str]:
+        found: set[str] = set()
+        for name, t in hints.items():
+            for alt in alternatives(t):
+                if alt is list or typing.get_origin(alt) is list:
+                    found.add(f"{prefix}{name}")
+                elif dataclasses.is_dataclass(alt):
+                    found |= options(typing.get_type_hints(alt), f"{prefix}{name}.")
+        return found
+
+    hints = {k: v for k, v in typing.get_type_hints(command).items() if k != "return"}
+    return options(hints, "--")
 
 
 _NEGATIVE = re.compile(r"-\.?\d")  # a word like -1 or -5% is a value, not an option
@@ -793,7 +806,8 @@ def _main(argv: list[str]) -> None:
         command = _command(argv)
         if command is not None:
             argv = word_lists(argv, list_options(command))
-        run_parsed(build_parser().parse_args(argv))
+        parser = build_parser()
+        run_parsed(parser.instantiate(parser.parse_args(argv)))  # settings groups become their dataclasses
     except ValueError as e:
         # Every xsilo check of user input (assets, caches, exports, configs, ciphertexts) raises a
         # ValueError whose message names the problem and the fix. XSILO_DEBUG=1 shows the traceback.

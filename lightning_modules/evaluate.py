@@ -17,76 +17,65 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
 from datamodules.cache import atomic_write_bytes, atomic_write_json
+from datamodules.extraction import ResolvedExtraction, cache_hit, extract
 from datamodules.states import LabelledStatesDataModule, PairedStatesDataModule
 from lightning_modules.aligner import AffineAligner
 from lightning_modules.classifier import LinearClassifier
 from lightning_modules.metrics import alignment_report
-from lightning_modules.solvers import DEFAULT_LAMBDAS, SufficientStats, fit_affine
+from lightning_modules.settings import (DeviceSettings, ExtractionSettings, FitSettings, HeadSettings,
+                                        PublicSetSettings, build_trainer, seed_all)
+from lightning_modules.solvers import SufficientStats, fit_affine
 
 
 @dataclass
 class PairConfig:
-    """One source→target evaluation on one task."""
+    """One source→target evaluation on one task: the pair, the task and the recipe's settings."""
 
     source: str
     target: str
     task: str
-    public: str = "movie-dialog"
-    public_limit: int | None = 4000
     task_limit: int | None = None  # a seeded sample of the task's rows (None: all)
-    max_length: int = 128
-    estimator: str = "ridge"
-    lambdas: Sequence[float] = DEFAULT_LAMBDAS
-    center: bool = True
-    standardize: bool = False
-    classifier_epochs: int = 200
-    classifier_lr: float = 1e-2
-    classifier_weight_decay: float = 1e-3
+    public: PublicSetSettings = field(default_factory=PublicSetSettings)
+    extraction: ExtractionSettings = field(default_factory=ExtractionSettings)
+    fit: FitSettings = field(default_factory=FitSettings)
+    head: HeadSettings = field(default_factory=HeadSettings)
+    device: DeviceSettings = field(default_factory=DeviceSettings)
     seed: int = 0
-    extract_batch_size: int = 16
-    threads: int | None = None
 
 
-def _trainer(max_epochs: int, callbacks: list | None = None, root: str | None = None) -> L.Trainer:
-    return L.Trainer(accelerator="cpu", devices=1, max_epochs=max_epochs, logger=False,
-                     callbacks=callbacks or [], enable_checkpointing=bool(callbacks),
-                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                     default_root_dir=root)
-
-
-def fit_aligner(dm: PairedStatesDataModule, cfg: PairConfig) -> tuple[AffineAligner, L.Trainer]:
-    model = AffineAligner(dm.input_dim, dm.output_dim, estimator=cfg.estimator, lambdas=list(cfg.lambdas),
-                          center=cfg.center, standardize=cfg.standardize)
-    trainer = _trainer(max_epochs=1)
+def fit_aligner(dm: PairedStatesDataModule, fit: FitSettings, device: DeviceSettings):
+    """The closed-form map (one pass over the public rows); returns it and its Trainer."""
+    model = AffineAligner(dm.input_dim, dm.output_dim, estimator=fit.estimator, lambdas=list(fit.lambdas),
+                          center=fit.center, standardize=fit.standardize)
+    trainer = build_trainer(device, max_epochs=1)
     trainer.fit(model, dm)
     return model, trainer
 
 
-def fit_classifier(dm: LabelledStatesDataModule, cfg: PairConfig, checkpoint_dir: Path
-                   ) -> tuple[LinearClassifier, Path]:
+def fit_classifier(dm: LabelledStatesDataModule, head: HeadSettings, device: DeviceSettings, seed: int,
+                   checkpoint_dir: Path) -> tuple[LinearClassifier, Path]:
     """Logistic regression with early stopping on val_loss; returns the best epoch's model and
     its checkpoint."""
-    L.seed_everything(cfg.seed, verbose=False)
+    seed_all(seed)
     model = LinearClassifier(dm.input_dim, dm.output_dim, label_names=dm.label_names,
-                             lr=cfg.classifier_lr, weight_decay=cfg.classifier_weight_decay)
+                             lr=head.lr, weight_decay=head.weight_decay)
     best = ModelCheckpoint(dirpath=checkpoint_dir, monitor="val_loss", mode="min", save_top_k=1)
-    trainer = _trainer(cfg.classifier_epochs, [EarlyStopping("val_loss", patience=10), best], str(checkpoint_dir))
+    trainer = build_trainer(device, head.epochs, [EarlyStopping("val_loss", patience=10), best], str(checkpoint_dir))
     trainer.fit(model, dm)
     path = Path(best.best_model_path)
     return LinearClassifier.load_from_checkpoint(path, map_location="cpu").eval(), path
 
 
-def _publish(src: Path, dst: Path) -> None:
+def publish(src: Path, dst: Path) -> None:
     """Copy a finished file into place atomically."""
     tmp = dst.with_name(f".tmp-{dst.name}")
     shutil.copyfile(src, tmp)
@@ -103,12 +92,12 @@ def classification_scores(logits: torch.Tensor, labels: torch.Tensor, num_classe
             "macro_f1": float(multiclass_f1_score(logits, labels, num_classes, average="macro"))}
 
 
-def null_map(dm: PairedStatesDataModule, cfg: PairConfig, lam: float) -> torch.nn.Module:
+def null_map(dm: PairedStatesDataModule, fit: FitSettings, seed: int, lam: float) -> torch.nn.Module:
     """The same estimator fitted on shuffled public pairs: the chance level of a map."""
     x, y = split_rows(dm, "train")
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(cfg.seed + 1))
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed + 1))
     stats = SufficientStats.zeros(x.shape[1], y.shape[1], full_yty=False).update(x, y[perm])
-    amap = fit_affine(stats, cfg.estimator, lam=lam, center=cfg.center, standardize=cfg.standardize)
+    amap = fit_affine(stats, fit.estimator, lam=lam, center=fit.center, standardize=fit.standardize)
     layer = torch.nn.Linear(x.shape[1], y.shape[1])
     with torch.no_grad():
         layer.weight.copy_(amap.weight)
@@ -116,22 +105,52 @@ def null_map(dm: PairedStatesDataModule, cfg: PairConfig, lam: float) -> torch.n
     return layer
 
 
-def evaluate_pair(cfg: PairConfig, out: str | Path | None = None) -> dict[str, Any]:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    common = dict(max_length=cfg.max_length, seed=cfg.seed, extract_batch_size=cfg.extract_batch_size)
-    public = PairedStatesDataModule(source=cfg.source, target=cfg.target, data=cfg.public,
-                                    limit=cfg.public_limit, **common)
-    task_target = LabelledStatesDataModule(model=cfg.target, data=cfg.task, limit=cfg.task_limit, **common)
-    task_source = LabelledStatesDataModule(model=cfg.source, data=cfg.task, limit=cfg.task_limit, **common)
-    for dm in (public, task_target, task_source):
+def public_datamodule(cfg: PairConfig, source: str, target: str) -> PairedStatesDataModule:
+    """The public set's paired states of (source, target), read with the recipe's extraction settings."""
+    return PairedStatesDataModule(source=source, target=target, data=cfg.public.data, limit=cfg.public.limit,
+                                  seed=cfg.seed, **cfg.extraction.public_kwargs())
+
+
+def task_datamodule(cfg: PairConfig, model: str, task: str) -> LabelledStatesDataModule:
+    """One model's states of a task (stratified, seeded split), read with the recipe's extraction settings."""
+    return LabelledStatesDataModule(model=model, data=task, limit=cfg.task_limit, seed=cfg.seed,
+                                    **cfg.extraction.task_kwargs())
+
+
+def extraction_jobs(dm: PairedStatesDataModule | LabelledStatesDataModule) -> dict[str, ResolvedExtraction]:
+    """A DataModule's resolved extractions: source and target of a public set, or the one of a task."""
+    return {"source": dm.source_job, "target": dm.target_job} if hasattr(dm, "source_job") else {"": dm.job}
+
+
+def prepare_states(device: DeviceSettings, *modules: PairedStatesDataModule | LabelledStatesDataModule) -> None:
+    """Extract every state cache the DataModules miss on the chosen accelerator, then prepare them."""
+    for dm in modules:
+        for job in extraction_jobs(dm).values():
+            if not cache_hit(job.directory):
+                extract(job.config, cache_root=dm.cache_dir, **device.extraction_kwargs())
         dm.prepare_data()
 
+
+def extraction_spec(**modules: PairedStatesDataModule | LabelledStatesDataModule) -> dict[str, Any]:
+    """Each DataModule's resolved extraction spec (pooling, layer, max_length, ...), for metrics files
+    (`resolve` has printed each one)."""
+    return {f"{role}_{side}" if side else role: job.spec()
+            for role, dm in modules.items() for side, job in extraction_jobs(dm).items()}
+
+
+def evaluate_pair(cfg: PairConfig, out: str | Path | None = None) -> dict[str, Any]:
+    cfg.device.apply_threads()
+    seed_all(cfg.seed)
+    public = public_datamodule(cfg, cfg.source, cfg.target)
+    task_target = task_datamodule(cfg, cfg.target, cfg.task)
+    task_source = task_datamodule(cfg, cfg.source, cfg.task)
+    prepare_states(cfg.device, public, task_target, task_source)
+
     work = Path(tempfile.mkdtemp(prefix="xsilo-evaluate-"))
-    aligner, aligner_trainer = fit_aligner(public, cfg)
+    aligner, aligner_trainer = fit_aligner(public, cfg.fit, cfg.device)
     aligner_trainer.save_checkpoint(work / "aligner.ckpt")
-    head_target, head_target_ckpt = fit_classifier(task_target, cfg, work / "target")
-    head_source, head_source_ckpt = fit_classifier(task_source, cfg, work / "source")
+    head_target, head_target_ckpt = fit_classifier(task_target, cfg.head, cfg.device, cfg.seed, work / "target")
+    head_source, head_source_ckpt = fit_classifier(task_source, cfg.head, cfg.device, cfg.seed, work / "source")
 
     task_source.setup("test")
     task_target.setup("test")
@@ -140,24 +159,26 @@ def evaluate_pair(cfg: PairConfig, out: str | Path | None = None) -> dict[str, A
     if not torch.equal(labels, labels_t):
         raise RuntimeError("source and target test rows differ; both must come from the same task split")
     k = task_target.num_classes
-    lam = float(aligner.chosen_lambda) if cfg.estimator == "ridge" else 0.0
+    lam = float(aligner.chosen_lambda) if cfg.fit.estimator == "ridge" else 0.0
     with torch.no_grad():
         native_target = classification_scores(head_target(h_tgt), labels, k)
         native_source = classification_scores(head_source(h_src), labels, k)
         mapped = classification_scores(head_target(aligner(h_src)), labels, k)
-        null = classification_scores(head_target(null_map(public, cfg, lam)(h_src)), labels, k)
+        null = classification_scores(head_target(null_map(public, cfg.fit, cfg.seed, lam)(h_src)), labels, k)
         x_val, y_val = split_rows(public, "val")
         alignment = alignment_report(aligner(x_val).double(), y_val.double(), source=x_val.double(),
                                      k=10, seed=cfg.seed)
 
     results = {
-        "config": {**asdict(cfg), "lambdas": list(cfg.lambdas)},
+        "config": asdict(cfg),
+        "seed": cfg.seed,
+        "extraction": extraction_spec(public=public, task_target=task_target, task_source=task_source),
         "pair": f"{cfg.source} -> {cfg.target}",
         "task": cfg.task,
         "labels": task_target.label_names,
         "rows": {"public_train": len(public.splits["train"]), "public_heldout": len(x_val),
                  "task_train": len(task_target.split_index["train"]), "task_test": len(labels)},
-        "chosen_lambda": lam if cfg.estimator == "ridge" else None,
+        "chosen_lambda": lam if cfg.fit.estimator == "ridge" else None,
         "classification": {
             "native_target": native_target,
             "native_source": native_source,
@@ -170,9 +191,9 @@ def evaluate_pair(cfg: PairConfig, out: str | Path | None = None) -> dict[str, A
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        _publish(work / "aligner.ckpt", out / "aligner.ckpt")
-        _publish(head_target_ckpt, out / "classifier-target.ckpt")
-        _publish(head_source_ckpt, out / "classifier-source.ckpt")
+        publish(work / "aligner.ckpt", out / "aligner.ckpt")
+        publish(head_target_ckpt, out / "classifier-target.ckpt")
+        publish(head_source_ckpt, out / "classifier-source.ckpt")
         write_report(results, out)
     shutil.rmtree(work, ignore_errors=True)
     return results

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Generator, Sequence
 
@@ -38,6 +38,7 @@ from datamodules.tokens import (
 )
 from lightning_modules.aligner import AffineAligner
 from lightning_modules.export import MAP_CONFIG, MANIFEST, ExportError
+from lightning_modules.settings import GENERATION_PUBLIC, FitSettings, PublicSetSettings, seed_all
 from lightning_modules.solvers import DEFAULT_LAMBDAS, AffineMap, fit_affine, select_lambda
 
 MAP_DIR = "map"  # the map folder under `xsilo evaluate_generation --out DIR`
@@ -318,13 +319,10 @@ class GenerationEvalConfig:
 
     source: str
     target: str
-    public: str = "movie-dialog"  # a dataset, or a mix such as movie-dialog:1500+bbc:300
-    public_limit: int | None = 2000
+    # a dataset, or a mix such as movie-dialog:0.8,bbc:0.2 (of limit rows)
+    public: PublicSetSettings = GENERATION_PUBLIC
     max_length: int = 64
-    estimator: str = "ridge"
-    lambdas: Sequence[float] = DEFAULT_LAMBDAS
-    center: bool = True
-    standardize: bool = False
+    fit: FitSettings = field(default_factory=FitSettings)
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     eval_texts: int | None = 100  # held-out texts scored for next-token agreement
@@ -435,7 +433,8 @@ def evaluate_generation(cfg: GenerationEvalConfig, out: str | Path | None = None
     metrics.json, metrics.md and the map folder (OUT/map) under `out` when given. Models may be injected."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    texts = public_texts(cfg.public, cfg.public_limit)
+    seed_all(cfg.seed)
+    texts = public_texts(cfg.public.data, cfg.public.limit)
     source = source or load_causal_lm(cfg.source, cfg.dtype)
     target = target or load_causal_lm(cfg.target, cfg.dtype)
     splits = split_texts(len(texts), cfg.val_fraction, cfg.test_fraction, cfg.seed)
@@ -444,17 +443,18 @@ def evaluate_generation(cfg: GenerationEvalConfig, out: str | Path | None = None
     compatibility = tokenizer_compatibility(source.tokenizer, target.tokenizer, train_texts, cfg.max_length)
 
     t0 = time.perf_counter()
-    stats = paired_stats(source, target, texts, cfg.public, cfg.max_length, cfg.public_limit, splits,
+    stats = paired_stats(source, target, texts, cfg.public.data, cfg.max_length, cfg.public.limit, splits,
                          cfg.val_fraction, cfg.test_fraction, cfg.seed, cfg.batch_size)
     stats_seconds = time.perf_counter() - t0
-    fitted = fit_generation_map(stats, cfg.estimator, cfg.lambdas, cfg.center, cfg.standardize)
+    fitted = fit_generation_map(stats, cfg.fit.estimator, cfg.fit.lambdas, cfg.fit.center, cfg.fit.standardize)
     maps = {"identity": None, "mapped": fitted.amap, "null": fitted.null}
     agreement = next_token_agreement(source, target, maps, test_texts, cfg.max_length, cfg.batch_size)
     prompts = cfg.prompts or default_prompts(test_texts, cfg.n_prompts, cfg.prompt_words)
     quality, samples = generation_quality(source, target, maps, prompts, cfg.max_new_tokens)
 
     results = {
-        "config": {**asdict(cfg), "lambdas": list(cfg.lambdas)},
+        "config": asdict(cfg),
+        "seed": cfg.seed,
         "pair": f"{source.name} -> {target.name}",
         "compatibility": compatibility.as_dict(),
         "positions": {"train": stats.train.count, "val": stats.val.count,
@@ -469,9 +469,9 @@ def evaluate_generation(cfg: GenerationEvalConfig, out: str | Path | None = None
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        save_generation_map(out / MAP_DIR, fitted.amap, source, target, cfg.max_length, estimator=cfg.estimator,
-                            lambdas=cfg.lambdas, chosen_lambda=fitted.lam, center=cfg.center,
-                            standardize=cfg.standardize,
+        save_generation_map(out / MAP_DIR, fitted.amap, source, target, cfg.max_length, estimator=cfg.fit.estimator,
+                            lambdas=cfg.fit.lambdas, chosen_lambda=fitted.lam, center=cfg.fit.center,
+                            standardize=cfg.fit.standardize,
                             metrics={k: results[k] for k in ("pair", "compatibility", "positions", "rows")})
         write_report(results, out)
     return results

@@ -27,18 +27,21 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics.functional.classification import binary_auroc, binary_average_precision, binary_roc
 
 from datamodules.assets import sha256_file
 from datamodules.cache import StateCache, atomic_write_bytes, atomic_write_json
 from datamodules.extraction import ResolvedExtraction, cache_hit, extract, resolve
-from datamodules.states import LabelledStatesDataModule, PairedStatesDataModule
-from lightning_modules.evaluate import (PairConfig, _publish, classification_scores, fit_aligner,
-                                        fit_classifier, split_rows)
+from datamodules.states import LabelledStatesDataModule
+from lightning_modules.evaluate import (PairConfig, classification_scores, extraction_spec, fit_aligner,
+                                        fit_classifier, prepare_states, public_datamodule, publish, split_rows,
+                                        task_datamodule)
+from lightning_modules.metrics import auroc, average_precision, roc_curve
 from lightning_modules.ood_client import LOGIT_DETECTORS, logit_scores
+from lightning_modules.settings import DeviceSettings, seed_all
 from lightning_modules.standardize import REL_TOL, dead_dims
 
 F64 = torch.float64
@@ -171,40 +174,27 @@ def calibrate_threshold(id_scores: Tensor, tpr: float = 0.95) -> float:
 
 
 def detection_metrics(id_scores: Tensor, ood_scores: Tensor) -> dict[str, float]:
-    """AUROC, FPR at 95% TPR and AUPR with OOD as the POSITIVE class.
+    """AUROC, FPR at 95% TPR and AUPR with OOD as the POSITIVE class (exact, float64).
 
     fpr_at_95tpr is the share of ID inputs flagged when the threshold flags 95% of OOD inputs;
     aupr is the average precision of finding OOD inputs (AUPR-Out).
     """
-    id_scores = _checked(id_scores.reshape(-1, 1), "ID scores").flatten()
-    ood_scores = _checked(ood_scores.reshape(-1, 1), "OOD scores").flatten()
-    scores = torch.cat([id_scores, ood_scores])
-    target = torch.cat([torch.zeros(len(id_scores)), torch.ones(len(ood_scores))]).long()
-    # torchmetrics squashes scores outside [0, 1] with a sigmoid, which would tie large distances:
-    # rescale monotonically into [0, 1] instead (float64 keeps every distinct score distinct).
-    preds = (scores - scores.min()) / (scores.max() - scores.min()).clamp_min(1e-300)
-    fpr, tpr_curve, _ = binary_roc(preds, target)
-    reached = tpr_curve >= 0.95 - 1e-6  # the curve is float32: 475/500 comes back a hair below 0.95
-    return {"auroc": float(binary_auroc(preds, target)),
-            "fpr_at_95tpr": float(fpr[reached].min()),
-            "aupr": float(binary_average_precision(preds, target))}
+    id_scores = _checked(id_scores.reshape(-1, 1), "ID scores").flatten().cpu()
+    ood_scores = _checked(ood_scores.reshape(-1, 1), "OOD scores").flatten().cpu()
+    fpr, tpr, _ = roc_curve(id_scores, ood_scores)
+    return {"auroc": auroc(id_scores, ood_scores), "fpr_at_95tpr": float(fpr[tpr >= 0.95].min()),
+            "aupr": average_precision(id_scores, ood_scores)}
 
 
 def roc_points(id_scores: Tensor, ood_scores: Tensor, points: int = 101) -> dict[str, list[float]]:
     """The ROC curve (OOD positive) at `points` evenly spaced false-positive rates, for plots:
     tpr[i] is the highest TPR any threshold reaches with FPR <= fpr[i]."""
-    id_scores = _checked(id_scores.reshape(-1, 1), "ID scores").flatten()
-    ood_scores = _checked(ood_scores.reshape(-1, 1), "OOD scores").flatten()
-    scores, order = torch.sort(torch.cat([id_scores, ood_scores]), descending=True, stable=True)
-    is_ood = (order >= len(id_scores)).to(F64)
-    last = torch.ones(len(scores), dtype=torch.bool)  # the last row of each run of tied scores
-    last[:-1] = scores[1:] != scores[:-1]
-    zero = torch.zeros(1, dtype=F64)
-    tpr = torch.cat([zero, is_ood.cumsum(0)[last] / len(ood_scores)])
-    fpr = torch.cat([zero, (1 - is_ood).cumsum(0)[last] / len(id_scores)])
-    grid = torch.linspace(0, 1, points, dtype=F64)
-    at = torch.searchsorted(fpr, grid, right=True) - 1  # fpr grows as the threshold falls
-    return {"fpr": [round(v, 6) for v in grid.tolist()], "tpr": [round(v, 6) for v in tpr[at.clamp_min(0)].tolist()]}
+    id_scores = _checked(id_scores.reshape(-1, 1), "ID scores").flatten().cpu()
+    ood_scores = _checked(ood_scores.reshape(-1, 1), "OOD scores").flatten().cpu()
+    fpr, tpr, _ = roc_curve(id_scores, ood_scores)
+    grid = np.arange(points) / (points - 1)  # k / (points - 1) correctly rounded, as fpr's j / n_id are
+    at = np.searchsorted(fpr, grid, side="right") - 1  # fpr grows as the threshold falls
+    return {"fpr": [round(v, 6) for v in grid.tolist()], "tpr": [round(v, 6) for v in tpr[at.clip(0)].tolist()]}
 
 
 def flagged(scores: Tensor, threshold: float) -> float:
@@ -238,13 +228,13 @@ class OODConfig(PairConfig):
 
 
 def ood_job(task_job: ResolvedExtraction, data: str, limit: int | None) -> ResolvedExtraction:
-    """An OOD set extracted like the task: same model, pooling, layer, length and dtype."""
-    return resolve(dataclasses.replace(task_job.config, data=data, limit=limit))
+    """An OOD set extracted like the task: same model, pooling, layer, length and dtype (its own text column)."""
+    return resolve(dataclasses.replace(task_job.config, data=data, limit=limit, text_column=None))
 
 
-def cached_states(job: ResolvedExtraction, threads: int | None) -> Tensor:
+def cached_states(job: ResolvedExtraction, device: DeviceSettings) -> Tensor:
     if not cache_hit(job.directory):
-        extract(job.config, threads=threads)
+        extract(job.config, **device.extraction_kwargs())
     return torch.from_numpy(StateCache(job.directory).all())
 
 
@@ -262,7 +252,7 @@ def load_ood_sets(cfg: OODConfig, task: dict[str, LabelledStatesDataModule]
         if not novel[name].any():
             raise OODError(f"every text of OOD set {name!r} is also in the task {cfg.task!r}: it is not "
                            "out-of-distribution; choose a different OOD dataset")
-    states = {name: {role: cached_states(job, cfg.threads)[novel[name]] for role, job in roles.items()}
+    states = {name: {role: cached_states(job, cfg.device)[novel[name]] for role, job in roles.items()}
               for name, roles in jobs.items()}
     return states, {name: int((~mask).sum()) for name, mask in novel.items()}
 
@@ -326,23 +316,19 @@ def evaluate_ood(cfg: OODConfig, out: str | Path | None = None) -> dict[str, Any
                                               save_state_detector, select_detector)
 
     cfg.validate()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    common = dict(max_length=cfg.max_length, seed=cfg.seed, extract_batch_size=cfg.extract_batch_size)
-    public = PairedStatesDataModule(source=cfg.source, target=cfg.target, data=cfg.public,
-                                    limit=cfg.public_limit, **common)
-    task = {role: LabelledStatesDataModule(model=model, data=cfg.task, limit=cfg.task_limit, **common)
-            for role, model in (("target", cfg.target), ("source", cfg.source))}
-    for dm in (public, *task.values()):
-        dm.prepare_data()
+    cfg.device.apply_threads()
+    seed_all(cfg.seed)
+    public = public_datamodule(cfg, cfg.source, cfg.target)
+    task = {role: task_datamodule(cfg, model, cfg.task) for role, model in (("target", cfg.target), ("source", cfg.source))}
+    prepare_states(cfg.device, public, *task.values())
     ood, dropped = load_ood_sets(cfg, task)
     ood_val, ood = split_ood(ood, cfg.seed)
 
     work = Path(tempfile.mkdtemp(prefix="xsilo-ood-"))
     try:
-        aligner, aligner_trainer = fit_aligner(public, cfg)
+        aligner, aligner_trainer = fit_aligner(public, cfg.fit, cfg.device)
         aligner_trainer.save_checkpoint(work / "aligner.ckpt")
-        head, head_ckpt = fit_classifier(task["target"], cfg, work / "target")
+        head, head_ckpt = fit_classifier(task["target"], cfg.head, cfg.device, cfg.seed, work / "target")
         for dm in task.values():
             dm.setup("fit")
         h_train, y_train = split_rows(task["target"], "train")
@@ -393,7 +379,9 @@ def evaluate_ood(cfg: OODConfig, out: str | Path | None = None) -> dict[str, Any
                                                        for n, c in selection["candidates"].items()}},
                       "checkpoints": {"aligner": sha256_file(work / "aligner.ckpt"), "classifier": sha256_file(head_ckpt)}}
         results = {
-            "config": {**asdict(cfg), "lambdas": list(cfg.lambdas), "ood": list(cfg.ood)},
+            "config": {**asdict(cfg), "ood": list(cfg.ood)},
+            "seed": cfg.seed,
+            "extraction": extraction_spec(public=public, task_target=task["target"], task_source=task["source"]),
             "pair": f"{cfg.source} -> {cfg.target}",
             "task": cfg.task,
             "positive_class": "ood",
@@ -416,8 +404,8 @@ def evaluate_ood(cfg: OODConfig, out: str | Path | None = None) -> dict[str, Any
         if out is not None:
             out = Path(out)
             out.mkdir(parents=True, exist_ok=True)
-            _publish(work / "aligner.ckpt", out / "aligner.ckpt")
-            _publish(head_ckpt, out / "classifier-target.ckpt")
+            publish(work / "aligner.ckpt", out / "aligner.ckpt")
+            publish(head_ckpt, out / "classifier-target.ckpt")
             atomic_write_json(out / "ood-threshold.json", export_ood)
             if client_file:
                 save_state_detector(out / client_file, chosen, state_detectors[chosen],

@@ -44,11 +44,13 @@ def short_name(name: str) -> str:
     return Path(name).name if ("/" in name or "\\" in name) else name
 
 
-def _title(width_inches: float, text: str) -> str:
+def wrap_title(width_inches: float, text: str) -> str:
+    """A plot title wrapped to the figure's width."""
     return textwrap.fill(text, width=int(width_inches * 11))
 
 
-def _figure(width: float, height: float):
+def figure(width: float, height: float):
+    """A matplotlib Figure drawn off-screen (no pyplot state), laid out automatically."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -71,7 +73,7 @@ def heatmap(matrix: Sequence[Sequence[float | None]], labels: Sequence[str], tit
 
     values = np.array([[math.nan if v is None else v for v in row] for row in matrix], dtype=float)
     n = len(labels)
-    fig = _figure(1.6 + 1.1 * n, 1.2 + 0.9 * n)
+    fig = figure(1.6 + 1.1 * n, 1.2 + 0.9 * n)
     ax = fig.subplots()
     finite = values[np.isfinite(values)]
     if diverging:
@@ -89,21 +91,21 @@ def heatmap(matrix: Sequence[Sequence[float | None]], labels: Sequence[str], tit
     ax.set_yticks(range(n), labels)
     ax.set_xlabel("target (its head / space)")
     ax.set_ylabel("source (mapped)")
-    ax.set_title(_title(1.6 + 1.1 * n, title), fontsize=10)
+    ax.set_title(wrap_title(1.6 + 1.1 * n, title), fontsize=10)
     return save_png(fig, path)
 
 
 def bar_chart(values: dict[str, float], title: str, ylabel: str, path: Path, ylim: tuple[float, float] | None = None
               ) -> Path:
     width = max(4.0, 1.5 + 1.0 * len(values))
-    fig = _figure(width, 3.4)
+    fig = figure(width, 3.4)
     ax = fig.subplots()
     bars = ax.bar(list(values), list(values.values()), color="tab:blue")
     ax.bar_label(bars, fmt="%.3g", fontsize=8)
     ax.set_ylabel(ylabel)
     if ylim:
         ax.set_ylim(*ylim)
-    ax.set_title(_title(width, title), fontsize=10)
+    ax.set_title(wrap_title(width, title), fontsize=10)
     ax.tick_params(axis="x", labelrotation=20)
     return save_png(fig, path)
 
@@ -111,7 +113,7 @@ def bar_chart(values: dict[str, float], title: str, ylabel: str, path: Path, yli
 def roc_chart(curves: dict[str, dict[str, dict[str, list[float]]]], title: str, path: Path) -> Path:
     """One panel per OOD set: {set: {view: {"fpr": [...], "tpr": [...]}}}."""
     width = 3.0 * len(curves) + 0.5
-    fig = _figure(width, 3.4)
+    fig = figure(width, 3.4)
     axes = fig.subplots(1, len(curves), squeeze=False)[0]
     for ax, (name, views) in zip(axes, curves.items()):
         for view, roc in views.items():
@@ -120,7 +122,7 @@ def roc_chart(curves: dict[str, dict[str, dict[str, list[float]]]], title: str, 
         ax.set(xlabel="FPR (ID flagged)", ylabel="TPR (OOD flagged)", xlim=(0, 1), ylim=(0, 1.01))
         ax.set_title(short_name(name), fontsize=9)
         ax.legend(fontsize=8, loc="lower right")
-    fig.suptitle(_title(width, title), fontsize=10)
+    fig.suptitle(wrap_title(width, title), fontsize=10)
     return save_png(fig, path)
 
 

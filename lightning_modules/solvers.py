@@ -28,10 +28,10 @@ from typing import Callable, Literal, Sequence
 import torch
 from torch import Tensor
 
+from lightning_modules.settings import DEFAULT_LAMBDAS  # declared with the recipe's other settings
 from lightning_modules.standardize import REL_TOL, safe_scale, std_from_moments
 
 F64 = torch.float64
-DEFAULT_LAMBDAS: tuple[float, ...] = tuple(10.0 ** e for e in range(-6, 3))
 Method = Literal["ridge", "lstsq", "procrustes", "scaled_procrustes"]
 
 # Rows per float64 block in `update` (bounds the float64 copy of a float32/bf16 batch) and column

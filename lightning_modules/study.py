@@ -4,7 +4,8 @@ For each ordered pair (source, target) it fits the source→target map on the pu
 alignment on held-out public rows (R², cosine, linear CKA, mutual kNN, each beside its null), and per
 task the mapped accuracy through the target's head, its drop from the target's native accuracy and a
 null map; with OOD sets, the AUROC of one detector on mapped states and its drop from native. Accuracy
-and AUROC carry percentile bootstrap confidence intervals over test rows (drops: paired resamples).
+and AUROC carry percentile bootstrap confidence intervals over test rows (drops: paired resamples;
+`lightning_modules.bootstrap`, through torchmetrics).
 
 Nothing is fitted twice: each model's task states are extracted once (the state cache), each
 (model, task) classifier and detector is fitted once and read by every pair with that target, and only
@@ -14,10 +15,9 @@ the N·(N−1) maps are per pair. Outputs: study.json, study.md and one N×N hea
 
 from __future__ import annotations
 
-import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -26,15 +26,16 @@ import torch
 from torch import Tensor
 
 from datamodules.assets import AssetError
-from datamodules.cache import atomic_write_bytes, atomic_write_json
+from datamodules.cache import atomic_write_bytes, atomic_write_json, slug
 from datamodules.extraction import ExtractionConfig, resolve
-from datamodules.states import LabelledStatesDataModule, PairedStatesDataModule
+from lightning_modules.bootstrap import auroc_ci, auroc_drop_ci, mean_ci
 from lightning_modules.evaluate import (PairConfig, classification_scores, fit_aligner, fit_classifier, null_map,
-                                        split_rows)
-from lightning_modules.metrics import alignment_report
+                                        prepare_states, public_datamodule, split_rows, task_datamodule)
+from lightning_modules.metrics import alignment_report, auroc
 from lightning_modules.ood import DETECTORS, Detector, OODConfig, load_ood_sets, make_detectors
 from lightning_modules.report import heatmap, short_name
-from lightning_modules.solvers import DEFAULT_LAMBDAS
+from lightning_modules.settings import (DeviceSettings, ExtractionSettings, FitSettings, HeadSettings,
+                                        PublicSetSettings, seed_all)
 
 ALIGNMENT = (("r2", "R²"), ("cosine", "cosine"), ("cosine_centered", "centred cosine"), ("cka", "linear CKA"),
              ("mutual_knn", "mutual kNN (k=10)"))
@@ -44,61 +45,14 @@ class StudyError(AssetError):  # an AssetError, as GenerationError: the CLI prin
     """Bad study input (too few models, an unknown model, a task without labels); the message names the fix."""
 
 
-# --- bootstrap (plain numpy) -----------------------------------------------------------------
-
-def bootstrap_ci(statistic: Callable[..., float], sizes: Sequence[int], n_resamples: int = 1000, seed: int = 0,
-                 confidence: float = 0.95) -> tuple[float, float]:
-    """Percentile interval of `statistic(*indices)` over resamples.
-
-    Each group of rows (sizes[i] of them) is resampled with replacement on its own; `statistic`
-    gets one index array per group. Pass the same group to two views for a paired interval.
-    """
-    if n_resamples < 1 or not 0 < confidence < 1 or min(sizes, default=0) < 1:
-        raise ValueError(f"bootstrap needs n_resamples >= 1, 0 < confidence < 1 and non-empty groups; "
-                         f"got {n_resamples}, {confidence}, sizes {list(sizes)}")
-    rng = np.random.default_rng(seed)
-    values = [statistic(*(rng.integers(0, n, n) for n in sizes)) for _ in range(n_resamples)]
-    tail = (1 - confidence) / 2
-    lo, hi = np.quantile(values, [tail, 1 - tail])
-    return float(lo), float(hi)
-
-
-def mean_ci(values: np.ndarray, **kwargs) -> tuple[float, float]:
-    """Interval of a mean: accuracy from 0/1 correctness, a paired drop from differences of them."""
-    values = np.asarray(values, dtype=np.float64)
-    return bootstrap_ci(lambda i: float(values[i].mean()), [len(values)], **kwargs)
-
-
-def auroc(id_scores: np.ndarray, ood_scores: np.ndarray) -> float:
-    """P(OOD score > ID score) + ½ P(tie): the AUROC with OOD as the positive class."""
-    ordered = np.sort(np.asarray(id_scores, dtype=np.float64))
-    ood_scores = np.asarray(ood_scores, dtype=np.float64)
-    below = np.searchsorted(ordered, ood_scores, "left")
-    ties = np.searchsorted(ordered, ood_scores, "right") - below
-    return float((below.sum() + 0.5 * ties.sum()) / (len(ordered) * len(ood_scores)))
-
-
-def auroc_ci(id_scores: np.ndarray, ood_scores: np.ndarray, **kwargs) -> tuple[float, float]:
-    return bootstrap_ci(lambda i, j: auroc(id_scores[i], ood_scores[j]), [len(id_scores), len(ood_scores)], **kwargs)
-
-
-def auroc_drop_ci(native: tuple[np.ndarray, np.ndarray], mapped: tuple[np.ndarray, np.ndarray],
-                  **kwargs) -> tuple[float, float]:
-    """Paired interval of native AUROC − mapped AUROC: both views score the same ID and OOD rows."""
-    return bootstrap_ci(lambda i, j: auroc(native[0][i], native[1][j]) - auroc(mapped[0][i], mapped[1][j]),
-                        [len(native[0]), len(native[1])], **kwargs)
-
-
 # --- configuration ----------------------------------------------------------------------------
 
 @dataclass
 class StudyConfig:
-    """N models × tasks on one public set; the fit settings are PairConfig's."""
+    """N models × tasks on one public set, with the recipe's settings (as PairConfig's)."""
 
     models: Sequence[str]
     tasks: Sequence[str]
-    public: str = "movie-dialog"
-    public_limit: int | None = 4000
     task_limit: int | None = None
     ood: Sequence[str] = ()
     ood_limit: int | None = 500
@@ -107,17 +61,12 @@ class StudyConfig:
     mahalanobis_shrinkage: float = 1e-2
     bootstrap: int = 1000
     confidence: float = 0.95
-    max_length: int = 128
-    estimator: str = "ridge"
-    lambdas: Sequence[float] = DEFAULT_LAMBDAS
-    center: bool = True
-    standardize: bool = False
-    classifier_epochs: int = 200
-    classifier_lr: float = 1e-2
-    classifier_weight_decay: float = 1e-3
+    public: PublicSetSettings = field(default_factory=PublicSetSettings)
+    extraction: ExtractionSettings = field(default_factory=ExtractionSettings)
+    fit: FitSettings = field(default_factory=FitSettings)
+    head: HeadSettings = field(default_factory=HeadSettings)
+    device: DeviceSettings = field(default_factory=DeviceSettings)
     seed: int = 0
-    extract_batch_size: int = 16
-    threads: int | None = None
 
     def validate(self) -> None:
         if len(self.models) < 2:
@@ -137,14 +86,16 @@ class StudyConfig:
             raise StudyError(f"need bootstrap >= 1 and 0 < confidence < 1, got {self.bootstrap} and {self.confidence}")
 
     def pair(self, source: str, target: str, task: str) -> PairConfig:
-        return self._as(PairConfig, source=source, target=target, task=task)
+        return PairConfig(source, target, task, **self.recipe())
 
     def ood_config(self, model: str, task: str) -> OODConfig:
-        return self._as(OODConfig, source=model, target=model, task=task, ood=list(self.ood))
+        return OODConfig(model, model, task, **self.recipe(), ood=list(self.ood), ood_limit=self.ood_limit,
+                         knn_k=self.knn_k, mahalanobis_shrinkage=self.mahalanobis_shrinkage)
 
-    def _as(self, cls, **given):
-        shared = {f.name: getattr(self, f.name) for f in fields(cls) if hasattr(self, f.name) and f.name not in given}
-        return cls(**shared, **given)
+    def recipe(self) -> dict[str, Any]:
+        """The settings every pair shares."""
+        return dict(task_limit=self.task_limit, public=self.public, extraction=self.extraction, fit=self.fit,
+                    head=self.head, device=self.device, seed=self.seed)
 
 
 # --- the study --------------------------------------------------------------------------------
@@ -158,6 +109,7 @@ class Native:
     test: Tensor
     labels: Tensor
     correct: np.ndarray
+    checkpoint: Path
     detector: Detector | None = None
     ood: dict[str, Tensor] = field(default_factory=dict)
     id_scores: np.ndarray | None = None
@@ -171,13 +123,17 @@ def _scores(detector: Detector, head: torch.nn.Module, h: Tensor) -> np.ndarray:
 def check_inputs(cfg: StudyConfig) -> None:
     """Every model and task resolves and every task is labelled, before anything is extracted."""
     cfg.validate()
+    view = dict(pooling=cfg.extraction.pooling, layer=cfg.extraction.layer, max_length=cfg.extraction.max_length)
     for model in cfg.models:
         try:
-            resolve(ExtractionConfig(model=model, data=cfg.public, limit=cfg.public_limit, max_length=cfg.max_length))
+            resolve(ExtractionConfig(model=model, data=cfg.public.data, limit=cfg.public.limit, label_column=None,
+                                     **view))
         except AssetError as e:
             raise StudyError(f"unknown model {model!r} in --models: {e}") from None
     for task in cfg.tasks:
-        job = resolve(ExtractionConfig(model=cfg.models[0], data=task, limit=cfg.task_limit, max_length=cfg.max_length))
+        job = resolve(ExtractionConfig(model=cfg.models[0], data=task, limit=cfg.task_limit, **view,
+                                       text_column=cfg.extraction.text_column,
+                                       label_column=cfg.extraction.label_column))
         if job.labels is None:
             raise StudyError(f"task {task!r} has no labels; --tasks takes labelled datasets "
                              "(an unlabelled set can be an OOD set: --ood)")
@@ -190,20 +146,23 @@ class Study:
         self.cfg, self.work = cfg, work
         self.fits = {"classifiers": 0, "detectors": 0, "aligners": 0}
         self.ci = dict(n_resamples=cfg.bootstrap, seed=cfg.seed, confidence=cfg.confidence)
-        self.common = dict(max_length=cfg.max_length, seed=cfg.seed, extract_batch_size=cfg.extract_batch_size)
+        self.specs: dict[str, dict[str, Any]] = {}  # each model's resolved extraction of each task
 
     def native(self, model: str, task: str) -> tuple[Native, dict[str, Any]]:
         """Fit the (model, task) head and detector once; native accuracy and AUROC with intervals."""
         cfg = self.cfg
-        dm = LabelledStatesDataModule(model=model, data=task, limit=cfg.task_limit, **self.common)
-        dm.prepare_data()
-        head, _ = fit_classifier(dm, cfg.pair(model, model, task), self.work / f"head-{self.fits['classifiers']}")
+        dm = task_datamodule(cfg.pair(model, model, task), model, task)
+        prepare_states(cfg.device, dm)
+        self.specs[f"{model} {task}"] = dm.job.spec()
+        head, checkpoint = fit_classifier(dm, cfg.head, cfg.device, cfg.seed,
+                                          self.work / f"head-{self.fits['classifiers']}")
         self.fits["classifiers"] += 1
         dm.setup("test")
         test, labels = split_rows(dm, "test")
         with torch.no_grad():
             logits = head(test)
-        native = Native(head, test, labels, correct=(logits.argmax(1) == labels).numpy().astype(np.float64))
+        native = Native(head, test, labels, correct=(logits.argmax(1) == labels).numpy().astype(np.float64),
+                        checkpoint=checkpoint)
         result = {**classification_scores(logits, labels, dm.num_classes),
                   "accuracy_ci": mean_ci(native.correct, **self.ci)}
         if cfg.ood:
@@ -224,16 +183,15 @@ class Study:
     def pair(self, source: str, target: str, natives: dict[tuple[str, str], Native]) -> dict[str, Any]:
         """Fit source→target on the public set; alignment, and per task the mapped views of the target's head."""
         cfg = self.cfg
-        public = PairedStatesDataModule(source=source, target=target, data=cfg.public, limit=cfg.public_limit,
-                                        **self.common)
-        public.prepare_data()
-        pcfg = cfg.pair(source, target, cfg.tasks[0])
-        aligner, _ = fit_aligner(public, pcfg)
+        public = public_datamodule(cfg.pair(source, target, cfg.tasks[0]), source, target)
+        prepare_states(cfg.device, public)
+        aligner, _ = fit_aligner(public, cfg.fit, cfg.device)
         self.fits["aligners"] += 1
-        lam = float(aligner.chosen_lambda) if cfg.estimator == "ridge" else 0.0
-        shuffled = null_map(public, pcfg, lam)
+        ridge = cfg.fit.estimator == "ridge"
+        lam = float(aligner.chosen_lambda) if ridge else 0.0
+        shuffled = null_map(public, cfg.fit, cfg.seed, lam)
         result: dict[str, Any] = {"source": source, "target": target,
-                                  "chosen_lambda": lam if cfg.estimator == "ridge" else None, "tasks": {}}
+                                  "chosen_lambda": lam if ridge else None, "tasks": {}}
         with torch.no_grad():
             x_val, y_val = split_rows(public, "val")
             result["alignment"] = alignment_report(aligner(x_val).double(), y_val.double(), source=x_val.double(),
@@ -244,10 +202,10 @@ class Study:
                 if not torch.equal(src.labels, tgt.labels):
                     raise RuntimeError(f"{source} and {target} test rows of {task} differ; both must come from "
                                        "the same task split")
-                result["tasks"][task] = self._mapped(aligner, shuffled, src, tgt)
+                result["tasks"][task] = self.mapped_views(aligner, shuffled, src, tgt)
         return result
 
-    def _mapped(self, aligner: torch.nn.Module, shuffled: torch.nn.Module, src: Native, tgt: Native
+    def mapped_views(self, aligner: torch.nn.Module, shuffled: torch.nn.Module, src: Native, tgt: Native
                 ) -> dict[str, Any]:
         """The source's test (and OOD) states mapped through the target's head and detector."""
         k = tgt.head.hparams.output_dim
@@ -277,19 +235,13 @@ class Study:
             for task in cfg.tasks:
                 natives[model, task], native_results[model][task] = self.native(model, task)
         pairs = {f"{s} -> {t}": self.pair(s, t, natives) for s in cfg.models for t in cfg.models if s != t}
-        return {"config": {**asdict(cfg), "models": list(cfg.models), "tasks": list(cfg.tasks), "ood": list(cfg.ood),
-                           "lambdas": list(cfg.lambdas)},
+        return {"config": {**asdict(cfg), "models": list(cfg.models), "tasks": list(cfg.tasks), "ood": list(cfg.ood)},
+                "seed": cfg.seed, "extraction": self.specs,
                 "models": list(cfg.models), "labels": {m: short_name(m) for m in cfg.models},
                 "rows": {task: {"test": len(natives[cfg.models[0], task].labels),
                                 "ood": {n: len(s) for n, s in natives[cfg.models[0], task].ood.items()}}
                          for task in cfg.tasks},
                 "fits": dict(self.fits), "native": native_results, "pairs": pairs}
-
-
-def slug(name: str) -> str:
-    """A file-name part for a model or dataset: a path's stem, a registry name as is."""
-    stem = Path(name).stem if short_name(name) != name else name
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-") or "x"
 
 
 # --- heatmaps and the report ---------------------------------------------------------------------
@@ -325,9 +277,10 @@ def _task_matrices(add: Add, native: dict, task: str) -> None:
     def accuracy(p: dict) -> Cell:
         return mapped(p)["mapped"]["accuracy"], mapped(p)["mapped"]["accuracy_ci"], mapped(p)["null_map"]["accuracy"]
 
-    add(f"accuracy-{slug(task)}", f"{short_name(task)}: test accuracy (diagonal native, else mapped)", False,
+    key = slug(task, suffix=False)
+    add(f"accuracy-{key}", f"{short_name(task)}: test accuracy (diagonal native, else mapped)", False,
         accuracy, lambda m: (native[m][task]["accuracy"], native[m][task]["accuracy_ci"], None))
-    add(f"drop-{slug(task)}", f"{short_name(task)}: accuracy drop (target native − mapped)", True,
+    add(f"drop-{key}", f"{short_name(task)}: accuracy drop (target native − mapped)", True,
         lambda p: (mapped(p)["mapped_drop"], mapped(p)["mapped_drop_ci"], None), lambda m: (0.0, None, None))
 
 
@@ -335,11 +288,11 @@ def _ood_matrices(add: Add, native: dict, task: str, name: str) -> None:
     def mapped(p: dict) -> dict:
         return p["tasks"][task]["ood"][name]
 
-    title = f"{short_name(task)} vs {short_name(name)}"
-    add(f"ood-auroc-{slug(task)}-{slug(name)}", f"{title}: AUROC (diagonal native, else mapped)", False,
+    title, key = f"{short_name(task)} vs {short_name(name)}", f"{slug(task, suffix=False)}-{slug(name, suffix=False)}"
+    add(f"ood-auroc-{key}", f"{title}: AUROC (diagonal native, else mapped)", False,
         lambda p: (mapped(p)["auroc"], mapped(p)["auroc_ci"], None),
         lambda m: (native[m][task]["ood"][name]["auroc"], native[m][task]["ood"][name]["auroc_ci"], None))
-    add(f"ood-drop-{slug(task)}-{slug(name)}", f"{title}: AUROC drop (target native − mapped)", True,
+    add(f"ood-drop-{key}", f"{title}: AUROC drop (target native − mapped)", True,
         lambda p: (mapped(p)["auroc_drop"], mapped(p)["auroc_drop_ci"], None), lambda m: (0.0, None, None))
 
 
@@ -362,7 +315,7 @@ def markdown_report(results: dict[str, Any]) -> str:
     fits = results["fits"]
     level = f"{cfg['confidence']:.0%}"
     lines = [
-        f"# Convergence study: {len(models)} models, public set {cfg['public']}",
+        f"# Convergence study: {len(models)} models, public set {cfg['public']['data']}",
         "",
         "Models: " + ", ".join(f"`{labels[m]}`" + (f" ({m})" if labels[m] != m else "") for m in models) + ".",
         f"Tasks: {', '.join(cfg['tasks'])}." + (f" OOD sets: {', '.join(cfg['ood'])} (detector "
@@ -384,8 +337,8 @@ def markdown_report(results: dict[str, Any]) -> str:
 def run_study(cfg: StudyConfig, out: str | Path | None = None) -> dict[str, Any]:
     """The study; with `out`, writes study.json, study.md and heatmap-*.png there."""
     check_inputs(cfg)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    cfg.device.apply_threads()
+    seed_all(cfg.seed)
     work = Path(tempfile.mkdtemp(prefix="xsilo-study-"))
     try:
         results = Study(cfg, work).run()

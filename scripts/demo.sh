@@ -14,11 +14,11 @@ case "$DEMO" in
     # BBC's public half is its training texts (already cached), topped up with cheap short dialog.
     BBC_LIMIT=400 MAX_LENGTH=48 BBC_PUBLIC=1000 BBC_MIX=movie-dialog:0.7,bbc:0.3 SERVE_N=30
     VADER_LIMIT=600 OOD_ROWS=100 VADER_PUBLIC=600
-    GEN_PUBLIC=movie-dialog:300+bbc:50 GEN_EVAL=30 GEN_TOKENS=16 GEN_STREAM_PAIRS=1 ;;
+    GEN_PUBLIC=movie-dialog:300,bbc:50 GEN_ROWS=350 GEN_EVAL=30 GEN_TOKENS=16 GEN_STREAM_PAIRS=1 ;;
   full)
     BBC_LIMIT= MAX_LENGTH=128 BBC_PUBLIC=4000 BBC_MIX=movie-dialog:0.5,bbc:0.5 SERVE_N=100
     VADER_LIMIT=3000 OOD_ROWS=500 VADER_PUBLIC=4000
-    GEN_PUBLIC=movie-dialog:1200+bbc:200 GEN_EVAL=100 GEN_TOKENS=24 GEN_STREAM_PAIRS=2 ;;
+    GEN_PUBLIC=movie-dialog:1200,bbc:200 GEN_ROWS=1400 GEN_EVAL=100 GEN_TOKENS=24 GEN_STREAM_PAIRS=2 ;;
   *) echo "error: DEMO must be quick or full, got '$DEMO'" >&2; exit 2 ;;
 esac
 limit() { [ -n "$1" ] && echo "--$2 $1" || true; }        # an optional --NAME N
@@ -63,8 +63,10 @@ for model in ("smollm2", "gemma3"):
 PY
 
 stage 3 fit "fit SmolLM2 -> Gemma-3 on the public set, classifiers on BBC, evaluation table"
-xsilo evaluate --source smollm2 --target gemma3 --task bbc $(limit "$BBC_LIMIT" task_limit) --max_length "$MAX_LENGTH" \
-  --public "$PUBLIC" --public_limit "$BBC_PUBLIC" --standardize true --threads "$THREADS" --out "$RUN/bbc"
+# The recipe (standardised ridge, heads, seed) is configs/recipe/bbc.yaml; this run's sizes are flags.
+xsilo evaluate --config configs/recipe/bbc.yaml --source smollm2 --target gemma3 --task bbc $(limit "$BBC_LIMIT" task_limit) \
+  --extraction.max_length "$MAX_LENGTH" --public.data "$PUBLIC" --public.limit "$BBC_PUBLIC" --threads "$THREADS" \
+  --out "$RUN/bbc"
 
 stage 4 export "export: map and head fused into one linear layer"
 xsilo export --aligner "$RUN/bbc/aligner.ckpt" --classifier "$RUN/bbc/classifier-target.ckpt" \
@@ -99,9 +101,10 @@ done
 VADER_PUBLIC_SET=$(xsilo public-set build --config configs/public/vader-movies.yaml --size "$VADER_PUBLIC" --max_length "$MAX_LENGTH" \
   --exclude_tasks "[$(task vader-movies "$VADER_LIMIT"),$(task bbc "$BBC_LIMIT")]" --name "vader-movies-public-$DEMO" \
   --threads "$THREADS" | tail -1)
-xsilo evaluate_ood --source smollm2 --target gemma3 --task vader-movies --task_limit "$VADER_LIMIT" --max_length "$MAX_LENGTH" \
-  --ood "[vader-tweets,vader-nyt,vader-amazon,trec]" --ood_limit "$OOD_ROWS" \
-  --public "$VADER_PUBLIC_SET" --public_limit "$VADER_PUBLIC" --standardize true --threads "$THREADS" --out "$RUN/ood"
+xsilo evaluate_ood --config configs/recipe/vader-movies.yaml --source smollm2 --target gemma3 --task vader-movies \
+  --task_limit "$VADER_LIMIT" --extraction.max_length "$MAX_LENGTH" --ood "[vader-tweets,vader-nyt,vader-amazon,trec]" \
+  --ood_limit "$OOD_ROWS" --public.data "$VADER_PUBLIC_SET" --public.limit "$VADER_PUBLIC" --threads "$THREADS" \
+  --out "$RUN/ood"
 xsilo export --aligner "$RUN/ood/aligner.ckpt" --classifier "$RUN/ood/classifier-target.ckpt" \
   --ood "$RUN/ood/ood-threshold.json" --out "$RUN/export-ood" --overwrite true
 python -m lightning_modules.ood_demo --export "$RUN/export-ood" --ood "$RUN/ood" --threads "$THREADS"
@@ -111,8 +114,9 @@ PROMPTS='["The capital of France is", "Once upon a time, a little girl", "My fav
 pairs=0
 for pair in "smollm2 gemma3" "gemma3 smollm2"; do
   set -- $pair
-  xsilo evaluate_generation --source $1 --target $2 --public "$GEN_PUBLIC" --max_length 64 --eval_texts "$GEN_EVAL" \
-    --prompts "$PROMPTS" --max_new_tokens "$GEN_TOKENS" --threads "$THREADS" --out "$RUN/generation/$1-$2"
+  xsilo evaluate_generation --config configs/recipe/generation.yaml --source $1 --target $2 --public.data "$GEN_PUBLIC" \
+    --public.limit "$GEN_ROWS" --eval_texts "$GEN_EVAL" --prompts "$PROMPTS" --max_new_tokens "$GEN_TOKENS" \
+    --threads "$THREADS" --out "$RUN/generation/$1-$2"
   pairs=$((pairs + 1))
   if [ "$pairs" -le "$GEN_STREAM_PAIRS" ]; then  # streamed, token by token (the quick run streams one pair)
     xsilo generate --source $1 --target $2 --aligner "$RUN/generation/$1-$2" --max_new_tokens "$GEN_TOKENS" \

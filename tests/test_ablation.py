@@ -17,6 +17,7 @@ from datamodules.extraction import ExtractionConfig, _finalise, extract, resolve
 from datamodules.public_set import normalize_text
 from datamodules.states import LabelledStatesDataModule
 from lightning_modules.ablation import AblationConfig, AblationError, Recipe, extract_views, parse_view, run_ablation
+from lightning_modules.settings import FitSettings, HeadSettings
 
 from test_public_set import sentences, write_lines
 
@@ -68,7 +69,7 @@ def synthetic(tmp_path, tiny_models):
 def test_more_public_rows_lower_the_drop_and_nothing_runs_through_a_model(synthetic, tmp_path):
     cfg = AblationConfig(source=synthetic["source"], target=synthetic["target"], task=synthetic["task"],
                          base=Recipe(mix=f"{synthetic['public']}:1", size=1000), factors=["size", "standardize"],
-                         sizes=[24, 80, 1000, 1400], bootstrap=50, classifier_epochs=60, max_extract=0)
+                         sizes=[24, 80, 1000, 1400], bootstrap=50, head=HeadSettings(epochs=60), max_extract=0)
     results = run_ablation(cfg, out=tmp_path / "out")
     rows = {r["value"]: r for r in results["settings"] if r["factor"] == "size"}
     drops = [rows[f"{n} rows"]["mapped_drop"] for n in (24, 80, 1000)]
@@ -99,8 +100,8 @@ def test_mix_estimator_and_finetune_factors_run_and_reuse_results(synthetic):
                          base=Recipe(mix=f"{synthetic['public']}:1", size=300),
                          factors=["mix", "estimator", "finetune", "seed"],
                          mixes=[f"{synthetic['public']}:1", f"{synthetic['public']}:0.5,{task_train}:0.5"],
-                         lambdas=[1e-3, 1.0], estimators=["procrustes"], finetune=["mse", "task"], finetune_epochs=2,
-                         public_seeds=[1], bootstrap=20, classifier_epochs=30, max_extract=0)
+                         fit=FitSettings(lambdas=(1e-3, 1.0)), estimators=["procrustes"], finetune=["mse", "task"],
+                         finetune_epochs=2, public_seeds=[1], bootstrap=20, head=HeadSettings(epochs=30), max_extract=0)
     results = run_ablation(cfg)
     by = {(r["factor"], r["value"]): r for r in results["settings"]}
     assert all(r["status"] == "ok" for r in results["settings"])

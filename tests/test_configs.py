@@ -186,7 +186,7 @@ def test_cli_prints_bad_configuration_as_one_line(tiny_models, tmp_path, capsys)
     data = write_tiny_csv(tmp_path / "task.csv", n=60)
     with pytest.raises(SystemExit) as exit_info:
         main(["evaluate", "--source", str(tiny_models["llama"]), "--target", str(tiny_models["gpt2"]),
-              "--task", str(data), "--public", str(data), "--estimator", "pca", "--out", str(tmp_path / "o")])
+              "--task", str(data), "--public.data", str(data), "--fit.estimator", "pca", "--out", str(tmp_path / "o")])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "error: unknown estimator 'pca'" in err and "Traceback" not in err
+    assert "error: " in err and "fit.estimator" in err and "pca" in err and "Traceback" not in err

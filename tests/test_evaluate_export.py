@@ -14,6 +14,7 @@ from lightning_modules.classifier import LinearClassifier
 from datamodules.states import PairedStatesDataModule
 from lightning_modules.evaluate import PairConfig, evaluate_pair, split_rows
 from lightning_modules.metrics import r2_score
+from lightning_modules.settings import FitSettings, HeadSettings, PublicSetSettings
 from lightning_modules.export import ExportError, export_checkpoints, load_export
 
 from conftest import write_tiny_csv
@@ -31,8 +32,8 @@ def _evaluate(tiny_models, root):
     task = write_tiny_csv(root / "task.csv", n=120, seed=3)
     public = write_tiny_csv(root / "public.csv", n=200, seed=4)
     cfg = PairConfig(source=str(tiny_models["llama"]), target=str(tiny_models["gpt2"]), task=str(task),
-                     public=str(public), public_limit=None, classifier_epochs=30,
-                     lambdas=[1e-3, 1e-1, 10.0])
+                     public=PublicSetSettings(str(public), limit=None), head=HeadSettings(epochs=30),
+                     fit=FitSettings(lambdas=(1e-3, 1e-1, 10.0)))
     results = evaluate_pair(cfg, out=root / "run")
     return root / "run", results
 
@@ -41,6 +42,11 @@ def test_evaluation_reports_every_figure(evaluated):
     run, results = evaluated
     saved = json.loads((run / "metrics.json").read_text())
     assert saved["classification"] == results["classification"]
+    # the seed and every model's resolved extraction are recorded
+    assert saved["seed"] == saved["config"]["seed"] == 0 and saved["config"]["fit"]["standardize"] is True
+    assert set(saved["extraction"]) == {"public_source", "public_target", "task_target", "task_source"}
+    for spec in saved["extraction"].values():
+        assert spec["pooling"] in ("mean", "last", "first") and spec["layer"] == -1 and spec["max_length"] == 128
     c, a = results["classification"], results["alignment"]
     for row in ("native_target", "native_source", "mapped", "null_map"):
         assert 0.0 <= c[row]["accuracy"] <= 1.0 and 0.0 <= c[row]["macro_f1"] <= 1.0
@@ -49,7 +55,8 @@ def test_evaluation_reports_every_figure(evaluated):
         assert np.isfinite(a[name]) and np.isfinite(a[name + "_null"])
     # the reported alignment is the saved aligner's, on the held-out public rows
     cfg = results["config"]
-    public = PairedStatesDataModule(source=cfg["source"], target=cfg["target"], data=cfg["public"], limit=None)
+    public = PairedStatesDataModule(source=cfg["source"], target=cfg["target"], data=cfg["public"]["data"], limit=None,
+                                    max_length=cfg["extraction"]["max_length"])
     public.prepare_data()
     public.setup("fit")
     x_val, y_val = split_rows(public, "val")

@@ -43,6 +43,7 @@ from lightning_modules.generation import (
     stream_generate,
 )
 from lightning_modules.solvers import AffineMap
+from lightning_modules.settings import PublicSetSettings
 
 D = 32
 
@@ -298,7 +299,7 @@ def test_bad_input_gets_a_clear_error(pair, tmp_path):
 def test_evaluate_generation_reports_identity_mapped_and_null(pair, tmp_path):
     source, target = pair
     public = write_tiny_csv(tmp_path / "public.csv", n=60, seed=2)
-    cfg = GenerationEvalConfig(source="tiny-rotated", target="tiny-target", public=str(public), public_limit=None,
+    cfg = GenerationEvalConfig(source="tiny-rotated", target="tiny-target", public=PublicSetSettings(str(public), limit=None),
                                max_length=32, val_fraction=0.2, test_fraction=0.2, n_prompts=2, max_new_tokens=5)
     results = evaluate_generation(cfg, out=tmp_path / "run", source=source, target=target)
     rows = results["rows"]

@@ -16,6 +16,7 @@ from lightning_modules.export import ExportError, export_checkpoints, load_expor
 from lightning_modules.ood import (DETECTORS, OODConfig, OODError, calibrate_threshold, detection_metrics,
                                    evaluate_ood, make_detectors)
 from lightning_modules.ood_client import LOGIT_DETECTORS, logit_scores, ood_from_logits
+from lightning_modules.settings import FitSettings, HeadSettings, PublicSetSettings
 
 from conftest import write_tiny_csv
 
@@ -58,9 +59,9 @@ def test_metrics_match_scikit_learn():
     scores = np.concatenate([id_scores, ood_scores])
     is_ood = np.r_[np.zeros(len(id_scores)), np.ones(len(ood_scores))]
     fpr, tpr, _ = roc_curve(is_ood, scores)
-    assert got["auroc"] == pytest.approx(roc_auc_score(is_ood, scores), abs=1e-6)
-    assert got["aupr"] == pytest.approx(average_precision_score(is_ood, scores), abs=1e-6)
-    assert got["fpr_at_95tpr"] == pytest.approx(fpr[np.searchsorted(tpr, 0.95)], abs=1e-6)
+    assert got["auroc"] == pytest.approx(roc_auc_score(is_ood, scores), abs=1e-12)  # exact: float64 counts
+    assert got["aupr"] == pytest.approx(average_precision_score(is_ood, scores), abs=1e-12)
+    assert got["fpr_at_95tpr"] == pytest.approx(fpr[np.searchsorted(tpr, 0.95)], abs=1e-12)
 
 
 def test_logit_scores_are_oriented_and_one_formula():
@@ -130,8 +131,8 @@ def evaluated(tiny_models, tmp_path_factory):
         mp.setenv("XSILO_HOME", str(root / "home"))  # the tests below reuse this cache
         task = write_tiny_csv(root / "task.csv", n=120, seed=3)
         cfg = OODConfig(source=str(tiny_models["llama"]), target=str(tiny_models["gpt2"]), task=str(task),
-                        public=str(write_tiny_csv(root / "public.csv", n=200, seed=4)), public_limit=None,
-                        classifier_epochs=20, lambdas=[1e-3, 1e-1, 10.0], knn_k=5,
+                        public=PublicSetSettings(str(write_tiny_csv(root / "public.csv", n=200, seed=4)), limit=None),
+                        head=HeadSettings(epochs=20), fit=FitSettings(lambdas=(1e-3, 1e-1, 10.0)), knn_k=5,
                         ood=[str(write_tiny_csv(root / "other.csv", n=50, seed=9, n_classes=5))])
         return cfg, root, evaluate_ood(cfg, out=root / "run")
 

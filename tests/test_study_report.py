@@ -11,21 +11,24 @@ import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
 import datamodules.states
+import lightning_modules.evaluate
 import lightning_modules.ood
 import lightning_modules.study
 from datamodules.cache import atomic_write_json
 from lightning_modules.evaluate import PairConfig, evaluate_pair
 from lightning_modules.ood import OODConfig, detection_metrics, evaluate_ood, roc_points
 from lightning_modules.report import ReportError, lookup, write_demo_report
-from lightning_modules.study import (StudyConfig, StudyError, auroc, auroc_ci, auroc_drop_ci, check_inputs,
-                                     mean_ci, run_study)
+from lightning_modules.settings import FitSettings, HeadSettings, PublicSetSettings
+from lightning_modules.bootstrap import auroc_ci, auroc_drop_ci, mean_ci
+from lightning_modules.study import (StudyConfig, StudyError, auroc, check_inputs,
+                                     run_study)
 
 from conftest import write_tiny_csv
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-# --- bootstrap and AUROC (plain numpy) ----------------------------------------------------------
+# --- bootstrap (torchmetrics BootStrapper) and AUROC ------------------------------------------------
 
 def test_accuracy_interval_contains_the_estimate_shrinks_with_rows_and_is_seeded():
     rng = np.random.default_rng(0)
@@ -48,7 +51,7 @@ def test_auroc_matches_detection_metrics_and_its_interval_shrinks():
         is_ood = np.r_[np.zeros(n), np.ones(n)]
         assert value == pytest.approx(roc_auc_score(is_ood, np.r_[id_scores, ood_scores]), abs=1e-12)
         assert value == pytest.approx(detection_metrics(torch.from_numpy(id_scores),
-                                                        torch.from_numpy(ood_scores))["auroc"], abs=1e-6)
+                                                        torch.from_numpy(ood_scores))["auroc"], abs=1e-12)
         lo, hi = auroc_ci(id_scores, ood_scores, n_resamples=500, seed=0)
         assert lo <= value <= hi
         widths.append(hi - lo)
@@ -87,13 +90,13 @@ def studied(tiny_models, tmp_path_factory):
         mp.setenv("XSILO_HOME", str(root / "home"))
         task = write_tiny_csv(root / "task.csv", n=90, seed=3)
         cfg = StudyConfig(models=[str(tiny_models["llama"]), str(tiny_models["gpt2"])], tasks=[str(task)],
-                          public=str(write_tiny_csv(root / "public.csv", n=120, seed=4)), public_limit=None,
+                          public=PublicSetSettings(str(write_tiny_csv(root / "public.csv", n=120, seed=4)), limit=None),
                           ood=[str(write_tiny_csv(root / "other.csv", n=40, seed=9, n_classes=5))],
-                          classifier_epochs=10, lambdas=[1e-2, 1.0], bootstrap=200)
+                          head=HeadSettings(epochs=10), fit=FitSettings(lambdas=(1e-2, 1.0)), bootstrap=200)
         first = run_study(cfg, out=root / "two")
         extracted, classifiers = [], []
-        _count(mp, datamodules.states, "extract", extracted)
-        _count(mp, lightning_modules.ood, "extract", extracted)
+        for module in (datamodules.states, lightning_modules.evaluate, lightning_modules.ood):  # each extraction site
+            _count(mp, module, "extract", extracted)
         _count(mp, lightning_modules.study, "fit_classifier", classifiers)
         cfg.models = [*cfg.models, str(tiny_models["bert"])]
         second = run_study(cfg, out=root / "three")
@@ -138,7 +141,7 @@ def test_adding_a_model_extracts_only_that_model_and_fits_each_head_once(studied
     _, cfg, first, second, extracted, classifiers = studied
     new = cfg.models[-1]
     # public set, task and OOD set of the new model; the other two models' states came from the cache
-    assert sorted(c.data for c in extracted) == sorted([cfg.public, cfg.tasks[0], cfg.ood[0]])
+    assert sorted(c.data for c in extracted) == sorted([cfg.public.data, cfg.tasks[0], cfg.ood[0]])
     assert {c.model for c in extracted} == {new}
     assert len(classifiers) == 3 and second["fits"] == {"classifiers": 3, "detectors": 3, "aligners": 6}
     assert first["fits"] == {"classifiers": 2, "detectors": 2, "aligners": 2}
@@ -155,12 +158,12 @@ def test_bad_study_input_names_the_fix(tiny_models, tmp_path):
     public = write_tiny_csv(tmp_path / "public.csv", n=30)
     with pytest.raises(StudyError, match="unknown model .*no-such-model"):
         check_inputs(StudyConfig(models=[model, str(tmp_path / "no-such-model")], tasks=[str(public)],
-                                 public=str(public)))
+                                 public=PublicSetSettings(str(public))))
     unlabelled = tmp_path / "texts.csv"
     unlabelled.write_text("text\nthe film\na bank\n")
     with pytest.raises(StudyError, match="has no labels"):
         check_inputs(StudyConfig(models=[model, str(tiny_models["gpt2"])], tasks=[str(unlabelled)],
-                                 public=str(public)))
+                                 public=PublicSetSettings(str(public))))
 
 
 # --- the demo report ----------------------------------------------------------------------------
@@ -187,7 +190,7 @@ def demo_run(studied, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("XSILO_HOME", str(root / "home"))
         common = dict(source=cfg.models[0], target=cfg.models[1], task=cfg.tasks[0], public=cfg.public,
-                      public_limit=None, classifier_epochs=10, lambdas=[1e-2, 1.0])
+                      head=cfg.head, fit=cfg.fit)
         evaluate_pair(PairConfig(**common), out=run / "bbc")
         evaluate_ood(OODConfig(**common, ood=list(cfg.ood), knn_k=5), out=run / "ood")
     atomic_write_json(run / "serve.json", SERVE)

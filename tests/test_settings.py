@@ -1,0 +1,122 @@
+"""The recipe's settings: declared once, the same from flags or from a YAML under configs/, and every
+command that runs a model or a Trainer takes the device flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lightning_modules.cli import build_parser, main
+from lightning_modules.settings import (DeviceSettings, ExtractionSettings, FitSettings, HeadSettings,
+                                        PublicSetSettings, Recipe, SettingsError, build_trainer)
+
+ROOT = Path(__file__).resolve().parents[1]
+PAIR = ["--source", "a", "--target", "b", "--task", "t"]
+DEVICE_COMMANDS = ("evaluate", "evaluate_ood", "study", "ablate")
+
+
+def parsed(*argv: str):
+    parser = build_parser()
+    cfg = parser.instantiate(parser.parse_args(list(argv)))
+    return cfg[argv[0]]
+
+
+def test_flags_and_yaml_give_the_same_settings(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("fit:\n  standardize: false\n  lambdas: [0.01, 1.0]\nextraction:\n  label_column: spam\n"
+                      "public:\n  data: my-public.jsonl\n  limit: null\nseed: 3\n")
+    from_yaml = parsed("evaluate", "--config", str(recipe), *PAIR)
+    from_flags = parsed("evaluate", *PAIR, "--fit.standardize", "false", "--fit.lambdas", "[0.01, 1.0]",
+                        "--extraction.label_column", "spam", "--public.data", "my-public.jsonl",
+                        "--public.limit", "null", "--seed", "3")
+    for name in ("fit", "extraction", "public", "head", "seed"):
+        assert from_yaml[name] == from_flags[name]
+    assert from_yaml.fit == FitSettings(standardize=False, lambdas=(0.01, 1.0))
+    assert from_yaml.extraction == ExtractionSettings(label_column="spam")
+    assert from_yaml.public == PublicSetSettings("my-public.jsonl", limit=None)
+    # a flag after --config wins over the file
+    assert parsed("evaluate", "--config", str(recipe), *PAIR, "--fit.standardize", "true").fit.standardize
+
+
+def test_the_default_is_the_best_recipe_and_the_recipe_files_are_it():
+    """One set of defaults (standardised ridge), and configs/recipe/bbc.yaml spells out exactly those,
+    for evaluate and study alike."""
+    assert FitSettings().standardize and FitSettings().estimator == "ridge" and FitSettings().center
+    assert Recipe().standardize == FitSettings().standardize and Recipe().estimator == FitSettings().estimator
+    bbc = str(ROOT / "configs/recipe/bbc.yaml")
+    for command, args in (("evaluate", PAIR), ("study", ["--models", "[a, b]", "--tasks", "[t]"])):
+        defaults, from_file = parsed(command, *args), parsed(command, "--config", bbc, *args)
+        for name in ("public", "extraction", "fit", "head", "seed"):
+            assert from_file[name] == defaults[name]
+        assert isinstance(from_file.fit, FitSettings) and isinstance(from_file.head, HeadSettings)
+    ood = parsed("evaluate_ood", "--config", str(ROOT / "configs/recipe/vader-movies.yaml"), *PAIR, "--ood", "[o]")
+    assert ood.fit == FitSettings() and ood.task_limit == 3000
+    generation = parsed("evaluate_generation", "--config", str(ROOT / "configs/recipe/generation.yaml"),
+                        "--source", "a", "--target", "b")
+    assert generation.fit == FitSettings(standardize=False) and generation.public.limit == 2000
+
+
+@pytest.mark.parametrize("command", DEVICE_COMMANDS)
+def test_every_model_command_lists_the_device_flags(command, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--accelerator", "--devices", "--precision", "--threads", "--seed", "--fit.standardize"):
+        assert flag in text, f"{command} --help lacks {flag}"
+
+
+def test_device_flags_reach_the_settings():
+    cfg = parsed("evaluate", *PAIR, "--accelerator", "cpu", "--devices", "1", "--precision", "bf16-mixed")
+    assert DeviceSettings(cfg.accelerator, cfg.devices, cfg.precision) == DeviceSettings("cpu", 1, "bf16-mixed")
+    assert parsed("study", "--models", "[a, b]", "--tasks", "[t]").accelerator == "auto"
+
+
+def test_a_trainer_is_built_from_device_settings():
+    from lightning.pytorch.accelerators import CPUAccelerator
+
+    trainer = build_trainer(DeviceSettings(accelerator="cpu", devices=1), max_epochs=3)
+    assert isinstance(trainer.accelerator, CPUAccelerator) and trainer.num_devices == 1
+    assert trainer.precision == "32-true" and trainer.max_epochs == 3 and trainer.logger is None
+    assert build_trainer(DeviceSettings("cpu", 1, "bf16-mixed"), max_epochs=1).precision == "bf16-mixed"
+
+
+def test_bad_settings_get_one_line_errors(capsys):
+    for make, match in ((lambda: DeviceSettings(devices=2), "devices must be 1 or auto"),
+                        (lambda: FitSettings(lambdas=()), "fit.lambdas must be a non-empty list"),
+                        (lambda: HeadSettings(epochs=0), "head needs epochs >= 1"),
+                        (lambda: PublicSetSettings(limit=1), "public.limit must be at least 2"),
+                        (lambda: ExtractionSettings(max_length=0), "extraction.max_length must be a positive number")):
+        with pytest.raises(SettingsError, match=match):
+            make()
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", *PAIR, "--devices", "0"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "devices" in err and "\n" not in err
+
+
+def test_a_csv_with_other_columns_through_evaluate_with_flags_only(tiny_models, tmp_path, capsys):
+    """The held-out-style check: a user's CSV whose columns are `sms`/`spam`, no registry entry; the seed, the
+    device flags and each model's resolved extraction (columns, pooling, layer, max_length) are recorded."""
+    import json
+
+    from conftest import write_tiny_csv
+
+    task = write_tiny_csv(tmp_path / "sms.csv", n=90, seed=3)
+    task.write_text("sms,spam\n" + task.read_text().split("\n", 1)[1])
+    public = write_tiny_csv(tmp_path / "public.csv", n=120, seed=4)
+    out = tmp_path / "run"
+    main(["evaluate", "--source", str(tiny_models["llama"]), "--target", str(tiny_models["gpt2"]), "--task", str(task),
+          "--extraction.text_column", "sms", "--extraction.label_column", "spam", "--extraction.max_length", "32",
+          "--public.data", str(public), "--public.limit", "null", "--head.epochs", "5", "--seed", "7",
+          "--accelerator", "cpu", "--devices", "1", "--out", str(out)])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["labels"] == ["c0", "c1", "c2"] and metrics["seed"] == 7
+    assert metrics["config"]["device"] == {"accelerator": "cpu", "devices": 1, "precision": "auto", "threads": None}
+    for role in ("task_source", "task_target"):
+        spec = metrics["extraction"][role]
+        assert (spec["text_column"], spec["label_column"], spec["max_length"], spec["layer"]) == ("sms", "spam", 32, -1)
+    assert metrics["extraction"]["task_source"]["pooling"] == "last"  # a causal LM's own default
+    err = capsys.readouterr().err
+    assert "pooling last" in err and "max_length 32" in err  # the resolved extraction is printed
