@@ -379,7 +379,7 @@ def study(
         threads: torch threads.
         out: output directory.
     """
-    from lightning_modules.study import StudyConfig, run_study
+    from lightning_modules.experiments.study import StudyConfig, run_study
 
     _quiet()
     cfg = StudyConfig(models=models, tasks=tasks, task_limit=task_limit, ood=ood or (), ood_limit=ood_limit,
@@ -530,7 +530,7 @@ def ablate(
         threads: torch threads.
         out: output directory.
     """
-    from lightning_modules.ablation import FACTORS, AblationConfig, run_ablation
+    from lightning_modules.experiments.ablation import FACTORS, AblationConfig, run_ablation
 
     _quiet()
     defaults = AblationConfig()

@@ -16,7 +16,7 @@ from datamodules.cache import StateCache, atomic_save_npy, ensure_writable, shar
 from datamodules.extraction import ExtractionConfig, _finalise, extract, resolve, shard_ranges
 from datamodules.public_set import normalize_text
 from datamodules.states import LabelledStatesDataModule
-from lightning_modules.ablation import AblationConfig, AblationError, Recipe, extract_views, parse_view, run_ablation
+from lightning_modules.experiments.ablation import AblationConfig, AblationError, Recipe, extract_views, parse_view, run_ablation
 from lightning_modules.settings import FitSettings, HeadSettings
 
 from test_public_set import sentences, write_lines

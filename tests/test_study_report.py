@@ -13,14 +13,14 @@ from sklearn.metrics import roc_auc_score, roc_curve
 import datamodules.states
 import lightning_modules.evaluate
 import lightning_modules.ood
-import lightning_modules.study
+import lightning_modules.experiments.study
 from datamodules.cache import atomic_write_json
 from lightning_modules.evaluate import PairConfig, evaluate_pair
 from lightning_modules.ood import OODConfig, detection_metrics, evaluate_ood, roc_points
 from lightning_modules.report import ReportError, lookup, write_demo_report
 from lightning_modules.settings import FitSettings, HeadSettings, PublicSetSettings
 from lightning_modules.bootstrap import auroc_ci, auroc_drop_ci, mean_ci
-from lightning_modules.study import (StudyConfig, StudyError, auroc, check_inputs,
+from lightning_modules.experiments.study import (StudyConfig, StudyError, auroc, check_inputs,
                                      run_study)
 
 from conftest import write_tiny_csv
@@ -97,7 +97,7 @@ def studied(tiny_models, tmp_path_factory):
         extracted, classifiers = [], []
         for module in (datamodules.states, lightning_modules.evaluate, lightning_modules.ood):  # each extraction site
             _count(mp, module, "extract", extracted)
-        _count(mp, lightning_modules.study, "fit_classifier", classifiers)
+        _count(mp, lightning_modules.experiments.study, "fit_classifier", classifiers)
         cfg.models = [*cfg.models, str(tiny_models["bert"])]
         second = run_study(cfg, out=root / "three")
         return root, cfg, first, second, extracted, classifiers

@@ -43,7 +43,7 @@ from lightning_modules.metrics import alignment_report
 from lightning_modules.report import figure, save_png, short_name, wrap_title
 from lightning_modules.settings import (DeviceSettings, ExtractionSettings, FitSettings, HeadSettings, Recipe,
                                         build_trainer, seed_all)
-from lightning_modules.study import Native, Study, StudyConfig
+from lightning_modules.experiments.study import Native, Study, StudyConfig
 
 FACTORS = ("size", "mix", "view", "standardize", "estimator", "finetune", "seed")
 ESTIMATORS = ("lstsq", "procrustes", "scaled_procrustes")
