@@ -4,7 +4,7 @@ The source LM reads the prompt; its last final hidden state is mapped into the t
 space and the target's LM head picks the next token. That token's text is appended and the
 source reads on (reusing its KV cache whenever its re-tokenisation only appends tokens).
 
-* `fit_generation_map` fits the map on paired per-position states (`datamodules.tokens`) with
+* `fit_generation_map` fits the map on paired per-position states (`lightning_modules.paired_stats`) with
   the aligner's estimators; `save_generation_map` / `load_generation_map` store it as a map
   folder (`AffineAligner.save_pretrained` / `from_pretrained`: config.json + model.safetensors).
 * `generate` / `stream_generate` run the loop (greedy or temperature / top-k / top-p sampling,
@@ -27,17 +27,10 @@ from torch import Tensor
 
 from datamodules.assets import AssetError
 from datamodules.cache import atomic_write_bytes, atomic_write_json
-from datamodules.tokens import (
-    CausalLM,
-    PairedStats,
-    load_causal_lm,
-    paired_batches,
-    paired_stats,
-    split_texts,
-    tokenizer_compatibility,
-)
+from datamodules.tokens import CausalLM, load_causal_lm, paired_batches, split_texts, tokenizer_compatibility
 from lightning_modules.aligner import AffineAligner
 from lightning_modules.export import MAP_CONFIG, MANIFEST, ExportError
+from lightning_modules.paired_stats import PairedStats, paired_stats
 from lightning_modules.settings import GENERATION_PUBLIC, FitSettings, PublicSetSettings, seed_all
 from lightning_modules.solvers import DEFAULT_LAMBDAS, AffineMap, fit_affine, select_lambda
 
@@ -139,21 +132,25 @@ class Sampling:
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise GenerationError(f"top_p must be in (0, 1] or unset, got {self.top_p}")
 
+    def warpers(self):
+        """transformers' temperature, top-k and top-p logits warpers, in that order (temperature > 0)."""
+        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        warpers = LogitsProcessorList([TemperatureLogitsWarper(self.temperature)])
+        if self.top_k is not None:
+            warpers.append(TopKLogitsWarper(self.top_k))
+        if self.top_p is not None and self.top_p < 1:
+            warpers.append(TopPLogitsWarper(self.top_p))
+        return warpers
+
 
 def pick_token(logits: Tensor, allowed: Tensor, sampling: Sampling, generator: torch.Generator) -> int:
+    """The next token: the best allowed one (temperature 0), else a seeded draw from the warped softmax."""
     logits = logits.float().masked_fill(~allowed, float("-inf"))
     if sampling.temperature == 0:
         return int(logits.argmax())
-    logits = logits / sampling.temperature
-    if sampling.top_k is not None and sampling.top_k < logits.shape[0]:
-        kth = logits.topk(sampling.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if sampling.top_p is not None and sampling.top_p < 1:
-        sorted_logits, order = logits.sort(descending=True)
-        cumulative = sorted_logits.softmax(0).cumsum(0)
-        drop = cumulative - sorted_logits.softmax(0) >= sampling.top_p  # keep the smallest set reaching top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    return int(torch.multinomial(logits.softmax(0), 1, generator=generator))
+    scores = sampling.warpers()(None, logits[None])[0]
+    return int(torch.multinomial(scores.softmax(0), 1, generator=generator))
 
 
 def check_request(prompt: str, max_new_tokens: int, sampling: Sampling) -> None:
@@ -415,15 +412,24 @@ def generation_quality(source: CausalLM, target: CausalLM, maps: dict[str, Affin
 
 
 def public_texts(spec: str, limit: int | None) -> list[str]:
-    """Texts of one dataset or a mix: `movie-dialog`, or `movie-dialog:1500+bbc:300` (N rows of each,
-    drawn as `load_texts(limit=N)` draws them; a part without `:N` takes `limit` rows)."""
+    """Texts of one dataset (`limit` rows, or all) or of a mix in `public-set build`'s syntax: with
+    `movie-dialog:0.8,bbc:0.2` and limit 2000, 1600 rows of movie dialog then 400 of BBC, each drawn as
+    `load_texts(limit=N)` draws them."""
+    from datamodules.assets import is_registered
+    from datamodules.public_set import mix_rows, parse_mix
     from datamodules.text import load_texts
 
+    single = is_registered(spec, "dataset") or Path(spec).expanduser().exists()
+    weights = {spec: 1.0} if single else parse_mix(spec)
+    if len(weights) == 1:
+        return list(load_texts(next(iter(weights)), limit=limit, label_column=None)["text"])
+    if limit is None:
+        raise GenerationError(f"the public mix {spec!r} needs a total row count: pass --public.limit N "
+                              "(each source gives round(N x weight) rows)")
     texts: list[str] = []
-    for part in spec.split("+"):
-        name, _, rows = part.rpartition(":")
-        name, rows = (name, int(rows)) if name and rows.isdigit() else (part, limit)
-        texts += load_texts(name, limit=rows, label_column=None)["text"]
+    for name, rows in mix_rows(weights, limit).items():
+        if rows:
+            texts += load_texts(name, limit=rows, label_column=None)["text"]
     return texts
 
 

@@ -161,23 +161,24 @@ class SufficientStats:
     def merge(self, other: "SufficientStats") -> "SufficientStats":
         """Add another shard's statistics in place; returns self."""
         self._check_compatible(other)
-        for a, b in zip(self._fields(), other._fields()):
+        for a, b in zip(self.tensors(), other.tensors()):
             a.add_(b.to(a.device))
         return self
 
     def clone(self) -> "SufficientStats":
-        return SufficientStats(*(t.clone() for t in self._fields()))
+        return SufficientStats(*(t.clone() for t in self.tensors()))
 
-    def _fields(self) -> tuple[Tensor, ...]:
+    def tensors(self) -> tuple[Tensor, ...]:
+        """(n, sum_x, sum_y, xtx, xty, yty): the constructor's arguments, in order."""
         return (self.n, self.sum_x, self.sum_y, self.xtx, self.xty, self.yty)
 
     def flatten(self) -> Tensor:
         """One flat float64 tensor of every statistic (sum-reducible across ranks)."""
-        return torch.cat([t.reshape(-1) for t in self._fields()])
+        return torch.cat([t.reshape(-1) for t in self.tensors()])
 
     def unflatten(self, vec: Tensor) -> "SufficientStats":
         """New stats with this one's shapes whose fields are views into `vec` (e.g. after all-reduce)."""
-        shapes = [t.shape for t in self._fields()]
+        shapes = [t.shape for t in self.tensors()]
         sizes = [math.prod(s) for s in shapes]
         if vec.ndim != 1 or vec.numel() != sum(sizes):
             raise ValueError(f"unflatten: expected a 1-D tensor of {sum(sizes)} values for "
@@ -191,7 +192,7 @@ class SufficientStats:
         flat = self.flatten()
         out = fn(flat)
         reduced = self.unflatten(out if isinstance(out, Tensor) else flat)
-        for a, b in zip(self._fields(), reduced._fields()):
+        for a, b in zip(self.tensors(), reduced.tensors()):
             a.copy_(b)
         return self
 

@@ -20,8 +20,6 @@ from datamodules.tokens import (
     CausalLM,
     load_causal_lm,
     pair_positions,
-    paired_stats,
-    reversed_stats,
     split_texts,
     text_boundaries,
     token_bytes,
@@ -42,6 +40,7 @@ from lightning_modules.generation import (
     save_generation_map,
     stream_generate,
 )
+from lightning_modules.paired_stats import paired_stats, reversed_stats
 from lightning_modules.solvers import AffineMap
 from lightning_modules.settings import PublicSetSettings
 
@@ -188,9 +187,9 @@ def test_paired_stats_are_cached_once_for_both_directions(pair, tmp_path):
     again = paired_stats(source, target, *args, cache_root=tmp_path)
     back = paired_stats(target, source, *args, cache_root=tmp_path)
     assert again.hit and back.hit and len(list(tmp_path.iterdir())) == 1
-    for a, b in zip(again.train._fields(), first.train._fields()):
+    for a, b in zip(again.train.tensors(), first.train.tensors()):
         assert torch.equal(a, b)
-    for a, b in zip(back.train._fields(), reversed_stats(first.train)._fields()):
+    for a, b in zip(back.train.tensors(), reversed_stats(first.train).tensors()):
         assert torch.equal(a, b)
     other = paired_stats(source, target, texts, "sentences", 8, None, splits, 0.2, 0.1, 0, cache_root=tmp_path)
     assert not other.hit and len(list(tmp_path.iterdir())) == 2  # max_length is part of the key
@@ -317,10 +316,15 @@ def test_evaluate_generation_reports_identity_mapped_and_null(pair, tmp_path):
                        torch.linalg.inv(source.model.model.norm.q).numpy(), atol=5e-3)
 
 
-def test_public_texts_mix_datasets(tmp_path):
+def test_public_texts_mix_datasets_in_the_public_set_syntax(tmp_path):
     a, b = write_tiny_csv(tmp_path / "a.csv", n=20, seed=1), write_tiny_csv(tmp_path / "b.csv", n=20, seed=2)
-    mixed = public_texts(f"{a}:5+{b}", limit=3)
-    assert len(mixed) == 8 and len(public_texts(str(a), limit=None)) == 20
+    mixed = public_texts(f"{a}:5,{b}:3", limit=8)  # weights 5:3 of 8 rows: the old a:5+b:3
+    assert mixed == public_texts(str(a), limit=5) + public_texts(str(b), limit=3)
+    assert len(public_texts(str(a), limit=None)) == 20
+    with pytest.raises(AssetError, match=r"old 'a:N\+b:M' form.*with 8 rows in all"):
+        public_texts(f"{a}:5+{b}:3", limit=8)
+    with pytest.raises(AssetError, match=r"--public\.limit N"):
+        public_texts(f"{a}:5,{b}:3", limit=None)
 
 
 def test_cli_generate_streams_the_mapped_text(tmp_path, capsys):
