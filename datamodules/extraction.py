@@ -561,6 +561,3 @@ def finalise(job: ResolvedExtraction, shards: list[tuple[int, int]]) -> None:
         "label_names": job.label_names,
         "shards": records,
     })
-
-
-_finalise = finalise  # the old private name, until public_set.py and ablation.py import `finalise`

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from datamodules.cache import StateCache, atomic_save_npy, ensure_writable, shard_name
-from datamodules.extraction import ExtractionConfig, _finalise, extract, resolve, shard_ranges
+from datamodules.extraction import ExtractionConfig, extract, finalise, resolve, shard_ranges
 from datamodules.public_set import normalize_text
 from datamodules.states import LabelledStatesDataModule
 from lightning_modules.experiments.ablation import AblationConfig, AblationError, Recipe, extract_views, parse_view, run_ablation
@@ -48,7 +48,7 @@ def write_states(model, data, labelled: bool, role: str) -> None:
     shards = shard_ranges(len(job.texts), 2048)
     for i, (a, b) in enumerate(shards):
         atomic_save_npy(job.directory / shard_name(i), states[a:b].astype(np.float32))
-    _finalise(job, shards)
+    finalise(job, shards)
 
 
 @pytest.fixture
