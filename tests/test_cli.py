@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,16 @@ def test_every_subcommand_has_help(words, capsys):
         assert "--output" in out and "--ckpt_path" in out
 
 
+@dataclass
+class _Recipe:
+    mixes: list[str] = field(default_factory=list)
+    size: int = 1
+
+
+def _command_with_a_recipe(*, recipe: _Recipe | None = None, names: list[str] | None = None, out: str = "x") -> None:
+    """A command whose settings are a dataclass."""
+
+
 def test_list_options_take_words_or_one_list():
     study = list_options(COMMANDS["study"])
     assert {"--models", "--tasks", "--ood"} <= study and "--public" not in study
@@ -75,6 +86,8 @@ def test_list_options_take_words_or_one_list():
     prepare = list_options(COMMANDS["assets"]["prepare"])
     cfg = parser.parse_args(word_lists(["assets", "prepare", "--names", "bbc", "trec"], prepare))
     assert cfg.assets.prepare.names == ["bbc", "trec"]
+    # A dataclass parameter's list fields are list options too.
+    assert list_options(_command_with_a_recipe) == {"--recipe.mixes", "--names"}
     # LightningCLI options: several words become one list; a single word or a written list is kept.
     assert word_lists(["fit", "-c", "a.yaml", "--model.init_args.lambdas", "0.1", "1", "--trainer.max_epochs", "2"]) \
         == ["fit", "-c", "a.yaml", "--model.init_args.lambdas", '["0.1", "1"]', "--trainer.max_epochs", "2"]
