@@ -14,6 +14,7 @@ import os
 import sys
 import time
 import warnings
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -311,7 +312,7 @@ class StateEncoder:
 
     def __init__(self, model: str, pooling: str | None = None, layer: int = -1, max_length: int | None = None,
                  dtype: str = "float32", batch_size: int = 16, threads: int | None = None):
-        from transformers import AutoConfig, AutoModel
+        from transformers import AutoConfig
 
         ExtractionConfig(model=model, data="-", pooling=pooling, layer=layer, max_length=max_length,
                          dtype=dtype, batch_size=batch_size).validate()
@@ -324,7 +325,7 @@ class StateEncoder:
         self.pooling = pooling or defaults.pooling
         self.layer, self.max_length, self.batch_size = layer, max_length or defaults.max_length, batch_size
         self.tokenizer = load_tokenizer(self.model_path)
-        self.encoder = AutoModel.from_pretrained(self.model_path, dtype=DTYPES[dtype]).eval().requires_grad_(False)
+        self.encoder = load_frozen_model(self.model_path, dtype)
         self.hidden_size = config.get_text_config().hidden_size
 
     @torch.inference_mode()
@@ -350,27 +351,30 @@ class HiddenStateExtractor(L.LightningModule):
     """Runs a frozen HF model over texts and returns pooled states per batch.
 
     The model is loaded in `setup()`, inside each process, so nothing large is pickled for
-    spawned ranks. `predict_dataloader()` serves this rank's shards only.
+    spawned ranks. On one device, with `model_identity` given, it comes from `loaded_model`, so
+    extracting several datasets in one process loads each model once. `predict_dataloader()`
+    serves this rank's shards only.
     """
 
     def __init__(self, model_path: str, texts: list[str], shards: list[tuple[int, int]],
                  pooling: str, layer: int, max_length: int, dtype: str, batch_size: int,
-                 threads: int | None = None):
+                 threads: int | None = None, model_identity: str | None = None):
         super().__init__()
-        self.model_path, self.texts, self.shards = model_path, texts, shards
+        self.model_path, self.model_identity, self.texts, self.shards = model_path, model_identity, texts, shards
         self.pooling, self.layer, self.max_length = pooling, layer, max_length
         self.compute_dtype, self.batch_size, self.threads = dtype, batch_size, threads
         self.encoder = None
         self.tokenizer = None
 
     def setup(self, stage: str) -> None:
-        from transformers import AutoModel, AutoTokenizer
-
         if self.threads:
             torch.set_num_threads(self.threads)
-        self.tokenizer = load_tokenizer(self.model_path)
-        self.encoder = AutoModel.from_pretrained(self.model_path, dtype=DTYPES[self.compute_dtype])
-        self.encoder.eval().requires_grad_(False)
+        if self.trainer.world_size == 1 and self.model_identity is not None:
+            key = (self.model_path, self.model_identity, self.compute_dtype, str(self.trainer.strategy.root_device))
+            self.tokenizer, self.encoder = loaded_model(key)
+        else:  # DDP: every rank loads its own copy, and nothing outlives the run
+            self.tokenizer = load_tokenizer(self.model_path)
+            self.encoder = load_frozen_model(self.model_path, self.compute_dtype)
 
     def batches(self, rank: int, world_size: int) -> list[list[int]]:
         """Row-index batches for this rank: whole shards, rows sorted by length within each."""
@@ -408,6 +412,42 @@ class FixedBatches(torch.utils.data.Sampler[list[int]]):
 
     def __len__(self) -> int:
         return len(self.batches)
+
+
+def load_frozen_model(model_path: str, dtype: str):
+    """The bare transformers model in eval mode, without gradients."""
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(model_path, dtype=DTYPES[dtype]).eval().requires_grad_(False)
+
+
+LOADED_MODELS = 2  # the OOD and public-set stages alternate a source and a target model
+_loaded: OrderedDict[tuple[str, str, str, str], tuple[Any, Any]] = OrderedDict()
+
+
+def loaded_model(key: tuple[str, str, str, str]) -> tuple[Any, Any]:
+    """(tokenizer, frozen model) for key = (model path, model identity, dtype, device), loaded once
+    per process and kept for the `LOADED_MODELS` most recently used keys. The identity (a digest of
+    the weights) makes a folder rewritten in place load again."""
+    if key in _loaded:
+        _loaded.move_to_end(key)
+        tokenizer, encoder = _loaded[key]
+        return tokenizer, encoder.eval()
+    while len(_loaded) >= LOADED_MODELS:
+        _loaded.popitem(last=False)  # free the oldest before loading the next
+    entry = load_tokenizer(key[0]), load_frozen_model(key[0], key[2])
+    _loaded[key] = entry
+    return entry
+
+
+def loaded_model_keys() -> list[tuple[str, str, str, str]]:
+    """The keys `loaded_model` keeps, oldest first."""
+    return list(_loaded)
+
+
+def clear_loaded_models() -> None:
+    """Drop every model `loaded_model` keeps (frees their memory)."""
+    _loaded.clear()
 
 
 def load_tokenizer(model_path: str):
@@ -493,7 +533,7 @@ def extract(
     if pending:
         module = HiddenStateExtractor(job.model_path, job.texts, [shards[i] for i in pending],
                                       job.pooling, config.layer, job.max_length, config.dtype,
-                                      config.batch_size, threads)
+                                      config.batch_size, threads, model_identity=job.key.model_identity)
         callbacks = [ShardWriter(directory, shards, job.hidden_size, config.dtype)]
         bar = progress and is_terminal()
         if progress and not bar:  # a log or a pipe: plain periodic lines instead of a bar

@@ -256,3 +256,49 @@ def test_half_precision_extraction_is_stored_in_that_dtype(tiny_models, tiny_csv
     np.testing.assert_allclose(cache.all(), expected, rtol=2e-2, atol=2e-2)
     rows = cache.all()  # read back as float32, each value exactly one of that dtype's
     np.testing.assert_array_equal(rows, torch.from_numpy(rows).to(getattr(torch, dtype)).float().numpy())
+
+
+def count_model_loads(monkeypatch) -> list[int]:
+    calls = [0]
+    original = AutoModel.from_pretrained
+
+    def counting(*a, **k):
+        calls[0] += 1
+        return original(*a, **k)
+
+    monkeypatch.setattr(AutoModel, "from_pretrained", counting)
+    return calls
+
+
+def test_one_process_loads_each_model_once_across_datasets(tiny_models, tiny_csv, tmp_path, monkeypatch):
+    """The OOD stage's pattern: several datasets, alternating a target and a source model."""
+    other = write_tiny_csv(tmp_path / "other.csv", n=37, seed=1)
+    jobs = [(kind, data) for data in (tiny_csv, other) for kind in ("llama", "gpt2")]
+
+    def run(kind, data, root):
+        cfg = ExtractionConfig(model=str(tiny_models[kind]), data=str(data), batch_size=5)
+        return StateCache(extract(cfg, cache_root=root, shard_size=16, progress=False).path).all()
+
+    extraction.clear_loaded_models()
+    loads = count_model_loads(monkeypatch)
+    together = [run(kind, data, tmp_path / "together") for kind, data in jobs]
+    assert loads[0] == 2  # one per model, not one per extraction
+    separate = []
+    for kind, data in jobs:  # as separate processes would: nothing kept between runs
+        extraction.clear_loaded_models()
+        separate.append(run(kind, data, tmp_path / f"separate-{kind}-{data.stem}"))
+    assert loads[0] == 2 + len(jobs)
+    for a, b in zip(together, separate):
+        np.testing.assert_array_equal(a, b)
+    extraction.clear_loaded_models()
+
+
+def test_kept_models_are_bounded(tiny_models, tiny_csv, monkeypatch):
+    extraction.clear_loaded_models()
+    loads = count_model_loads(monkeypatch)
+    for kind, limit in (("bert", None), ("llama", None), ("gpt2", None), ("bert", 30)):  # the last one misses too
+        extract(ExtractionConfig(model=str(tiny_models[kind]), data=str(tiny_csv), limit=limit), progress=False)
+    kept = [key[0] for key in extraction.loaded_model_keys()]
+    assert kept == [str(tiny_models["gpt2"]), str(tiny_models["bert"])]
+    assert loads[0] == 4  # bert was the oldest of three, so it was dropped and loads again
+    extraction.clear_loaded_models()
