@@ -417,32 +417,35 @@ def cached_text_index(key: dict[str, Any], root: Path | None = None, skip: Path 
     return index
 
 
-def cached_texts(models: Sequence[str], pooling: str | None = None, layer: int = -1, max_length: int = 128,
+def cached_texts(models: Sequence[str], pooling: str | None = None, layer: int = -1, max_length: int | None = None,
                  dtype: str = "float32", cache_root: str | Path | None = None) -> set[str]:
     """Texts whose states are cached for every one of `models` (same pooling, layer, length, dtype): pass
-    them as `prefer` to build a public set that needs no new forward pass where it can."""
+    them as `prefer` to build a public set that needs no new forward pass where it can. Pooling and
+    max_length default to each model's own, as extraction resolves them."""
     from transformers import AutoConfig
 
     from datamodules.assets import resolve_model
-    from datamodules.extraction import default_pooling, model_identity
+    from datamodules.extraction import model_defaults, model_identity
 
     found: set[str] | None = None
     for model in models:
         path = resolve_model(model)
-        key = {"model_identity": model_identity(path), "pooling": pooling or default_pooling(AutoConfig.from_pretrained(path)),
-               "layer": layer, "max_length": max_length, "dtype": dtype}
+        defaults = model_defaults(path, AutoConfig.from_pretrained(path))
+        key = {"model_identity": model_identity(path), "pooling": pooling or defaults.pooling,
+               "layer": layer, "max_length": max_length or defaults.max_length, "dtype": dtype}
         texts = set(cached_text_index(key, Path(cache_root) if cache_root else None))
         found = texts if found is None else found & texts
     return found or set()
 
 
 def prefill_states(config, cache_root: str | Path | None = None, max_extract: int | None = None,
-                   threads: int | None = None) -> PrefillResult:
+                   threads: int | None = None, accelerator: str = "cpu", devices: int | str = 1) -> PrefillResult:
     """Make the cache for `config` (an ExtractionConfig) from cached rows of the same texts.
 
     Texts no cache holds are extracted first (their own cache, under $XSILO_HOME/public/_extra/), unless
     there are more than `max_extract` of them: then ExtractionBudgetError, and nothing is written.
-    The result is an ordinary cache: `extract(config)` and the DataModules find it as a hit.
+    The result is an ordinary cache: `extract(config)` and the DataModules find it as a hit. `accelerator`,
+    `devices` and `threads` are `extract`'s, for those texts.
     """
     from datamodules.extraction import ExtractionConfig, cache_hit, extract, finalise, resolve, shard_ranges
 
@@ -464,9 +467,9 @@ def prefill_states(config, cache_root: str | Path | None = None, max_extract: in
         if not extra.is_file():
             atomic_write_bytes(extra, body)
         extra_cfg = ExtractionConfig(model=config.model, data=str(extra), pooling=job.pooling, layer=config.layer,
-                                     max_length=config.max_length, dtype=config.dtype, batch_size=config.batch_size,
+                                     max_length=job.max_length, dtype=config.dtype, batch_size=config.batch_size,
                                      label_column=None)
-        result = extract(extra_cfg, cache_root=cache_root, threads=threads)
+        result = extract(extra_cfg, cache_root=cache_root, accelerator=accelerator, devices=devices, threads=threads)
         for row, text in enumerate(missing):
             index[text] = (result.path, row)
     ensure_writable(job.directory)

@@ -52,6 +52,11 @@ class CausalLM:
         return self.head.in_features
 
     @property
+    def device(self) -> torch.device:
+        """Where the model's weights (and its forward pass) are."""
+        return self.head.weight.device
+
+    @property
     def head(self) -> torch.nn.Linear:
         return self.model.get_output_embeddings()
 
@@ -74,10 +79,13 @@ class CausalLM:
     @torch.inference_mode()
     def states(self, input_ids: Tensor, attention_mask: Tensor | None = None, cache=None, use_cache: bool = True
                ) -> tuple[Tensor, object]:
-        """Final hidden states (B, T, D) float32 and the KV cache; lm_head(states) are the logits."""
-        out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache,
+        """Final hidden states (B, T, D) float32 on the CPU and the KV cache (on the model's device);
+        lm_head(states) are the logits."""
+        device = self.device
+        mask = None if attention_mask is None else attention_mask.to(device)
+        out = self.model.base_model(input_ids=input_ids.to(device), attention_mask=mask, use_cache=use_cache,
                                     **{self._cache_argument: cache})
-        return out.last_hidden_state.float(), getattr(out, self._cache_argument)
+        return out.last_hidden_state.float().cpu(), getattr(out, self._cache_argument)
 
     @cached_property
     def _cache_argument(self) -> str:
@@ -88,8 +96,9 @@ class CausalLM:
 
     @torch.inference_mode()
     def logits(self, states: Tensor) -> Tensor:
+        """The LM head's logits (float32, on the CPU) of states on any device."""
         head = self.head
-        return head(states.to(head.weight.dtype)).float()
+        return head(states.to(head.weight.device, head.weight.dtype)).float().cpu()
 
     @cached_property
     def text_token_mask(self) -> Tensor:
@@ -109,8 +118,9 @@ class CausalLM:
         return mask
 
 
-def load_causal_lm(name: str, dtype: str = "float32") -> CausalLM:
-    """Load a registry name, folder or hub id as a causal LM with a clear error for anything else."""
+def load_causal_lm(name: str, dtype: str = "float32", device: str = "cpu") -> CausalLM:
+    """Load a registry name, folder or hub id as a causal LM (weights in `dtype`, on `device`: cpu, cuda, mps)
+    with a clear error for anything else."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if dtype not in DTYPES:
@@ -124,7 +134,7 @@ def load_causal_lm(name: str, dtype: str = "float32") -> CausalLM:
         archs = ", ".join(getattr(config, "architectures", None) or [config.model_type])
         raise AssetError(f"model {name!r} ({archs}) is not a causal LM with an LM head; cross-model "
                          "generation needs two causal LMs, e.g. --source smollm2 --target gemma3")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval().requires_grad_(False)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(device).eval().requires_grad_(False)
     return CausalLM(model, load_tokenizer(path), name, model_identity(path))
 
 

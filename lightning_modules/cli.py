@@ -79,7 +79,7 @@ def extract(
     split: str = "train",
     pooling: str | None = None,
     layer: int = -1,
-    max_length: int = 128,
+    max_length: int | None = ExtractionSettings.max_length,
     dtype: str = "float32",
     batch_size: int = 16,
     limit: int | None = None,
@@ -103,7 +103,7 @@ def extract(
         split: dataset split.
         pooling: mean, last or first; default last for causal LMs, mean otherwise.
         layer: hidden_states index; -1 is the final layer.
-        max_length: truncation length in tokens.
+        max_length: truncation length in tokens; null: the model's own limit (capped at 128).
         dtype: compute dtype: float32, bfloat16 or float16.
         batch_size: texts per forward pass.
         limit: keep N rows (a seeded random sample, in file order).
@@ -258,6 +258,9 @@ def generate(
     reuse_cache: bool = True,
     compare: bool = False,
     dtype: str = "float32",
+    accelerator: Accelerator = "auto",
+    devices: Devices = "auto",
+    precision: Precision = "auto",
     threads: int | None = None,
 ) -> None:
     """Continue PROMPT with the target's LM head reading the source's mapped final states (streamed).
@@ -266,7 +269,7 @@ def generate(
         prompt: text to continue.
         source: model that reads (registry name, folder or hub id).
         target: model whose LM head writes.
-        aligner: map export from `xsilo evaluate_generation --out DIR` (DIR or DIR/export).
+        aligner: the map of `xsilo evaluate_generation --out DIR`: DIR, DIR/map or a hub id.
         max_new_tokens: the most target tokens to generate.
         stop: a stop string or a list of them; the output ends before the first one.
         temperature: 0 is greedy; otherwise sample at this temperature.
@@ -275,19 +278,19 @@ def generate(
         seed: sampling seed.
         reuse_cache: reuse the source's KV cache when its re-tokenisation only appends tokens.
         compare: also print each model's own continuation.
-        dtype: compute dtype: float32, bfloat16 or float16.
+        dtype: compute dtype: float32, bfloat16 or float16 (or set by --precision).
+        accelerator: cpu, gpu or auto (a GPU when one is visible).
+        devices: 1 or auto (one device).
+        precision: the forward pass's precision: bf16-* runs it in bfloat16, 16-* in float16; auto is --dtype.
         threads: torch threads.
     """
-    import torch
-
     from lightning_modules.generation import Sampling, run_generate
 
     _quiet()
-    if threads:
-        torch.set_num_threads(threads)
     result = run_generate(prompt, source=source, target=target, aligner=aligner, max_new_tokens=max_new_tokens,
                           stop=[stop] if isinstance(stop, str) else stop or (), sampling=Sampling(temperature, top_k, top_p, seed),
-                          reuse_cache=reuse_cache, compare=compare, dtype=dtype)
+                          reuse_cache=reuse_cache, compare=compare, dtype=dtype,
+                          device=DeviceSettings(accelerator, devices, precision, threads))
     print(f"{len(result.token_ids)} tokens, {result.tokens_per_second:.1f} tokens/s, stop: {result.stop_reason}; "
           f"source KV cache reused {result.cache_reused}x, recomputed {result.recomputed}x", file=sys.stderr)
 
@@ -303,11 +306,14 @@ def evaluate_generation(
     prompts: list[str] | None = None,
     max_new_tokens: int = 20,
     seed: int = 0,
+    accelerator: Accelerator = "auto",
+    devices: Devices = "auto",
+    precision: Precision = "auto",
     threads: int | None = None,
     out: str = "runs/generation",
 ) -> None:
     """Fit a source→target map on paired token positions of the public set; score next-token agreement
-    and generation on held-out texts; write metrics.json, metrics.md and the map export (OUT/export).
+    and generation on held-out texts; write metrics.json, metrics.md and the map folder (OUT/map).
 
     Args:
         source: model that reads.
@@ -320,6 +326,10 @@ def evaluate_generation(
         prompts: prompts for the generation samples and perplexity (default: starts of held-out texts).
         max_new_tokens: tokens generated per prompt.
         seed: split seed (recorded in metrics.json).
+        accelerator: cpu, gpu or auto (a GPU when one is visible; the device is recorded in metrics.json).
+        devices: 1 or auto (one device).
+        precision: the forward pass's precision: bf16-* runs both models in bfloat16, 16-* in float16; auto and
+            32-true in float32.
         threads: torch threads.
         out: output directory.
     """
@@ -328,10 +338,10 @@ def evaluate_generation(
     _quiet()
     cfg = GenerationEvalConfig(source=source, target=target, public=public, max_length=max_length, fit=fit,
                                eval_texts=eval_texts, prompts=prompts, max_new_tokens=max_new_tokens, seed=seed,
-                               threads=threads)
+                               device=DeviceSettings(accelerator, devices, precision, threads))
     results = run(cfg, out=out)
     print(markdown_report(results))
-    print(f"wrote {Path(out) / 'metrics.json'}, {Path(out) / 'metrics.md'} and the map export {Path(out) / 'export'}")
+    print(f"wrote {Path(out) / 'metrics.json'}, {Path(out) / 'metrics.md'} and the map folder {Path(out) / 'map'}")
 
 
 def study(
@@ -415,7 +425,10 @@ def public_set_build(
     seed: int = 0,
     text_column: str = "text",
     strict: bool = False,
-    max_length: int = 128,
+    max_length: int | None = ExtractionSettings.max_length,
+    accelerator: Accelerator = "auto",
+    devices: Devices = "auto",
+    precision: Precision = "auto",
     threads: int | None = None,
 ) -> None:
     """Compose the shared public set from unlabelled sources; it never holds a task's validation or test texts.
@@ -439,24 +452,32 @@ def public_set_build(
         seed: sampling seed.
         text_column: text column of file and hub sources.
         strict: fail instead of redistributing when the size or mix cannot be met.
-        max_length: truncation length in tokens of the --models caches (use the one you evaluate with).
+        max_length: truncation length in tokens of the --models caches (use the one you evaluate with); null:
+            each model's own limit (capped), as `evaluate` reads it by default.
+        accelerator: where any extraction for --models runs: cpu, gpu or auto (a GPU when one is visible).
+        devices: 1 or auto (one device).
+        precision: the extraction's dtype: bf16-* is bfloat16, 16-* float16, auto and 32-true float32 (the
+            dtype is part of the cache key: use the one you evaluate with).
         threads: torch threads for any extraction.
     """
     from datamodules.extraction import ExtractionConfig
     from datamodules.public_set import build_public_set, cached_texts, prefill_states, read_manifest
 
     _quiet()
+    device = DeviceSettings(accelerator, devices, precision, threads)
+    dtype = device.forward_dtype()
     path = build_public_set(sources or (), size=size, mix=mix, exclude_tasks=exclude_tasks, out=name,
                             exclude_datasets=exclude_datasets or (), val_fraction=val_fraction,
                             test_fraction=test_fraction, split_seed=split_seed, seed=seed, text_column=text_column,
-                            prefer=cached_texts(models, max_length=max_length) if models else None, strict=strict)
+                            prefer=cached_texts(models, max_length=max_length, dtype=dtype) if models else None,
+                            strict=strict)
     m = read_manifest(path)
     parts = ", ".join(f"{s['name']} {s['selected']}" for s in m["sources"])
     print(f"{m['rows']} rows ({parts}); excluded {m['excluded']['rows_total']} held-out/excluded texts of "
           f"{', '.join(t['task'] for t in m['excluded']['tasks']) or 'no task'}", file=sys.stderr)
     for model in models or ():
-        r = prefill_states(ExtractionConfig(model=model, data=str(path), max_length=max_length, label_column=None),
-                           threads=threads)
+        r = prefill_states(ExtractionConfig(model=model, data=str(path), max_length=max_length, dtype=dtype,
+                                            label_column=None), **device.extraction_kwargs())
         print(f"{model}: {'cache hit' if r.hit else f'{r.reused} rows reused, {r.extracted} extracted'}",
               file=sys.stderr)
     print(path)
@@ -566,7 +587,8 @@ def export(
     Also writes the map alone and the head alone, for split mode.
 
     Args:
-        aligner: AffineAligner checkpoint (.ckpt).
+        aligner: the map: an AffineAligner checkpoint (.ckpt), a map folder (`save_pretrained`, e.g.
+            `xsilo evaluate --out DIR`'s DIR/map) or a hub id.
         classifier: LinearClassifier checkpoint trained on the aligner's target states.
         out: export directory (must be empty or missing unless --overwrite).
         metrics: a metrics.json to record in the manifest.
@@ -693,6 +715,9 @@ def build_parser():
 
     root = ArgumentParser(prog="xsilo", description="Secure linear alignment of LLMs: extract, fit, evaluate, "
                                                     "export and serve under CKKS. Each subcommand has --help.")
+    root.add_argument(REGISTRY_FLAG, type=str, help="a registry YAML of your own models and datasets, used before "
+                                                    "the packaged one (sets $XSILO_REGISTRY), e.g. xsilo --registry "
+                                                    "my.yaml evaluate ...")
     _add_subcommands(root, {**LIGHTNING_SUBCOMMANDS, **COMMANDS})
     return root
 
@@ -716,6 +741,23 @@ def _add_subcommands(parser, commands: dict) -> None:
             sub.add_argument("--config", action=ActionConfigFile, help="a YAML file holding any of these options")
             sub.add_function_arguments(command, as_group=False, as_positional=True, fail_untyped=True,
                                        sub_configs=True)
+
+
+REGISTRY_FLAG = "--registry"
+
+
+def use_registry_flag(argv: list[str]) -> list[str]:
+    """Apply a leading `--registry PATH` (or `--registry=PATH`) and return the rest of `argv`."""
+    if argv[:1] == [REGISTRY_FLAG] and len(argv) > 1:
+        path, rest = argv[1], argv[2:]
+    elif argv and argv[0].startswith(REGISTRY_FLAG + "="):
+        path, rest = argv[0].split("=", 1)[1], argv[1:]
+    else:
+        return argv
+    from datamodules.assets import use_registry
+
+    use_registry(path)
+    return rest
 
 
 def _command(argv: list[str]):
@@ -796,6 +838,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _main(argv: list[str]) -> None:
     try:
+        argv = use_registry_flag(argv)
         if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
             from lightning_modules.lightning_cli import run_lightning_cli
 

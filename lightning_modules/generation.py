@@ -31,7 +31,7 @@ from datamodules.tokens import CausalLM, load_causal_lm, paired_batches, split_t
 from lightning_modules.aligner import AffineAligner
 from lightning_modules.export import MAP_CONFIG, MANIFEST, ExportError
 from lightning_modules.paired_stats import PairedStats, paired_stats
-from lightning_modules.settings import GENERATION_PUBLIC, FitSettings, PublicSetSettings, seed_all
+from lightning_modules.settings import GENERATION_PUBLIC, DeviceSettings, FitSettings, PublicSetSettings, seed_all
 from lightning_modules.solvers import DEFAULT_LAMBDAS, AffineMap, fit_affine, select_lambda
 
 MAP_DIR = "map"  # the map folder under `xsilo evaluate_generation --out DIR`
@@ -329,8 +329,8 @@ class GenerationEvalConfig:
     max_new_tokens: int = 20
     seed: int = 0
     batch_size: int = 16
-    dtype: str = "float32"
-    threads: int | None = None
+    dtype: str = "float32"  # the forward pass's dtype unless device.precision names one
+    device: DeviceSettings = field(default_factory=DeviceSettings)
 
 
 @dataclass
@@ -437,12 +437,12 @@ def evaluate_generation(cfg: GenerationEvalConfig, out: str | Path | None = None
                         source: CausalLM | None = None, target: CausalLM | None = None) -> dict[str, Any]:
     """Compatibility, fit (cached paired statistics), agreement and generation metrics; writes
     metrics.json, metrics.md and the map folder (OUT/map) under `out` when given. Models may be injected."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    cfg.device.apply_threads()
     seed_all(cfg.seed)
+    dtype, device = cfg.device.forward_dtype(cfg.dtype), cfg.device.torch_device()
     texts = public_texts(cfg.public.data, cfg.public.limit)
-    source = source or load_causal_lm(cfg.source, cfg.dtype)
-    target = target or load_causal_lm(cfg.target, cfg.dtype)
+    source = source or load_causal_lm(cfg.source, dtype, device)
+    target = target or load_causal_lm(cfg.target, dtype, device)
     splits = split_texts(len(texts), cfg.val_fraction, cfg.test_fraction, cfg.seed)
     train_texts = [texts[i] for i in splits["train"]]
     test_texts = [texts[i] for i in splits["test"]][:cfg.eval_texts]
@@ -450,7 +450,9 @@ def evaluate_generation(cfg: GenerationEvalConfig, out: str | Path | None = None
 
     t0 = time.perf_counter()
     stats = paired_stats(source, target, texts, cfg.public.data, cfg.max_length, cfg.public.limit, splits,
-                         cfg.val_fraction, cfg.test_fraction, cfg.seed, cfg.batch_size)
+                         cfg.val_fraction, cfg.test_fraction, cfg.seed, cfg.batch_size,
+                         # the statistics' cache key holds no dtype: only float32 states are cached
+                         use_cache=source.model.dtype == target.model.dtype == torch.float32)
     stats_seconds = time.perf_counter() - t0
     fitted = fit_generation_map(stats, cfg.fit.estimator, cfg.fit.lambdas, cfg.fit.center, cfg.fit.standardize)
     maps = {"identity": None, "mapped": fitted.amap, "null": fitted.null}
@@ -461,6 +463,7 @@ def evaluate_generation(cfg: GenerationEvalConfig, out: str | Path | None = None
     results = {
         "config": asdict(cfg),
         "seed": cfg.seed,
+        "forward": {"device": str(source.device), "dtype": str(source.model.dtype).removeprefix("torch.")},
         "pair": f"{source.name} -> {target.name}",
         "compatibility": compatibility.as_dict(),
         "positions": {"train": stats.train.count, "val": stats.val.count,
@@ -522,9 +525,10 @@ def write_report(results: dict[str, Any], out: Path) -> None:
 
 def run_generate(prompt: str, *, source: str, target: str, aligner: str, max_new_tokens: int = 32,
                  stop: Sequence[str] = (), sampling: Sampling | None = None, reuse_cache: bool = True,
-                 compare: bool = False, dtype: str = "float32", write: Callable[[str], None] | None = None
-                 ) -> GenerationResult:
-    """Load both models and the map, stream the mapped generation through `write` (stdout by default)."""
+                 compare: bool = False, dtype: str = "float32", device: DeviceSettings | None = None,
+                 write: Callable[[str], None] | None = None) -> GenerationResult:
+    """Load both models (on `device`, in its precision's dtype or `dtype`) and the map, stream the mapped
+    generation through `write` (stdout by default)."""
     import sys
 
     def write_out(s: str) -> None:
@@ -534,7 +538,10 @@ def run_generate(prompt: str, *, source: str, target: str, aligner: str, max_new
     write = write or write_out
     sampling = sampling or Sampling()
     check_request(prompt, max_new_tokens, sampling)
-    src, tgt = load_causal_lm(source, dtype), load_causal_lm(target, dtype)
+    device = device or DeviceSettings()
+    device.apply_threads()
+    dtype, where = device.forward_dtype(dtype), device.torch_device()
+    src, tgt = load_causal_lm(source, dtype, where), load_causal_lm(target, dtype, where)
     amap = load_generation_map(aligner, src, tgt)
     common = dict(max_new_tokens=max_new_tokens, stop=stop, sampling=sampling)
     if compare:

@@ -19,6 +19,10 @@ Accelerator = Literal["auto", "cpu", "gpu", "cuda", "mps"]
 Devices = int | Literal["auto"]
 Precision = Literal["auto", "32-true", "64-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true"]
 
+# The forward pass's dtype for each Lightning precision (auto keeps the command's own dtype, float32 by default).
+FORWARD_DTYPES: dict[str, str] = {"32-true": "float32", "bf16-mixed": "bfloat16", "bf16-true": "bfloat16",
+                                  "16-mixed": "float16", "16-true": "float16"}
+
 
 class SettingsError(ValueError):
     """A setting out of range; the message names it and the fix."""
@@ -43,7 +47,7 @@ class ExtractionSettings:
 
     pooling: Literal["mean", "last", "first"] | None = None
     layer: int = -1
-    max_length: int | None = 128
+    max_length: int | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     batch_size: int = 16
     text_column: str | None = None
@@ -160,6 +164,24 @@ class DeviceSettings:
     def extraction_kwargs(self) -> dict[str, Any]:
         """`datamodules.extraction.extract`'s device keywords."""
         return dict(accelerator=self.accelerator, devices=1, threads=self.threads)
+
+    def torch_device(self) -> str:
+        """The device a driver loads a model on: `auto` is cuda when one is visible, else cpu."""
+        import torch
+
+        if self.accelerator == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return "cuda" if self.accelerator == "gpu" else self.accelerator
+
+    def forward_dtype(self, dtype: str = "float32") -> str:
+        """The compute dtype of a model's forward pass: the precision's (bf16-* → bfloat16, 16-* → float16,
+        32-true → float32), or `dtype` when the precision is auto. A precision that contradicts an explicit
+        non-float32 `dtype` is an error."""
+        chosen = FORWARD_DTYPES.get(self.precision, dtype)
+        if dtype != "float32" and chosen != dtype:
+            raise SettingsError(f"precision {self.precision!r} runs the forward pass in {chosen}, but dtype is "
+                                f"{dtype!r}; pass one of them (e.g. --precision auto --dtype {dtype})")
+        return chosen
 
     def apply_threads(self) -> None:
         if self.threads:

@@ -13,7 +13,8 @@ from lightning_modules.settings import (DeviceSettings, ExtractionSettings, FitS
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIR = ["--source", "a", "--target", "b", "--task", "t"]
-DEVICE_COMMANDS = ("evaluate", "evaluate_ood", "study", "ablate")
+RECIPE_COMMANDS = ("evaluate", "evaluate_ood", "evaluate_generation", "study", "ablate")
+DEVICE_COMMANDS = (*RECIPE_COMMANDS, "generate", "public-set build")  # every command that runs a model or Trainer
 
 
 def parsed(*argv: str):
@@ -60,10 +61,69 @@ def test_the_default_is_the_best_recipe_and_the_recipe_files_are_it():
 @pytest.mark.parametrize("command", DEVICE_COMMANDS)
 def test_every_model_command_lists_the_device_flags(command, capsys):
     with pytest.raises(SystemExit):
-        build_parser().parse_args([command, "--help"])
+        build_parser().parse_args([*command.split(), "--help"])
     text = capsys.readouterr().out
-    for flag in ("--accelerator", "--devices", "--precision", "--threads", "--seed", "--fit.standardize"):
+    recipe = ("--seed", "--fit.standardize") if command in RECIPE_COMMANDS else ()
+    for flag in ("--accelerator", "--devices", "--precision", "--threads", *recipe):
         assert flag in text, f"{command} --help lacks {flag}"
+
+
+def test_precision_sets_the_forward_dtype_and_auto_the_device():
+    import torch
+
+    assert DeviceSettings().forward_dtype() == "float32" and DeviceSettings().forward_dtype("float16") == "float16"
+    assert DeviceSettings(precision="bf16-true").forward_dtype() == "bfloat16"
+    assert DeviceSettings(precision="16-mixed").forward_dtype() == "float16"
+    assert DeviceSettings(accelerator="cpu").torch_device() == "cpu"
+    assert DeviceSettings().torch_device() == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(SettingsError, match="precision 'bf16-true' runs the forward pass in bfloat16, but dtype"):
+        DeviceSettings(precision="bf16-true").forward_dtype("float16")
+
+
+def test_evaluate_generation_runs_on_the_device_and_in_the_precision_given(tiny_models, tmp_path, isolated_home):
+    """`--precision bf16-true --accelerator cpu` reaches the models: both run their forward pass in bfloat16 on
+    the CPU (recorded in metrics.json), and bf16 statistics never enter the float32 statistics cache."""
+    import json
+
+    from conftest import write_tiny_csv
+
+    public = write_tiny_csv(tmp_path / "public.csv", n=40, seed=5)
+    llama = str(tiny_models["llama"])
+    common = ["evaluate_generation", "--source", llama, "--target", llama, "--public.data", str(public),
+              "--public.limit", "null", "--max_length", "16", "--eval_texts", "4", "--max_new_tokens", "2",
+              "--prompts", "the cat", "--accelerator", "cpu"]
+    main([*common, "--precision", "bf16-true", "--out", str(tmp_path / "bf16")])
+    bf16 = json.loads((tmp_path / "bf16" / "metrics.json").read_text())
+    assert bf16["forward"] == {"device": "cpu", "dtype": "bfloat16"}
+    assert bf16["config"]["device"]["precision"] == "bf16-true" and not bf16["stats_cache_hit"]
+    assert not (isolated_home / "paired-positions").exists()
+    main([*common, "--out", str(tmp_path / "fp32")])
+    fp32 = json.loads((tmp_path / "fp32" / "metrics.json").read_text())
+    assert fp32["forward"] == {"device": "cpu", "dtype": "float32"} and (isolated_home / "paired-positions").is_dir()
+    assert fp32["rows"]["mapped"]["kl"] != bf16["rows"]["mapped"]["kl"]  # the bf16 forward really ran
+
+
+def test_generate_takes_the_precision_and_refuses_a_contradicting_dtype(tiny_models, tmp_path, capsys):
+    import torch
+
+    from datamodules.tokens import load_causal_lm
+    from lightning_modules.generation import generate, save_generation_map
+    from lightning_modules.solvers import AffineMap
+
+    llama = str(tiny_models["llama"])
+    lm = load_causal_lm(llama, "bfloat16")
+    assert lm.model.dtype == torch.bfloat16 and lm.device.type == "cpu"
+    save_generation_map(tmp_path / "map", AffineMap(torch.eye(lm.hidden_size), torch.zeros(lm.hidden_size)), lm, lm,
+                        max_length=16)
+    expected = generate(lm, "the cat", max_new_tokens=4).text
+    args = ["generate", "--source", llama, "--target", llama, "--aligner", str(tmp_path / "map"),
+            "--max_new_tokens", "4", "--accelerator", "cpu"]
+    main([*args, "--precision", "bf16-true", "the cat"])
+    assert capsys.readouterr().out == "the cat" + expected + "\n"  # the same tokens as the bfloat16 model's own
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--precision", "bf16-true", "--dtype", "float16", "the cat"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error: precision 'bf16-true'") and "\n" not in err
 
 
 def test_device_flags_reach_the_settings():
