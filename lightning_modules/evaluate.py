@@ -9,7 +9,8 @@ a classifier on the target's task states and one on the source's, then reports
 * alignment on held-out public rows: R², cosine (raw and centred), linear CKA and mutual
   kNN, each beside its null value (shuffled pairing).
 
-It saves the checkpoints it trained and writes `metrics.json` and `metrics.md`.
+It saves the checkpoints it trained, the map as a map folder (`OUT/map`, `AffineAligner.save_pretrained`)
+and writes `metrics.json` and `metrics.md`.
 """
 
 from __future__ import annotations
@@ -192,6 +193,7 @@ def evaluate_pair(cfg: PairConfig, out: str | Path | None = None) -> dict[str, A
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         publish(work / "aligner.ckpt", out / "aligner.ckpt")
+        aligner.cpu().save_pretrained(out / "map")  # the same map as a map folder: `xsilo export --aligner OUT/map`
         publish(head_target_ckpt, out / "classifier-target.ckpt")
         publish(head_source_ckpt, out / "classifier-source.ckpt")
         write_report(results, out)

@@ -3,6 +3,7 @@ checkpoint; list options take words or one list in every subcommand."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -236,3 +237,28 @@ def test_predict_output_must_be_an_npz_file(fitted, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "error: --output" in err and ".npz" in err and "Traceback" not in err
     assert not (tmp_path / "mapped.csv").exists()
+
+
+def test_the_registry_flag_uses_a_users_entries(tiny_models, tmp_path, monkeypatch, capsys):
+    """`xsilo --registry FILE ...`: the user's model and dataset names work in the subcommand (and in DDP
+    workers, through $XSILO_REGISTRY); a bad file is one line."""
+    monkeypatch.delenv("XSILO_REGISTRY", raising=False)  # restored after the test: the flag sets it
+    sms = write_tiny_csv(tmp_path / "sms.csv", n=30, seed=1)
+    registry = tmp_path / "my.yaml"
+    registry.write_text(f"models:\n  my-llama:\n    folder: {tiny_models['llama']}\n"
+                        f"datasets:\n  my-sms:\n    file: {sms.name}\n    text_column: text\n    label_column: label\n")
+    main(["--registry", str(registry), "assets", "list"])
+    listed = capsys.readouterr().out
+    assert "my-llama" in listed and "my-sms" in listed
+    main(["--registry", str(registry), "extract", "--model", "my-llama", "--data", "my-sms", "--max_length", "16",
+          "--accelerator", "cpu", "--devices", "1"])
+    cache = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (cache / "manifest.json").is_file() and np.load(cache / "labels.npy").shape == (30,)
+    assert os.environ["XSILO_REGISTRY"] == str(registry.resolve())
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models:\n  broken:\n    folder: ./no-such-folder\n")
+    with pytest.raises(SystemExit) as e:
+        main(["--registry", str(bad), "assets", "list"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error: ") and "broken" in err and "\n" not in err

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lightning_modules.cli import build_parser, main
@@ -44,6 +45,7 @@ def test_the_default_is_the_best_recipe_and_the_recipe_files_are_it():
     """One set of defaults (standardised ridge), and configs/recipe/bbc.yaml spells out exactly those,
     for evaluate and study alike."""
     assert FitSettings().standardize and FitSettings().estimator == "ridge" and FitSettings().center
+    assert ExtractionSettings().max_length is None  # each model's own limit (capped at 128)
     assert Recipe().standardize == FitSettings().standardize and Recipe().estimator == FitSettings().estimator
     bbc = str(ROOT / "configs/recipe/bbc.yaml")
     for command, args in (("evaluate", PAIR), ("study", ["--models", "[a, b]", "--tasks", "[t]"])):
@@ -180,3 +182,12 @@ def test_a_csv_with_other_columns_through_evaluate_with_flags_only(tiny_models, 
     assert metrics["extraction"]["task_source"]["pooling"] == "last"  # a causal LM's own default
     err = capsys.readouterr().err
     assert "pooling last" in err and "max_length 32" in err  # the resolved extraction is printed
+    # the map is also saved as a map folder, and `xsilo export --aligner OUT/map` fuses the same layer as the .ckpt
+    from serve.export_format import load_export
+
+    head = str(out / "classifier-target.ckpt")
+    main(["export", "--aligner", str(out / "aligner.ckpt"), "--classifier", head, "--out", str(tmp_path / "from-ckpt")])
+    main(["export", "--aligner", str(out / "map"), "--classifier", head, "--out", str(tmp_path / "from-map")])
+    from_ckpt, from_map = load_export(tmp_path / "from-ckpt"), load_export(tmp_path / "from-map")
+    assert np.allclose(from_map.weight, from_ckpt.weight, atol=1e-6) and np.allclose(from_map.bias, from_ckpt.bias,
+                                                                                     atol=1e-6)
