@@ -72,8 +72,13 @@ def load_data(folder: Path | None) -> tuple[np.ndarray, np.ndarray, str]:
 
 
 def ridge_head(X: np.ndarray, y: np.ndarray, k: int, lam: float = 10.0) -> tuple[np.ndarray, np.ndarray]:
-    """One-vs-all ridge on standardised states, the standardisation folded into (W, b)."""
-    mu, sd = X.mean(0), X.std(0) + 1e-6
+    """One-vs-all ridge on standardised states (dead dimensions left unscaled), the standardisation folded
+    into (W, b)."""
+    import torch
+
+    from lightning_modules.standardize import safe_scale
+
+    mu, sd = X.mean(0), safe_scale(torch.from_numpy(X.std(0))).numpy()  # the project's one zero-variance rule
     Z = (X - mu) / sd
     T = np.eye(k)[y] - 1.0 / k
     V = np.linalg.solve(Z.T @ Z + lam * np.eye(Z.shape[1]), Z.T @ T)  # (d, k)

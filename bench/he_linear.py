@@ -127,10 +127,15 @@ def rotation_lower_bound_ms(ours: dict, d: int) -> dict:
     layer, public = ours["_layer"], ours["_public"]
     query = encrypt(ours["_keys"], layer.layout, np.ones((1, d)))[0]
     ct, _ = messages.read_query(query, layer.layout)
-    ev = seal.Evaluator(layer.layout.profile.context())
+    context = layer.layout.profile.context()
+    ev = seal.Evaluator(context)
     out, low = seal.Ciphertext(), seal.Ciphertext()
     step = layer.rotation_steps[0]
-    plain = layer._diagonals[0][0][0][1]
+    # a plaintext encoded as the layer encodes its diagonals (query level, the dropped prime's scale) costs what
+    # one of them costs
+    encoder, plain = seal.CKKSEncoder(context), seal.Plaintext()
+    weight_scale = float(context.first_context_data().parms().coeff_modulus()[-1].value())
+    encoder.encode([1.0] * encoder.slot_count(), context.first_parms_id(), weight_scale, plain)
     ev.multiply_plain(ct, plain, low)
     ev.rescale_to_next_inplace(low)
     rot = median_ms(lambda: ev.rotate_vector(ct, step, public.galois_keys, out), 30)
