@@ -19,7 +19,8 @@ Accelerator = Literal["auto", "cpu", "gpu", "cuda", "mps"]
 Devices = int | Literal["auto"]
 Precision = Literal["auto", "32-true", "64-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true"]
 
-# The forward pass's dtype for each Lightning precision (auto keeps the command's own dtype, float32 by default).
+# The forward pass's dtype for each Lightning precision; auto and 64-true keep the command's own dtype (float32 by
+# default: a model's forward pass never runs in float64).
 FORWARD_DTYPES: dict[str, str] = {"32-true": "float32", "bf16-mixed": "bfloat16", "bf16-true": "bfloat16",
                                   "16-mixed": "float16", "16-true": "float16"}
 
