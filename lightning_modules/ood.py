@@ -34,7 +34,7 @@ from torch import Tensor
 
 from datamodules.assets import sha256_file
 from datamodules.cache import StateCache, atomic_write_bytes, atomic_write_json
-from datamodules.extraction import ResolvedExtraction, cache_hit, extract, resolve
+from datamodules.extraction import ResolvedExtraction, cache_hit, clear_loaded_models, extract, resolve
 from datamodules.states import LabelledStatesDataModule
 from lightning_modules.evaluate import (PairConfig, classification_scores, extraction_spec, fit_aligner,
                                         fit_classifier, prepare_states, public_datamodule, publish, split_rows,
@@ -242,7 +242,8 @@ def load_ood_sets(cfg: OODConfig, task: dict[str, LabelledStatesDataModule]
                   ) -> tuple[dict[str, dict[str, Tensor]], dict[str, int]]:
     """OOD states per set and role (target, source), without texts that also occur in the task.
 
-    Every set is checked before any is extracted.
+    Every set is checked before any is extracted. The extractions share each model's one load
+    (`datamodules.extraction.loaded_model`); the models are freed once every set is extracted.
     """
     id_texts = set(task["target"].job.texts)
     jobs, novel = {}, {}
@@ -252,8 +253,11 @@ def load_ood_sets(cfg: OODConfig, task: dict[str, LabelledStatesDataModule]
         if not novel[name].any():
             raise OODError(f"every text of OOD set {name!r} is also in the task {cfg.task!r}: it is not "
                            "out-of-distribution; choose a different OOD dataset")
-    states = {name: {role: cached_states(job, cfg.device)[novel[name]] for role, job in roles.items()}
-              for name, roles in jobs.items()}
+    try:
+        states = {name: {role: cached_states(job, cfg.device)[novel[name]] for role, job in roles.items()}
+                  for name, roles in jobs.items()}
+    finally:
+        clear_loaded_models()
     return states, {name: int((~mask).sum()) for name, mask in novel.items()}
 
 
