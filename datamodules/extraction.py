@@ -3,7 +3,8 @@
 `extract()` is the entry point. On a cache hit it returns without loading the model. On a
 miss it plans contiguous shards, gives each rank every world_size-th unfinished shard,
 and runs `Trainer.predict` with a `ShardWriter` that writes each shard once it is whole.
-The same code runs on one CPU process or N GPUs under DDP.
+The same code runs on one CPU process or N GPUs under DDP. On one device, extractions in the
+same process share each model's one load (`loaded_model`, at most `LOADED_MODELS` kept).
 """
 
 from __future__ import annotations
@@ -421,7 +422,7 @@ def load_frozen_model(model_path: str, dtype: str):
     return AutoModel.from_pretrained(model_path, dtype=DTYPES[dtype]).eval().requires_grad_(False)
 
 
-LOADED_MODELS = 2  # the OOD and public-set stages alternate a source and a target model
+LOADED_MODELS = 2  # evaluate and evaluate_ood alternate a source and a target model
 _loaded: OrderedDict[tuple[str, str, str, str], tuple[Any, Any]] = OrderedDict()
 
 
