@@ -289,15 +289,21 @@ _tmp_lock = threading.Lock()
 _counter = itertools.count()
 
 
-def _scratch_path() -> str:
-    """A fresh path in a private (0700) directory, on tmpfs when there is one: sealapi saves and loads only files."""
+def scratch_dir() -> str:
+    """This process's private (0700) scratch directory, on tmpfs when there is one, made on first use and
+    removed at exit: sealapi saves and loads only files."""
     global _tmp_dir
     with _tmp_lock:
         if _tmp_dir is None or not os.path.isdir(_tmp_dir):
             base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
             _tmp_dir = tempfile.mkdtemp(prefix="xsilo-he-", dir=base)
             atexit.register(shutil.rmtree, _tmp_dir, True)
-    return os.path.join(_tmp_dir, f"{os.getpid()}-{threading.get_ident()}-{next(_counter)}.bin")
+        return _tmp_dir
+
+
+def _scratch_path() -> str:
+    """A fresh file path in `scratch_dir()`."""
+    return os.path.join(scratch_dir(), f"{os.getpid()}-{threading.get_ident()}-{next(_counter)}.bin")
 
 
 def seal_to_bytes(obj: Any) -> bytes:

@@ -3,12 +3,41 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 
+ROOT = Path(__file__).resolve().parents[1]
+
 LEAKS = ("Traceback", 'File "', "site-packages", '", line ')  # traceback frames, not JSON's "line 1 column 2"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_xsilo_serve(export: Path, *args: str, **popen: object) -> tuple[subprocess.Popen, str, dict]:
+    """`xsilo serve --export EXPORT ARGS` in a subprocess on a free loopback port, once it answers:
+    (process, url, its GET /v1/model). The caller stops the process."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "lightning_modules.cli", "serve", "--export", str(export),
+                                "--port", str(port), "--log_level", "warning", *args], cwd=ROOT, **popen)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return process, url, httpx.get(f"{url}/v1/model", timeout=2).json()
+        except httpx.TransportError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise AssertionError("xsilo serve did not start") from None
+            time.sleep(0.2)
 
 
 def write_small_export(out: Path, d: int = 64, k: int = 3, seed: int = 0, ood: dict | None = None) -> Path:

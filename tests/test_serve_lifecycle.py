@@ -5,21 +5,16 @@ from __future__ import annotations
 import glob
 import os
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 
-from encrypted import ClientKeys, LinearLayout, encrypt
+from encrypted import ClientKeys, LinearLayout, encrypt, wire
 
-from serve_support import write_small_export
-
-ROOT = Path(__file__).resolve().parents[1]
+from serve_support import start_xsilo_serve, write_small_export
 
 
 def scratch_dirs() -> set[str]:
@@ -27,29 +22,12 @@ def scratch_dirs() -> set[str]:
     return set(glob.glob(os.path.join(base, "xsilo-he-*")))
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_sigterm_stops_xsilo_serve_and_removes_its_scratch_folder(tmp_path):
     export = write_small_export(tmp_path / "export", d=32, k=2)
-    port = free_port()
+    wire.scratch_dir()  # this test process's own folder exists first, so `made` holds only the server's
     before = scratch_dirs()
-    process = subprocess.Popen([sys.executable, "-m", "lightning_modules.cli", "serve", "--export", str(export),
-                                "--port", str(port), "--log_level", "warning"], cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process, url, info = start_xsilo_serve(export, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                info = httpx.get(f"{url}/v1/model", timeout=2).json()
-                break
-            except httpx.TransportError:
-                assert process.poll() is None and time.monotonic() < deadline, "xsilo serve did not start"
-                time.sleep(0.2)
         layout = LinearLayout.from_dict(info["layout"])
         keys = ClientKeys.generate(layout.profile, layout.rotation_steps)
         session = httpx.post(f"{url}/v1/sessions", content=keys.public_bytes(), timeout=30).json()["session_id"]

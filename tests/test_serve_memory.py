@@ -5,10 +5,7 @@ request of a burst of worst-case accepted and refused requests.
 """
 from __future__ import annotations
 
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -17,9 +14,8 @@ import pytest
 
 from encrypted import ClientKeys, LinearLayout, encrypt, wire
 
-from serve_support import write_small_export
+from serve_support import start_xsilo_serve, write_small_export
 
-ROOT = Path(__file__).resolve().parents[1]
 MB = 1 << 20
 MAX_SESSIONS = 3
 
@@ -40,22 +36,9 @@ def caps(limits: dict) -> dict[str, int]:
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
 def test_no_single_request_raises_rss_beyond_its_cap(tmp_path):
     export = write_small_export(tmp_path / "export", d=256, k=5)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    process = subprocess.Popen([sys.executable, "-m", "lightning_modules.cli", "serve", "--export", str(export),
-                                "--port", str(port), "--max_sessions", str(MAX_SESSIONS), "--log_level", "warning"],
-                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    process, url, info = start_xsilo_serve(export, "--max_sessions", str(MAX_SESSIONS),
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                info = httpx.get(f"{url}/v1/model", timeout=2).json()
-                break
-            except httpx.TransportError:
-                assert process.poll() is None and time.monotonic() < deadline, "xsilo serve did not start"
-                time.sleep(0.2)
         layout = LinearLayout.from_dict(info["layout"])
         limit = caps(info["limits"])
         rng = np.random.default_rng(0)
