@@ -29,6 +29,8 @@ from typing import Any
 
 import yaml
 
+from serve.export_format import sha256_file  # one file digest for assets and exports
+
 REGISTRY_ENV = "XSILO_REGISTRY"
 BUILTIN = "built-in registry"
 DONE_MARKER = ".xsilo-complete"
@@ -427,14 +429,6 @@ def model_dir(name: str) -> Path:
     if asset.folder is not None:
         return package_dir(asset.packages[0]) / asset.folder if asset.packages else Path(asset.folder)
     return xsilo_home() / "models" / _work_name(asset)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _expected_sha256(asset: Asset) -> str:
