@@ -21,6 +21,9 @@ from datamodules.extraction import ExtractionConfig, ResolvedExtraction, cache_h
 from datamodules.text import drop_seen, stratified_split  # noqa: F401 - stratified_split is public here too
 
 
+DUPLICATES_REPORTED: set[tuple[str, str]] = set()
+
+
 class CachedRows(Dataset):
     """Rows of one or more aligned caches; fetches whole batches at once (`__getitems__`)."""
 
@@ -259,8 +262,9 @@ class LabelledStatesDataModule(_StatesDataModule):
         self.duplicates_dropped = {}
         if dedupe:
             self.split_index, self.duplicates_dropped = drop_split_duplicates(self.job.texts, self.split_index)
-            if any(self.duplicates_dropped.values()):
-                counts = ", ".join(f"{n} from {k}" for k, n in sorted(self.duplicates_dropped.items(), reverse=True) if n)
+            counts = ", ".join(f"{n} from {k}" for k, n in sorted(self.duplicates_dropped.items(), reverse=True) if n)
+            if counts and (data, counts) not in DUPLICATES_REPORTED:  # once per task, not once per model
+                DUPLICATES_REPORTED.add((data, counts))
                 print(f"{data}: dropped duplicate texts of the test (or val) split: {counts} "
                       "(test keeps all its rows; dedupe false keeps every copy)", file=sys.stderr)
         missing = {name: sorted(set(range(self.num_classes)) - set(np.asarray(self.job.labels)[idx]))
