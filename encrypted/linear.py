@@ -93,9 +93,11 @@ class EncryptedLinear:
         std = math.sqrt(n / 2) * sigma / profile.scale
         reply_bits = sum(profile.coeff_modulus_bits[:-2])
         if std > MAX_FLOOD_STD or math.log2(sigma) + 8 > reply_bits - 1:
+            fix = ("a lower level (e.g. 30) or a smaller input_norm_bound" if profile.scale_bits >= 64 else
+                   "the profile encrypted.profiles.N8192_PRIVATE (scale 2^64), a lower level or a smaller "
+                   "input_norm_bound")
             raise InvalidLayout(f"circuit_privacy={bits} at profile {profile.describe()} would add noise of std "
-                                f"{std:.3g} to every output; use encrypted.profiles.N8192_PRIVATE (scale 2^64), "
-                                "a lower level, or a smaller input_norm_bound")
+                                f"{std:.3g} to every output (at most {MAX_FLOOD_STD:g}); use {fix}")
         return bound, sigma, std
 
     def _encode(self) -> tuple[list[list[list[tuple[int, Any]]]], list[Any]]:

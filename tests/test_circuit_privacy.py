@@ -74,7 +74,7 @@ def test_flooded_replies_hide_weights_that_agree_on_the_query(pair):
     off = statistics(False)
     assert max(off) < 1e-6, off  # without flooding both statistics tell W1 from W2 at once
     on = statistics(True)
-    assert min(on) > 1e-3, on  # with flooding neither does
+    assert min(on) > 1e-5, on  # with flooding neither does (a false alarm: about 2e-5 per run)
 
 
 def test_flood_std_is_what_the_layer_states(pair):
