@@ -167,6 +167,100 @@ def write_export(
     return out
 
 
+# What a provider publishes about the states it reads (never its local cache path or dataset).
+PUBLISHED_SPEC_KEYS = ("model", "model_identity", "pooling", "layer", "max_length", "dtype", "hidden_size")
+FEATURE_OOD_FILE = "feature-ood.npz"
+
+
+def published_spec(spec: dict[str, Any], dim: int, what: str) -> dict[str, Any]:
+    """The keys of an extraction spec (`ResolvedExtraction.spec()`) a provider publishes, checked against `dim`."""
+    if not isinstance(spec, dict):
+        raise ExportError(f"{what} must be an extraction spec (a dict such as ResolvedExtraction.spec()), "
+                          f"got {type(spec).__name__}")
+    out = {k: spec.get(k) for k in PUBLISHED_SPEC_KEYS}
+    if out["hidden_size"] is None:
+        out["hidden_size"] = int(dim)
+    if out["hidden_size"] != dim:
+        raise ExportError(f"{what} says hidden_size={out['hidden_size']} but the states are {dim}-d; "
+                          "pass the spec of the extraction these states came from")
+    return out
+
+
+def _check_feature_ood(ood: dict[str, Any], k: int, d: int) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """(means, precision, threshold, tpr) of a feature-space Mahalanobis detector, shapes and values checked."""
+    missing = {"means", "precision", "threshold", "tpr"} - set(ood)
+    if missing:
+        raise ExportError(f"feature_ood lacks {sorted(missing)}; pass means (k, d), precision (d, d), threshold, tpr")
+    means, precision = np.asarray(ood["means"], np.float64), np.asarray(ood["precision"], np.float64)
+    if means.shape != (k, d) or precision.shape != (d, d):
+        raise ExportError(f"feature_ood needs means ({k}, {d}) and precision ({d}, {d}) for a {k}-class head on "
+                          f"{d}-d states, got {means.shape} and {precision.shape}")
+    if not (np.isfinite(means).all() and np.isfinite(precision).all()):
+        raise ExportError("feature_ood's means or precision hold NaN/inf; refit the detector")
+    threshold, tpr = float(ood["threshold"]), float(ood["tpr"])
+    if not np.isfinite(threshold) or not 0 < tpr <= 1:
+        raise ExportError(f"feature_ood needs a finite threshold and a tpr in (0, 1], got {threshold} and {tpr}")
+    return means, precision, threshold, tpr
+
+
+def write_head_export(
+    out: str | Path,
+    weight, bias,
+    *,
+    target: dict[str, Any],
+    label_names: list[str] | None,
+    metrics: dict[str, Any] | None = None,
+    feature_ood: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a head-only export (`kind: head`): the provider's classifier on its own states `target`.
+
+    `feature_ood` ({"means", "precision", "threshold", "tpr"}) adds feature-ood.npz, a shared-covariance
+    Mahalanobis detector on those states; it reveals the class means and covariance, so it is opt-in.
+    Atomic, like `write_export`; `serve.export_format.load_export(out, "head")` reads it back.
+    """
+    from safetensors.numpy import save_file
+
+    out = Path(out)
+    w, b = _float32(weight), _float32(bias)
+    if w.ndim != 2 or b.shape != w.shape[:1]:
+        raise ExportError(f"a head needs weight (classes, d) and bias (classes,), got {w.shape} and {b.shape}")
+    if not (np.isfinite(w).all() and np.isfinite(b).all()):
+        raise ExportError("the head's weight or bias holds NaN/inf; retrain it (check the states)")
+    k, d = w.shape
+    if label_names is not None and len(label_names) != k:
+        raise ExportError(f"the head has {k} outputs but {len(label_names)} label names; pass one name per class")
+    spec = published_spec(target, d, "target")
+    ood = _check_feature_ood(feature_ood, k, d) if feature_ood is not None else None
+    with staged_folder(out, overwrite) as tmp:
+        save_file({"weight": w, "bias": b}, str(tmp / "head.safetensors"))
+        (tmp / "head.onnx").write_bytes(gemm_onnx(w, b).SerializeToString())
+        if ood is not None:
+            with open(tmp / FEATURE_OOD_FILE, "wb") as f:
+                np.savez(f, means=ood[0], precision=ood[1])
+        manifest = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "kind": "head",
+            "created": _now(),
+            "source": {},
+            "target": spec,
+            "input_dim": int(d),
+            "output_dim": int(k),
+            "target_dim": int(d),
+            "label_names": None if label_names is None else [str(s) for s in label_names],
+            "parts": {"head": {"shape": [int(k), int(d)], "safetensors": "head.safetensors", "onnx": "head.onnx"}},
+            "normalisation": {"input": "raw target hidden states, pooled and truncated as in `target`",
+                              "head": "the classifier's standardisation folded into the head's weight and bias"},
+            "metrics": metrics or {},
+            **({"feature_ood": {"detector": "mahalanobis", "file": FEATURE_OOD_FILE, "threshold": ood[2],
+                                "tpr": ood[3]}} if ood is not None else {}),
+            "files": file_records(tmp),
+        }
+        _write_json(tmp / MANIFEST, manifest)
+    return out
+
+
 def write_map_folder(out: str | Path, weight, bias, config: dict[str, Any]) -> Path:
     """Write a map folder: `model.safetensors` (float32 `weight`, `bias`) and `config.json` (`config` plus
     format, version, dims and checksums), atomically. `out` may replace an earlier map folder, never
