@@ -15,7 +15,6 @@ reads it back (`serve.export_format` checks the format, version and checksums).
 from __future__ import annotations
 
 import math
-import warnings
 from pathlib import Path
 from typing import Any, Literal, Sequence, get_args
 
@@ -29,8 +28,7 @@ from lightning_modules.solvers import (
     DEFAULT_LAMBDAS,
     AffineMap,
     SufficientStats,
-    fit_affine,
-    ridge_path,
+    solve,
     val_mse,
     val_r2,
 )
@@ -288,19 +286,10 @@ class AffineAligner(L.LightningModule):
         hp = self.hparams
         train = self._reduce(self._train_stats)
         val = self._reduce(self._val_stats) if self._val_stats is not None and self._val_stats.count else None
-        if hp.estimator == "ridge":
-            lambdas = list(hp.lambdas)
-            if val is None and len(lambdas) > 1:
-                warnings.warn("no validation rows to choose λ: using the largest λ of the path", stacklevel=2)
-                lambdas = [max(lambdas)]
-            maps = ridge_path(train, lambdas, hp.center, hp.standardize)
-            scores = [val_mse(val, m) for m in maps] if val is not None else [0.0]
-            best = min(range(len(maps)), key=scores.__getitem__)
-            amap, lam = maps[best], lambdas[best]
+        amap, lam, path = solve(train, val, hp.estimator, hp.lambdas, hp.center, hp.standardize)
+        if lam is not None:
             self.chosen_lambda.fill_(lam)
-            self.lambda_path = dict(zip(lambdas, scores)) if val is not None else {}
-        else:
-            amap = fit_affine(train, hp.estimator, center=hp.center, standardize=hp.standardize)
+            self.lambda_path = path
         self.load_map(amap)
         if val is not None:
             baseline = val_mse(val, amap) if hp.finetune_loss == "mse" else self._closed_form_val_loss()

@@ -423,3 +423,25 @@ def select_lambda(train_stats: SufficientStats, val_stats: SufficientStats,
     mses = [val_mse(val_stats, m) for m in maps]
     best = min(range(len(mses)), key=mses.__getitem__)
     return float(lambdas[best]), maps[best], mses
+
+
+def solve(train: SufficientStats, val: SufficientStats | None, estimator: Method = "ridge",
+          lambdas: Sequence[float] = DEFAULT_LAMBDAS, center: bool = True,
+          standardize: bool = False) -> tuple[AffineMap, float | None, dict[float, float]]:
+    """The closed-form fit of every aligner: (map, chosen λ or None, {λ: validation MSE}).
+
+    Ridge fits the λ path on `train` and keeps the λ of least validation MSE; without validation rows it
+    warns and uses the largest λ (the path is then empty). Other estimators ignore λ and `val`.
+    """
+    if estimator != "ridge":
+        return fit_affine(train, estimator, center=center, standardize=standardize), None, {}
+    lambdas = [float(v) for v in lambdas]
+    if not lambdas:
+        raise ValueError("ridge needs at least one λ in `lambdas`")
+    if val is None and len(lambdas) > 1:
+        warnings.warn("no validation rows to choose λ: using the largest λ of the path", stacklevel=2)
+        lambdas = [max(lambdas)]
+    if val is None:
+        return ridge_path(train, lambdas, center, standardize)[0], lambdas[0], {}
+    lam, amap, mses = select_lambda(train, val, lambdas, center, standardize)
+    return amap, lam, dict(zip(lambdas, mses))
