@@ -1,0 +1,130 @@
+"""The client's side of the private fit, after decryption: raw sufficient statistics, then the one solve path.
+
+The provider never sends its states. It returns, per part p of the public set (0 = train, 1 = val), the
+decrypted cross products `cross_p = Σ_rows (z_A - a)(z_B - mu_B)ᵀ` (a = the client's shift, mu_B the
+provider's train mean) and publishes per part its row count, Σ z_B, and Σ z_B² (per dim for train, only the
+trace for val). With the client's own raw rows that gives exactly the `SufficientStats` a plaintext fit on the
+same rows would stream:
+
+    xty_p = cross_p + sum_x_p mu_Bᵀ + a sum_y_pᵀ - n_p a mu_Bᵀ
+
+The val part's yty holds trace/d_B in every dim: `val_mse` and `val_r2` use only its sum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import torch
+
+from lightning_modules.settings import FitSettings
+from lightning_modules.solvers import SufficientStats, solve, val_mse, val_r2
+
+if TYPE_CHECKING:
+    from lightning_modules.aligner import AffineAligner
+    from serve.fit_client import GramReply
+
+PART_NAMES = ("train", "val")
+
+
+class PrivateFitError(ValueError):
+    """The reply or the client's states do not fit together; the message names the problem and the fix."""
+
+
+def _array(value: Any, shape: tuple[int, ...], what: str) -> np.ndarray:
+    try:
+        out = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise PrivateFitError(f"{what} must be numbers of shape {shape}, got {type(value).__name__}") from None
+    if out.shape != shape:
+        raise PrivateFitError(f"{what} has shape {out.shape}, expected {shape}")
+    if not np.isfinite(out).all():
+        raise PrivateFitError(f"{what} holds NaN/inf; the reply is corrupt: run the fit again")
+    return out
+
+
+def part_stats(parts: Sequence[np.ndarray], reply: "GramReply") -> list[SufficientStats]:
+    """The raw `SufficientStats` of each part (train, then val) from the client's raw states and the reply."""
+    stats = reply.stats if isinstance(reply.stats, dict) else {}
+    published = stats.get("parts")
+    if not isinstance(published, list) or not 1 <= len(published) <= len(PART_NAMES):
+        raise PrivateFitError("the provider's stats must list 1 or 2 parts (train, val); the server is not an "
+                              "xsilo fit server or is too old")
+    if len(parts) != len(published) or len(reply.cross) != len(published):
+        raise PrivateFitError(f"the provider published {len(published)} parts but the client has {len(parts)} "
+                              f"and the reply {len(reply.cross)}; split the public set as it says (train, val)")
+    rows = [np.asarray(p) for p in parts]
+    if rows[0].ndim != 2 or rows[0].shape[1] < 1:
+        raise PrivateFitError(f"the client's train states must be (rows, d_A), got shape {rows[0].shape}")
+    d_a = rows[0].shape[1]
+    mu_b = np.asarray(stats.get("mu_B", []), dtype=np.float64).reshape(-1)
+    d_b = mu_b.shape[0]
+    if d_b < 1:
+        raise PrivateFitError("the provider's stats lack mu_B; the server is not an xsilo fit server")
+    shift = _array(reply.client_shift, (d_a,), "the reply's client_shift")
+    out = []
+    for p, (x, pub, cross) in enumerate(zip(rows, published, reply.cross)):
+        name = PART_NAMES[p]
+        if x.ndim != 2 or x.shape[1] != d_a:
+            raise PrivateFitError(f"the client's {name} states must be (rows, {d_a}), got shape {x.shape}")
+        if not isinstance(pub, dict) or pub.get("rows") != x.shape[0]:
+            got = pub.get("rows") if isinstance(pub, dict) else pub
+            raise PrivateFitError(f"the provider's {name} part has {got} rows but the client's has {x.shape[0]}; "
+                                  "split the public set with its val_fraction and seed")
+        if not np.isfinite(x).all():
+            raise PrivateFitError(f"the client's {name} states hold NaN/inf; re-extract them")
+        n = x.shape[0]
+        xty_centred = _array(cross, (d_a, d_b), f"the reply's {name} cross products")
+        sum_y = _array(pub.get("sum_y"), (d_b,), f"the provider's {name} sum_y")
+        if pub.get("yty_diag") is not None:
+            yty = _array(pub["yty_diag"], (d_b,), f"the provider's {name} yty_diag")
+        else:
+            if name == "train":
+                raise PrivateFitError("the provider's train part lacks yty_diag (standardisation needs it); the "
+                                      "server is not an xsilo fit server or is too old")
+            trace = _array(pub.get("trace"), (), f"the provider's {name} trace")
+            yty = np.full(d_b, float(trace) / d_b)
+        x64 = x.astype(np.float64)
+        sum_x = x64.sum(axis=0)
+        xty = xty_centred + np.outer(sum_x, mu_b) + np.outer(shift, sum_y) - n * np.outer(shift, mu_b)
+        t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64))  # noqa: E731
+        out.append(SufficientStats(torch.tensor(float(n), dtype=torch.float64), t(sum_x), t(sum_y),
+                                   t(x64.T @ x64), t(xty), t(yty)))
+    return out
+
+
+@dataclass
+class PrivateFit:
+    """The fitted aligner and what the fit measured (for `save_pretrained(metrics={"private_fit": ...})`)."""
+
+    aligner: "AffineAligner"
+    metrics: dict[str, Any]
+
+
+def fit_private(parts: Sequence[np.ndarray], reply: "GramReply", fit: FitSettings, *,
+                source_spec: dict[str, Any], public_set: dict[str, Any]) -> PrivateFit:
+    """Solve the map from the decrypted reply with `solvers.solve` (the aligner's own path): an
+    `AffineAligner` ready for `save_pretrained`, its target spec the provider's public-set model spec."""
+    from lightning_modules.aligner import AffineAligner
+
+    stats = part_stats(parts, reply)
+    train, val = stats[0], (stats[1] if len(stats) > 1 and stats[1].count else None)
+    amap, lam, path = solve(train, val, fit.estimator, fit.lambdas, fit.center, fit.standardize)
+    aligner = AffineAligner(train.d_x, train.d_y, estimator=fit.estimator, lambdas=list(fit.lambdas),
+                            center=fit.center, standardize=fit.standardize)
+    aligner.load_map(amap)
+    if lam is not None:
+        aligner.chosen_lambda.fill_(lam)
+        aligner.lambda_path = path
+    aligner.source_spec = dict(source_spec)
+    aligner.target_spec = {**(public_set.get("model") or {}), "public_set_fingerprint": public_set.get("fingerprint")}
+    metrics = {"public_set": {k: public_set.get(k) for k in ("name", "rows", "fingerprint", "val_fraction", "seed")},
+               "rows": {name: s.count for name, s in zip(PART_NAMES, stats)}, "chosen_lambda": lam,
+               "train_r2": val_r2(train, amap),
+               "val_mse": val_mse(val, amap) if val is not None else None,
+               "val_r2": val_r2(val, amap) if val is not None else None}
+    for key in ("bytes_sent", "bytes_received", "provider_ms", "client_ms"):
+        metrics[key] = getattr(reply, key, None)
+    return PrivateFit(aligner.eval(), metrics)
