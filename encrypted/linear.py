@@ -36,8 +36,9 @@ class EncryptedLinear:
     """An affine layer y = W x + b evaluated on CKKS-encrypted x (see `encrypted.layout` for the method)."""
 
     def __init__(self, weight: Any, bias: Any = None, profile: CkksProfile = DEFAULT_PROFILE, *,
-                 pairing: str = "outputs", max_galois_keys: int = 10, circuit_privacy: int | None = None,
-                 input_norm_bound: float = 256.0, output_noise: float = 0.0):
+                 pairing: str = "outputs", max_galois_keys: int = 10, baby: int | None = None,
+                 circuit_privacy: int | None = None, input_norm_bound: float = 256.0, output_noise: float = 0.0,
+                 allow_zero_blocks: bool = False):
         """`pairing="outputs"` gives the lowest latency per query; `"inputs"` packs two inputs per slot,
         which doubles `lanes` for batches at a small cost per ciphertext (see `encrypted.layout`).
 
@@ -46,7 +47,11 @@ class EncryptedLinear:
         an encryption of zero under the client's public key and flooded with Gaussian noise. Off (None) by
         default: it needs a profile with room for the flood (`N8192_PRIVATE`; at λ=30 each output then gets
         noise of std `flood_std` ~0.01) and a client that uploads a public key. `output_noise=σ` adds fresh
-        N(0, σ²) noise to every output of every reply, the same in each of its replica slots."""
+        N(0, σ²) noise to every output of every reply, the same in each of its replica slots.
+
+        `baby` fixes the baby-step count (default: the layout's cost model). A block of outputs whose weights are
+        all zero is refused (a reply must depend on the query) unless `allow_zero_blocks`, which the private fit's
+        per-chunk layers pass: there such a block gets the unit product of `accumulate`, so it decrypts to zeros."""
         W = np.asarray(weight, dtype=np.float64)
         if W.ndim != 2 or 0 in W.shape:
             raise EncryptedError(f"weight must be a non-empty (k, d) matrix, got shape {W.shape}")
@@ -57,7 +62,9 @@ class EncryptedLinear:
         if not (np.all(np.isfinite(W)) and np.all(np.isfinite(b))):
             raise EncryptedError("weight or bias contains NaN or infinity")
         self.weight, self.bias, self.profile = W, b, profile
-        self.layout: LinearLayout = plan_layout(profile, d, k, pairing=pairing, max_galois_keys=max_galois_keys)
+        self.layout: LinearLayout = plan_layout(profile, d, k, pairing=pairing, max_galois_keys=max_galois_keys,
+                                                baby=baby)
+        self.allow_zero_blocks = bool(allow_zero_blocks)
         if not (isinstance(output_noise, (int, float)) and math.isfinite(output_noise) and output_noise >= 0):
             raise EncryptedError(f"output_noise must be a finite std >= 0, got {output_noise!r}")
         self.output_noise = float(output_noise)
@@ -67,6 +74,7 @@ class EncryptedLinear:
         self._evaluator = seal.Evaluator(context)
         self._encoder = seal.CKKSEncoder(context)
         self._diagonals, self._bias_plain = self._encode()
+        self._unit = self._unit_plain() if not all(any(groups) for groups in self._diagonals) else None
 
     # --- construction -------------------------------------------------------------------------------
 
@@ -141,7 +149,7 @@ class EncryptedLinear:
                     self._encoder.encode(np.repeat(z, stride).tolist(), top, weight_scale, plain)
                     group.append((j, plain))
                 groups.append(group)
-            if not any(groups):
+            if not any(groups) and not self.allow_zero_blocks:
                 raise EncryptedError(f"weight rows of output block {block} are all zero; an encrypted reply must "
                                      "depend on the query: drop those outputs or use a nonzero weight")
             diagonals.append(groups)
@@ -149,6 +157,16 @@ class EncryptedLinear:
             self._encoder.encode(np.repeat(bc[block * kp + i % kp], stride).tolist(), low, self.profile.scale, plain)
             bias_plain.append(plain)
         return diagonals, bias_plain
+
+    def _unit_plain(self) -> Any:
+        """The constant polynomial 1 at the weight scale q (the prime the rescale drops): a product with it is
+        Enc(x / q), x / q ~ 1e-12 x, which the rescale's own rounding already exceeds. SEAL refuses a product that
+        is exactly zero (a transparent ciphertext), so a block without weights is answered with this."""
+        context = self.profile.context()
+        q = float(context.first_context_data().parms().coeff_modulus()[-1].value())
+        plain = seal.Plaintext()
+        self._encoder.encode(1.0 / q, context.first_parms_id(), q, plain)
+        return plain
 
     # --- public properties -------------------------------------------------------------------------
 
@@ -219,42 +237,87 @@ class EncryptedLinear:
 
     def evaluate(self, x: Any, galois_keys: Any) -> list[Any]:
         """Enc(x) -> [Enc(W'x + b') per block] on sealapi objects (no validation: use `apply` for bytes)."""
+        return self.finish(self.accumulate(x, galois_keys), galois_keys)
+
+    def accumulate(self, x: Any, galois_keys: Any, partials: list[list[Any]] | None = None) -> list[list[Any]]:
+        """Add this layer's top-level products with Enc(x) into `partials` (a fresh set when None) and return it.
+
+        partials[block][giant] = sum_j P_{block,giant,j} * rot(x, j * stride), before the rescale, or None while
+        no term was added. The rest of the layer is linear and commutes with these sums, so the partials of many
+        queries (each with its own layer of this layout) can be added up and finished once (`finish`).
+        """
         L, ev = self.layout, self._evaluator
+        if partials is None:
+            partials = [[None] * L.giant for _ in range(L.blocks)]
+        elif len(partials) != L.blocks or any(len(block) != L.giant for block in partials):
+            raise EncryptedError(f"partials must be {L.blocks} blocks of {L.giant} giant steps, as accumulate "
+                                 "returned them for a layer of the same layout")
         rotated = [x]
         for _ in range(1, L.baby):
             nxt = seal.Ciphertext()
             ev.rotate_vector(rotated[-1], L.stride, galois_keys, nxt)
             rotated.append(nxt)
-        giant_step = L.baby * L.stride
-        replies = []
-        for groups, bias in zip(self._diagonals, self._bias_plain):
-            acc = None
-            for group in reversed(groups):  # Horner: acc = rot(acc, b) + P_gi
-                if acc is not None:
-                    ev.rotate_vector_inplace(acc, giant_step, galois_keys)
-                if not group:
-                    continue
-                part = None
+        term = None
+        for groups, block in zip(self._diagonals, partials):
+            for gi, group in enumerate(groups):
                 for j, plain in group:
-                    term = seal.Ciphertext()
+                    if block[gi] is None:
+                        block[gi] = seal.Ciphertext()
+                        ev.multiply_plain(rotated[j], plain, block[gi])
+                        continue
+                    if term is None:
+                        term = seal.Ciphertext()
                     ev.multiply_plain(rotated[j], plain, term)
-                    if part is None:
-                        part = term
-                    else:
-                        ev.add_inplace(part, term)
-                ev.rescale_to_next_inplace(part)
-                if acc is None:
-                    acc = part
-                else:
-                    ev.add_inplace(acc, part)
-            for step, radix in L.fold:  # sum of rot(acc, m*step), m < radix, by Horner's rule
-                base, cur = acc, acc
-                for _ in range(radix - 1):
-                    nxt = seal.Ciphertext()
-                    ev.rotate_vector(cur, step, galois_keys, nxt)
-                    ev.add_inplace(nxt, base)
-                    cur = nxt
-                acc = cur
-            ev.add_plain_inplace(acc, bias)
-            replies.append(acc)
-        return replies
+                    ev.add_inplace(block[gi], term)
+            if all(part is None for part in block):  # no weights in this block so far (see `_unit_plain`)
+                block[0] = seal.Ciphertext()
+                ev.multiply_plain(x, self._unit, block[0])
+        return partials
+
+    def finish(self, partials: list[list[Any]], galois_keys: Any, bias: bool = True) -> list[Any]:
+        """Rescale, giant steps, fold and (with `bias`) the bias: one ciphertext per block. Consumes `partials`."""
+        return finish_partials(self.layout, self._evaluator, partials, galois_keys,
+                               self._bias_plain if bias else None)
+
+
+def finish_partials(layout: LinearLayout, evaluator: Any, partials: list[list[Any]], galois_keys: Any,
+                    biases: list[Any] | None = None) -> list[Any]:
+    """`EncryptedLinear.finish` for any layer of `layout`: it needs no weights, only the accumulated partials.
+
+    Rescales the partials in place and empties `partials`, so a second finish of the same partials is refused.
+    """
+    L, ev = layout, evaluator
+    if len(partials) != L.blocks or any(len(block) != L.giant for block in partials):
+        raise EncryptedError(f"partials must be {L.blocks} blocks of {L.giant} giant steps, as "
+                             "EncryptedLinear.accumulate returned them for this layout")
+    giant_step = L.baby * L.stride
+    replies = []
+    for index, block in enumerate(partials):
+        acc = None
+        for gi in reversed(range(L.giant)):  # Horner: acc = rot(acc, b) + P_gi
+            if acc is not None:
+                ev.rotate_vector_inplace(acc, giant_step, galois_keys)
+            part = block[gi]
+            if part is None:
+                continue
+            ev.rescale_to_next_inplace(part)
+            if acc is None:
+                acc = part
+            else:
+                ev.add_inplace(acc, part)
+        block[:] = [None] * L.giant
+        if acc is None:
+            raise EncryptedError(f"block {index} holds no accumulated products (already finished, or no query "
+                                 "was accumulated); accumulate at least one query first")
+        for step, radix in L.fold:  # sum of rot(acc, m*step), m < radix, by Horner's rule
+            base, cur = acc, acc
+            for _ in range(radix - 1):
+                nxt = seal.Ciphertext()
+                ev.rotate_vector(cur, step, galois_keys, nxt)
+                ev.add_inplace(nxt, base)
+                cur = nxt
+            acc = cur
+        if biases is not None:
+            ev.add_plain_inplace(acc, biases[index])
+        replies.append(acc)
+    return replies

@@ -5,15 +5,17 @@ Container (little-endian)::
     offset  size  field
     0       4     magic b"XSHE"
     4       1     format version (1)
-    5       1     kind: 1 public keys, 2 secret keys, 3 query, 4 reply
+    5       1     kind: 1 public keys, 2 secret keys, 3 query, 4 reply, 5 fit chunk
     6       2     section count
     8       32    profile fingerprint (CkksProfile.fingerprint)
     40      ...   sections, each: tag (4 ASCII bytes), payload length (u32), payload
 
 Tags: PROF (profile JSON), STEP (rotation steps JSON), META (JSON), GALK (SEAL Galois keys),
-PUBK (SEAL public key), SECK (SEAL secret key), CTXT (SEAL ciphertext; a reply has one per output block).
+PUBK (SEAL public key), SECK (SEAL secret key), CTXT (SEAL ciphertext; a reply has one per output block, a
+fit chunk one per group of source columns).
 
-Bounds, checked before any parser or SEAL sees a section: at most MAX_SECTIONS sections; a JSON section
+Bounds, checked before any parser or SEAL sees a section: at most MAX_SECTIONS sections (or the fewer a reader
+expects, e.g. a fit chunk's groups + 1); a JSON section
 holds at most MAX_JSON_BYTES bytes nested at most MAX_JSON_DEPTH levels (strict JSON: no NaN/Infinity,
 no repeated keys); a SEAL blob may inflate only to the size its expected parameters allow (zlib and zstd
 streams are measured from their headers, zstd windows and declared content sizes included).
@@ -46,14 +48,17 @@ class Kind(enum.IntEnum):
     SECRET_KEYS = 2
     QUERY = 3
     REPLY = 4
+    CHUNK = 5
 
 
-KIND_NAMES = {Kind.PUBLIC_KEYS: "public keys", Kind.SECRET_KEYS: "secret keys", Kind.QUERY: "query", Kind.REPLY: "reply"}
+KIND_NAMES = {Kind.PUBLIC_KEYS: "public keys", Kind.SECRET_KEYS: "secret keys", Kind.QUERY: "query", Kind.REPLY: "reply",
+              Kind.CHUNK: "fit chunk"}
 FIX_HINTS = {
     Kind.PUBLIC_KEYS: "send the bytes of ClientKeys.public_bytes()",
     Kind.SECRET_KEYS: "load the bytes that ClientKeys.to_bytes() wrote",
     Kind.QUERY: "send the bytes that encrypted.encrypt(keys, layout, X) returns",
     Kind.REPLY: "pass the bytes that EncryptedLinear.apply returned",
+    Kind.CHUNK: "send the bytes that encrypted.encrypt_chunk(keys, plan, part, chunk, Z) returns",
 }
 
 
@@ -65,8 +70,11 @@ def pack(kind: Kind, fingerprint: bytes, sections: list[tuple[bytes, bytes]]) ->
     return b"".join(parts)
 
 
-def unpack(data: Any, kind: Kind, error: type[Exception]) -> tuple[Kind, bytes, list[tuple[bytes, memoryview]]]:
-    """Split a container into (kind, fingerprint, sections); raise `error` naming the problem and the fix."""
+def unpack(data: Any, kind: Kind, error: type[Exception],
+           max_sections: int = MAX_SECTIONS) -> tuple[Kind, bytes, list[tuple[bytes, memoryview]]]:
+    """Split a container into (kind, fingerprint, sections); raise `error` naming the problem and the fix.
+
+    `max_sections` lowers (or, for a fit chunk of many groups, raises) the section bound for this read."""
     what, fix = KIND_NAMES[kind], FIX_HINTS[kind]
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise error(f"{what} must be bytes, got {type(data).__name__}; {fix}")
@@ -83,8 +91,8 @@ def unpack(data: Any, kind: Kind, error: type[Exception]) -> tuple[Kind, bytes, 
         got_kind = Kind(got_kind)
     except ValueError:
         raise error(f"{what} has unknown kind byte {got_kind}; {fix}") from None
-    if count > MAX_SECTIONS:
-        raise error(f"{what} declares {count} sections (at most {MAX_SECTIONS}); {fix}")
+    if count > max_sections:
+        raise error(f"{what} declares {count} sections (at most {max_sections}); {fix}")
     sections = []
     pos = HEADER.size
     for i in range(count):
