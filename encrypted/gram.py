@@ -40,6 +40,7 @@ DEFAULT_MAX_ACCUMULATOR_BYTES = 256 << 20
 MAX_PARTS = 8
 MAX_GROUPS = 128  # query ciphertexts per chunk (each a CTXT section of one message)
 MAX_TARGET_DIM = 16384
+COST_SLACK = 0.05
 
 
 def _int(name: str, value: Any, lo: int, hi: int, fix: str = "") -> int:
@@ -155,7 +156,8 @@ def plan_gram(profile: CkksProfile, source_dim: int, target_dim: int, part_rows:
     The baby step b minimises the server's rotations and rescales: b - 1 baby rotations per uploaded ciphertext,
     and per group and block of each part g = ceil(kp / b) rescales and g - 1 giant rotations, once. Bigger g holds
     more accumulators (groups x blocks x g ciphertexts per part), so only plans within `max_accumulator_bytes`
-    are considered (None: no cap, for a client re-planning what a server chose).
+    are considered (None: no cap, for a client re-planning what a server chose); of those within 5% of the
+    cheapest, the one with the fewest accumulators wins.
     """
     if not isinstance(profile, CkksProfile):
         raise InvalidLayout(f"profile must be a CkksProfile, got {type(profile).__name__}")
@@ -181,16 +183,19 @@ def plan_gram(profile: CkksProfile, source_dim: int, target_dim: int, part_rows:
                             f"most {MAX_GROUPS}; use a smaller chunk_rows (more lanes per ciphertext)")
     uploads = groups * sum(-(-n // chunk_rows) for n in part_rows)
     finishes = len(part_rows) * groups * blocks
-    best = None
+    options = []  # (cost, memory, b)
     for b in ([baby] if baby is not None else range(1, kp + 1)):
         g = -(-kp // b)
         memory = groups * blocks * g * _ciphertext_bytes(profile)
-        if max_accumulator_bytes is not None and memory > max_accumulator_bytes:
-            continue
-        cost = uploads * (b - 1) * COST_ROTATE_TOP + finishes * ((g - 1) * COST_ROTATE_LOW + g * COST_RESCALE)
-        if best is None or cost < best[0]:
-            best = (cost, b)
-    if best is None:
+        if max_accumulator_bytes is None or memory <= max_accumulator_bytes:
+            cost = uploads * (b - 1) * COST_ROTATE_TOP + finishes * ((g - 1) * COST_ROTATE_LOW + g * COST_RESCALE)
+            options.append((cost, memory, b))
+    if options:
+        # the cost constants hold to about 10% on a loaded machine: of the plans within COST_SLACK of the
+        # cheapest, take the one that holds the fewest accumulators
+        cheapest = min(cost for cost, _, _ in options)
+        best = min((memory, b) for cost, memory, b in options if cost <= (1 + COST_SLACK) * cheapest)
+    else:
         least = groups * blocks * (1 if baby is None else -(-kp // baby)) * _ciphertext_bytes(profile)
         raise InvalidLayout(f"a fit of {source_dim} x {target_dim} needs at least {least} bytes of accumulators per "
                             f"part, beyond max_accumulator_bytes={max_accumulator_bytes}; raise the cap or fit "
