@@ -77,3 +77,41 @@ class QueryBudget:
     def __len__(self) -> int:
         with self._lock:
             return len(self._clients)
+
+
+class FitBudget:
+    """Private fits (fit sessions opened) per client; None means no limit. A fit with source dimension d_A tells
+    the client d_A linear combinations of the provider's public rows per part, so fits × d_A bounds what one
+    client learns of them. The table holds `max_clients` entries, least recently used evicted."""
+
+    def __init__(self, fits_per_client: int | None, max_clients: int = 10_000):
+        if fits_per_client is not None and fits_per_client < 1:
+            raise ValueError(f"fits_per_client must be a positive number of fits or unset (no limit), got "
+                             f"{fits_per_client}")
+        if max_clients < 1:
+            raise ValueError(f"max_clients must be at least 1, got {max_clients}")
+        self.fits_per_client, self.max_clients = fits_per_client, max_clients
+        self._clients: OrderedDict[str, int] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def reserve(self, client: str) -> Refusal | None:
+        """Charge one fit to `client`; a Refusal when its budget is spent."""
+        if self.fits_per_client is None:
+            return None
+        with self._lock:
+            used = self._clients.get(client, 0)
+            if used >= self.fits_per_client:
+                return Refusal("client", self.fits_per_client,
+                               f"this client (API key or address) has opened {used} of its {self.fits_per_client} "
+                               f"private fits; ask the server's operator for a larger --fits_per_client")
+            self._clients[client] = used + 1
+            self._clients.move_to_end(client)
+            while len(self._clients) > self.max_clients:
+                self._clients.popitem(last=False)
+        return None
+
+    def refund(self, client: str) -> None:
+        """Give back a fit whose session was refused before it was opened (bad keys, a busy server)."""
+        with self._lock:
+            if client in self._clients:
+                self._clients[client] = max(0, self._clients[client] - 1)

@@ -22,14 +22,22 @@ part above) and `config.json`::
      "estimator": str, "lambdas": [float], "chosen_lambda": float | null, "center": bool,
      "standardize": bool, "source": {...}, "target": {...}, "files": {...} (as above), ...}
 
+A **head export** (`xsilo head fit`; `load_export(dir, "head")`) is an export whose manifest says
+`"kind": "head"` and whose parts hold only `head`: the provider's classifier on its own states, described by
+`"target"` (the provider's extraction spec; `"source"` is empty). Its optional `"feature_ood"`
+(`{"detector": "mahalanobis", "file": "feature-ood.npz", "threshold", "tpr"}`) names a listed npz of class
+`means` (k, d) and a shared `precision` (d, d), float64, for a split-mode client's feature-space OOD check.
+
 Both are found by folder, or by hub id (`owner/name`) through `huggingface_hub.snapshot_download`.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +48,10 @@ MANIFEST = "manifest.json"
 FORMAT = "xsilo-export"
 FORMAT_VERSION = 1
 PARTS = ("fused", "map", "head")
+HEAD_KIND = "head"
+FEATURE_OOD_DETECTOR = "mahalanobis"
+FEATURE_OOD_ARRAYS = ("means", "precision")
+REFIT_HEAD = "re-run `xsilo head fit`"
 MAX_MANIFEST_BYTES = 16 << 20
 REEXPORT = "re-run `xsilo export`"
 MAP_CONFIG = "config.json"
@@ -55,6 +67,19 @@ class ExportError(ValueError):
     """An export or map folder is missing, tampered with or does not match what it is used with."""
 
 
+@dataclass(frozen=True)
+class FeatureOod:
+    """A head's published feature-space detector: score(x) = min_c (x - means[c])ᵀ precision (x - means[c]);
+    x is flagged out of distribution when its score is above `threshold` (calibrated to keep `tpr` of ID rows)."""
+
+    means: np.ndarray  # (k, d) float64
+    precision: np.ndarray  # (d, d) float64
+    threshold: float
+    tpr: float
+    data: bytes  # the npz file as published (GET /v1/heads/{name}/feature-ood)
+    sha256: str
+
+
 @dataclass
 class LinearExport:
     """One exported linear layer: logits = x @ weight.T + bias."""
@@ -63,6 +88,7 @@ class LinearExport:
     weight: np.ndarray  # (out, in) float32
     bias: np.ndarray  # (out,) float32
     manifest: dict[str, Any]  # the export's manifest.json, or a map folder's config.json
+    feature_ood: FeatureOod | None = None  # a head export's published detector, if any
 
     @property
     def input_dim(self) -> int:
@@ -110,17 +136,20 @@ def _is_number(value: Any) -> bool:
     return abs(value) < 1e300 if isinstance(value, int) else math.isfinite(value)
 
 
-def check_header(doc: Any, path: Path | str, fmt: str, version: int, fix: str) -> None:
-    """`doc` is a JSON object of format `fmt`, at `version`, whose 'files' records are well formed."""
+def check_header(doc: Any, path: Path | str, fmt: str, version: int, fix: str, *, what: str | None = None,
+                 writer: str | None = None) -> None:
+    """`doc` is a JSON object of format `fmt`, at `version`, whose 'files' records are well formed. `what` and
+    `writer` name the document and the command that writes it in messages (defaults: an export's or a map's)."""
     def bad(key: str, problem: str) -> ExportError:
         return ExportError(f"{path}: {key} {problem}; {fix}")
 
+    what = what or ("the manifest" if fmt == FORMAT else "the map config")
+    writer = writer or ("`xsilo export`" if fmt == FORMAT else "`save_pretrained`")
     if not isinstance(doc, dict):
-        raise bad("the manifest" if fmt == FORMAT else "the map config",
-                  f"must be a JSON object, got a JSON {type(doc).__name__}")
+        raise bad(what, f"must be a JSON object, got a JSON {type(doc).__name__}")
     if doc.get("format") != fmt:
-        raise ExportError(f"{path} is not an xsilo {fmt!r} file (format={doc.get('format')!r}); pass the folder "
-                          f"{'`xsilo export`' if fmt == FORMAT else '`save_pretrained`'} wrote")
+        raise ExportError(f"{path} is not an xsilo {fmt!r} file (format={repr(doc.get('format'))[:60]}); pass "
+                          f"the folder {writer} wrote")
     if doc.get("version") != version:
         raise ExportError(f"{path}: {fmt} version {doc.get('version')!r} is not the version {version} this xsilo "
                           f"reads; use the xsilo that wrote it, or {fix} with this one")
@@ -158,7 +187,96 @@ def check_manifest(manifest: Any, path: Path | str) -> dict[str, Any]:
     labels = manifest.get("label_names")
     if labels is not None and not (isinstance(labels, list) and all(isinstance(s, str) for s in labels)):
         raise bad("'label_names'", "must be a list of strings or null")
+    kind = manifest.get("kind")
+    if kind is not None and kind != HEAD_KIND:
+        raise bad("'kind'", f"is {str(kind)[:40]!r}; an export is either fused (no 'kind') or {HEAD_KIND!r}")
+    if kind == HEAD_KIND:
+        check_head_manifest(manifest, path)
+    elif manifest.get("feature_ood") is not None:
+        raise bad("'feature_ood'", f"belongs to a head export (kind {HEAD_KIND!r}) only")
     return manifest
+
+
+def check_head_manifest(manifest: dict[str, Any], path: Path | str) -> None:
+    """The head-only parts of an export manifest: one `head` part, its dims, a target spec, `feature_ood`."""
+    def bad(key: str, problem: str) -> ExportError:
+        return ExportError(f"{path}: {key} {problem}; {REFIT_HEAD} to write a valid head export")
+
+    if set(manifest["parts"]) != {"head"}:
+        raise bad("'parts'", f"must hold exactly 'head' in a head export, got {sorted(manifest['parts'])}")
+    shape = manifest["parts"]["head"]["shape"]
+    if manifest.get("input_dim") != shape[1] or manifest.get("output_dim") != shape[0]:
+        raise bad("'input_dim'/'output_dim'", f"must be the head's shape {shape[1]} -> {shape[0]}, got "
+                                              f"{manifest.get('input_dim')} -> {manifest.get('output_dim')}")
+    if not isinstance(manifest.get("target"), dict):
+        raise bad("'target'", "must be the provider model's extraction spec (an object)")
+    hidden = manifest["target"].get("hidden_size")
+    if hidden is not None and hidden != shape[1]:
+        raise bad("target['hidden_size']", f"is {hidden!r} but the head reads {shape[1]}-d states")
+    labels = manifest.get("label_names")
+    if labels is not None and len(labels) != shape[0]:
+        raise bad("'label_names'", f"has {len(labels)} names for {shape[0]} outputs")
+    ood = manifest.get("feature_ood")
+    if ood is None:
+        return
+    if not isinstance(ood, dict) or ood.get("detector") != FEATURE_OOD_DETECTOR:
+        raise bad("'feature_ood'", f"must be an object with detector {FEATURE_OOD_DETECTOR!r}, file, threshold, tpr")
+    if not isinstance(ood.get("file"), str) or ood["file"] not in manifest["files"]:
+        raise bad("feature_ood['file']", "must name a file listed in 'files'")
+    if not _is_number(ood.get("threshold")):
+        raise bad("feature_ood['threshold']", "must be a finite number")
+    if not (_is_number(ood.get("tpr")) and 0 < ood["tpr"] <= 1):
+        raise bad("feature_ood['tpr']", "must be a number in (0, 1]")
+
+
+def feature_ood_max_bytes(k: int, d: int) -> int:
+    """An upper bound of the npz `np.savez` writes for means (k, d) and precision (d, d) in float64."""
+    return 8 * (k * d + d * d) + 4096
+
+
+def read_feature_ood_npz(data: bytes, k: int, d: int, where: str, fix: str) -> tuple[np.ndarray, np.ndarray]:
+    """(means (k, d), precision (d, d)) float64 from npz bytes: exactly those two arrays, sizes bounded before
+    anything is decompressed, no pickles, finite values. Raises ExportError naming `where` and `fix`."""
+    limit = feature_ood_max_bytes(k, d)
+    if len(data) > limit:
+        raise ExportError(f"{where} is {len(data)} bytes, more than a ({k}, {d}) detector needs ({limit}); {fix}")
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            members = {info.filename: info.file_size for info in archive.infolist()}
+            expected = {f"{name}.npy" for name in FEATURE_OOD_ARRAYS}
+            if set(members) != expected:
+                raise ExportError(f"{where} must hold exactly {sorted(expected)}, got {sorted(members)[:8]}; {fix}")
+            if sum(members.values()) > limit:
+                raise ExportError(f"{where} unpacks to {sum(members.values())} bytes, more than a ({k}, {d}) "
+                                  f"detector needs; {fix}")
+            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+                means, precision = (np.asarray(npz[name]) for name in FEATURE_OOD_ARRAYS)
+    except ExportError:
+        raise
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
+        raise ExportError(f"{where} is not a readable npz ({type(e).__name__}); {fix}") from None
+    if means.shape != (k, d) or precision.shape != (d, d):
+        raise ExportError(f"{where} holds means {means.shape} and precision {precision.shape}, but the head "
+                          f"needs ({k}, {d}) and ({d}, {d}); {fix}")
+    if means.dtype.kind != "f" or precision.dtype.kind != "f":
+        raise ExportError(f"{where} must hold float arrays, got {means.dtype} and {precision.dtype}; {fix}")
+    means, precision = means.astype(np.float64), precision.astype(np.float64)
+    if not (np.isfinite(means).all() and np.isfinite(precision).all()):
+        raise ExportError(f"{where} holds NaN or inf; {fix}")
+    return means, precision
+
+
+def load_feature_ood(directory: Path, manifest: dict[str, Any]) -> FeatureOod | None:
+    """A head export's published detector (sha256 and arrays checked), or None when it publishes none."""
+    ood = manifest.get("feature_ood")
+    if ood is None:
+        return None
+    path = verify_file(directory, manifest, ood["file"], fix=REFIT_HEAD)
+    data = path.read_bytes()
+    shape = manifest["parts"]["head"]["shape"]
+    means, precision = read_feature_ood_npz(data, shape[0], shape[1], str(path), REFIT_HEAD)
+    return FeatureOod(means, precision, float(ood["threshold"]), float(ood["tpr"]), data,
+                      hashlib.sha256(data).hexdigest())
 
 
 def check_map_config(config: Any, path: Path | str) -> dict[str, Any]:
@@ -191,7 +309,8 @@ def check_map_config(config: Any, path: Path | str) -> dict[str, Any]:
     return config
 
 
-def _read_json(path: Path, what: str, create: str, fix: str) -> Any:
+def read_json_doc(path: Path, what: str, create: str, fix: str) -> Any:
+    """A folder's JSON document, bounded in size; ExportError naming `what`, how to `create` it and the `fix`."""
     if not path.is_file():
         raise ExportError(f"{path.parent} is not {what}: {path.name} is missing; {create}")
     if path.stat().st_size > MAX_MANIFEST_BYTES:
@@ -208,7 +327,7 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     if not path.is_file() and (Path(directory) / MAP_CONFIG).is_file():
         raise ExportError(f"{directory} is a map folder ({MAP_CONFIG}), not an export; load it with "
                           "`AffineAligner.from_pretrained`, or fuse it with a head by `xsilo export`")
-    doc = _read_json(path, "an xsilo export", "create one with `xsilo export`", REEXPORT)
+    doc = read_json_doc(path, "an xsilo export", "create one with `xsilo export`", REEXPORT)
     return check_manifest(doc, path)
 
 
@@ -218,7 +337,7 @@ def read_map_config(directory: str | Path) -> dict[str, Any]:
     if not path.is_file() and (Path(directory) / MANIFEST).is_file():
         raise ExportError(f"{directory} is an export ({MANIFEST}), not a map folder; load its map with "
                           "`LinearExport.from_pretrained(DIR, part='map')`, or pass the folder `save_pretrained` wrote")
-    doc = _read_json(path, "an xsilo map folder", "write one with `AffineAligner.save_pretrained`", RESAVE)
+    doc = read_json_doc(path, "an xsilo map folder", "write one with `AffineAligner.save_pretrained`", RESAVE)
     return check_map_config(doc, path)
 
 
@@ -264,9 +383,10 @@ def load_export(directory: str | Path, name: str = "fused") -> LinearExport:
     if part is None:
         raise ExportError(f"{directory / MANIFEST}: 'parts' has no {name!r} entry (it has {sorted(manifest['parts'])}); "
                           f"{REEXPORT}")
-    path = verify_file(directory, manifest, f"{name}.safetensors")
-    weight, bias = _load_linear(path, tuple(part["shape"]), MANIFEST, REEXPORT)
-    return LinearExport(name, weight, bias, manifest)
+    fix = REFIT_HEAD if manifest.get("kind") == HEAD_KIND else REEXPORT
+    path = verify_file(directory, manifest, f"{name}.safetensors", fix=fix)
+    weight, bias = _load_linear(path, tuple(part["shape"]), MANIFEST, fix)
+    return LinearExport(name, weight, bias, manifest, load_feature_ood(directory, manifest))
 
 
 def load_map_folder(directory: str | Path) -> LinearExport:

@@ -10,6 +10,10 @@ already computes. Every score is oriented so that HIGHER means MORE out-of-distr
 
 An input is flagged when its score is strictly above the threshold, which was calibrated
 so that at least `tpr` (0.95) of in-distribution validation inputs score at or below it.
+
+In split mode the client also holds its mapped state in plaintext, so it can run a feature-space
+detector a head publishes: ``mahalanobis`` (min over classes of the squared Mahalanobis distance
+under one shared precision; `mahalanobis_scores`).
 """
 
 from __future__ import annotations
@@ -76,3 +80,18 @@ def ood_from_logits(logits: np.ndarray, manifest_ood: dict[str, Any], detector: 
         raise ValueError(f"no threshold for detector {name!r} in the manifest; it has {sorted(ood['all'])}")
     scores = logit_scores(np.atleast_2d(logits), name)
     return scores, scores > ood["all"][name]
+
+
+def mahalanobis_scores(states: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    """(n, d) states → (n,) min over classes c of (x - means[c])ᵀ precision (x - means[c]), higher = more OOD."""
+    x = np.atleast_2d(np.asarray(states, dtype=np.float64))
+    means, precision = np.asarray(means, dtype=np.float64), np.asarray(precision, dtype=np.float64)
+    if x.shape[1:] != means.shape[1:] or precision.shape != (means.shape[1], means.shape[1]):
+        raise ValueError(f"states {x.shape} do not match a detector with means {means.shape} and precision "
+                         f"{precision.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError("the states contain NaN or inf; check the extraction and the map")
+    precision = (precision + precision.T) / 2
+    xp, mp = x @ precision, means @ precision
+    distances = (xp * x).sum(axis=1)[:, None] - 2 * xp @ means.T + (mp * means).sum(axis=1)[None, :]
+    return distances.min(axis=1)

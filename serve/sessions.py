@@ -1,4 +1,4 @@
-"""In-memory sessions: one client's deserialised public keys, bounded by count (LRU) and idle time (TTL).
+"""In-memory sessions: one client's deserialised public keys for one layer, bounded by count (LRU) and idle time (TTL).
 
 Deserialising Galois keys costs tens of milliseconds and a few MB each, so a session keeps them for
 its later requests. Nothing here survives a restart: clients re-open sessions (see `serve.client`).
@@ -22,6 +22,7 @@ class Session:
     last_used: float
     requests: int = 0
     rows: int = 0  # rows (query lanes) answered, for the query budget
+    layer: str | None = None  # the head the session evaluates; None: the fused export
 
 
 class SessionStore:
@@ -47,9 +48,9 @@ class SessionStore:
             del self._sessions[oldest.session_id]
             self.expired += 1
 
-    def add(self, keys: Any, key_bytes: int) -> Session:
+    def add(self, keys: Any, key_bytes: int, layer: str | None = None) -> Session:
         now = self.clock()
-        session = Session(self.id_prefix + secrets.token_urlsafe(24), keys, key_bytes, now, now)
+        session = Session(self.id_prefix + secrets.token_urlsafe(24), keys, key_bytes, now, now, layer=layer)
         with self._lock:
             self._purge_expired(now)
             while len(self._sessions) >= self.max_sessions:

@@ -111,3 +111,56 @@ def exchange(port: int, data: bytes, *, trickle: list[bytes] = (), every_s: floa
     finally:
         sock.close()
     return received, time.monotonic() - start, closed
+
+
+PROVIDER_SPEC = {"model": "provider-model", "model_identity": "b" * 64, "pooling": "last", "layer": -1,
+                 "max_length": 32, "dtype": "float32"}
+CLIENT_SPEC = {"model": "client-model", "model_identity": "a" * 64, "pooling": "last", "layer": -1,
+               "max_length": 32, "dtype": "float32"}
+
+
+def write_small_head(out: Path, d: int = 16, k: int = 3, seed: int = 0, labels: list[str] | None = None,
+                     feature_ood: bool = False, target: dict | None = None) -> Path:
+    """A head export d -> k with random weights (the training engineer's writer); with `feature_ood`, a published
+    Mahalanobis detector: class means on a sphere of radius 3 and identity precision, threshold 4."""
+    from lightning_modules.export import write_head_export
+
+    rng = np.random.default_rng(seed)
+    ood = None
+    if feature_ood:
+        means = rng.normal(0, 1, (k, d))
+        means *= 3 / np.linalg.norm(means, axis=1, keepdims=True)
+        ood = {"means": means, "precision": np.eye(d), "threshold": 4.0, "tpr": 0.95}
+    return write_head_export(out, rng.normal(0, 1 / np.sqrt(d), (k, d)), rng.normal(0, 0.1, k),
+                             target=dict(target or PROVIDER_SPEC, hidden_size=d),
+                             label_names=labels or [f"h{seed}c{i}" for i in range(k)],
+                             metrics={"val_accuracy": 0.5}, feature_ood=ood)
+
+
+def write_small_map(out: Path, d_in: int, d_out: int, seed: int = 0, target: dict | None = None) -> Path:
+    """A client's map folder d_in -> d_out (as `xsilo align` saves one), random weights."""
+    from lightning_modules.export import write_map_folder
+
+    rng = np.random.default_rng(seed)
+    config = {"estimator": "ridge", "lambdas": [1.0], "chosen_lambda": 1.0, "lambda_path": [[1.0, 0.5]],
+              "center": True, "standardize": True, "source": dict(CLIENT_SPEC, hidden_size=d_in),
+              "target": dict(target or PROVIDER_SPEC, hidden_size=d_out), "metrics": {}}
+    return write_map_folder(out, rng.normal(0, 1 / np.sqrt(d_in), (d_out, d_in)), rng.normal(0, 0.1, d_out), config)
+
+
+def small_texts(n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    words = ["alpha", "beta", "gamma", "delta", "news", "sport", "é", "日本", "x y"]
+    return [f"{i} " + " ".join(rng.choice(words, size=rng.integers(1, 6))) for i in range(n)]
+
+
+def write_small_public_states(out: Path, n: int = 40, d: int = 12, seed: int = 0, val_fraction: float = 0.25,
+                              states: np.ndarray | None = None) -> Path:
+    """A provider's public-states folder: n texts and random d-dim states (the training engineer's writer)."""
+    from lightning_modules.public_states import write_public_states
+
+    rng = np.random.default_rng(seed)
+    states = rng.normal(0, 2, (n, d)) + rng.normal(0, 1, d) if states is None else np.asarray(states)
+    n, d = states.shape
+    return write_public_states(out, small_texts(n, seed), states, model=dict(PROVIDER_SPEC, hidden_size=d),
+                               val_fraction=val_fraction, seed=seed, name="small-public")

@@ -429,7 +429,7 @@ def test_unexpected_errors_are_500_without_internals(export_dir, keys, layout):
         response = http.post(f"/v1/sessions/{session}/infer", content=query)
         error = assert_error(response, 500)
         assert error["code"] == "internal" and "secret" not in response.text
-        service.layer.apply = lambda *a: (_ for _ in ()).throw(RuntimeError("result ciphertext is transparent"))
+        service.fused.layer.apply = lambda *a: (_ for _ in ()).throw(RuntimeError("result ciphertext is transparent"))
         del service.apply  # back to the real method, whose SEAL failure is the client's fault
         refused = assert_error(http.post(f"/v1/sessions/{session}/infer", content=query), 400)
         assert refused["code"] == "invalid_ciphertext"

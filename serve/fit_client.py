@@ -1,0 +1,228 @@
+"""The client's side of the private fit over HTTP: upload Enc(Ẑ_A), get the decrypted cross products back.
+
+    with PrivateFitClient("http://provider:8000") as fits:
+        texts = fits.public_texts()                      # extract your own states Z_A on exactly these rows
+        reply = fits.fit([Z_train, Z_val], fits.public_set()["fingerprint"])
+        # reply.cross[p] = Σ_rows (z_A - reply.client_shift)ᵀ (z_B - mu_B) of part p, d_A × d_B
+
+The client normalises each part with its train part's mean and safe std, encrypts it in chunks under a CKKS key
+made here (only public keys are sent), and undoes the scaling after decryption. `lightning_modules.private_fit`
+turns the reply into the ridge map. Numpy, httpx and `encrypted` only.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import httpx
+import numpy as np
+
+from encrypted import ClientKeys, GramPlan, decrypt_gram, encrypt_chunk
+
+from .fit_stats import normalise, train_normaliser
+from .http_client import Connection, ServeError, server_ms
+from .protocol import API_PREFIX
+from .public_format import texts_fingerprint
+
+Progress = Callable[[int, int], Any]  # (chunks sent, chunks in all)
+MAX_TEXT_PAGES = 1 << 20  # a bound on the paging loop against a server whose `next` never ends
+
+
+@dataclass
+class GramReply:
+    """What a private fit returns to the client (nothing here is the provider's states)."""
+
+    cross: list[np.ndarray]  # per part: Σ_rows (z_A - client_shift)ᵀ (z_B - mu_B), d_A × d_B, float64
+    client_shift: np.ndarray  # (d_A,) the client's train mean, subtracted before encryption
+    stats: dict[str, Any]  # the provider's {"mu_B", "s_B", "parts": [{"rows", "sum_y", "yty_diag"|None, "trace"}]}
+    plan: dict[str, Any]  # the GramPlan's dict
+    bytes_sent: int
+    bytes_received: int
+    provider_ms: float  # sum of the provider's Server-Timing over the chunks
+    client_ms: float  # key generation, normalisation, encryption and decryption here
+
+
+def check_stats(stats: Any, part_rows: Sequence[int], target_dim: int) -> dict[str, Any]:
+    """The provider's published statistics, their shape and values checked (a hostile server gets a clear error)."""
+    def bad(problem: str) -> ServeError:
+        return ServeError(f"the provider's fit statistics are unusable ({problem}); use a server of the same xsilo "
+                          "version")
+
+    if not isinstance(stats, dict) or not isinstance(stats.get("parts"), list):
+        raise bad("not an object with 'mu_B', 's_B' and 'parts'")
+    vectors = {}
+    for key in ("mu_B", "s_B"):
+        try:
+            vectors[key] = np.asarray(stats.get(key), dtype=np.float64)
+        except (TypeError, ValueError):
+            raise bad(f"{key} is not a list of numbers") from None
+        if vectors[key].shape != (target_dim,) or not np.isfinite(vectors[key]).all():
+            raise bad(f"{key} must hold {target_dim} finite numbers")
+    if not (vectors["s_B"] > 0).all():
+        raise bad("s_B must be positive")
+    if len(stats["parts"]) != len(part_rows):
+        raise bad(f"{len(stats['parts'])} parts published for a plan of {len(part_rows)}")
+    for index, (part, rows) in enumerate(zip(stats["parts"], part_rows)):
+        if not isinstance(part, dict) or part.get("rows") != rows:
+            raise bad(f"part {index} must say rows={rows}")
+        for key in ("sum_y", "yty_diag"):
+            if part.get(key) is None and (key == "sum_y" or index == 0):
+                raise bad(f"part {index} lacks {key}")
+            if part.get(key) is not None:
+                try:
+                    value = np.asarray(part[key], dtype=np.float64)
+                except (TypeError, ValueError):
+                    raise bad(f"part {index}'s {key} is not a list of numbers") from None
+                if value.shape != (target_dim,) or not np.isfinite(value).all():
+                    raise bad(f"part {index}'s {key} must hold {target_dim} finite numbers")
+        trace = part.get("trace")
+        if isinstance(trace, bool) or not isinstance(trace, (int, float)) or not math.isfinite(trace) or trace < 0:
+            raise bad(f"part {index}'s trace must be a finite number >= 0")
+    return stats
+
+
+class PrivateFitClient:
+    """Talks to the private-fit routes of one xsilo server."""
+
+    def __init__(self, url: str, api_key: str | None = None, timeout: float = 120.0,
+                 transport: httpx.BaseTransport | None = None):
+        self.connection = Connection(url, api_key, timeout, transport)
+        self._info: dict[str, Any] | None = None
+
+    def model_info(self, refresh: bool = False) -> dict[str, Any]:
+        """GET /v1/model as a dict."""
+        if self._info is None or refresh:
+            info = self.connection.json("GET", f"{API_PREFIX}/model")
+            if not isinstance(info, dict):
+                raise ServeError("the server's /v1/model answer is not a JSON object; is it an xsilo server?")
+            self._info = info
+        return self._info
+
+    def public_set(self) -> dict[str, Any]:
+        """The public set the server publishes (/v1/model "public_set"); ServeError when it publishes none."""
+        public = self.model_info().get("public_set")
+        if not isinstance(public, dict):
+            raise ServeError(f"the server at {self.connection.url} publishes no public set, so it offers no private "
+                             "fit; ask its operator to serve one (xsilo serve --public DIR)")
+        try:
+            rows, parts = int(public["rows"]), [int(public["parts"][name]) for name in ("train", "val")]
+            str(public["fingerprint"]), float(public["val_fraction"]), int(public["seed"])
+        except (KeyError, TypeError, ValueError):
+            raise ServeError("the server's public_set entry lacks rows, parts, fingerprint, val_fraction or seed; "
+                             "use a client of the same xsilo version as the server") from None
+        if rows < 1 or min(parts) < 1 or sum(parts) != rows:
+            raise ServeError(f"the server's public set says {rows} rows split {parts}, which do not add up")
+        return public
+
+    def public_texts(self) -> list[str]:
+        """Every text of the public set, in order, all pages; the count and the fingerprint are checked."""
+        public = self.public_set()
+        texts: list[str] = []
+        offset = 0
+        for _ in range(MAX_TEXT_PAGES):
+            page = self.connection.json("GET", f"{API_PREFIX}/public-set/texts", params={"offset": offset})
+            chunk = page.get("texts") if isinstance(page, dict) else None
+            if not isinstance(chunk, list) or not all(isinstance(t, str) for t in chunk) or page.get("offset") != offset:
+                raise ServeError("the server's public-set page is not {\"texts\": [str], \"offset\", \"next\"}")
+            texts.extend(chunk)
+            following = page.get("next")
+            if following is None:
+                break
+            if not isinstance(following, int) or following != offset + len(chunk) or not chunk \
+                    or following > public["rows"]:
+                raise ServeError(f"the server's public-set paging is inconsistent (offset {offset}, {len(chunk)} "
+                                 f"texts, next {following!r:.40})")
+            offset = following
+        if len(texts) != public["rows"]:
+            raise ServeError(f"the server sent {len(texts)} public texts but says the set has {public['rows']}")
+        if texts_fingerprint(texts) != public["fingerprint"]:
+            raise ServeError("the public texts the server sent do not match its own fingerprint "
+                             f"{str(public['fingerprint'])[:16]}; try again, or ask the operator to re-export them")
+        return texts
+
+    def fit(self, parts: Sequence[np.ndarray], fingerprint: str, progress: Progress | None = None) -> GramReply:
+        """Run a private fit on the client's raw states of each public-set part (train, val: the server's split).
+
+        `fingerprint` is that of the texts the states were extracted on; the server refuses another (409)."""
+        public = self.public_set()
+        expected = [int(public["parts"][name]) for name in ("train", "val")]
+        arrays = [np.asarray(p, dtype=np.float64) for p in parts]
+        if len(arrays) != len(expected) or any(a.ndim != 2 for a in arrays):
+            raise ServeError(f"pass one (rows, d_A) array per public-set part (train, val): {len(expected)} parts")
+        if [len(a) for a in arrays] != expected:
+            raise ServeError(f"the parts have {[len(a) for a in arrays]} rows but the server's public set is split "
+                             f"{expected}; split your states with the public set's val_fraction and seed")
+        source_dim = arrays[0].shape[1]
+        if any(a.shape[1] != source_dim for a in arrays) or source_dim < 1:
+            raise ServeError("every part must have the same number of columns (the client's state dimension)")
+        if not all(np.isfinite(a).all() for a in arrays):
+            raise ServeError("the client's states hold NaN or inf; re-extract them")
+
+        connection = self.connection
+        sent0, received0 = connection.bytes_sent, connection.bytes_received
+        client_s = 0.0
+        plan = self._plan(source_dim, expected, int(public["hidden_size"]))
+        t0 = time.perf_counter()
+        keys = ClientKeys.generate(plan.layout.profile, plan.layout.rotation_steps)
+        public_bytes = keys.public_bytes()
+        shift, scale = train_normaliser(arrays[0])
+        normalised = [normalise(a, shift, scale) for a in arrays]
+        client_s += time.perf_counter() - t0
+        opened = connection.json("POST", f"{API_PREFIX}/fit/sessions", content=public_bytes, expect=(201,),
+                                 params={"source_dim": source_dim, "fingerprint": fingerprint})
+        if not isinstance(opened, dict) or not isinstance(opened.get("session_id"), str):
+            raise ServeError("the server's fit session answer has no session_id")
+        if opened.get("plan") != plan.to_dict():
+            raise ServeError("the server opened the fit with another plan than GET /v1/fit/plan gave; retry")
+        stats = check_stats(opened.get("stats"), expected, plan.target_dim)
+        session = f"{API_PREFIX}/fit/sessions/{opened['session_id']}"
+        provider_ms, cross = 0.0, []
+        total, done = sum(plan.chunks(p) for p in range(len(expected))), 0
+        try:
+            for part, states in enumerate(normalised):
+                for chunk in range(plan.chunks(part)):
+                    t0 = time.perf_counter()
+                    rows = states[chunk * plan.chunk_rows:(chunk + 1) * plan.chunk_rows]
+                    message = encrypt_chunk(keys, plan, part, chunk, rows)
+                    client_s += time.perf_counter() - t0
+                    response = connection.request("POST", f"{session}/parts/{part}/chunks/{chunk}", content=message)
+                    provider_ms += server_ms(response)
+                    done += 1
+                    if progress is not None:
+                        progress(done, total)
+                replies = [connection.request("GET", f"{session}/parts/{part}/result/{group}").content
+                           for group in range(plan.groups)]
+                t0 = time.perf_counter()
+                gram = decrypt_gram(keys, plan, replies)
+                cross.append(scale[:, None] * gram * np.asarray(stats["s_B"], dtype=np.float64)[None, :])
+                client_s += time.perf_counter() - t0
+        finally:
+            try:
+                connection.request("DELETE", session, expect=(204, 404))
+            except ServeError:
+                pass  # the session expires on the server anyway
+        return GramReply(cross, shift, stats, plan.to_dict(), connection.bytes_sent - sent0,
+                         connection.bytes_received - received0, provider_ms, client_s * 1000)
+
+    def _plan(self, source_dim: int, part_rows: list[int], target_dim: int) -> GramPlan:
+        data = self.connection.json("GET", f"{API_PREFIX}/fit/plan", params={"source_dim": source_dim})
+        try:
+            plan = GramPlan.from_dict(data)
+        except ValueError as exc:
+            raise ServeError(f"the server's fit plan is unusable ({str(exc)[:200]}); use a client of the same xsilo "
+                             "version as the server") from None
+        if plan.source_dim != source_dim or list(plan.part_rows) != part_rows or plan.target_dim != target_dim:
+            raise ServeError(f"the server's fit plan is for {plan.source_dim}-d clients, parts {list(plan.part_rows)} "
+                             f"and {plan.target_dim}-d targets; expected {source_dim}, {part_rows}, {target_dim}")
+        return plan
+
+    def close(self) -> None:
+        self.connection.close()
+
+    def __enter__(self) -> "PrivateFitClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

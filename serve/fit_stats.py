@@ -1,0 +1,54 @@
+"""Normalisation and published statistics of the private fit (numpy only; both parties use it).
+
+Each party scales its own states by its train part's mean and a safe std before any ciphertext is made,
+so every encrypted value is O(1) and every Gram entry is at most the part's row count in magnitude. The
+scale is range scaling only: the client undoes it after decryption (`diag(s_A) G diag(s_B)`), so the
+map does not depend on it.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+REL_TOL = 1e-3  # the project's one zero-variance rule: lightning_modules.standardize.REL_TOL
+
+
+def safe_scale(std: np.ndarray, rel_tol: float = REL_TOL) -> np.ndarray:
+    """`std` with 1 on dead dimensions (std ≤ rel_tol · median std, or 0): the numpy twin of
+    `lightning_modules.standardize.safe_scale`."""
+    std = np.clip(np.asarray(std, dtype=np.float64), 0, None)
+    if std.size == 0:
+        return std
+    reference = np.median(std)
+    if not reference > 0:  # more than half the dimensions are constant: fall back to the largest std
+        reference = std.max()
+    dead = (std <= rel_tol * reference) | (std <= 0)
+    return np.where(dead, 1.0, std)
+
+
+def train_normaliser(train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, safe 1/n-normalised std) of the train part's rows, float64."""
+    train = np.asarray(train, dtype=np.float64)
+    if train.ndim != 2 or train.shape[0] < 1:
+        raise ValueError(f"the train part must be (rows >= 1, d) states, got shape {train.shape}")
+    return train.mean(axis=0), safe_scale(train.std(axis=0))
+
+
+def normalise(states: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """(states - mean) / scale in float64."""
+    return (np.asarray(states, dtype=np.float64) - mean) / scale
+
+
+def provider_stats(parts: list[np.ndarray], mean: np.ndarray, scale: np.ndarray) -> dict[str, Any]:
+    """What the provider publishes with a fit session: mu_B and s_B as used, and per part the row count, the raw
+    sum of rows, the raw per-dimension sum of squares (train part only: standardisation needs it) and the raw
+    trace Σ z² over rows and dims (validation MSE and R² need only that). JSON-ready float64 lists."""
+    out = []
+    for index, part in enumerate(parts):
+        raw = np.asarray(part, dtype=np.float64)
+        squares = (raw * raw).sum(axis=0)
+        out.append({"rows": int(raw.shape[0]), "sum_y": raw.sum(axis=0).tolist(),
+                    "yty_diag": squares.tolist() if index == 0 else None, "trace": float(squares.sum())})
+    return {"mu_B": np.asarray(mean, np.float64).tolist(), "s_B": np.asarray(scale, np.float64).tolist(),
+            "parts": out}
