@@ -81,7 +81,8 @@ class GramPlan:
     def check_part(self, part: Any) -> int:
         """`part` if it is an index of this plan's parts, else ParameterMismatch."""
         if not isinstance(part, int) or isinstance(part, bool) or not 0 <= part < len(self.part_rows):
-            raise ParameterMismatch(f"part {part!r:.20} does not exist; this plan has parts 0..{len(self.part_rows) - 1}")
+            raise ParameterMismatch(f"part {part!r:.20} does not exist; this plan has parts "
+                                    f"0..{len(self.part_rows) - 1}")
         return part
 
     def chunks(self, part: int) -> int:

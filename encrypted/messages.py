@@ -77,6 +77,9 @@ def _load_ciphertext(blob: memoryview, profile: CkksProfile, parms_id: list[int]
         raise ParameterMismatch(f"{what}: ciphertext is at another modulus level or parameter set than expected; {fix}")
     if ct.size() != 2 or not ct.is_ntt_form():
         raise InvalidCiphertext(f"{what}: expected a 2-polynomial CKKS ciphertext in NTT form; {fix}")
+    if kind in (Kind.QUERY, Kind.CHUNK) and ct.is_transparent():  # SEAL refuses every product with it
+        raise InvalidCiphertext(f"{what}: ciphertext is transparent (its mask polynomial is zero), so it encrypts "
+                                f"nothing; {fix}")
     if abs(ct.scale / profile.scale - 1.0) > 1e-9:
         raise InvalidCiphertext(f"{what}: ciphertext scale {ct.scale!r} is not the profile's 2^{profile.scale_bits}; "
                                 f"{fix}")

@@ -51,8 +51,8 @@ class Kind(enum.IntEnum):
     CHUNK = 5
 
 
-KIND_NAMES = {Kind.PUBLIC_KEYS: "public keys", Kind.SECRET_KEYS: "secret keys", Kind.QUERY: "query", Kind.REPLY: "reply",
-              Kind.CHUNK: "fit chunk"}
+KIND_NAMES = {Kind.PUBLIC_KEYS: "public keys", Kind.SECRET_KEYS: "secret keys", Kind.QUERY: "query",
+              Kind.REPLY: "reply", Kind.CHUNK: "fit chunk"}
 FIX_HINTS = {
     Kind.PUBLIC_KEYS: "send the bytes of ClientKeys.public_bytes()",
     Kind.SECRET_KEYS: "load the bytes that ClientKeys.to_bytes() wrote",

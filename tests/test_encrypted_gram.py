@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import json
+import struct
 import threading
 
 import numpy as np
 import pytest
+import tenseal.sealapi as seal
 
 from encrypted import (N8192, N8192_PRIVATE, ClientKeys, EncryptedError, GramAccumulator, GramPlan, InvalidCiphertext,
                        InvalidKeys, InvalidLayout, ParameterMismatch, PublicKeys, decrypt_gram, encrypt_chunk,
                        plan_gram, plan_layout)
-from encrypted import wire
+from encrypted import messages, wire
 
 # chunk_rows 32 (not the default 128): lanes 256, so source_dim 300 leaves a partial last group (44 columns);
 # target_dim 40 is two blocks of 32 rows (the second partial); parts of 100 and 45 rows end in partial chunks.
@@ -191,6 +193,21 @@ def _meta(**changes):
     return edit
 
 
+def transparent_ciphertext() -> bytes:
+    """A query-level SEAL ciphertext whose polynomials are all zero (uncompressed), as Ciphertext::save writes it."""
+    profile, version = N8192, wire.seal_to_bytes(seal.Plaintext())[3:5]
+    n, primes = profile.poly_modulus_degree, len(profile.coeff_modulus_bits) - 1
+    words = 2 * primes * n
+
+    def header(total: int) -> bytes:
+        return struct.pack("<HBBBBHQ", wire.SEAL_MAGIC, 16, *version, 0, 0, total)
+
+    array = header(16 + 8 + 8 * words) + struct.pack("<Q", words) + bytes(8 * words)
+    body = (struct.pack("<4Q", *messages.query_parms_id(profile)) + b"\x01"
+            + struct.pack("<QQQdQ", 2, n, primes, profile.scale, 1) + array)
+    return header(16 + len(body)) + body
+
+
 def test_hostile_chunk_bytes_are_refused_with_the_right_error_and_add_nothing():
     plan, keys, public, A, B = setup()
     messages = messages_of(1)
@@ -213,6 +230,8 @@ def test_hostile_chunk_bytes_are_refused_with_the_right_error_and_add_nothing():
         (_repack(good, edit=_meta(part=True)), InvalidCiphertext, "true/false"),
         (_repack(good, edit=_meta(extra=1)), ParameterMismatch, "extra"),
         (_repack(good, edit=lambda s: [s[0], s[1], (b"CTXT", b"\x00" * 100)]), InvalidCiphertext, "SEAL"),
+        (_repack(good, edit=lambda s: [s[0], s[1], (b"CTXT", transparent_ciphertext())]), InvalidCiphertext,
+         "transparent"),  # SEAL would refuse its products half-way through the chunk
         (good + b"\x00" * plan.chunk_max_bytes, InvalidCiphertext, "exceeds"),
         (wire.pack(wire.Kind.QUERY, N8192.fingerprint, []), InvalidCiphertext, "expected a fit chunk"),
     ]
