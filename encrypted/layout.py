@@ -16,6 +16,10 @@ written as t = g_i*b + j: b-1 baby rotations of the query, then giant partials c
 rule with the one rotation b (after the rescale, so at the cheaper level). Folding u over dp/kp
 (rotate-and-add) leaves y' in every slot i*Q+q as y'_q[i mod kp]: each slot holds outputs or zeros.
 All rotation steps below are in slots (rows times the stride Q).
+
+Everything after the baby-step products (rescale, giant steps, fold) is linear in them, so the products of many
+queries, each against its own weights of the same layout, can be summed and finished once
+(`EncryptedLinear.accumulate` / `finish`): the private fit (`encrypted.gram`) sums one layer per chunk of rows.
 """
 from __future__ import annotations
 

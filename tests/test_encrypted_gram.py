@@ -268,3 +268,29 @@ def test_bad_states_and_arguments_are_refused():
         encrypt_chunk(keys, plan, 0, 4, A[:4])
     with pytest.raises(EncryptedError, match="2 replies"):
         decrypt_gram(keys, plan, [b""])
+
+
+def test_a_layer_allowed_zero_blocks_answers_its_bias_and_partials_finish_once():
+    """accumulate/finish on their own: a weightless block decrypts to its bias; a second finish is refused."""
+    from encrypted import EncryptedLinear, decrypt, encrypt
+
+    W = np.zeros((12, 8))
+    W[8:] = RNG.normal(0, 1, (4, 8))  # rows 0..7 (block 0 of 8 rows) have no weights, block 1 has
+    bias = np.arange(12.0)
+    with pytest.raises(EncryptedError, match="all zero"):
+        EncryptedLinear(W, bias, pairing="inputs")
+    layer = EncryptedLinear(W, bias, pairing="inputs", allow_zero_blocks=True)
+    assert layer.layout.blocks == 2
+    keys = ClientKeys.generate(layer.layout.profile, layer.rotation_steps)
+    public = PublicKeys.from_bytes(keys.public_bytes(), layer.layout)
+    X = RNG.normal(0, 1, (3, 8))
+    Y = decrypt(keys, layer.layout, [layer.apply(encrypt(keys, layer.layout, X)[0], public)], 3)
+    assert np.max(np.abs(Y[:, :8] - bias[:8])) < 1e-6  # the weightless block: its bias, to CKKS precision
+    assert np.max(np.abs(Y - layer.plain(X))) < 1e-4 * np.max(np.abs(layer.plain(X)))
+    ct, _ = messages.read_query(encrypt(keys, layer.layout, X)[0], layer.layout)
+    partials = layer.accumulate(ct, public.galois_keys)
+    with pytest.raises(EncryptedError, match="partials must be"):
+        layer.accumulate(ct, public.galois_keys, partials[:1])
+    layer.finish(partials, public.galois_keys)
+    with pytest.raises(EncryptedError, match="no accumulated products"):
+        layer.finish(partials, public.galois_keys)
