@@ -238,7 +238,10 @@ def test_non_ascii_api_key_is_compared_as_utf8(export_dir):
 HEAVY = ("torch", "lightning", "transformers", "datamodules", "lightning_modules")
 
 
-def test_starting_the_server_imports_no_training_code(export_dir):
+def test_starting_the_server_imports_no_training_code(export_dir, tmp_path):
+    from serve_support import write_small_head, write_small_public_states
+
+    head, public = write_small_head(tmp_path / "topics", d=12), write_small_public_states(tmp_path / "public", d=12)
     code = f"""
 import sys
 from lightning_modules.cli import main
@@ -246,8 +249,8 @@ try:
     main(["serve", "--help"])
 except SystemExit:
     pass
-import serve.server
-serve.server.create_app({str(export_dir)!r})
+import serve.server, serve.client, serve.fit_client
+serve.server.create_app({str(export_dir)!r}, heads=[{str(head)!r}], public={str(public)!r})
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in {HEAVY!r})
 # the console script itself and the settings dataclasses its signatures use (dataclasses and typing only)
 allowed = {{"lightning_modules", "lightning_modules.cli", "lightning_modules.settings"}}
