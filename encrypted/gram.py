@@ -115,6 +115,12 @@ class GramPlan:
         return self.groups * L.blocks * L.giant * _ciphertext_bytes(L.profile)
 
     @property
+    def layer_bytes(self) -> int:
+        """Server memory of one chunk's layer while the chunk is added: blocks x kp encoded diagonals."""
+        L = self.layout
+        return L.blocks * L.block_rows * _ciphertext_bytes(L.profile) // 2
+
+    @property
     def chunk_max_bytes(self) -> int:
         """Upper bound of one chunk message (a server caps the chunk body with it)."""
         return messages.chunk_max_bytes(self)
@@ -248,8 +254,8 @@ def decrypt_gram(keys: ClientKeys, plan: GramPlan, replies: list[bytes]) -> np.n
 class GramAccumulator:
     """Server side of one part: adds each chunk's products as it arrives, then finishes once per group.
 
-    Memory: `plan.accumulator_bytes` of accumulators, plus one chunk's layer while it is being added; both are
-    freed when `results` returns. Thread-safe: chunks are taken one at a time, in order.
+    Memory: `plan.accumulator_bytes` of accumulators, plus one chunk's layer (`plan.layer_bytes`) while it is being
+    added; the accumulators are freed when `results` returns. Thread-safe: chunks are taken one at a time, in order.
     """
 
     def __init__(self, plan: GramPlan, part: int, target_states: Any):

@@ -94,6 +94,7 @@ def test_the_full_size_plan_matches_the_design():
     L = plan.layout
     assert (plan.upload_ciphertexts, plan.groups, L.blocks, L.fold, L.pairing) == (288, 9, 5, (), "inputs")
     assert plan.accumulator_bytes <= 256 << 20 and plan.result_ciphertexts == 90
+    assert plan.layer_bytes == 640 * 2 * 8192 * 8  # 640 diagonals over 2 primes, while one chunk is added
     small = plan_gram(N8192, 576, 640, (3584, 512), max_accumulator_bytes=64 << 20)
     assert small.accumulator_bytes <= 64 << 20 and small.layout.baby > L.baby  # a lower cap takes more baby steps
     with pytest.raises(InvalidLayout, match="max_accumulator_bytes"):
