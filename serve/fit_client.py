@@ -124,7 +124,8 @@ class PrivateFitClient:
         for _ in range(MAX_TEXT_PAGES):
             page = self.connection.json("GET", f"{API_PREFIX}/public-set/texts", params={"offset": offset})
             chunk = page.get("texts") if isinstance(page, dict) else None
-            if not isinstance(chunk, list) or not all(isinstance(t, str) for t in chunk) or page.get("offset") != offset:
+            if not (isinstance(chunk, list) and all(isinstance(t, str) for t in chunk)) \
+                    or page.get("offset") != offset:
                 raise ServeError("the server's public-set page is not {\"texts\": [str], \"offset\", \"next\"}")
             texts.extend(chunk)
             following = page.get("next")

@@ -27,7 +27,8 @@ from typing import Any, Awaitable, Callable
 from fastapi import FastAPI, Path as PathParam, Query, Request
 from fastapi.responses import JSONResponse, Response
 
-from encrypted import DEFAULT_PROFILE, EncryptedError, GramAccumulator, GramPlan, PublicKeys, plan_gram, public_bytes_max
+from encrypted import (DEFAULT_PROFILE, EncryptedError, GramAccumulator, GramPlan, PublicKeys, plan_gram,
+                       public_bytes_max)
 
 from .api import BODY_ERRORS, ERROR_RESPONSES, OCTET_REPLY, ApiError, client_id, input_error, raw_body, read_body
 from .budget import FitBudget

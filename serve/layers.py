@@ -69,9 +69,10 @@ def encrypted_layer(export: Any, where: str | Path, output_noise: float,
 def served(name: str, kind: str, export: Any, directory: Path, output_noise: float, circuit_privacy: int | None,
            max_key_bytes: int | None, max_query_bytes: int | None) -> ServedLayer:
     layer = encrypted_layer(export, directory, output_noise, circuit_privacy)
-    return ServedLayer(name, kind, layer, export.manifest,
-                       str(export.manifest["files"][f"{export.name}.safetensors"]["sha256"]), export.feature_ood,
-                       max_key_bytes or public_bytes_max(layer.layout), max_query_bytes or query_max_bytes(layer.layout))
+    sha256 = str(export.manifest["files"][f"{export.name}.safetensors"]["sha256"])
+    return ServedLayer(name, kind, layer, export.manifest, sha256, export.feature_ood,
+                       max_key_bytes or public_bytes_max(layer.layout),
+                       max_query_bytes or query_max_bytes(layer.layout))
 
 
 def load_fused(export_dir: str | Path, name: str = "fused", *, output_noise: float = 0.0,

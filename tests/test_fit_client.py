@@ -45,7 +45,8 @@ def test_the_decrypted_cross_products_and_stats_equal_numpy(provider):
     with PrivateFitClient(srv.url) as fits:
         texts = fits.public_texts()
         assert texts == small_texts(N, 7) and texts_fingerprint(texts) == fits.public_set()["fingerprint"]
-        reply = fits.fit(parts, fits.public_set()["fingerprint"], progress=lambda done, total: ticks.append((done, total)))
+        reply = fits.fit(parts, fits.public_set()["fingerprint"],
+                         progress=lambda done, total: ticks.append((done, total)))
     assert ticks == [(1, 3), (2, 3), (3, 3)]
     targets = [states[index] for index in public.indices]
     mu_b, s_b = targets[0].mean(0), safe_scale(targets[0].std(0))

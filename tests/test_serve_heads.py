@@ -119,15 +119,16 @@ def test_a_session_is_bound_to_its_head(server, folders, tmp_path):
     with ServerThread(create_app(heads=[folders["topics"], wide]), max_lifetime_s=60) as srv, \
             httpx.Client(base_url=srv.url, timeout=30) as http:
         wide_layout = LinearLayout.from_dict(http.get("/v1/model").json()["heads"]["wide"]["layout"])
-        session = http.post("/v1/sessions", params={"head": "topics"}, content=keys.public_bytes()).json()["session_id"]
+        opened = http.post("/v1/sessions", params={"head": "topics"}, content=keys.public_bytes())
         wide_keys = ClientKeys.generate(wide_layout.profile, wide_layout.rotation_steps)
-        refused = http.post(f"/v1/sessions/{session}/infer", content=encrypt(wide_keys, wide_layout, np.ones((1, 24)))[0])
+        query = encrypt(wide_keys, wide_layout, np.ones((1, 24)))[0]
+        refused = http.post(f"/v1/sessions/{opened.json()['session_id']}/infer", content=query)
         assert refused.status_code in (400, 422) and json_error(refused.content)["code"] in (
             "parameter_mismatch", "invalid_ciphertext")
-        # the topics keys do not open a session on the wide head (its rotation steps differ)
-        if set(wide_layout.rotation_steps) != set(topics.rotation_steps):
-            other = http.post("/v1/sessions", params={"head": "wide"}, content=keys.public_bytes())
-            assert other.status_code in (400, 422)
+        # the topics keys do not open a session on the wide head: it needs another rotation step
+        assert set(wide_layout.rotation_steps) != set(topics.rotation_steps)
+        other = http.post("/v1/sessions", params={"head": "wide"}, content=keys.public_bytes())
+        assert other.status_code in (400, 422)
 
 
 def test_feature_ood_bytes_match_the_published_sha256_and_flag_far_states(server, folders):
@@ -152,8 +153,10 @@ def test_feature_ood_bytes_match_the_published_sha256_and_flag_far_states(server
 
 
 def test_a_map_into_another_model_is_refused(server, folders):
-    other = write_small_map(folders["root"] / "other-map", D_A, D_B, target=dict(PROVIDER_SPEC, model_identity="c" * 64))
-    with Client(server.url, head="topics", aligner=other) as client, pytest.raises(ModelMismatch, match="model_identity"):
+    other = write_small_map(folders["root"] / "other-map", D_A, D_B,
+                            target=dict(PROVIDER_SPEC, model_identity="c" * 64))
+    with Client(server.url, head="topics", aligner=other) as client, \
+            pytest.raises(ModelMismatch, match="model_identity"):
         client.infer_states(np.ones((1, D_A)))
     wide = write_small_map(folders["root"] / "wide-map", D_A, D_B + 1)
     with Client(server.url, head="topics", aligner=wide) as client, pytest.raises(ModelMismatch, match="17-d"):
