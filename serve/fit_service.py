@@ -198,17 +198,19 @@ class FitService:
         start = time.perf_counter()
         try:
             session.accumulator.add(body, chunk, session.keys)
-        except ValueError as exc:
+            if session.accumulator.complete:
+                replies = session.accumulator.results(session.keys)
+                session.results.update({(part, group): blob for group, blob in enumerate(replies)})
+                session.part = part + 1
+                session.accumulator = (GramAccumulator(session.plan, session.part, self.targets[session.part])
+                                       if session.part < len(session.plan.part_rows) else None)
+        except ValueError as exc:  # the accumulator refuses bad bytes, and a broken part, with a clear message
             raise input_error(exc) from None
         except RuntimeError:
+            # SEAL refuses some well-formed but degenerate ciphertexts mid-evaluation; the part is then unusable
             raise ApiError(400, "invalid_ciphertext", "the chunk could not be evaluated (SEAL refused it); send the "
-                                                      "bytes that encrypted.encrypt_chunk returns") from None
-        if session.accumulator.complete:
-            replies = session.accumulator.results(session.keys)
-            session.results.update({(part, group): blob for group, blob in enumerate(replies)})
-            session.part = part + 1
-            session.accumulator = (GramAccumulator(session.plan, session.part, self.targets[session.part])
-                                   if session.part < len(session.plan.part_rows) else None)
+                                                      "bytes that encrypted.encrypt_chunk returns, in a new fit "
+                                                      "session") from None
         return (time.perf_counter() - start) * 1000
 
     def result(self, session: FitSession, part: int, group: int) -> bytes:

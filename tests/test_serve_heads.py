@@ -243,3 +243,33 @@ def test_serving_configurations_are_checked(folders, tmp_path):
         assert response.status_code == 404 and json_error(response.content)["code"] == "no_fused_export"
         with Client(srv.url) as client, pytest.raises(ServeError, match="no fused export"):
             client.model_info()
+
+
+def test_split_mode_classifies_texts_with_the_maps_source_model(server, folders, tiny_models, monkeypatch):
+    """The client's own (tiny) model extracts per the map's source spec; the provider's head answers."""
+    from datamodules.extraction import StateEncoder, model_identity
+
+    monkeypatch.setenv("XSILO_HOME", str(folders["root"] / "client-home"))
+    llama = str(tiny_models["llama"])
+    encoder = StateEncoder(llama, pooling="last", layer=-1, max_length=32, dtype="float32")
+    d = encoder(["probe"]).shape[1]
+    source = {"model": llama, "model_identity": model_identity(llama), "pooling": "last", "layer": -1,
+              "max_length": 32, "dtype": "float32", "hidden_size": d}
+    amap = write_small_map(folders["root"] / "llama-map", d, D_B, seed=8)
+    config = json.loads((amap / "config.json").read_text())
+    from lightning_modules.export import write_map_folder
+
+    weights = LinearExport.from_pretrained(amap, "map")
+    write_map_folder(amap, weights.weight, weights.bias, dict(config, source=source))
+    texts = ["the film was good", "a bad movie", "it is"]
+    with Client(server.url, head="topics", aligner=amap) as client:
+        results = client.classify(texts)
+        states = np.asarray(client.encoder(texts), dtype=np.float64)
+    expected = plain(folders["topics"], amap, states)
+    np.testing.assert_allclose([r["logits"] for r in results], expected, atol=1e-3)
+    assert [r["label"] for r in results] == [["h1c0", "h1c1", "h1c2"][i] for i in expected.argmax(1)]
+    assert all("ood" in r and "ood_score" in r for r in results)  # the head publishes a feature detector
+    # a client model other than the map's source is refused by identity
+    with Client(server.url, head="topics", aligner=amap, client_model=str(tiny_models["gpt2"])) as client, \
+            pytest.raises(ModelMismatch, match="identity"):
+        client.classify(texts)
