@@ -1,4 +1,5 @@
-"""Encrypted HTTP serving of an exported linear layer, and its client.
+"""Encrypted HTTP serving of linear layers (a fused export, named heads) and the private fit, and their clients.
 
-`serve.server.create_app` / `run` (FastAPI + uvicorn), `serve.client.Client`; see serve/README.md.
+`serve.server.create_app` / `run` (FastAPI + uvicorn; the fit routes in `serve.fit_service`),
+`serve.client.Client` (fused or split mode), `serve.fit_client.PrivateFitClient`; see serve/README.md.
 """
