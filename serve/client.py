@@ -278,7 +278,8 @@ class Client:
         spec = self.model_info().client
         model = self.client_model or spec.get("model")
         if not model:
-            raise ServeError("the server does not name its client model; pass client_model= (a local folder)")
+            where = "the aligner's source spec" if self.map is not None else "the server"
+            raise ServeError(f"{where} does not name the client model; pass client_model= (a local folder)")
         try:
             encoder = StateEncoder(model, pooling=spec.get("pooling"),
                                    layer=-1 if spec.get("layer") is None else int(spec["layer"]),

@@ -273,3 +273,16 @@ def test_split_mode_classifies_texts_with_the_maps_source_model(server, folders,
     with Client(server.url, head="topics", aligner=amap, client_model=str(tiny_models["gpt2"])) as client, \
             pytest.raises(ModelMismatch, match="identity"):
         client.classify(texts)
+
+
+def test_each_head_has_its_own_row_budget_per_client(folders):
+    lanes = create_app(heads=[folders["topics"]]).state.service.info["heads"]["topics"]["lanes"]
+    app = create_app(heads=[folders["topics"], folders["sentiment"]], rows_per_client=lanes)  # one query per head
+    X = np.ones((1, D_A))
+    with ServerThread(app, max_lifetime_s=60) as srv:
+        with Client(srv.url, head="topics", aligner=folders["map"]) as client:
+            client.infer_states(X)
+            with pytest.raises(ServeError, match="budget_exhausted"):
+                client.infer_states(X)
+        with Client(srv.url, head="sentiment", aligner=folders["map"]) as client:
+            assert client.infer_states(X).shape == (1, 2)  # another head's W: its own budget
