@@ -146,9 +146,8 @@ class Client:
 
     # --- HTTP ---------------------------------------------------------------------------------------
 
-    def _request(self, method: str, path: str, *, content: bytes | None = None, params: dict[str, Any] | None = None,
-                 expect: Sequence[int] = (200,)) -> httpx.Response:
-        return self.connection.request(method, path, content=content, params=params, expect=expect)
+    def _request(self, method: str, path: str, **options: Any) -> httpx.Response:
+        return self.connection.request(method, path, **options)
 
     def model_info(self, refresh: bool = False) -> ModelInfo:
         """The served layer this client queries: the fused export, or in split mode the head (its target spec
@@ -401,21 +400,7 @@ class Client:
             if not published or self.head is None:
                 raise ServeError("the server publishes no feature-space OOD detector for this layer")
             limit = feature_ood_max_bytes(info.output_dim, info.input_dim)
-            path = f"{API_PREFIX}/heads/{self.head}/feature-ood"
-            body = bytearray()
-            try:
-                with self.connection.http.stream("GET", path) as response:
-                    if response.status_code != 200:
-                        response.read()
-                        raise reply_error(response)
-                    for block in response.iter_bytes():
-                        body += block
-                        if len(body) > limit:
-                            raise ServeError(f"the server's feature-OOD detector is over {limit} bytes, more than "
-                                             f"a ({info.output_dim}, {info.input_dim}) detector needs; refusing it")
-            except httpx.TransportError as exc:
-                raise ServeError(f"cannot fetch the feature-OOD detector from {self.url} ({exc})") from None
-            data = bytes(body)
+            data = self._request("GET", f"{API_PREFIX}/heads/{self.head}/feature-ood", max_bytes=limit).content
             if hashlib.sha256(data).hexdigest() != published.get("sha256"):
                 raise ServeError("the feature-OOD detector the server sent does not match the sha256 in /v1/model; "
                                  "retry, or ask the operator")

@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import httpx
 import numpy as np
 
-from encrypted import ClientKeys, GramPlan, decrypt_gram, encrypt_chunk
+from encrypted import ClientKeys, GramPlan, decrypt_gram, encrypt_chunk, query_max_bytes
 
 from .fit_stats import normalise, train_normaliser
 from .http_client import Connection, ServeError, server_ms
@@ -180,6 +180,7 @@ class PrivateFitClient:
         stats = check_stats(opened.get("stats"), expected, plan.target_dim)
         session = f"{API_PREFIX}/fit/sessions/{opened['session_id']}"
         provider_ms, cross = 0.0, []
+        reply_cap = (plan.layout.blocks + 1) * query_max_bytes(plan.layout)  # one group's reply: a ciphertext per block
         total, done = sum(plan.chunks(p) for p in range(len(expected))), 0
         try:
             for part, states in enumerate(normalised):
@@ -193,8 +194,8 @@ class PrivateFitClient:
                     done += 1
                     if progress is not None:
                         progress(done, total)
-                replies = [connection.request("GET", f"{session}/parts/{part}/result/{group}").content
-                           for group in range(plan.groups)]
+                replies = [connection.request("GET", f"{session}/parts/{part}/result/{group}",
+                                              max_bytes=reply_cap).content for group in range(plan.groups)]
                 t0 = time.perf_counter()
                 gram = decrypt_gram(keys, plan, replies)
                 cross.append(scale[:, None] * gram * np.asarray(stats["s_B"], dtype=np.float64)[None, :])

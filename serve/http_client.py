@@ -7,6 +7,8 @@ import httpx
 
 from .protocol import OCTET_STREAM, SERVER_TIMING_HEADER
 
+MAX_RESPONSE_BYTES = 64 << 20  # any answer of an xsilo server is far smaller; a bigger one is refused unread
+
 
 class ServeError(Exception):
     """A client-side failure: the server is unreachable, refused a request, or the client setup is wrong."""
@@ -55,15 +57,26 @@ class Connection:
         self.bytes_received = 0
 
     def request(self, method: str, path: str, *, content: bytes | None = None, params: dict[str, Any] | None = None,
-                expect: Sequence[int] = (200,)) -> httpx.Response:
+                expect: Sequence[int] = (200,), max_bytes: int = MAX_RESPONSE_BYTES) -> httpx.Response:
+        """One request; the answer is read up to `max_bytes` (the server is the other party: a longer answer is
+        refused while it streams). Raises ServerReplyError for a status not in `expect`, ServeError otherwise."""
         headers = {"Content-Type": OCTET_STREAM} if content is not None else None
+        body = bytearray()
         try:
-            response = self.http.request(method, path, content=content, headers=headers, params=params)
+            with self.http.stream(method, path, content=content, headers=headers, params=params) as streamed:
+                for block in streamed.iter_bytes():
+                    body += block
+                    if len(body) > max_bytes:
+                        raise ServeError(f"{method} {path} on {self.url} answered more than {max_bytes} bytes, far "
+                                         "more than this route sends; refusing it (is it an xsilo server?)")
         except httpx.TransportError as exc:
             raise ServeError(f"cannot reach the server at {self.url} ({type(exc).__name__}: {exc}); "
                              "is `xsilo serve` running there?") from None
         self.bytes_sent += len(content or b"")
-        self.bytes_received += len(response.content)
+        self.bytes_received += len(body)
+        kept = [(k, v) for k, v in streamed.headers.multi_items()
+                if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")]
+        response = httpx.Response(streamed.status_code, headers=kept, content=bytes(body), request=streamed.request)
         if response.status_code not in expect:
             raise reply_error(response)
         return response

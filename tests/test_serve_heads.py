@@ -286,3 +286,18 @@ def test_each_head_has_its_own_row_budget_per_client(folders):
                 client.infer_states(X)
         with Client(srv.url, head="sentiment", aligner=folders["map"]) as client:
             assert client.infer_states(X).shape == (1, 2)  # another head's W: its own budget
+
+
+@pytest.mark.parametrize("served, match", [(b"\0" * 10_000, "answered more than"),
+                                           (b"PK" + b"\0" * 100, "does not match the sha256")])
+def test_the_client_refuses_a_hostile_feature_ood_download(server, folders, served, match):
+    info = httpx.get(f"{server.url}/v1/model").json()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/model":
+            return httpx.Response(200, json=info)
+        return httpx.Response(200, content=served)
+
+    with Client("http://provider", head="topics", aligner=folders["map"], transport=httpx.MockTransport(handler)) \
+            as client, pytest.raises(ServeError, match=match):
+        client.feature_detector()
