@@ -317,3 +317,67 @@ def test_a_broken_public_states_folder_is_refused_in_one_line(tmp_path, case, ma
     assert "\n" not in str(caught.value)
     with pytest.raises(ExportError, match=match):
         create_app(public=folder)
+
+
+# --- memory ---------------------------------------------------------------------------------------------------
+
+def rss(pid: int) -> int:
+    from pathlib import Path
+
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="needs /proc")
+def test_a_fit_session_holds_its_accumulators_and_nothing_per_chunk(tmp_path):
+    """RSS does not grow with the chunks of a part (bodies and per-chunk layers are dropped), nor with fits opened
+    and closed one after another; a session holds at most its plan's accumulators beyond the first chunk."""
+    import subprocess
+    import sys
+
+    from serve_support import ROOT, free_port
+
+    folder = write_small_public_states(tmp_path / "public", n=1024, d=128, val_fraction=0.125)
+    port = free_port()
+    code = (f"from serve.server import run; run(public={str(folder)!r}, port={port}, log_level='warning', "
+            "max_fit_sessions=1, fits_per_client=None)")
+    process = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    url, mb = f"http://127.0.0.1:{port}", 1 << 20
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                fingerprint = httpx.get(f"{url}/v1/model", timeout=2).json()["public_set"]["fingerprint"]
+                break
+            except httpx.TransportError:
+                assert process.poll() is None and time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.2)
+        with httpx.Client(base_url=url, timeout=60) as http:
+            plan = GramPlan.from_dict(http.get("/v1/fit/plan", params={"source_dim": 32}).json())
+            keys = ClientKeys.generate(plan.layout.profile, plan.layout.rotation_steps)
+            rng = np.random.default_rng(0)
+            messages = [encrypt_chunk(keys, plan, 0, c, rng.normal(0, 1, (plan.rows(0, c), 32)))
+                        for c in range(plan.chunks(0))]
+            assert len(messages) >= 5
+            cycles = []
+            for cycle in range(3):
+                opened = open_fit(http, keys, fingerprint, source_dim=32)
+                assert opened.status_code == 201, opened.text
+                base = f"/v1/fit/sessions/{opened.json()['session_id']}"
+                after = []
+                for c, message in enumerate(messages[:-1]):  # the part stays open: its accumulators are held
+                    assert http.post(f"{base}/parts/0/chunks/{c}", content=message).status_code == 200
+                    after.append(rss(process.pid))
+                per_chunk = (after[-1] - after[0]) / (len(after) - 1)
+                assert per_chunk <= 1 * mb, f"RSS grows by {per_chunk / mb:.2f} MB per chunk"
+                cycles.append(after[-1])
+                assert http.delete(base).status_code == 204
+            # a fit closed frees its state for the next one: the third cycle holds no more than the first
+            held = cycles[2] - cycles[0]
+            assert held <= plan.accumulator_bytes / 2 + 4 * mb, (held / mb, plan.accumulator_bytes / mb)
+    finally:
+        process.terminate()
+        process.wait(15)
