@@ -353,6 +353,7 @@ def create_app(export_dir: str | Path | None = None, *, heads: Sequence[str | Pa
     one of them. `options` are `ServerSettings` fields. Raises ExportError if a folder is unusable, ValueError for
     a bad setting or an empty configuration."""
     settings = ServerSettings(**options)
+    heads = [heads] if isinstance(heads, (str, Path)) else list(heads)  # one folder, or a list of them
     if export_dir is None and not heads and public is None:
         raise ValueError("nothing to serve: pass an export (--export DIR), heads (--heads DIR ...) and/or a public "
                          "set (--public DIR)")
