@@ -483,6 +483,167 @@ def public_set_build(
     print(path)
 
 
+def public_set_export(
+    *,
+    model: str,
+    data: str,
+    out: str,
+    limit: int | None = None,
+    val_fraction: float = 0.125,
+    seed: int = 0,
+    name: str | None = None,
+    extraction: ExtractionSettings = ExtractionSettings(),
+    overwrite: bool = False,
+    accelerator: Accelerator = "auto",
+    devices: Devices = "auto",
+    threads: int | None = None,
+) -> None:
+    """Provider: write the public-states folder a private fit needs (`xsilo serve --public DIR`).
+
+    It holds the public texts, their fingerprint, the train/val split and MODEL's states on each part; only the
+    texts, the fingerprint and the split are ever published.
+
+    Args:
+        model: the provider's model (registry name, folder or hub id).
+        data: the public set: a registry dataset, a file, or a set from `xsilo public-set build` (its .jsonl).
+        out: output folder (must be empty or missing unless --overwrite).
+        limit: keep N rows (a seeded random sample).
+        val_fraction: share of rows held out to choose the client's ridge λ.
+        seed: split seed.
+        name: the set's published name (default: the data's file name).
+        extraction: how MODEL's states are read (pooling, layer, max_length, dtype, batch_size).
+        overwrite: replace an existing folder.
+        accelerator: where any extraction runs: cpu, gpu or auto (a GPU when one is visible).
+        devices: 1 or auto (one device).
+        threads: torch threads.
+    """
+    from lightning_modules.public_states import export_public_states
+
+    _quiet()
+    path = export_public_states(model, data, out, limit=limit, val_fraction=val_fraction, seed=seed, name=name,
+                                extraction=extraction, device=DeviceSettings(accelerator, devices, "auto", threads),
+                                overwrite=overwrite)
+    manifest = json.loads((path / "manifest.json").read_text())
+    print(f"{manifest['rows']} rows ({manifest['parts']['train']} train, {manifest['parts']['val']} val) of "
+          f"{manifest['hidden_size']}-d states, fingerprint {manifest['fingerprint'][:16]}", file=sys.stderr)
+    print(path)
+
+
+def head_fit(
+    *,
+    model: str,
+    task: str,
+    out: str,
+    publish_ood: bool = False,
+    ood_tpr: float = 0.95,
+    mahalanobis_shrinkage: float = 1e-2,
+    task_limit: int | None = None,
+    extraction: ExtractionSettings = ExtractionSettings(),
+    head: HeadSettings = HeadSettings(),
+    seed: int = 0,
+    overwrite: bool = False,
+    accelerator: Accelerator = "auto",
+    devices: Devices = "auto",
+    precision: Precision = "auto",
+    threads: int | None = None,
+) -> None:
+    """Provider: fit a task head on MODEL's own states and write a head export (`xsilo serve --heads DIR`).
+
+    No client model is involved. A recipe file sets the extraction and head settings: --config
+    configs/recipe/bbc.yaml (its other sections are skipped).
+
+    Args:
+        model: the provider's model (registry name, folder or hub id).
+        task: labelled dataset (stratified train/val/test split), as in `xsilo evaluate`.
+        out: the head's folder; it is served under the folder's name (must be empty or missing unless --overwrite).
+        publish_ood: also publish a feature-space Mahalanobis detector (class means and shared precision of
+            MODEL's states: it reveals them), thresholded on the val split, that split-mode clients run.
+        ood_tpr: share of val states the detector's threshold keeps.
+        mahalanobis_shrinkage: shrinkage of the shared covariance towards a scaled identity.
+        task_limit: keep N task rows (a seeded random sample).
+        extraction: how states are read (pooling, layer, max_length, dtype, columns of a user's file).
+        head: the logistic-regression head.
+        seed: split and training seed (recorded in the manifest's metrics).
+        overwrite: replace an existing folder.
+        accelerator: cpu, gpu or auto.
+        devices: 1 or auto (one device).
+        precision: Lightning precision of fitting; auto is 32-true.
+        threads: torch threads.
+    """
+    from lightning_modules.heads import HeadConfig, fit_head
+
+    _quiet()
+    cfg = HeadConfig(model=model, task=task, task_limit=task_limit, extraction=extraction, head=head,
+                     device=DeviceSettings(accelerator, devices, precision, threads), seed=seed,
+                     publish_ood=publish_ood, ood_tpr=ood_tpr, mahalanobis_shrinkage=mahalanobis_shrinkage)
+    result = fit_head(cfg, out, overwrite=overwrite)
+    m = result["metrics"]
+    ood = result["feature_ood"]
+    print(f"{len(result['label_names'])} classes; native accuracy val {m['native_val']['accuracy']:.3f}, test "
+          f"{m['native_test']['accuracy']:.3f}" + (f"; feature OOD threshold {ood['threshold']:.4g} at tpr "
+                                                   f"{ood['tpr']}" if ood else ""), file=sys.stderr)
+    print(out)
+
+
+def align(
+    *,
+    server: str,
+    model: str,
+    out: str,
+    extraction: ExtractionSettings = ExtractionSettings(),
+    fit: FitSettings = FitSettings(),
+    api_key: str | None = None,
+    timeout: float = 300.0,
+    accelerator: Accelerator = "auto",
+    devices: Devices = "auto",
+    threads: int | None = None,
+) -> None:
+    """Client: fit the map from MODEL into a provider's states by a private fit, and save it as a map folder.
+
+    The provider sends its public texts; MODEL's states on them are encrypted here, the provider multiplies them
+    by its own under CKKS, and only this client decrypts the products and solves the ridge map. Neither side
+    sees the other's states; the map stays here (`xsilo query --head NAME --aligner OUT`). A recipe file sets
+    the extraction and fit settings: --config configs/recipe/bbc.yaml (its other sections are skipped).
+
+    Args:
+        server: the provider's base URL (it serves --public DIR).
+        model: the client's model (registry name, folder or hub id).
+        out: the map folder to write.
+        extraction: how MODEL's states are read (pooling, layer, max_length, dtype).
+        fit: how the map is solved (estimator, λ path on the provider's val part, centring, standardisation).
+        api_key: the server's API key (default $XSILO_API_KEY).
+        timeout: seconds per HTTP request.
+        accelerator: where the extraction runs: cpu, gpu or auto.
+        devices: 1 or auto (one device).
+        threads: torch threads (extraction, key generation and encryption).
+    """
+    from lightning_modules.private_fit import align as run_align
+    from serve.client import ServeError
+
+    _quiet()
+    last = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        if done == total or time.monotonic() - last[0] > float(os.environ.get("XSILO_PROGRESS_S", "10")):
+            last[0] = time.monotonic()
+            print(f"fit: {done}/{total} chunks sent", file=sys.stderr)
+
+    try:
+        result = run_align(server, model, out, fit=fit, extraction=extraction,
+                           device=DeviceSettings(accelerator, devices, "auto", threads),
+                           api_key=api_key or os.environ.get("XSILO_API_KEY"), timeout=timeout, progress=progress)
+    except ServeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    m = result.metrics
+    lam = "none" if m["chosen_lambda"] is None else f"{m['chosen_lambda']:.0e}"
+    r2 = "n/a" if m["val_r2"] is None else f"{m['val_r2']:.3f}"
+    print(f"private fit on {m['rows']['train']} + {m['rows']['val']} public rows: λ {lam}, val R² {r2}; sent "
+          f"{m['bytes_sent'] / 1e6:.1f} MB, received {m['bytes_received'] / 1e6:.1f} MB; provider "
+          f"{m['provider_ms'] / 1000:.1f} s, client {m['client_ms'] / 1000:.1f} s", file=sys.stderr)
+    print(out)
+
+
 def ablate(
     *,
     source: str = "smollm2",
@@ -603,17 +764,22 @@ def export(
     print(path)
 
 
-def serve(*, export: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+def serve(*, export: str | None = None, heads: list[str] | None = None, public: str | None = None,
+          host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_sessions: int = 64, session_ttl_s: float = 1800.0, max_concurrency: int = 2,
           replica_id: str | None = None, header_timeout_s: float = 10.0, body_timeout_s: float = 30.0,
           max_connections: int = 256, rows_per_session: int | None = None, rows_per_client: int | None = None,
-          output_noise: float = 0.0, circuit_privacy: int | None = None, log_level: str = "info") -> None:
-    """Serve an export's fused layer under CKKS encryption over HTTP (API docs at /docs).
+          output_noise: float = 0.0, circuit_privacy: int | None = None, max_fit_sessions: int = 2,
+          fits_per_client: int | None = 2, max_fit_source_dim: int = 4096, log_level: str = "info") -> None:
+    """Serve linear layers under CKKS encryption over HTTP, and private fits (API docs at /docs).
 
-    The server evaluates W h + b on encrypted hidden states: it never sees texts, states or logits.
+    The server evaluates W h + b on encrypted hidden states: it never sees texts, states or logits. Pass at least
+    one of --export, --heads and --public.
 
     Args:
-        export: export directory (from `xsilo export`).
+        export: a fused export directory (from `xsilo export`).
+        heads: head folders (from `xsilo head fit`), each served under its folder's name for split-mode clients.
+        public: a public-states folder (from `xsilo public-set export`): offers private fits (`xsilo align`).
         host: interface to bind (0.0.0.0 for all).
         port: TCP port.
         api_key: require this key as 'Authorization: Bearer KEY' or 'X-API-Key: KEY' (default $XSILO_API_KEY;
@@ -629,22 +795,26 @@ def serve(*, export: str, host: str = "127.0.0.1", port: int = 8000, api_key: st
         rows_per_client: query budget per API key, or per client address without a key (default: no limit).
         output_noise: standard deviation of Gaussian noise added to every output, against model extraction.
         circuit_privacy: statistical security in bits (e.g. 30) of circuit-private replies (profile n8192-private).
+        max_fit_sessions: private fits running at once; beyond it 503.
+        fits_per_client: private fits opened per API key, or per client address without one (null: no limit).
+        max_fit_source_dim: the largest client state dimension a private fit accepts.
         log_level: log level of uvicorn and the request log.
     """
     import os
 
     from serve.server import run
 
-    run(export, host=host, port=port, api_key=api_key if api_key is not None else os.environ.get("XSILO_API_KEY"),
+    run(export, heads=heads or (), public=public, host=host, port=port, api_key=api_key if api_key is not None else os.environ.get("XSILO_API_KEY"),
         max_sessions=max_sessions, session_ttl_s=session_ttl_s, max_concurrency=max_concurrency,
         replica_id=replica_id, header_timeout_s=header_timeout_s, body_timeout_s=body_timeout_s,
         max_connections=max_connections, rows_per_session=rows_per_session, rows_per_client=rows_per_client,
-        output_noise=output_noise, circuit_privacy=circuit_privacy, log_level=log_level)
+        output_noise=output_noise, circuit_privacy=circuit_privacy, max_fit_sessions=max_fit_sessions,
+        fits_per_client=fits_per_client, max_fit_source_dim=max_fit_source_dim, log_level=log_level)
 
 
 def query(*, server: str = "http://127.0.0.1:8000", text: list[str] | str | None = None, file: str | None = None,
-          api_key: str | None = None, client_model: str | None = None, threads: int | None = None,
-          timeout: float = 60.0) -> None:
+          head: str | None = None, aligner: str | None = None, api_key: str | None = None,
+          client_model: str | None = None, threads: int | None = None, timeout: float = 60.0) -> None:
     """Classify texts through an encrypted server; print one JSON line per text.
 
     Extraction, encryption and decryption run here: the server sees public keys and ciphertexts only.
@@ -653,6 +823,8 @@ def query(*, server: str = "http://127.0.0.1:8000", text: list[str] | str | None
         server: server base URL.
         text: a text, or a list: --text '["first text", "second text"]'.
         file: a file with one text per line (- for stdin).
+        head: split mode: the served head to query (its name in the server's /v1/model "heads"); needs --aligner.
+        aligner: split mode: this client's map folder (`xsilo align --out DIR`), applied here before encryption.
         api_key: the server's API key (default $XSILO_API_KEY).
         client_model: local copy of the client model (default: the model the server names).
         threads: torch threads for extraction.
@@ -671,8 +843,8 @@ def query(*, server: str = "http://127.0.0.1:8000", text: list[str] | str | None
         raise SystemExit(2)
     _quiet()
     try:
-        with Client(server, api_key=api_key or os.environ.get("XSILO_API_KEY"), timeout=timeout,
-                    client_model=client_model, threads=threads) as client:
+        with Client(server, api_key=api_key or os.environ.get("XSILO_API_KEY"), timeout=timeout, head=head,
+                    aligner=aligner, client_model=client_model, threads=threads) as client:
             results = client.classify(texts)
     except ServeError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -698,8 +870,10 @@ COMMANDS = {
     "study": study,
     "report": report,
     "ablate": ablate,
-    "public-set": {"build": public_set_build},
+    "public-set": {"build": public_set_build, "export": public_set_export},
     "export": export,
+    "head": {"fit": head_fit},
+    "align": align,
     "serve": serve,
     "query": query,
 }
@@ -793,6 +967,36 @@ def list_options(command) -> set[str]:
     return options(hints, "--")
 
 
+# The sections of a recipe file (configs/recipe/*.yaml). A command that takes only some of them (`head fit`:
+# extraction and head; `align`: extraction and fit) skips the others of a --config file, so one recipe serves both
+# parties; any other unknown key is still an error.
+RECIPE_SECTIONS = ("public", "extraction", "fit", "head", "seed", "task_limit")
+
+
+def skip_recipe_sections(argv: list[str], command) -> list[str]:
+    """`argv` with each `--config FILE` that holds recipe sections `command` does not take replaced by the file's
+    other keys (as one YAML/JSON string, which `--config` accepts too)."""
+    import inspect
+
+    import yaml
+
+    params = set(inspect.signature(command).parameters)
+    out = list(argv)
+    for i, word in enumerate(argv):
+        value, at = (argv[i + 1], i + 1) if word == "--config" and i + 1 < len(argv) else (
+            (word.split("=", 1)[1], i) if word.startswith("--config=") else (None, None))
+        if value is None or not Path(value).is_file():
+            continue
+        try:
+            doc = yaml.safe_load(Path(value).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue  # jsonargparse reports an unreadable file itself
+        if isinstance(doc, dict) and any(k in RECIPE_SECTIONS and k not in params for k in doc):
+            kept = json.dumps({k: v for k, v in doc.items() if not (k in RECIPE_SECTIONS and k not in params)})
+            out[at] = kept if at != i else f"--config={kept}"
+    return out
+
+
 _NEGATIVE = re.compile(r"-\.?\d")  # a word like -1 or -5% is a value, not an option
 
 
@@ -848,7 +1052,7 @@ def _main(argv: list[str]) -> None:
             argv = argv[:2] + ["--names"] + argv[2:]
         command = _command(argv)
         if command is not None:
-            argv = word_lists(argv, list_options(command))
+            argv = word_lists(skip_recipe_sections(argv, command), list_options(command))
         parser = build_parser()
         run_parsed(parser.instantiate(parser.parse_args(argv)))  # settings groups become their dataclasses
     except ValueError as e:

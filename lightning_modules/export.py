@@ -30,9 +30,10 @@ import numpy as np
 
 # The reader lives in serve.export_format (numpy only, no training code): one reader for the server and here.
 from serve.export_format import (FORMAT, FORMAT_VERSION, MANIFEST, MAP_CONFIG, MAP_FORMAT,  # noqa: F401
-                                 MAP_VERSION, MAP_WEIGHTS, PARTS, ExportError, LinearExport, load_export,
+                                 FEATURE_OOD_DETECTOR, MAP_VERSION, MAP_WEIGHTS, PARTS, ExportError, LinearExport, load_export,
                                  load_map_folder, read_manifest, read_map_config, resolve_pretrained,
                                  sha256_file, verify_file)
+from serve.public_format import SPEC_KEYS  # what a provider publishes about the states it reads
 
 if TYPE_CHECKING:
     from lightning_modules.aligner import AffineAligner
@@ -167,8 +168,6 @@ def write_export(
     return out
 
 
-# What a provider publishes about the states it reads (never its local cache path or dataset).
-PUBLISHED_SPEC_KEYS = ("model", "model_identity", "pooling", "layer", "max_length", "dtype", "hidden_size")
 FEATURE_OOD_FILE = "feature-ood.npz"
 
 
@@ -177,7 +176,7 @@ def published_spec(spec: dict[str, Any], dim: int, what: str) -> dict[str, Any]:
     if not isinstance(spec, dict):
         raise ExportError(f"{what} must be an extraction spec (a dict such as ResolvedExtraction.spec()), "
                           f"got {type(spec).__name__}")
-    out = {k: spec.get(k) for k in PUBLISHED_SPEC_KEYS}
+    out = {k: spec.get(k) for k in SPEC_KEYS}  # never the provider's local cache path or dataset
     if out["hidden_size"] is None:
         out["hidden_size"] = int(dim)
     if out["hidden_size"] != dim:
@@ -253,7 +252,7 @@ def write_head_export(
             "normalisation": {"input": "raw target hidden states, pooled and truncated as in `target`",
                               "head": "the classifier's standardisation folded into the head's weight and bias"},
             "metrics": metrics or {},
-            **({"feature_ood": {"detector": "mahalanobis", "file": FEATURE_OOD_FILE, "threshold": ood[2],
+            **({"feature_ood": {"detector": FEATURE_OOD_DETECTOR, "file": FEATURE_OOD_FILE, "threshold": ood[2],
                                 "tpr": ood[3]}} if ood is not None else {}),
             "files": file_records(tmp),
         }

@@ -23,7 +23,10 @@ from lightning_modules.settings import FitSettings
 from lightning_modules.solvers import SufficientStats, solve, val_mse, val_r2
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from lightning_modules.aligner import AffineAligner
+    from lightning_modules.settings import DeviceSettings, ExtractionSettings
     from serve.fit_client import GramReply
 
 PART_NAMES = ("train", "val")
@@ -128,3 +131,62 @@ def fit_private(parts: Sequence[np.ndarray], reply: "GramReply", fit: FitSetting
     for key in ("bytes_sent", "bytes_received", "provider_ms", "client_ms"):
         metrics[key] = getattr(reply, key, None)
     return PrivateFit(aligner.eval(), metrics)
+
+
+def public_texts_file(texts: list[str], fingerprint: str) -> "Path":
+    """The provider's public texts as a .jsonl under $XSILO_HOME/public/remote/ (written atomically once), so the
+    client's own extraction caches them like any dataset."""
+    import json
+    from pathlib import Path
+
+    from datamodules.assets import xsilo_home
+    from datamodules.cache import atomic_write_bytes
+
+    path = Path(xsilo_home()) / "public" / "remote" / f"{fingerprint[:32]}.jsonl"
+    data = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts).encode("utf-8")
+    if not path.is_file() or path.read_bytes() != data:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, data)
+    return path
+
+
+def align(server: str, model: str, out: "str | Path", *, fit: FitSettings | None = None,
+          extraction: "ExtractionSettings | None" = None, device: "DeviceSettings | None" = None,
+          api_key: str | None = None, timeout: float = 300.0, progress=None) -> PrivateFit:
+    """`xsilo align`: fit the map from this client's `model` into the provider's states without either side seeing
+    the other's: fetch the public texts, check their fingerprint, extract `model`'s states on them (cached), split
+    them as the provider did, run the encrypted fit, solve, and save the map folder `out`."""
+    from pathlib import Path
+
+    from datamodules.cache import StateCache
+    from datamodules.extraction import ExtractionConfig, cache_hit, extract, resolve
+    from datamodules.states import random_split
+    from lightning_modules.settings import DeviceSettings, ExtractionSettings
+    from serve.fit_client import PrivateFitClient
+
+    fit, extraction, device = fit or FitSettings(), extraction or ExtractionSettings(), device or DeviceSettings()
+    device.apply_threads()
+    with PrivateFitClient(server, api_key=api_key, timeout=timeout) as client:
+        public = client.public_set()
+        texts = client.public_texts()  # count and fingerprint checked against the server's own
+        path = public_texts_file(texts, public["fingerprint"])
+        job = resolve(ExtractionConfig(model=model, data=str(path), pooling=extraction.pooling, layer=extraction.layer,
+                                       max_length=extraction.max_length, dtype=extraction.dtype,
+                                       batch_size=extraction.batch_size, label_column=None))
+        if job.key.dataset_fingerprint != public["fingerprint"] or len(job.texts) != public["rows"]:
+            raise PrivateFitError(f"the public texts read back from {path} do not match the server's fingerprint "
+                                  f"{public['fingerprint'][:16]}; delete the file and run `xsilo align` again")
+        if not cache_hit(job.directory):
+            extract(job.config, **device.extraction_kwargs())
+        states = StateCache(job.directory).rows(np.arange(public["rows"]))
+        indices = random_split(public["rows"], float(public["val_fraction"]), int(public["seed"]))
+        sizes = {name: len(idx) for name, idx in zip(PART_NAMES, indices)}
+        if sizes != {name: int(public["parts"][name]) for name in PART_NAMES}:
+            raise PrivateFitError(f"splitting {public['rows']} rows at val_fraction {public['val_fraction']}, seed "
+                                  f"{public['seed']} gives {sizes}, but the server's parts are {public['parts']}; "
+                                  "use an xsilo of the server's version")
+        parts = [states[idx] for idx in indices]
+        reply = client.fit(parts, public["fingerprint"], progress=progress)
+    result = fit_private(parts, reply, fit, source_spec=job.spec(), public_set=public)
+    result.aligner.save_pretrained(Path(out), metrics={"private_fit": result.metrics})
+    return result

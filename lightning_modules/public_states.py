@@ -16,19 +16,18 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from datamodules.states import random_split
 from lightning_modules.export import ExportError, file_records, published_spec, staged_folder
+# The reader (serve.public_format, numpy only) declares the format: one declaration for both sides.
+from serve.public_format import PUBLIC_FORMAT, PUBLIC_MANIFEST, PUBLIC_VERSION, STATES_FILE, TEXTS_FILE
 
-PUBLIC_FORMAT = "xsilo-public-states"
-PUBLIC_VERSION = 1
-PUBLIC_MANIFEST = "manifest.json"
-TEXTS_FILE = "texts.jsonl"
-STATES_FILE = "states.safetensors"
-PART_NAMES = ("train", "val")
+if TYPE_CHECKING:
+    from lightning_modules.settings import DeviceSettings, ExtractionSettings
+
 
 
 def texts_fingerprint(texts: list[str]) -> str:
@@ -96,3 +95,29 @@ def write_public_states(
         }
         (tmp / PUBLIC_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return out
+
+
+def export_public_states(model: str, data: str, out: str | Path, *, limit: int | None = None,
+                         val_fraction: float = 0.125, seed: int = 0, name: str | None = None,
+                         extraction: "ExtractionSettings | None" = None, device: "DeviceSettings | None" = None,
+                         overwrite: bool = False) -> Path:
+    """`xsilo public-set export`: the provider model's states on the public set (from the cache, extracted
+    when missing), written with `write_public_states`."""
+    from datamodules.cache import StateCache
+    from datamodules.extraction import ExtractionConfig, cache_hit, extract, resolve
+    from lightning_modules.settings import DeviceSettings, ExtractionSettings
+
+    extraction, device = extraction or ExtractionSettings(), device or DeviceSettings()
+    device.apply_threads()
+    job = resolve(ExtractionConfig(model=model, data=data, limit=limit, pooling=extraction.pooling,
+                                   layer=extraction.layer, max_length=extraction.max_length, dtype=extraction.dtype,
+                                   batch_size=extraction.batch_size, label_column=None))
+    if not cache_hit(job.directory):
+        extract(job.config, **device.extraction_kwargs())
+    cache = StateCache(job.directory)
+    if cache.n_rows != len(job.texts):
+        raise ExportError(f"the cache {cache.path} holds {cache.n_rows} rows for {len(job.texts)} texts; re-extract "
+                          f"it (`xsilo extract --model {model} --data {data}`)")
+    states = cache.rows(np.arange(cache.n_rows))
+    return write_public_states(out, job.texts, states, model=job.spec(), val_fraction=val_fraction, seed=seed,
+                               name=name or Path(str(data)).stem, overwrite=overwrite)

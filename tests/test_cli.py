@@ -262,3 +262,47 @@ def test_the_registry_flag_uses_a_users_entries(tiny_models, tmp_path, monkeypat
         main(["--registry", str(bad), "assets", "list"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.startswith("error: ") and "broken" in err and "\n" not in err
+
+
+def test_the_two_party_commands_parse(tmp_path):
+    """head fit, public-set export, align, and serve/query's new options parse into their functions' arguments."""
+    from lightning_modules.cli import skip_recipe_sections
+
+    parser = build_parser()
+
+    def parsed(argv: list[str]):
+        command = COMMANDS[argv[0]] if callable(COMMANDS[argv[0]]) else COMMANDS[argv[0]][argv[1]]
+        cfg = parser.instantiate(parser.parse_args(word_lists(skip_recipe_sections(argv, command),
+                                                              list_options(command))))
+        for word in argv[:2] if isinstance(COMMANDS[argv[0]], dict) else argv[:1]:
+            cfg = cfg[word]
+        return cfg
+
+    recipe = str(CONFIGS / "recipe" / "bbc.yaml")  # holds public/fit/head sections besides extraction
+    cfg = parsed(["head", "fit", "--config", recipe, "--model", "gemma3", "--task", "bbc", "--out", "heads/bbc",
+                  "--publish_ood", "true"])
+    assert (cfg.model, cfg.task, cfg.out, cfg.publish_ood, cfg.head.epochs) == ("gemma3", "bbc", "heads/bbc", True, 200)
+    cfg = parsed(["align", "--config", recipe, "--server", "http://127.0.0.1:9", "--model", "smollm2", "--out", "m",
+                  "--fit.standardize", "false"])
+    assert (cfg.server, cfg.fit.standardize, cfg.fit.estimator, cfg.extraction.layer) == ("http://127.0.0.1:9", False,
+                                                                                          "ridge", -1)
+    cfg = parsed(["public-set", "export", "--model", "gemma3", "--data", "p.jsonl", "--out", "pub", "--limit", "10"])
+    assert (cfg.limit, cfg.val_fraction, cfg.seed) == (10, 0.125, 0)
+    cfg = parsed(["serve", "--heads", "h/bbc", "h/vader", "--public", "pub", "--fits_per_client", "3"])
+    assert (cfg.export, cfg.heads, cfg.public, cfg.fits_per_client, cfg.max_fit_sessions) == (
+        None, ["h/bbc", "h/vader"], "pub", 3, 2)
+    cfg = parsed(["query", "--head", "bbc", "--aligner", "m", "--text", "hello"])
+    assert (cfg.head, cfg.aligner) == ("bbc", "m")
+    # a section no command takes is still an error, with or without the recipe's other sections
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("extraction: {layer: -1}\nfitt: {center: true}\n")
+    with pytest.raises(SystemExit):
+        parsed(["align", "--config", str(bad), "--server", "s", "--model", "m", "--out", "o"])
+
+
+def test_serve_with_nothing_to_serve_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: nothing to serve") and err.count("\n") == 1

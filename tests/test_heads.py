@@ -84,3 +84,79 @@ def test_a_head_export_never_overwrites_without_being_asked(tmp_path):
     np.testing.assert_allclose(load_export(out, "head").weight, w.astype(np.float32))
     write_head_export(out, w * 2, b, target=SPEC, label_names=None, overwrite=True)
     np.testing.assert_allclose(load_export(out, "head").weight, (w * 2).astype(np.float32))
+
+
+# --- `xsilo head fit` on a tiny random model ---------------------------------------------------------------
+
+def test_mahalanobis_in_raw_coordinates_scores_as_the_detector_does():
+    """The published means/precision give the same scores as lightning_modules.ood.Mahalanobis (dead dim too)."""
+    import torch
+
+    from lightning_modules.heads import mahalanobis_raw
+    from lightning_modules.ood import Mahalanobis
+    from serve.ood_client import mahalanobis_scores
+
+    rng = np.random.default_rng(0)
+    labels = torch.from_numpy(np.arange(120) % 3)
+    x = rng.normal(size=(120, 10)) * rng.uniform(0.5, 30, 10) + labels.numpy()[:, None] * 2.0
+    x[:, 4] = 3.0  # a dead dimension
+    means, precision = mahalanobis_raw(torch.from_numpy(x), labels, 3, shrinkage=0.05)
+    test = rng.normal(size=(25, 10)) * 10
+    want = Mahalanobis(0.05).fit(torch.from_numpy(x), labels).score(torch.from_numpy(test)).numpy()
+    np.testing.assert_allclose(mahalanobis_scores(test, means, precision), want, rtol=1e-9)
+    assert np.all(precision[4] == 0) and means.shape == (3, 10)
+
+
+@pytest.fixture(scope="module")
+def head_run(tiny_models, tmp_path_factory):
+    from conftest import write_tiny_csv
+    from lightning_modules.cli import main
+
+    root = tmp_path_factory.mktemp("head")
+    task = write_tiny_csv(root / "task.csv", n=150, seed=5)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XSILO_HOME", str(root / "home"))
+        main(["head", "fit", "--model", str(tiny_models["gpt2"]), "--task", str(task), "--out", str(root / "tiny"),
+              "--publish_ood", "true", "--head.epochs", "20", "--accelerator", "cpu", "--threads", "1"])
+        from datamodules.states import LabelledStatesDataModule
+
+        dm = LabelledStatesDataModule(model=str(tiny_models["gpt2"]), data=str(task))
+        dm.setup("test")
+    return root / "tiny", dm
+
+
+def test_head_fit_writes_a_servable_head_whose_metrics_are_its_own(head_run):
+    from lightning_modules.evaluate import split_rows
+    from serve.export_format import load_feature_ood
+    from serve.layers import load_head
+
+    out, dm = head_run
+    part = load_export(out, "head")
+    m = part.manifest
+    assert m["kind"] == "head" and m["label_names"] == ["c0", "c1", "c2"] and m["source"] == {}
+    assert m["target"]["hidden_size"] == dm.dim == part.input_dim and "cache" not in m["target"]
+    for split in ("val", "test"):  # the recorded accuracy is the exported head's on the provider's own states
+        h, labels = split_rows(dm, split)
+        accuracy = float((part(h.numpy()).argmax(1) == labels.numpy()).mean())
+        assert m["metrics"][f"native_{split}"]["accuracy"] == pytest.approx(accuracy, abs=1e-6)
+        assert m["metrics"]["rows"][split] == len(labels)
+    ood = load_feature_ood(out, m)
+    assert ood is not None and ood.tpr == 0.95
+    from serve.ood_client import mahalanobis_scores
+
+    h_val, _ = split_rows(dm, "val")
+    kept = float((mahalanobis_scores(h_val.numpy(), ood.means, ood.precision) <= ood.threshold).mean())
+    assert kept >= 0.95
+    assert load_head(out).name == "tiny"  # the server serves it under the folder's name
+
+
+def test_head_fit_without_publish_ood_writes_no_detector(tiny_models, tmp_path, capsys):
+    from conftest import write_tiny_csv
+    from lightning_modules.cli import main
+
+    task = write_tiny_csv(tmp_path / "task.csv", n=90, seed=6)
+    main(["head", "fit", "--model", str(tiny_models["bert"]), "--task", str(task), "--out", str(tmp_path / "h"),
+          "--head.epochs", "5", "--accelerator", "cpu"])
+    manifest = json.loads((tmp_path / "h" / "manifest.json").read_text())
+    assert "feature_ood" not in manifest and not (tmp_path / "h" / "feature-ood.npz").exists()
+    assert "native accuracy val" in capsys.readouterr().err

@@ -77,3 +77,24 @@ def test_an_existing_folder_is_replaced_only_with_overwrite(tmp_path):
     write_public_states(out, TEXTS, states(), model=SPEC, val_fraction=0.25, seed=0, name="b", overwrite=True)
     assert json.loads((out / "manifest.json").read_text())["name"] == "b"
     assert [p.name for p in tmp_path.iterdir()] == ["public"]
+
+
+def test_public_set_export_writes_the_models_cached_states(tiny_models, tmp_path, capsys):
+    from conftest import write_tiny_csv
+    from datamodules.cache import StateCache
+    from datamodules.extraction import ExtractionConfig, resolve
+    from lightning_modules.cli import main
+    from serve.public_format import load_public_states
+
+    data = write_tiny_csv(tmp_path / "public.csv", n=50, seed=2)
+    main(["public-set", "export", "--model", str(tiny_models["llama"]), "--data", str(data), "--out",
+          str(tmp_path / "pub"), "--val_fraction", "0.2", "--seed", "4", "--accelerator", "cpu"])
+    assert capsys.readouterr().out.strip() == str(tmp_path / "pub")
+    public = load_public_states(tmp_path / "pub")  # the server's reader accepts it
+    job = resolve(ExtractionConfig(model=str(tiny_models["llama"]), data=str(data), label_column=None))
+    cached = StateCache(job.directory).rows(np.arange(50))
+    train_idx, val_idx = random_split(50, 0.2, 4)
+    np.testing.assert_array_equal(public.parts[0], cached[train_idx])
+    np.testing.assert_array_equal(public.parts[1], cached[val_idx])
+    assert public.fingerprint == job.key.dataset_fingerprint and public.name == "public"
+    assert public.manifest["model"]["model_identity"] == job.key.model_identity
