@@ -306,3 +306,66 @@ def test_serve_with_nothing_to_serve_is_one_line(capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: nothing to serve") and err.count("\n") == 1
+
+
+def test_align_through_a_provider_equals_the_plaintext_fit(tiny_models, tmp_path, monkeypatch, capsys):
+    """Two homes, two models: the provider exports its public states and a head and serves them; the client runs
+    `xsilo align` (encrypted fit) and gets the map and λ the lab's plaintext fit finds on the same rows, and
+    `xsilo query --head --aligner` answers as the plaintext head on the mapped state."""
+    import json
+
+    from datamodules.states import PairedStatesDataModule
+    from lightning_modules.evaluate import fit_aligner
+    from lightning_modules.settings import DeviceSettings, FitSettings
+    from serve.export_format import load_export
+    from serve.server import ServerThread, create_app
+
+    provider, client = str(tiny_models["gpt2"]), str(tiny_models["llama"])
+    public = write_tiny_csv(tmp_path / "public.csv", n=120, seed=8)
+    task = write_tiny_csv(tmp_path / "task.csv", n=90, seed=9)
+    monkeypatch.setenv("XSILO_HOME", str(tmp_path / "provider-home"))
+    main(["public-set", "export", "--model", provider, "--data", str(public), "--out", str(tmp_path / "pub"),
+          "--accelerator", "cpu"])
+    main(["head", "fit", "--model", provider, "--task", str(task), "--out", str(tmp_path / "heads" / "topics"),
+          "--head.epochs", "10", "--accelerator", "cpu"])
+    lambdas = "[1.0e-4,1.0e-2,1.0,100.0]"
+    monkeypatch.setenv("XSILO_HOME", str(tmp_path / "client-home"))  # the client never reads the provider's cache
+    with ServerThread(create_app(heads=[tmp_path / "heads" / "topics"], public=tmp_path / "pub"),
+                      max_lifetime_s=300) as srv:
+        capsys.readouterr()
+        main(["align", "--server", srv.url, "--model", client, "--out", str(tmp_path / "map"),
+              "--fit.lambdas", lambdas, "--accelerator", "cpu"])
+        err = capsys.readouterr().err
+        assert "private fit on 105 + 15 public rows" in err and "val R²" in err
+        main(["query", "--server", srv.url, "--head", "topics", "--aligner", str(tmp_path / "map"),
+              "--text", "good film great actor"])
+        answer = json.loads(capsys.readouterr().out.strip().splitlines()[0])
+    private = AffineAligner.from_pretrained(tmp_path / "map")
+    config = json.loads((tmp_path / "map" / "config.json").read_text())
+    assert config["metrics"]["private_fit"]["bytes_sent"] > 0 and config["target"]["public_set_fingerprint"]
+
+    dm = PairedStatesDataModule(source=client, target=provider, data=str(public), limit=None)
+    dm.prepare_data()
+    plain, _ = fit_aligner(dm, FitSettings(lambdas=(1e-4, 1e-2, 1.0, 100.0)), DeviceSettings("cpu"))
+    w_private, w_plain = private.affine_map.weight.double(), plain.affine_map.weight.double()
+    assert float((w_private - w_plain).abs().max()) <= 1e-4 * float(w_plain.abs().max())
+    b_private, b_plain = private.affine_map.bias.double(), plain.affine_map.bias.double()
+    assert float((b_private - b_plain).abs().max()) <= 1e-4 * max(float(b_plain.abs().max()), 1.0)
+    assert float(private.chosen_lambda) == float(plain.chosen_lambda)
+
+    # split mode: the encrypted head on the client's mapped state equals the plaintext head on it
+    from datamodules.extraction import ExtractionConfig, extract, resolve
+
+    text_file = tmp_path / "q.csv"
+    text_file.write_text('text\n"good film great actor"\n')
+    job = resolve(ExtractionConfig(model=client, data=str(text_file), label_column=None))
+    from datamodules.cache import StateCache
+
+    extract(job.config)
+    h = StateCache(job.directory).rows([0])
+    head = load_export(tmp_path / "heads" / "topics", "head")
+    logits = head(private(torch.from_numpy(h)).detach().numpy())
+    probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    assert answer["label"] == head.manifest["label_names"][int(logits.argmax())]
+    for name, p in zip(head.manifest["label_names"], probs[0]):
+        assert answer["probabilities"][name] == pytest.approx(float(p), abs=1e-3)
