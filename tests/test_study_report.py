@@ -168,6 +168,8 @@ def test_bad_study_input_names_the_fix(tiny_models, tmp_path):
 
 # --- the demo report ----------------------------------------------------------------------------
 
+TWO_PARTY = {"lab_mapped_accuracy": 0.767, "fused_accuracy": 0.8, "split_accuracy": 0.767, "split_queries": 60,
+             "map_weight_rel_error_vs_lab": 3e-7, "lambda_lab": 0.01, "lambda_private": 0.01}
 SERVE = {"queries": 4, "agree": 4, "max_abs_logit_diff": 3.1e-05, "accuracy_encrypted": 0.75,
          "accuracy_plaintext": 0.75, "median_extract_ms": 21.5, "median_encrypt_ms": 12.25,
          "median_http_ms": 30.0, "median_server_ms": 180.75, "median_decrypt_ms": 1.5, "median_total_ms": 246.0,
@@ -194,6 +196,7 @@ def demo_run(studied, tmp_path_factory):
         evaluate_pair(PairConfig(**common), out=run / "bbc")
         evaluate_ood(OODConfig(**common, ood=list(cfg.ood), knn_k=5), out=run / "ood")
     atomic_write_json(run / "serve.json", SERVE)
+    atomic_write_json(run / "two-party-summary.json", TWO_PARTY)
     (run / "generation" / "a-b").mkdir(parents=True)
     atomic_write_json(run / "generation" / "a-b" / "metrics.json", GENERATION)
     return run
@@ -222,6 +225,7 @@ def test_every_figure_in_the_report_is_traceable_to_a_json_key(demo_run):
                      "generation/a-b/metrics.json#/rows/mapped/top1", "ood/ood.json#/accuracy/mapped/accuracy"):
         assert expected in keys
     assert sum(k.startswith("serve.json#") for k in keys) == len(SERVE)
+    assert sum(k.startswith("two-party-summary.json#") for k in keys) == len(TWO_PARTY)
     assert not any("/roc/" in k or "/config/" in k for k in keys)  # plot data and settings are not figures
     ood = json.loads((demo_run / "ood" / "ood.json").read_text())
     (name,) = ood["ood"]
