@@ -804,7 +804,8 @@ def serve(*, export: str | None = None, heads: list[str] | None = None, public: 
 
     from serve.server import run
 
-    run(export, heads=heads or (), public=public, host=host, port=port, api_key=api_key if api_key is not None else os.environ.get("XSILO_API_KEY"),
+    run(export, heads=heads or (), public=public, host=host, port=port,
+        api_key=api_key if api_key is not None else os.environ.get("XSILO_API_KEY"),
         max_sessions=max_sessions, session_ttl_s=session_ttl_s, max_concurrency=max_concurrency,
         replica_id=replica_id, header_timeout_s=header_timeout_s, body_timeout_s=body_timeout_s,
         max_connections=max_connections, rows_per_session=rows_per_session, rows_per_client=rows_per_client,

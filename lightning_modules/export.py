@@ -9,9 +9,11 @@ client maps locally):
 
 plus `manifest.json` with the source and target states' specs, dimensions, label names,
 normalisation, metrics and every file's sha256 (`FusedExport.save_pretrained`, `write_export`).
-A map folder is `config.json` + `model.safetensors` (`write_map_folder`, under
-`AffineAligner.save_pretrained`). The reader of both (`load_export`, `LinearExport.from_pretrained`,
-`load_map_folder`, ...) is `serve.export_format`, re-exported here; it needs no training code.
+A head export (`write_head_export`, `xsilo head fit`) holds only `head`: a provider's classifier on its own
+states, with `"kind": "head"` and, when the provider opts in, a feature-space Mahalanobis detector
+(`feature-ood.npz`: class means and shared precision). A map folder is `config.json` + `model.safetensors`
+(`write_map_folder`, under `AffineAligner.save_pretrained`). The reader of each (`load_export`,
+`LinearExport.from_pretrained`, `load_map_folder`, ...) is `serve.export_format`, re-exported here; it needs no training code.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ import numpy as np
 
 # The reader lives in serve.export_format (numpy only, no training code): one reader for the server and here.
 from serve.export_format import (FORMAT, FORMAT_VERSION, MANIFEST, MAP_CONFIG, MAP_FORMAT,  # noqa: F401
-                                 FEATURE_OOD_DETECTOR, MAP_VERSION, MAP_WEIGHTS, PARTS, ExportError, LinearExport, load_export,
-                                 load_map_folder, read_manifest, read_map_config, resolve_pretrained,
+                                 FEATURE_OOD_DETECTOR, MAP_VERSION, MAP_WEIGHTS, PARTS, ExportError, LinearExport,
+                                 load_export, load_map_folder, read_manifest, read_map_config, resolve_pretrained,
                                  sha256_file, verify_file)
 from serve.public_format import SPEC_KEYS  # what a provider publishes about the states it reads
 
