@@ -142,6 +142,11 @@ def public_texts_file(texts: list[str], fingerprint: str) -> "Path":
     from datamodules.assets import xsilo_home
     from datamodules.cache import atomic_write_bytes
 
+    import re
+
+    if not re.fullmatch(r"[0-9a-f]{64}", fingerprint):  # it names a file here: never a path from the network
+        raise PrivateFitError(f"the public set's fingerprint {fingerprint[:80]!r} is not 64 hex digits; is the server "
+                              "an xsilo server?")
     path = Path(xsilo_home()) / "public" / "remote" / f"{fingerprint[:32]}.jsonl"
     data = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts).encode("utf-8")
     if not path.is_file() or path.read_bytes() != data:

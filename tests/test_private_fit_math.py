@@ -145,3 +145,13 @@ def test_bad_inputs_get_a_clear_error(case):
     _, parts, reply, message = case
     with pytest.raises(PrivateFitError, match=message.replace("(", r"\(").replace(")", r"\)")):
         fit_private(parts, reply, FitSettings(lambdas=LAMBDAS), source_spec={}, public_set={"model": {}})
+
+
+def test_the_texts_file_is_named_by_a_checked_fingerprint(isolated_home):
+    from lightning_modules.private_fit import public_texts_file
+
+    path = public_texts_file(["a", "b\nc"], "ab" * 32)
+    assert path.parent == isolated_home / "public" / "remote" and path.read_text().count("\n") == 2
+    assert public_texts_file(["a", "b\nc"], "ab" * 32) == path
+    with pytest.raises(PrivateFitError, match="not 64 hex digits"):
+        public_texts_file(["a"], "../../etc/" + "a" * 54)
