@@ -61,7 +61,7 @@ def main() -> None:
         public_dir = write_public_states(Path(tmp) / "public", texts, z_b, model={"model": "bench-provider",
                                          "hidden_size": db}, val_fraction=0.125, seed=args.seed, name="bench")
         public = load_public_states(public_dir)
-        index = [public.train_index, public.val_index]
+        index = list(public.indices)
         parts = [z_a[i] for i in index]
 
         t0 = time.perf_counter()

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from datamodules.cache import CacheError, StateCache
 from datamodules.extraction import ExtractionConfig, ResolvedExtraction, cache_hit, extract, resolve
 from datamodules.text import drop_seen, stratified_split  # noqa: F401 - stratified_split is public here too
+from serve.public_format import public_split
 
 
 DUPLICATES_REPORTED: set[tuple[str, str]] = set()
@@ -98,12 +99,7 @@ def drop_split_duplicates(texts: list[str], split_index: dict[str, np.ndarray]
     return out, dropped
 
 
-def random_split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    if not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    perm = np.random.default_rng(seed).permutation(n)
-    n_val = round(n * val_fraction)
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+random_split = public_split  # the one split of public rows, shared with the provider's server
 
 
 class _StatesDataModule(L.LightningDataModule):

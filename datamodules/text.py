@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import bz2
 import csv
-import hashlib
 import sys
 from pathlib import Path
 
 import datasets
 import numpy as np
 from datasets import ClassLabel, Dataset
+
+from serve.public_format import texts_digest
 
 from datamodules.assets import FORMATS, AssetError, get_asset, is_prepared, is_registered, package_file, prepare
 
@@ -305,10 +306,7 @@ def label_names(ds: Dataset) -> list[str] | None:
 
 def dataset_fingerprint(ds: Dataset) -> str:
     """Content hash of the texts (and labels): the same rows give the same key anywhere."""
-    digest = hashlib.sha256()
-    for text in ds["text"]:
-        digest.update(text.encode("utf-8"))
-        digest.update(b"\x00")
+    digest = texts_digest(ds["text"])
     if "label" in ds.column_names:
         digest.update(repr(label_names(ds)).encode())
         digest.update(bytes(str(list(ds["label"])), "ascii"))

@@ -23,20 +23,12 @@ import numpy as np
 from datamodules.states import random_split
 from lightning_modules.export import ExportError, file_records, published_spec, staged_folder
 # The reader (serve.public_format, numpy only) declares the format: one declaration for both sides.
-from serve.public_format import PUBLIC_FORMAT, PUBLIC_MANIFEST, PUBLIC_VERSION, STATES_FILE, TEXTS_FILE
+from serve.public_format import (PUBLIC_FORMAT, PUBLIC_MANIFEST, PUBLIC_VERSION, STATES_FILE, TEXTS_FILE,
+                                 texts_fingerprint)
 
 if TYPE_CHECKING:
     from lightning_modules.settings import DeviceSettings, ExtractionSettings
 
-
-
-def texts_fingerprint(texts: list[str]) -> str:
-    """`datamodules.text.dataset_fingerprint` of the label-free texts (what both parties compare)."""
-    from datasets import Dataset
-
-    from datamodules.text import dataset_fingerprint
-
-    return dataset_fingerprint(Dataset.from_dict({"text": list(texts)}))
 
 
 def write_public_states(

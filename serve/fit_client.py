@@ -5,7 +5,7 @@
         reply = fits.fit([Z_train, Z_val], fits.public_set()["fingerprint"])
         # reply.cross[p] = Σ_rows (z_A - reply.client_shift)ᵀ (z_B - mu_B) of part p, d_A × d_B
 
-The client normalises each part with its train part's mean and safe std, encrypts it in chunks under a CKKS key
+The client normalises each part with its train part's mean and std, encrypts it in chunks under a CKKS key
 made here (only public keys are sent), and undoes the scaling after decryption. `lightning_modules.private_fit`
 turns the reply into the ridge map. Numpy, httpx and `encrypted` only.
 """

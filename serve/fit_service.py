@@ -17,7 +17,6 @@ until fetched; the rows and ciphertexts it accepts are exactly the plan's. Every
 """
 from __future__ import annotations
 
-import secrets
 import threading
 import time
 from collections import OrderedDict
@@ -36,6 +35,7 @@ from .export_format import ExportError
 from .fit_stats import normalise, provider_stats, train_normaliser
 from .protocol import API_PREFIX, OCTET_STREAM, SERVER_TIMING_HEADER
 from .public_format import PublicStates
+from .sessions import SessionStore
 from .settings import ServerSettings
 
 PLAN_CACHE = 16  # plans kept by source_dim (each is a few small dicts)
@@ -68,9 +68,9 @@ class FitService:
         except EncryptedError as exc:
             raise ExportError(f"{public.directory} cannot be served for private fits: {exc}") from None
         self.budget = FitBudget(settings.fits_per_client, settings.max_clients)
-        self.id_prefix = f"{settings.replica_id}." if settings.replica_id else ""
+        self.sessions = SessionStore(settings.max_fit_sessions, settings.fit_session_ttl_s, evict=False, clock=clock,
+                                     id_prefix=f"{settings.replica_id}." if settings.replica_id else "")
         self._plans: OrderedDict[int, GramPlan] = OrderedDict()
-        self._sessions: OrderedDict[str, FitSession] = OrderedDict()
         self._opening = 0  # sessions whose keys are being read (they hold a slot)
         self._lock = threading.Lock()
 
@@ -105,13 +105,6 @@ class FitService:
 
     # --- sessions -----------------------------------------------------------------------------------------
 
-    def _purge_expired(self, now: float) -> None:
-        while self._sessions:
-            oldest = next(iter(self._sessions.values()))
-            if now - oldest.last_used < self.settings.fit_session_ttl_s:
-                break
-            del self._sessions[oldest.session_id]
-
     def check_fingerprint(self, fingerprint: str) -> None:
         if fingerprint != self.public.fingerprint:
             raise ApiError(409, "public_set_mismatch",
@@ -124,8 +117,7 @@ class FitService:
         """Hold one of `max_fit_sessions` slots for a session being opened; 503 when all are taken. Fit sessions are
         never evicted for a newcomer: each holds another client's half-finished fit."""
         with self._lock:
-            self._purge_expired(self.clock())
-            if len(self._sessions) + self._opening >= self.settings.max_fit_sessions:
+            if self.sessions.free_slots() - self._opening <= 0:
                 raise ApiError(503, "busy", f"{self.settings.max_fit_sessions} private fits are running on this "
                                             "server; retry in a few minutes", {"Retry-After": "30"})
             self._opening += 1
@@ -141,35 +133,26 @@ class FitService:
             keys.require(plan.layout)
         except ValueError as exc:
             raise input_error(exc) from None
-        session = FitSession(self.id_prefix + secrets.token_urlsafe(24), plan, keys, self.clock())
+        session = FitSession(self.sessions.new_id(), plan, keys, self.clock())
         session.accumulator = GramAccumulator(plan, 0, self.targets[0])
         return session
 
     def add(self, session: FitSession) -> None:
-        with self._lock:
-            self._sessions[session.session_id] = session
+        self.sessions.put(session)
 
     def session(self, session_id: str) -> FitSession:
-        now = self.clock()
-        with self._lock:
-            self._purge_expired(now)
-            session = self._sessions.get(session_id)
-            if session is None:
-                raise ApiError(404, "fit_session_not_found", f"fit session {session_id[:48]!r} does not exist on this "
-                                                             f"server (it expired, was closed, or the server "
-                                                             f"restarted); {FIT_REOPEN}")
-            session.last_used = now
-            self._sessions.move_to_end(session_id)
-            return session
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise ApiError(404, "fit_session_not_found", f"fit session {session_id[:48]!r} does not exist on this "
+                                                         f"server (it expired, was closed, or the server "
+                                                         f"restarted); {FIT_REOPEN}")
+        return session
 
     def remove(self, session_id: str) -> bool:
-        with self._lock:
-            return self._sessions.pop(session_id, None) is not None
+        return self.sessions.remove(session_id)
 
     def __len__(self) -> int:
-        with self._lock:
-            self._purge_expired(self.clock())
-            return len(self._sessions)
+        return len(self.sessions)
 
     # --- chunks and results -------------------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """Normalisation and published statistics of the private fit (numpy only; both parties use it).
 
-Each party scales its own states by its train part's mean and a safe std before any ciphertext is made,
+Each party scales its own states by its train part's mean and std before any ciphertext is made,
 so every encrypted value is O(1) and every Gram entry is at most the part's row count in magnitude. The
 scale is range scaling only: the client undoes it after decryption (`diag(s_A) G diag(s_B)`), so the
 map does not depend on it.
@@ -11,28 +11,20 @@ from typing import Any
 
 import numpy as np
 
-REL_TOL = 1e-3  # the project's one zero-variance rule: lightning_modules.standardize.REL_TOL
-
-
-def safe_scale(std: np.ndarray, rel_tol: float = REL_TOL) -> np.ndarray:
-    """`std` with 1 on dead dimensions (std ≤ rel_tol · median std, or 0): the numpy twin of
-    `lightning_modules.standardize.safe_scale`."""
-    std = np.clip(np.asarray(std, dtype=np.float64), 0, None)
-    if std.size == 0:
-        return std
-    reference = np.median(std)
-    if not reference > 0:  # more than half the dimensions are constant: fall back to the largest std
-        reference = std.max()
-    dead = (std <= rel_tol * reference) | (std <= 0)
-    return np.where(dead, 1.0, std)
+def range_scale(std: np.ndarray) -> np.ndarray:
+    """`std`, with 1 where it is 0 (or not finite). Not the fit's standardisation (the client's solver applies
+    that, `lightning_modules.standardize`): dividing a near-constant dimension by its tiny std only makes it O(1),
+    still bounded by Cauchy-Schwarz, and the client multiplies it back."""
+    std = np.asarray(std, dtype=np.float64)
+    return np.where(np.isfinite(std) & (std > 0), std, 1.0)
 
 
 def train_normaliser(train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, safe 1/n-normalised std) of the train part's rows, float64."""
+    """(mean, `range_scale` of the 1/n-normalised std) of the train part's rows, float64."""
     train = np.asarray(train, dtype=np.float64)
     if train.ndim != 2 or train.shape[0] < 1:
         raise ValueError(f"the train part must be (rows >= 1, d) states, got shape {train.shape}")
-    return train.mean(axis=0), safe_scale(train.std(axis=0))
+    return train.mean(axis=0), range_scale(train.std(axis=0))
 
 
 def normalise(states: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:

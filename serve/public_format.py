@@ -16,7 +16,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -32,18 +32,26 @@ REWRITE = "re-run `xsilo public-set export`"
 SPEC_KEYS = ("model", "model_identity", "pooling", "layer", "max_length", "dtype", "hidden_size")
 
 
-def texts_fingerprint(texts: list[str]) -> str:
-    """`datamodules.text.dataset_fingerprint` of label-free texts, without `datasets`: sha256 over each text's
-    UTF-8 bytes followed by a NUL byte."""
+def texts_digest(texts: Iterable[str]) -> "hashlib._Hash":
+    """sha256 over each text's UTF-8 bytes followed by a NUL byte: the start of every dataset fingerprint
+    (`datamodules.text.dataset_fingerprint` goes on with the labels)."""
     digest = hashlib.sha256()
     for text in texts:
         digest.update(text.encode("utf-8"))
         digest.update(b"\x00")
-    return digest.hexdigest()
+    return digest
+
+
+def texts_fingerprint(texts: Iterable[str]) -> str:
+    """The fingerprint of label-free texts, which both parties of a private fit compare."""
+    return texts_digest(texts).hexdigest()
 
 
 def public_split(rows: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, val) row indices: the split `datamodules.states.random_split(rows, val_fraction, seed)` draws."""
+    """(train, val) sorted row indices: a seeded permutation's last and first round(rows·val_fraction) rows. The
+    one split of public rows (`datamodules.states.random_split` is this function)."""
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     perm = np.random.default_rng(seed).permutation(rows)
     n_val = round(rows * val_fraction)
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])

@@ -26,19 +26,25 @@ class Session:
 
 
 class SessionStore:
-    """Sessions by id, least recently used first. `ttl_s` counts from a session's last use."""
+    """Sessions (anything with `session_id` and `last_used`) by id, least recently used first. `ttl_s` counts
+    from a session's last use. When full, `put` evicts the least recently used (`evict=True`, inference
+    sessions: the client re-opens) or refuses (`evict=False`: the caller checks `free_slots` first)."""
 
-    def __init__(self, max_sessions: int, ttl_s: float, *, id_prefix: str = "",
+    def __init__(self, max_sessions: int, ttl_s: float, *, id_prefix: str = "", evict: bool = True,
                  clock: Callable[[], float] = time.monotonic):
         if max_sessions < 1:
             raise ValueError(f"max_sessions must be at least 1, got {max_sessions}")
         if ttl_s <= 0:
             raise ValueError(f"session_ttl_s must be positive, got {ttl_s}")
         self.max_sessions, self.ttl_s, self.id_prefix, self.clock = max_sessions, ttl_s, id_prefix, clock
-        self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self.evict = evict
+        self._sessions: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
         self.evicted = 0
         self.expired = 0
+
+    def new_id(self) -> str:
+        return self.id_prefix + secrets.token_urlsafe(24)
 
     def _purge_expired(self, now: float) -> None:
         while self._sessions:
@@ -48,18 +54,24 @@ class SessionStore:
             del self._sessions[oldest.session_id]
             self.expired += 1
 
-    def add(self, keys: Any, key_bytes: int, layer: str | None = None) -> Session:
-        now = self.clock()
-        session = Session(self.id_prefix + secrets.token_urlsafe(24), keys, key_bytes, now, now, layer=layer)
+    def put(self, session: Any) -> Any:
+        """Store `session` (evicting the least recently used when full and `evict`); returns it."""
         with self._lock:
-            self._purge_expired(now)
+            self._purge_expired(self.clock())
             while len(self._sessions) >= self.max_sessions:
+                if not self.evict:
+                    raise RuntimeError("SessionStore is full; check free_slots() before put()")
                 self._sessions.popitem(last=False)
                 self.evicted += 1
             self._sessions[session.session_id] = session
         return session
 
-    def get(self, session_id: str) -> Session | None:
+    def add(self, keys: Any, key_bytes: int, layer: str | None = None) -> Session:
+        """A new inference session for `keys` (evaluating `layer`)."""
+        now = self.clock()
+        return self.put(Session(self.new_id(), keys, key_bytes, now, now, layer=layer))
+
+    def get(self, session_id: str) -> Any | None:
         """The live session, marked as used now; None if unknown, evicted or expired."""
         now = self.clock()
         with self._lock:
@@ -67,7 +79,8 @@ class SessionStore:
             session = self._sessions.get(session_id)
             if session is not None:
                 session.last_used = now
-                session.requests += 1
+                if isinstance(session, Session):
+                    session.requests += 1
                 self._sessions.move_to_end(session_id)
             return session
 
@@ -75,7 +88,10 @@ class SessionStore:
         with self._lock:
             return self._sessions.pop(session_id, None) is not None
 
-    def __len__(self) -> int:
+    def free_slots(self) -> int:
         with self._lock:
             self._purge_expired(self.clock())
-            return len(self._sessions)
+            return self.max_sessions - len(self._sessions)
+
+    def __len__(self) -> int:
+        return self.max_sessions - self.free_slots()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from serve.fit_client import PrivateFitClient
-from serve.fit_stats import safe_scale
+from serve.fit_stats import range_scale
 from serve.http_client import ServeError, ServerReplyError
 from serve.public_format import load_public_states, public_split, texts_fingerprint
 from serve.server import ServerThread, create_app
@@ -49,7 +49,7 @@ def test_the_decrypted_cross_products_and_stats_equal_numpy(provider):
                          progress=lambda done, total: ticks.append((done, total)))
     assert ticks == [(1, 3), (2, 3), (3, 3)]
     targets = [states[index] for index in public.indices]
-    mu_b, s_b = targets[0].mean(0), safe_scale(targets[0].std(0))
+    mu_b, s_b = targets[0].mean(0), range_scale(targets[0].std(0))
     np.testing.assert_allclose(reply.client_shift, parts[0].mean(0))
     np.testing.assert_allclose(reply.stats["mu_B"], mu_b, rtol=1e-12)
     np.testing.assert_allclose(reply.stats["s_B"], s_b, rtol=1e-12)

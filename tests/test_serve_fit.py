@@ -12,7 +12,7 @@ import pytest
 import serve.fit_service as fit_service
 from encrypted import ClientKeys, GramPlan, encrypt_chunk
 from serve.export_format import ExportError
-from serve.fit_stats import safe_scale
+from serve.fit_stats import range_scale
 from serve.public_format import load_public_states, public_split, texts_fingerprint
 from serve.server import ServerThread, create_app
 
@@ -250,19 +250,17 @@ def test_the_reader_matches_the_writer_and_the_lab_split(public_dir, public):
     assert public.rows == 40 and public.part_rows == (30, 10) and public.texts == small_texts(40, 0)
     for ours, theirs in zip(public_split(40, 0.25, 0), random_split(40, 0.25, 0)):
         np.testing.assert_array_equal(ours, theirs)
-    from lightning_modules.public_states import texts_fingerprint as writer_fingerprint
+    from datasets import Dataset
 
-    assert texts_fingerprint(public.texts) == writer_fingerprint(public.texts) == public.fingerprint
+    from datamodules.text import dataset_fingerprint
+
+    label_free = Dataset.from_dict({"text": public.texts})
+    assert texts_fingerprint(public.texts) == dataset_fingerprint(label_free) == public.fingerprint
 
 
-def test_safe_scale_is_the_project_rule():
-    import torch
-
-    from lightning_modules.standardize import safe_scale as torch_safe_scale
-
-    std = np.array([0.0, 1e-9, 0.5, 1.0, 2.0, 3e-4, 1e3])
-    np.testing.assert_array_equal(safe_scale(std), torch_safe_scale(torch.tensor(std)).numpy())
-    np.testing.assert_array_equal(safe_scale(np.zeros(4)), np.ones(4))
+def test_range_scale_keeps_every_std_but_zero():
+    std = np.array([0.0, 1e-9, 0.5, 1.0, np.nan, 3e-4, 1e3])
+    np.testing.assert_array_equal(range_scale(std), [1.0, 1e-9, 0.5, 1.0, 1.0, 3e-4, 1e3])
 
 
 def edit(folder, name: str, change) -> None:
