@@ -344,8 +344,13 @@ def test_align_through_a_provider_equals_the_plaintext_fit(tiny_models, tmp_path
     config = json.loads((tmp_path / "map" / "config.json").read_text())
     assert config["metrics"]["private_fit"]["bytes_sent"] > 0 and config["target"]["public_set_fingerprint"]
 
+    from lightning_modules.two_party_report import isolation
+
+    homes = tmp_path / "provider-home", tmp_path / "client-home"
+    assert isolation(*homes)[1] == []  # neither home holds the other's states
     dm = PairedStatesDataModule(source=client, target=provider, data=str(public), limit=None)
     dm.prepare_data()
+    assert isolation(*homes)[1]  # the lab's one-machine fit put the provider's states in the client's home
     plain, _ = fit_aligner(dm, FitSettings(lambdas=(1e-4, 1e-2, 1.0, 100.0)), DeviceSettings("cpu"))
     w_private, w_plain = private.affine_map.weight.double(), plain.affine_map.weight.double()
     assert float((w_private - w_plain).abs().max()) <= 1e-4 * float(w_plain.abs().max())
