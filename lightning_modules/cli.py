@@ -878,6 +878,7 @@ COMMANDS = {
     "serve": serve,
     "query": query,
 }
+PARTY_COMMANDS = (head_fit, align, public_set_export)  # one side of a two-party recipe (see RECIPE_SECTIONS)
 
 
 def build_parser():
@@ -968,9 +969,10 @@ def list_options(command) -> set[str]:
     return options(hints, "--")
 
 
-# The sections of a recipe file (configs/recipe/*.yaml). A command that takes only some of them (`head fit`:
-# extraction and head; `align`: extraction and fit) skips the others of a --config file, so one recipe serves both
-# parties; any other unknown key is still an error.
+# The sections of a recipe file (configs/recipe/*.yaml). Each party's command takes only its side of them
+# (`head fit`: extraction and head; `align`: extraction and fit; `public-set export`: extraction) and skips the
+# others of a --config file, so one recipe serves both parties. Every other command still refuses a section it
+# does not take, as does a party's command any other unknown key.
 RECIPE_SECTIONS = ("public", "extraction", "fit", "head", "seed", "task_limit")
 
 
@@ -981,6 +983,8 @@ def skip_recipe_sections(argv: list[str], command) -> list[str]:
 
     import yaml
 
+    if command not in PARTY_COMMANDS:
+        return argv
     params = set(inspect.signature(command).parameters)
     out = list(argv)
     for i, word in enumerate(argv):
