@@ -13,7 +13,10 @@ The val part's yty holds trace/d_B in every dim: `val_mse` and `val_r2` use only
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
@@ -23,8 +26,6 @@ from lightning_modules.settings import FitSettings
 from lightning_modules.solvers import SufficientStats, solve, val_mse, val_r2
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from lightning_modules.aligner import AffineAligner
     from lightning_modules.settings import DeviceSettings, ExtractionSettings
     from serve.fit_client import GramReply
@@ -133,16 +134,11 @@ def fit_private(parts: Sequence[np.ndarray], reply: "GramReply", fit: FitSetting
     return PrivateFit(aligner.eval(), metrics)
 
 
-def public_texts_file(texts: list[str], fingerprint: str) -> "Path":
+def public_texts_file(texts: list[str], fingerprint: str) -> Path:
     """The provider's public texts as a .jsonl under $XSILO_HOME/public/remote/ (written atomically once), so the
     client's own extraction caches them like any dataset."""
-    import json
-    from pathlib import Path
-
     from datamodules.assets import xsilo_home
     from datamodules.cache import atomic_write_bytes
-
-    import re
 
     if not re.fullmatch(r"[0-9a-f]{64}", fingerprint):  # it names a file here: never a path from the network
         raise PrivateFitError(f"the public set's fingerprint {fingerprint[:80]!r} is not 64 hex digits; is the server "
@@ -155,14 +151,12 @@ def public_texts_file(texts: list[str], fingerprint: str) -> "Path":
     return path
 
 
-def align(server: str, model: str, out: "str | Path", *, fit: FitSettings | None = None,
+def align(server: str, model: str, out: str | Path, *, fit: FitSettings | None = None,
           extraction: "ExtractionSettings | None" = None, device: "DeviceSettings | None" = None,
           api_key: str | None = None, timeout: float = 300.0, progress=None) -> PrivateFit:
     """`xsilo align`: fit the map from this client's `model` into the provider's states without either side seeing
     the other's: fetch the public texts, check their fingerprint, extract `model`'s states on them (cached), split
     them as the provider did, run the encrypted fit, solve, and save the map folder `out`."""
-    from pathlib import Path
-
     from datamodules.cache import StateCache
     from datamodules.extraction import ExtractionConfig, cache_hit, extract, resolve
     from datamodules.states import random_split
