@@ -18,6 +18,9 @@ from pathlib import Path
 
 from lightning_modules.settings import (GENERATION_PUBLIC, Accelerator, DeviceSettings, Devices, ExtractionSettings,
                                         FitSettings, HeadSettings, Precision, PublicSetSettings, Recipe)
+from serve.settings import ServerSettings
+
+SERVER = ServerSettings()  # `xsilo serve` flags default to the server's own settings, declared once there
 
 LIGHTNING_SUBCOMMANDS = {
     "fit": "Fit the config's model on its DataModule (LightningCLI): -c configs/trainer/cpu.yaml -c configs/data/... "
@@ -766,11 +769,14 @@ def export(
 
 def serve(*, export: str | None = None, heads: list[str] | None = None, public: str | None = None,
           host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_sessions: int = 64, session_ttl_s: float = 1800.0, max_concurrency: int = 2,
-          replica_id: str | None = None, header_timeout_s: float = 10.0, body_timeout_s: float = 30.0,
-          max_connections: int = 256, rows_per_session: int | None = None, rows_per_client: int | None = None,
-          output_noise: float = 0.0, circuit_privacy: int | None = None, max_fit_sessions: int = 2,
-          fits_per_client: int | None = 2, max_fit_source_dim: int = 4096, log_level: str = "info") -> None:
+          max_sessions: int = SERVER.max_sessions, session_ttl_s: float = SERVER.session_ttl_s,
+          max_concurrency: int = SERVER.max_concurrency, replica_id: str | None = SERVER.replica_id,
+          header_timeout_s: float = SERVER.header_timeout_s, body_timeout_s: float = SERVER.body_timeout_s,
+          max_connections: int = SERVER.max_connections, rows_per_session: int | None = SERVER.rows_per_session,
+          rows_per_client: int | None = SERVER.rows_per_client, output_noise: float = SERVER.output_noise,
+          circuit_privacy: int | None = SERVER.circuit_privacy, max_fit_sessions: int = SERVER.max_fit_sessions,
+          fits_per_client: int | None = SERVER.fits_per_client, max_fit_source_dim: int = SERVER.max_fit_source_dim,
+          log_level: str = "info") -> None:
     """Serve linear layers under CKKS encryption over HTTP, and private fits (API docs at /docs).
 
     The server evaluates W h + b on encrypted hidden states: it never sees texts, states or logits. Pass at least

@@ -13,8 +13,8 @@ from encrypted import DEFAULT_PROFILE, N8192_PRIVATE, EncryptedError, EncryptedL
 
 from .export_format import HEAD_KIND, ExportError, FeatureOod, load_export, read_manifest
 from .ood_client import check_ood_manifest
+from .public_format import SPEC_KEYS
 
-SPEC_KEYS = ("model", "model_identity", "pooling", "layer", "max_length", "dtype", "hidden_size")
 OOD_KEYS = ("detector", "threshold", "tpr", "all")  # what a client needs to flag OOD inputs from its logits
 HEAD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 

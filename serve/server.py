@@ -43,9 +43,9 @@ from .api import (BODY_ERRORS, ERROR_RESPONSES, OCTET_REPLY, ApiError, api_key_d
 from .budget import QueryBudget
 from .export_format import ExportError
 from .fit_service import FitService, add_fit_routes
-from .layers import SPEC_KEYS, ServedLayer, load_fused, load_head
+from .layers import ServedLayer, load_fused, load_head
 from .protocol import API_PREFIX, BUDGET_HEADER, OCTET_STREAM, REOPEN_HINT, SERVER_TIMING_HEADER, SESSION_NOT_FOUND
-from .public_format import PublicStates, load_public_states
+from .public_format import SPEC_KEYS, PublicStates, load_public_states
 from .sessions import Session, SessionStore
 from .settings import ServerSettings, check_api_key  # noqa: F401  (public here: `from serve.server import ...`)
 from .transport import HeaderLimit, limited_protocol

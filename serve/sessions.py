@@ -20,7 +20,6 @@ class Session:
     key_bytes: int
     created: float
     last_used: float
-    requests: int = 0
     rows: int = 0  # rows (query lanes) answered, for the query budget
     layer: str | None = None  # the head the session evaluates; None: the fused export
 
@@ -79,8 +78,6 @@ class SessionStore:
             session = self._sessions.get(session_id)
             if session is not None:
                 session.last_used = now
-                if isinstance(session, Session):
-                    session.requests += 1
                 self._sessions.move_to_end(session_id)
             return session
 

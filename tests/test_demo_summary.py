@@ -11,7 +11,7 @@ def test_the_summary_names_each_stage_its_figure_and_file_and_says_what_is_missi
     run = tmp_path / "demo"
     (run / "bbc").mkdir(parents=True)
     (run / "ood").mkdir()
-    (run / "stage-times.tsv").write_text("1\tassets\t2\n3\tfit\t9\n5\tserve\t22\n7\tood\t200\n")
+    (run / "stage-times.tsv").write_text("1\tassets\t2\n3\tfit\t9\n5\tserve\t22\n6\ttwo-party\t204\n7\tood\t200\n")
     (run / "bbc" / "metrics.json").write_text(json.dumps({
         "rows": {"task_test": 60},
         "classification": {"mapped": {"accuracy": 0.767}, "native_target": {"accuracy": 0.817},
@@ -19,6 +19,9 @@ def test_the_summary_names_each_stage_its_figure_and_file_and_says_what_is_missi
     (run / "ood" / "ood.json").write_text(json.dumps({"deployable": {
         "chosen": "knn@source", "candidates": {"knn@source": {"test_auroc_mean": 0.861, "val_auroc_mean": 0.869}}}}))
     (run / "ood" / "samples.json").write_text(json.dumps({"right": 3, "total": 6}))
+    (run / "two-party-summary.json").write_text(json.dumps({
+        "split_accuracy": 0.767, "lab_mapped_accuracy": 0.767, "fused_accuracy": 0.8,
+        "map_weight_rel_error_vs_lab": 4.6e-7, "split_median_total_ms": 237.0}))
     lines = summary(run).splitlines()
     assert lines[0].split() == ["stage", "time", "headline", "file"]
     fit = next(l for l in lines if l.startswith("3. fit"))
@@ -26,6 +29,8 @@ def test_the_summary_names_each_stage_its_figure_and_file_and_says_what_is_missi
     assert fit.endswith(str(run / "bbc" / "metrics.json"))
     ood = next(l for l in lines if l.startswith("7. ood"))
     assert "knn@source: test AUROC 0.861 (val 0.869); samples right 3/6" in ood
+    two = next(l for l in lines if l.startswith("6. two-party"))
+    assert "split 0.767 (lab 0.767, fused 0.800); private map = lab map to 5e-07, median 237 ms" in two
     serve = next(l for l in lines if l.startswith("5. serve"))
     assert f"missing: {run / 'serve.json'}" in serve  # a stage without its file says so
-    assert lines[-1] == "total 3.9 min (233 s)"
+    assert lines[-1] == "total 7.3 min (437 s)"
