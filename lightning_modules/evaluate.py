@@ -89,8 +89,13 @@ def split_rows(dm, split: str) -> list[torch.Tensor]:
 
 
 def classification_scores(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
+    """Accuracy and macro-F1, beside the majority-class rate (the accuracy of always answering the most
+    common true label) and the share of predictions on the most-predicted class (1.0: a collapsed head)."""
+    predicted = torch.bincount(logits.argmax(-1), minlength=num_classes)
     return {"accuracy": float(multiclass_accuracy(logits, labels, num_classes, average="micro")),
-            "macro_f1": float(multiclass_f1_score(logits, labels, num_classes, average="macro"))}
+            "macro_f1": float(multiclass_f1_score(logits, labels, num_classes, average="macro")),
+            "majority_rate": float(torch.bincount(labels, minlength=num_classes).max() / max(len(labels), 1)),
+            "top_prediction_share": float(predicted.max() / max(len(labels), 1))}
 
 
 def null_map(dm: PairedStatesDataModule, fit: FitSettings, seed: int, lam: float) -> torch.nn.Module:

@@ -14,7 +14,12 @@ from typing import Any, Literal
 
 
 # Ridge λ path, relative to the mean eigenvalue of the source covariance: one grid fits any model's scale.
-DEFAULT_LAMBDAS: tuple[float, ...] = tuple(10.0 ** e for e in range(-6, 3))
+# Four per decade from 1e-6 to 1e2 (33 values); the whole path comes from one eigendecomposition.
+DEFAULT_LAMBDAS: tuple[float, ...] = tuple(10.0 ** (e / 4) for e in range(-24, 9))
+# Inverse L2 strengths C of the logistic-regression head (scikit-learn's convention), tried on validation.
+DEFAULT_CS: tuple[float, ...] = tuple(10.0 ** (e / 2) for e in range(-6, 7))
+Criterion = Literal["auto", "gcv", "val_mse", "head"]
+Estimator = Literal["ridge", "lstsq", "procrustes", "scaled_procrustes", "reduced_rank", "cca"]
 Accelerator = Literal["auto", "cpu", "gpu", "cuda", "mps"]
 Devices = int | Literal["auto"]
 Precision = Literal["auto", "32-true", "64-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true"]
@@ -96,32 +101,50 @@ class FitSettings:
     """How the source→target map is fitted.
 
     Args:
-        estimator: ridge (λ chosen on held-out public rows), lstsq, procrustes or scaled_procrustes.
+        estimator: ridge (λ chosen by `criterion`), lstsq, procrustes, scaled_procrustes, reduced_rank (ridge
+            projected onto its top `rank` output directions) or cca (rank-`rank` canonical-correlation map).
         lambdas: the ridge λ path (relative to the mean eigenvalue of the source covariance).
+        criterion: how λ is chosen on the path: gcv (generalised cross-validation on the fit rows), val_mse
+            (held-out public rows), head (held-out public rows measured through the target's head: logit MSE);
+            auto: head where the head is known, else gcv.
+        rank: output rank of reduced_rank and cca (null: min(d_x, d_y)).
         center: fit an intercept.
         standardize: z-score states before solving (the best measured recipe).
+        whiten_target: solve in the target's whitened coordinates (full covariance, ridge-shrunk) and map back.
     """
 
-    estimator: Literal["ridge", "lstsq", "procrustes", "scaled_procrustes"] = "ridge"
+    estimator: Estimator = "ridge"
     lambdas: tuple[float, ...] = DEFAULT_LAMBDAS
+    criterion: Criterion = "auto"
+    rank: int | None = None
     center: bool = True
     standardize: bool = True
+    whiten_target: bool = False
 
     def __post_init__(self) -> None:
         if not self.lambdas or min(self.lambdas) < 0:
             raise SettingsError(f"fit.lambdas must be a non-empty list of λ >= 0, got {list(self.lambdas)}")
+        if self.rank is not None and self.rank < 1:
+            raise SettingsError(f"fit.rank must be a positive number of directions (or null for full), got {self.rank}")
 
 
 @dataclass(frozen=True)
 class HeadSettings:
-    """The linear classifier (logistic regression) on a model's task states.
+    """The linear classifier (multinomial logistic regression) on a model's task states.
 
     Args:
-        epochs: maximum epochs (early stopping on val_loss, patience 10).
-        lr: learning rate.
-        weight_decay: L2 weight decay.
+        solver: lbfgs (full batch, float64, the L2 strength C chosen on the validation split from `cs`: on par
+            with scikit-learn's LogisticRegression) or adamw (minibatch, fixed weight decay, early stopping).
+        cs: inverse L2 strengths tried by lbfgs (scikit-learn's C, on standardised states).
+        max_iter: L-BFGS iterations per C.
+        epochs: adamw's maximum epochs (early stopping on val_loss, patience 10).
+        lr: adamw's learning rate.
+        weight_decay: adamw's L2 weight decay.
     """
 
+    solver: Literal["lbfgs", "adamw"] = "lbfgs"
+    cs: tuple[float, ...] = DEFAULT_CS
+    max_iter: int = 500
     epochs: int = 200
     lr: float = 1e-2
     weight_decay: float = 1e-3
@@ -130,6 +153,9 @@ class HeadSettings:
         if self.epochs < 1 or self.lr <= 0 or self.weight_decay < 0:
             raise SettingsError(f"head needs epochs >= 1, lr > 0 and weight_decay >= 0; got {self.epochs}, "
                                 f"{self.lr}, {self.weight_decay}")
+        if not self.cs or min(self.cs) <= 0 or self.max_iter < 1:
+            raise SettingsError(f"head needs a non-empty list of C > 0 and max_iter >= 1; got {list(self.cs)}, "
+                                f"{self.max_iter}")
 
 
 @dataclass(frozen=True)
