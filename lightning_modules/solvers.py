@@ -23,7 +23,8 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from collections.abc import Mapping
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from torch import Tensor
@@ -32,7 +33,7 @@ from lightning_modules.settings import DEFAULT_LAMBDAS  # declared with the reci
 from lightning_modules.standardize import REL_TOL, safe_scale, std_from_moments
 
 F64 = torch.float64
-Method = Literal["ridge", "lstsq", "procrustes", "scaled_procrustes"]
+Method = Literal["ridge", "lstsq", "procrustes", "scaled_procrustes", "reduced_rank", "cca"]
 
 # Rows per float64 block in `update` (bounds the float64 copy of a float32/bf16 batch) and column
 # panel width for the symmetric Gram updates.
@@ -308,6 +309,117 @@ def sklearn_alpha(stats: SufficientStats, lam: float, center: bool = True, stand
     return lam * stats.count * _lambda_unit(cxx)
 
 
+@dataclass(eq=False)
+class RidgeFactors:
+    """The ridge path's one eigendecomposition: every map_λ, its degrees of freedom, its GCV score and its MSE
+    on any held-out statistics (optionally through a head) follow from these in O(d_x²) per λ.
+
+    In the normalised coordinates of `norm`: Cxx = V diag(evals) Vᵀ, proj = Vᵀ Cxy, and
+    map_λ's normalised weight is projᵀ diag(s_λ) Vᵀ with s_λ = 1/(evals + λ·unit).
+    """
+
+    norm: Normalization
+    evals: Tensor       # (d_x,) eigenvalues of the normalised Cxx, clamped >= 0
+    evecs: Tensor       # (d_x, d_x) V
+    proj: Tensor        # (d_x, d_y) Vᵀ Cxy
+    unit: float         # λ's unit: tr(Cxx)/d_x
+    n: int              # training rows
+    sst: float          # Σ_j Var(y_j) in raw coordinates (second moment about mean_y), per row
+    intercept: bool     # an intercept was fitted (center=True): one more degree of freedom
+    rcond: float | None = None
+
+    def inverse(self, lam: float) -> Tensor:
+        """s_λ: 1/(e + λ·unit); λ = 0 is the thresholded pseudo-inverse (warns when singular)."""
+        if lam < 0 or not math.isfinite(lam):
+            raise ValueError(f"ridge λ must be finite and >= 0, got {lam}")
+        if lam == 0:
+            return _pinv_inverse(self.evals, self.n, self.rcond, "ridge path (λ=0)")
+        return 1.0 / (self.evals + lam * self.unit)
+
+    def df(self, lam: float) -> float:
+        """Effective degrees of freedom tr(H_λ) = Σ e/(e + λ·unit), plus 1 for the intercept."""
+        return float((self.evals * self.inverse(lam)).sum()) + (1.0 if self.intercept else 0.0)
+
+    def map(self, lam: float, head: AffineMap | None = None) -> AffineMap:
+        """The ridge map at λ in raw coordinates; with `head`, the composition head ∘ map_λ (= `compose`),
+        built without forming the d_y × d_x map."""
+        s = self.inverse(lam)
+        if head is None:
+            return self.norm.fold((self.evecs @ (s[:, None] * self.proj)).T)
+        b, c = self._out(head)
+        weight = ((b * s[:, None]).T @ self.evecs.T) / self.norm.scale_x[None, :]
+        return AffineMap(weight, c - weight @ self.norm.mean_x)
+
+    def _out(self, head: AffineMap | None) -> tuple[Tensor, Tensor]:
+        """(B, c) with raw weight_λ = Bᵀ diag(s_λ) (D_x⁻¹V)ᵀ and bias_λ = c - weight_λ · mean_x."""
+        b, c = self.proj * self.norm.scale_y[None, :], self.norm.mean_y
+        if head is not None:
+            hw = head.weight.to(device=b.device, dtype=F64)
+            b, c = b @ hw.T, hw @ c + head.bias.to(device=b.device, dtype=F64)
+        return b, c
+
+    def gcv(self, lambdas: Sequence[float]) -> list[float]:
+        """GCV(λ) = (per-element training MSE of map_λ) / (1 - df_λ/n)², lower is better (inf when df_λ >= n).
+
+        Training residual per row (raw coordinates), from the eigenbasis alone:
+        E||y - ŷ_λ||² = Σ_j Var(y_j) - Σ_i w_i (2 s_i - e_i s_i²), with w_i = Σ_j scale_y_j² proj_ij².
+        """
+        w = ((self.proj * self.norm.scale_y[None, :]) ** 2).sum(1)
+        d_y = self.proj.shape[1]
+        out = []
+        for lam in lambdas:
+            s = self.inverse(lam)
+            sse = max(self.sst - float(w @ (2 * s - self.evals * s * s)), 0.0)
+            dof = 1.0 - self.df(lam) / self.n
+            out.append(sse / d_y / dof ** 2 if dof > 0 else math.inf)
+        return out
+
+    def mse(self, stats: SufficientStats, lambdas: Sequence[float], head: AffineMap | None = None) -> list[float]:
+        """Per-element MSE of map_λ on the rows summarised by `stats` (as `val_mse(stats, self.map(λ))`), for
+        every λ; with `head`, of head ∘ map_λ on stats of (x, head(y)) (the head criterion's logit MSE).
+
+        One O(d_x²·(d_x + d_out)) setup, then O(d_x²) per λ: with A = D_x⁻¹V, G = Aᵀ Cxx' A, H = Aᵀ Cxz',
+        K = B Bᵀ, u = Aᵀ(mean_x' - mean_x), δ = mean_z' - c:
+        E||z - W_λx - b_λ||² = tr Czz' - 2 sᵀ rowsum(B∘H) + sᵀ(G∘K)s + ||δ||² - 2 (s∘u)ᵀBδ + (s∘u)ᵀK(s∘u).
+        """
+        b, c = self._out(head)
+        if (stats.d_x, stats.d_y) != (self.evecs.shape[0], b.shape[1]):
+            raise ValueError(f"scoring stats hold {stats.d_x} -> {stats.d_y} columns, but the path maps "
+                             f"{self.evecs.shape[0]} -> {b.shape[1]}" + (" (through the head)" if head else ""))
+        dev = self.evecs.device
+        n = stats.n.to(dev)
+        mx, mz = stats.sum_x.to(dev) / n, stats.sum_y.to(dev) / n
+        cxx = stats.xtx.to(dev) / n - torch.outer(mx, mx)
+        cxz = stats.xty.to(dev) / n - torch.outer(mx, mz)
+        tr_czz = float(stats.yty_diag.to(dev).sum() / n - mz @ mz)
+        a = self.evecs / self.norm.scale_x[:, None]
+        g = a.T @ cxx @ a
+        k = b @ b.T
+        m = g * k
+        bh = (b * (a.T @ cxz)).sum(1)
+        u = a.T @ (mx - self.norm.mean_x)
+        delta = mz - c
+        r, dd = b @ delta, float(delta @ delta)
+        out = []
+        for lam in lambdas:
+            s = self.inverse(lam)
+            su = s * u
+            sse = (tr_czz - 2 * float(s @ bh) + float(s @ (m @ s)) + dd - 2 * float(su @ r) + float(su @ (k @ su)))
+            out.append(max(sse, 0.0) / b.shape[1])
+        return out
+
+
+def path_factors(train: SufficientStats, center: bool = True, standardize: bool = False,
+                 rcond: float | None = None) -> RidgeFactors:
+    """The ONE eigendecomposition behind the whole ridge path (`RidgeFactors.map(λ)` for any λ)."""
+    norm, cxx, cxy = _problem(train, center, standardize)
+    evals, evecs = torch.linalg.eigh(cxx)
+    n = train.n
+    sst = float((train.yty_diag / n - norm.mean_y ** 2).sum())
+    return RidgeFactors(norm, evals.clamp_min(0), evecs, evecs.T @ cxy, _lambda_unit(cxx), train.count, sst,
+                        center, rcond)
+
+
 def ridge_path(stats: SufficientStats, lambdas: Sequence[float], center: bool = True,
                standardize: bool = False, rcond: float | None = None) -> list[AffineMap]:
     """Ridge maps for many relative λ from ONE eigendecomposition: Wᵀ_λ = V diag(1/(e + λ·tr/d)) Vᵀ Cxy.
@@ -316,17 +428,8 @@ def ridge_path(stats: SufficientStats, lambdas: Sequence[float], center: bool = 
     """
     if any(lam < 0 or not math.isfinite(lam) for lam in lambdas):
         raise ValueError(f"ridge λ must be finite and >= 0, got {list(lambdas)}")
-    norm, cxx, cxy = _problem(stats, center, standardize)
-    evals, evecs = torch.linalg.eigh(cxx)
-    evals = evals.clamp_min(0)  # round-off negatives of a PSD matrix
-    proj = evecs.T @ cxy
-    unit = _lambda_unit(cxx)
-    maps = []
-    for lam in lambdas:
-        inv = (_pinv_inverse(evals, stats.count, rcond, "ridge_path(λ=0)") if lam == 0
-               else 1.0 / (evals + lam * unit))
-        maps.append(norm.fold((evecs @ (inv[:, None] * proj)).T))
-    return maps
+    factors = path_factors(stats, center, standardize, rcond)
+    return [factors.map(lam) for lam in lambdas]
 
 
 def fit_ridge(stats: SufficientStats, lam: float, center: bool = True, standardize: bool = False) -> AffineMap:
@@ -373,16 +476,27 @@ def fit_procrustes(stats: SufficientStats, scaled: bool = False, center: bool = 
     return norm.fold(q.T)
 
 
-def fit_affine(stats: SufficientStats, method: Method = "ridge", lam: float = 1e-3, center: bool = True,
-               standardize: bool = False) -> AffineMap:
-    """Dispatch to `fit_ridge` (relative λ), `fit_lstsq` or (scaled) `fit_procrustes`."""
+def fit_affine(stats: SufficientStats, method: str = "ridge", lam: float = 1e-3, center: bool = True,
+               standardize: bool = False, rank: int | None = None, whiten_target: bool = False) -> AffineMap:
+    """Dispatch to `fit_ridge` (relative λ), `fit_lstsq`, (scaled) `fit_procrustes`, or `subspace`'s
+    reduced-rank / CCA maps (rank `rank`, null: full)."""
+    if method in ("reduced_rank", "cca"):
+        from lightning_modules import subspace  # lazy: subspace builds on this module
+
+        if method == "reduced_rank":
+            return subspace.fit_reduced_rank(stats, lam, rank, center, standardize, whiten_target)
+        return subspace.fit_cca(stats, lam, rank, center, standardize)
+    if whiten_target:
+        raise ValueError(f"whiten_target is not available for estimator {method!r}; use reduced_rank or "
+                         "set whiten_target false")
     if method == "ridge":
         return fit_ridge(stats, lam, center, standardize)
     if method == "lstsq":
         return fit_lstsq(stats, center, standardize)
     if method in ("procrustes", "scaled_procrustes"):
         return fit_procrustes(stats, method == "scaled_procrustes", center, standardize)
-    raise ValueError(f"unknown method {method!r}; expected ridge, lstsq, procrustes or scaled_procrustes")
+    raise ValueError(f"unknown method {method!r}; expected ridge, lstsq, procrustes, scaled_procrustes, "
+                     "reduced_rank or cca")
 
 
 # --------------------------------------------------------------------------- closed-form evaluation
@@ -413,35 +527,114 @@ def val_r2(stats: SufficientStats, amap: AffineMap) -> float:
     return 1.0 - sse / sst if sst > 0 else float("nan")
 
 
-def select_lambda(train_stats: SufficientStats, val_stats: SufficientStats,
-                  lambdas: Sequence[float] = DEFAULT_LAMBDAS, center: bool = True,
-                  standardize: bool = False) -> tuple[float, AffineMap, list[float]]:
-    """Fit the ridge path on train, score each λ by closed-form val MSE; returns (λ*, map, mses)."""
-    if not lambdas:
-        raise ValueError("select_lambda needs at least one λ")
-    maps = ridge_path(train_stats, lambdas, center, standardize)
-    mses = [val_mse(val_stats, m) for m in maps]
-    best = min(range(len(mses)), key=mses.__getitem__)
-    return float(lambdas[best]), maps[best], mses
+def compose(head: AffineMap, amap: AffineMap) -> AffineMap:
+    """head ∘ amap in raw coordinates: x ↦ head(amap(x)) (head: k × d_y, amap: d_y × d_x)."""
+    if head.d_x != amap.d_y:
+        raise ValueError(f"compose: the head reads {head.d_x}-d states but the map writes {amap.d_y}-d ones")
+    hw, hb = head.weight.to(device=amap.weight.device, dtype=amap.weight.dtype), head.bias.to(amap.bias)
+    return AffineMap(hw @ amap.weight, hw @ amap.bias + hb)
 
 
-def solve(train: SufficientStats, val: SufficientStats | None, estimator: Method = "ridge",
-          lambdas: Sequence[float] = DEFAULT_LAMBDAS, center: bool = True,
-          standardize: bool = False) -> tuple[AffineMap, float | None, dict[float, float]]:
-    """The closed-form fit of every aligner: (map, chosen λ or None, {λ: validation MSE}).
+def gcv_scores(train: SufficientStats, lambdas: Sequence[float], center: bool = True,
+               standardize: bool = False) -> list[float]:
+    """Generalised cross-validation score of every λ (lower is better), from the one eigh (`RidgeFactors.gcv`)."""
+    return path_factors(train, center, standardize).gcv(lambdas)
 
-    Ridge fits the λ path on `train` and keeps the λ of least validation MSE; without validation rows it
-    warns and uses the largest λ (the path is then empty). Other estimators ignore λ and `val`.
+
+CRITERIA: tuple[str, ...] = ("gcv", "val_mse", "head")
+LAMBDA_ESTIMATORS: tuple[str, ...] = ("ridge", "reduced_rank", "cca")  # estimators that take a ridge λ
+
+
+@dataclass
+class LambdaPath(Mapping):
+    """The λ path of one fit: every computable criterion's score per λ (lower is better), the λ each one picks,
+    and the criterion that chose the returned map. As a mapping it is {λ: that criterion's score}."""
+
+    lambdas: list[float]
+    scores: dict[str, list[float]]  # "gcv", "val_mse", "head" -> one score per λ
+    chosen: dict[str, float]        # criterion -> the λ it picks
+    criterion: str                  # the one that chose the returned map ("none": the estimator takes no λ)
+
+    def __getitem__(self, lam: float) -> float:
+        try:
+            return self.scores[self.criterion][self.lambdas.index(lam)]
+        except (KeyError, ValueError):
+            raise KeyError(lam) from None
+
+    def __iter__(self):
+        return iter(self.lambdas if self.criterion in self.scores else ())
+
+    def __len__(self) -> int:
+        return len(self.lambdas) if self.criterion in self.scores else 0
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready (a non-finite score is null)."""
+        finite = lambda v: float(v) if math.isfinite(v) else None  # noqa: E731
+        return {"criterion": self.criterion, "lambdas": [float(v) for v in self.lambdas],
+                "chosen": {k: float(v) for k, v in self.chosen.items()},
+                "scores": {k: [finite(v) for v in vs] for k, vs in self.scores.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LambdaPath":
+        num = lambda v: math.inf if v is None else float(v)  # noqa: E731
+        return cls([float(v) for v in data.get("lambdas") or []],
+                   {k: [num(v) for v in vs] for k, vs in (data.get("scores") or {}).items()},
+                   {k: float(v) for k, v in (data.get("chosen") or {}).items()}, str(data.get("criterion", "none")))
+
+    @classmethod
+    def empty(cls) -> "LambdaPath":
+        return cls([], {}, {}, "none")
+
+
+def resolve_criterion(criterion: str, head: AffineMap | None, head_val: SufficientStats | None) -> str:
+    """auto -> head when the head and its validation stats are known, else gcv; anything else is checked."""
+    if criterion == "auto":
+        return "head" if head is not None and head_val is not None else "gcv"
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown λ criterion {criterion!r}; use auto, gcv, val_mse or head")
+    return criterion
+
+
+def solve(train: SufficientStats, val: SufficientStats | None, estimator: str = "ridge",
+          lambdas: Sequence[float] = DEFAULT_LAMBDAS, center: bool = True, standardize: bool = False,
+          criterion: str = "auto", head: AffineMap | None = None, head_val: SufficientStats | None = None,
+          rank: int | None = None, whiten_target: bool = False) -> tuple[AffineMap, float | None, LambdaPath]:
+    """The closed-form fit of every aligner: (map, chosen λ or None, its `LambdaPath`).
+
+    λ-taking estimators (ridge, reduced_rank, cca) score the whole ridge path from ONE eigh of the training
+    Cxx: gcv always; val_mse (per-element MSE on `val`) when validation rows are given; head (logit MSE of
+    head ∘ map_λ on `head_val`, the stats of (x_val, head(y_val))) when the target head is given. `criterion`
+    picks λ (auto: head where known, else gcv); reduced_rank/cca are then fitted at that λ. Other estimators
+    take no λ: their path is empty.
     """
-    if estimator != "ridge":
-        return fit_affine(train, estimator, center=center, standardize=standardize), None, {}
+    crit = resolve_criterion(criterion, head, head_val)
+    if estimator not in LAMBDA_ESTIMATORS:
+        amap = fit_affine(train, estimator, center=center, standardize=standardize, rank=rank,
+                          whiten_target=whiten_target)
+        return amap, None, LambdaPath.empty()
     lambdas = [float(v) for v in lambdas]
     if not lambdas:
-        raise ValueError("ridge needs at least one λ in `lambdas`")
-    if val is None and len(lambdas) > 1:
-        warnings.warn("no validation rows to choose λ: using the largest λ of the path", stacklevel=2)
-        lambdas = [max(lambdas)]
-    if val is None:
-        return ridge_path(train, lambdas, center, standardize)[0], lambdas[0], {}
-    lam, amap, mses = select_lambda(train, val, lambdas, center, standardize)
-    return amap, lam, dict(zip(lambdas, mses))
+        raise ValueError(f"{estimator} needs at least one λ in `lambdas`")
+    if any(lam < 0 or not math.isfinite(lam) for lam in lambdas):
+        raise ValueError(f"ridge λ must be finite and >= 0, got {lambdas}")
+    if crit == "val_mse" and val is None:
+        raise ValueError("criterion='val_mse' needs validation rows; give val stats or use criterion='gcv'")
+    if crit == "head" and (head is None or head_val is None):
+        raise ValueError("criterion='head' needs the target head and the validation stats of (x, head(y)); "
+                         "give head= and head_val= or use criterion='gcv'")
+    if head is not None and head.d_x != train.d_y:
+        raise ValueError(f"the head reads {head.d_x}-d states but the map's targets are {train.d_y}-d; "
+                         "pass the classifier trained on these target states")
+    factors = path_factors(train, center, standardize)
+    scores = {"gcv": factors.gcv(lambdas)}
+    if val is not None:
+        scores["val_mse"] = factors.mse(val, lambdas)
+    if head is not None and head_val is not None:
+        scores["head"] = factors.mse(head_val, lambdas, head)
+    chosen = {name: lambdas[min(range(len(v)), key=v.__getitem__)] for name, v in scores.items()}
+    lam = chosen[crit]
+    if estimator == "ridge" and not whiten_target:
+        amap = factors.map(lam)
+    else:
+        amap = fit_affine(train, estimator, lam, center, standardize, rank=rank, whiten_target=whiten_target)
+    return amap, lam, LambdaPath(lambdas, scores, chosen, crit)
