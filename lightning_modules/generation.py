@@ -11,11 +11,14 @@ source reads on (reusing its KV cache whenever its re-tokenisation only appends 
   stop strings, max_new_tokens, streamed text pieces); with no source they run the target alone.
 * `evaluate_generation` reports next-token agreement (top-1, top-5, KL) on held-out texts'
   paired positions, and the target's perplexity of generated text and tokens/s, beside the
-  identity (target on its own states) and a null map (fitted on shuffled pairs).
+  identity (target on its own states) and a null map (fitted on shuffled pairs), with the
+  tokenizers' exact-token-match rate; `paper_prediction` says whether the pair falls where the
+  paper predicts, `compare_generation` how agreement moves between two fits (e.g. 2,000 vs 4,000 texts).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,9 +35,16 @@ from lightning_modules.aligner import AffineAligner
 from lightning_modules.export import MAP_CONFIG, MANIFEST, ExportError
 from lightning_modules.paired_stats import PairedStats, paired_stats
 from lightning_modules.settings import GENERATION_PUBLIC, DeviceSettings, FitSettings, PublicSetSettings, seed_all
-from lightning_modules.solvers import DEFAULT_LAMBDAS, AffineMap, fit_affine, select_lambda
+from lightning_modules.solvers import DEFAULT_LAMBDAS, AffineMap, fit_affine, solve
 
 MAP_DIR = "map"  # the map folder under `xsilo evaluate_generation --out DIR`
+# The paper's generation findings (PAPER_NOTES.md): every source under 4B parameters fails, and pairs
+# that work have an exact-token-match rate >= 0.67.
+PAPER_MIN_SOURCE_PARAMETERS = 4_000_000_000
+PAPER_MIN_EXACT_MATCH = 0.67
+# The paper judges generated text; our proxy for "works": the mapped state picks the target's own
+# next token on at least half of the held-out positions.
+WORKS_TOP1 = 0.5
 _DECODE_CONTEXT = 8  # target tokens decoded before a new one, so its text carries the right spacing
 
 
@@ -54,16 +64,18 @@ class FittedGenerationMap:
 
 def fit_generation_map(stats: PairedStats, estimator: str = "ridge", lambdas: Sequence[float] = DEFAULT_LAMBDAS,
                        center: bool = True, standardize: bool = False) -> FittedGenerationMap:
-    """Ridge picks λ on held-out texts' positions (`select_lambda`); other estimators fit train only."""
+    """Ridge picks λ by validation MSE on held-out texts' positions (`solvers.solve`, criterion val_mse: the
+    positions of one text are correlated, so GCV's row-wise view would be optimistic); other estimators fit
+    train only."""
     if stats.train.count < 2:
         raise GenerationError(f"only {stats.train.count} paired positions to fit on; use more texts or check "
                               "that the two tokenizers share token boundaries (tokenizer_compatibility)")
     if estimator == "ridge":
         if stats.val.count == 0:
             raise GenerationError("ridge needs held-out texts to choose λ; set val_fraction > 0")
-        lam, amap, mses = select_lambda(stats.train, stats.val, lambdas, center, standardize)
+        amap, lam, path = solve(stats.train, stats.val, "ridge", lambdas, center, standardize, criterion="val_mse")
         null = fit_affine(stats.null, "ridge", lam=lam, center=center, standardize=standardize)
-        return FittedGenerationMap(amap.to(torch.float32), null.to(torch.float32), lam, mses)
+        return FittedGenerationMap(amap.to(torch.float32), null.to(torch.float32), lam, path.scores["val_mse"])
     amap = fit_affine(stats.train, estimator, center=center, standardize=standardize)
     null = fit_affine(stats.null, estimator, center=center, standardize=standardize)
     return FittedGenerationMap(amap.to(torch.float32), null.to(torch.float32), None)
@@ -331,6 +343,7 @@ class GenerationEvalConfig:
     batch_size: int = 16
     dtype: str = "float32"  # the forward pass's dtype unless device.precision names one
     device: DeviceSettings = field(default_factory=DeviceSettings)
+    baseline: str | None = None  # an earlier run's metrics.json (or its folder) to compare agreement with
 
 
 @dataclass
@@ -439,6 +452,7 @@ def evaluate_generation(cfg: GenerationEvalConfig, out: str | Path | None = None
     metrics.json, metrics.md and the map folder (OUT/map) under `out` when given. Models may be injected."""
     cfg.device.apply_threads()
     seed_all(cfg.seed)
+    baseline = load_generation_metrics(cfg.baseline) if cfg.baseline else None  # a bad path fails before any work
     dtype, device = cfg.device.forward_dtype(cfg.dtype), cfg.device.torch_device()
     texts = public_texts(cfg.public.data, cfg.public.limit)
     source = source or load_causal_lm(cfg.source, dtype, device)
@@ -465,6 +479,8 @@ def evaluate_generation(cfg: GenerationEvalConfig, out: str | Path | None = None
         "seed": cfg.seed,
         "forward": {"device": str(source.device), "dtype": str(source.model.dtype).removeprefix("torch.")},
         "pair": f"{source.name} -> {target.name}",
+        "models": {"source": {"name": source.name, "parameters": source.parameters},
+                   "target": {"name": target.name, "parameters": target.parameters}},
         "compatibility": compatibility.as_dict(),
         "positions": {"train": stats.train.count, "val": stats.val.count,
                       "test": agreement["mapped"]["positions"]},
@@ -475,15 +491,97 @@ def evaluate_generation(cfg: GenerationEvalConfig, out: str | Path | None = None
         "rows": {name: {**agreement[name], **quality[name]} for name in maps},
         "samples": samples,
     }
+    results["paper_prediction"] = paper_prediction(results)
+    if baseline is not None:
+        results["comparison"] = compare_generation(baseline, results)
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         save_generation_map(out / MAP_DIR, fitted.amap, source, target, cfg.max_length, estimator=cfg.fit.estimator,
                             lambdas=cfg.fit.lambdas, chosen_lambda=fitted.lam, center=cfg.fit.center,
                             standardize=cfg.fit.standardize,
-                            metrics={k: results[k] for k in ("pair", "compatibility", "positions", "rows")})
+                            metrics={k: results[k] for k in ("pair", "compatibility", "positions", "rows",
+                                                             "paper_prediction")})
         write_report(results, out)
     return results
+
+
+# --- where the pair falls against the paper -------------------------------------------------
+
+def load_generation_metrics(path: str | Path) -> dict[str, Any]:
+    """An `evaluate_generation` metrics.json (the file or its run folder), checked for the keys compared."""
+    path = Path(path).expanduser()
+    path = path / "metrics.json" if path.is_dir() else path
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise GenerationError(f"cannot read generation metrics {path} ({e}); pass the metrics.json (or the --out "
+                              "folder) of an earlier `xsilo evaluate_generation` run") from e
+    if not isinstance(results, dict) or not {"pair", "rows", "positions", "texts"} <= results.keys():
+        raise GenerationError(f"{path} is not the metrics.json of `xsilo evaluate_generation` (no pair, rows, "
+                              "positions and texts); pass that run's metrics.json or --out folder")
+    return results
+
+
+def _parameters(n: int) -> str:
+    return f"{n / 1e9:.1f} B" if n >= 1e8 else f"{n / 1e6:.1f} M" if n >= 1e5 else f"{n:,}"
+
+
+def paper_prediction(results: dict[str, Any]) -> dict[str, Any]:
+    """What the paper predicts for this pair (sources under 4B fail; exact match < 0.67 fails), what we
+    observe (mapped top-1 agreement >= WORKS_TOP1 works), whether they agree, and a sentence saying so."""
+    if "exact_token_match" not in results["compatibility"] or "models" not in results:
+        raise GenerationError(f"the metrics of {results.get('pair')!r} predate the exact-token-match rate; re-run "
+                              "`xsilo evaluate_generation` for this pair")
+    params = int(results["models"]["source"]["parameters"])
+    exact = float(results["compatibility"]["exact_token_match"])
+    reasons = []
+    if params < PAPER_MIN_SOURCE_PARAMETERS:
+        reasons.append(f"the source has {_parameters(params)} parameters (under 4 B)")
+    if exact < PAPER_MIN_EXACT_MATCH:
+        reasons.append(f"exact token match {exact:.2f} is under {PAPER_MIN_EXACT_MATCH}")
+    rows = results["rows"]
+    top1, null = float(rows["mapped"]["top1"]), float(rows["null"]["top1"])
+    predicted, observed = ("fail" if reasons else "work"), ("works" if top1 >= WORKS_TOP1 else "fails")
+    as_predicted = (predicted == "fail") == (observed == "fails")
+    why = "; ".join(reasons) if reasons else (f"the source has {_parameters(params)} parameters and exact token "
+                                              f"match {exact:.2f} (both at or above the paper's thresholds)")
+    text = (f"{results['pair']}: the paper predicts it {'fails' if reasons else 'can work'} ({why}). Observed: the "
+            f"mapped source states pick the target's own next token at {top1:.1%} of held-out positions (null map "
+            f"{null:.1%}, {top1 - null:+.1%} over it), so it {observed} (works = at least {WORKS_TOP1:.0%}): "
+            + ("as the paper predicts." if as_predicted else "against the paper's prediction."))
+    return {"predicted": predicted, "observed": observed, "as_predicted": as_predicted, "reasons": reasons,
+            "source_parameters": params, "exact_token_match": exact, "mapped_top1": top1, "null_top1": null,
+            "lift_over_null": top1 - null, "works_top1": WORKS_TOP1, "text": text}
+
+
+def compare_generation(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """How next-token agreement moves from one fit (e.g. 2,000 texts) to another (e.g. 4,000) of the same pair."""
+    if before["pair"] != after["pair"]:
+        raise GenerationError(f"cannot compare {before['pair']!r} with {after['pair']!r}: pass a baseline run of "
+                              "the same source -> target pair")
+    pick = lambda r, row, key: float(r["rows"][row][key])  # noqa: E731
+    out = {"pair": after["pair"],
+           "train_texts": [before["texts"]["train"], after["texts"]["train"]],
+           "train_positions": [before["positions"]["train"], after["positions"]["train"]],
+           **{f"{row}_{key}": [pick(before, row, key), pick(after, row, key)]
+              for row in ("mapped", "null") for key in ("top1", "top5", "kl")}}
+    out["top1_rise"] = out["mapped_top1"][1] - out["mapped_top1"][0]
+    out["text"] = (f"From {out['train_texts'][0]:,} to {out['train_texts'][1]:,} training texts "
+                   f"({out['train_positions'][0]:,} -> {out['train_positions'][1]:,} paired positions), mapped top-1 "
+                   f"agreement goes {out['mapped_top1'][0]:.1%} -> {out['mapped_top1'][1]:.1%} "
+                   f"({out['top1_rise']:+.1%}; null {out['null_top1'][0]:.1%} -> {out['null_top1'][1]:.1%}), "
+                   f"KL {out['mapped_kl'][0]:.2f} -> {out['mapped_kl'][1]:.2f}. Each run scores its own held-out "
+                   "texts.")
+    return out
+
+
+def prediction_markdown(results: dict[str, Any]) -> str:
+    """The paper-prediction paragraph (and the comparison with a baseline fit, if any) of one run's metrics."""
+    lines = [f"Against the paper: {paper_prediction(results)['text']}"]
+    if "comparison" in results:
+        lines.append(f"More public texts: {results['comparison']['text']}")
+    return "\n\n".join(lines) + "\n"
 
 
 def markdown_report(results: dict[str, Any]) -> str:
@@ -493,7 +591,9 @@ def markdown_report(results: dict[str, Any]) -> str:
         f"## Cross-model generation: {results['pair']}",
         "",
         f"Tokenizers: {c['source_boundary_match']:.1%} of source token ends match a target token end "
-        f"({c['target_boundary_match']:.1%} of target ends); vocabulary overlap {c['shared_vocab']:,} strings "
+        f"({c['target_boundary_match']:.1%} of target ends); exact token match {c['exact_token_match']:.1%} of "
+        f"aligned positions read one identical token ({c['source_exact_match']:.1%} of source tokens); "
+        f"vocabulary overlap {c['shared_vocab']:,} strings "
         f"(Jaccard {c['vocab_jaccard']:.3f}, {c['source_vocab_shared']:.1%} of the source's).",
         f"Paired positions: {p['train']:,} train, {p['val']:,} val, {p['test']:,} held-out test "
         f"({results['texts']['test']} texts)." + (f" Ridge λ (relative): {lam:.0e}." if lam is not None else ""),
@@ -513,7 +613,7 @@ def markdown_report(results: dict[str, Any]) -> str:
     for s in results["samples"]:
         cells = (s["prompt"], s["mapped"], s["identity"], s["source_native"])
         lines.append("| " + " | ".join(cell(c) for c in cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + prediction_markdown(results)
 
 
 def write_report(results: dict[str, Any], out: Path) -> None:

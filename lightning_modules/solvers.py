@@ -479,16 +479,19 @@ def fit_procrustes(stats: SufficientStats, scaled: bool = False, center: bool = 
 def fit_affine(stats: SufficientStats, method: str = "ridge", lam: float = 1e-3, center: bool = True,
                standardize: bool = False, rank: int | None = None, whiten_target: bool = False) -> AffineMap:
     """Dispatch to `fit_ridge` (relative λ), `fit_lstsq`, (scaled) `fit_procrustes`, or `subspace`'s
-    reduced-rank / CCA maps (rank `rank`, null: full)."""
+    reduced-rank / CCA maps (rank `rank`, null: full); whiten_target solves in whitened-target coordinates
+    (CCA is whitened by construction)."""
     if method in ("reduced_rank", "cca"):
         from lightning_modules import subspace  # lazy: subspace builds on this module
 
         if method == "reduced_rank":
             return subspace.fit_reduced_rank(stats, lam, rank, center, standardize, whiten_target)
         return subspace.fit_cca(stats, lam, rank, center, standardize)
-    if whiten_target:
-        raise ValueError(f"whiten_target is not available for estimator {method!r}; use reduced_rank or "
-                         "set whiten_target false")
+    if whiten_target:  # solved in whitened-target coordinates and mapped back (needs full yty)
+        from lightning_modules import subspace
+
+        return subspace.fit_whitened(stats, lambda s: fit_affine(s, method, lam, center, standardize),
+                                     center=center)
     if method == "ridge":
         return fit_ridge(stats, lam, center, standardize)
     if method == "lstsq":

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from lightning_modules import solvers as S
 from lightning_modules.solvers import (AffineMap, Normalization, SingularSystemWarning, SufficientStats,
                                        fit_affine, fit_lstsq, fit_procrustes, fit_ridge, ridge_path,
-                                       select_lambda, val_mse, val_r2)
+                                       solve, val_mse, val_r2)
 
 F64 = torch.float64
 
@@ -181,12 +181,13 @@ def test_lambda_path_equals_individual_fits():
         ridge_path(st, [-1.0])
 
 
-def test_select_lambda_closed_form_mse_and_sensible_choice():
+def test_val_mse_criterion_closed_form_mse_and_sensible_choice():
     # few noisy rows for many dims: the best λ must be interior, not the grid's smallest or largest
     x, y, _, _ = make_data(n=2080, d_x=60, d_y=5, noise=4.0, seed=3)
     xtr, ytr, xva, yva = x[:80], y[:80], x[80:], y[80:]
     lams = [1e-6, 1e-4, 1e-2, 1e-1, 1.0, 10.0, 1e3]
-    best, amap, mses = select_lambda(stats_of(xtr, ytr), stats_of(xva, yva), lams)
+    amap, best, path = solve(stats_of(xtr, ytr), stats_of(xva, yva), lambdas=lams, criterion="val_mse")
+    mses = path.scores["val_mse"]
     direct = [float(F.mse_loss(m(xva), yva)) for m in ridge_path(stats_of(xtr, ytr), lams)]
     np.testing.assert_allclose(mses, direct, rtol=1e-9)
     assert best == lams[int(np.argmin(direct))]
