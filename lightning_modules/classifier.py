@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
+from lightning.pytorch.trainer.states import TrainerFn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from torchmetrics.functional.classification import multiclass_f1_score
 
+from lightning_modules.logistic import LogisticFit, fit_logistic
+from lightning_modules.settings import DEFAULT_CS, HeadSettings
 from lightning_modules.solvers import AffineMap
 from lightning_modules.standardize import REL_TOL, safe_scale, std_from_moments
 
@@ -34,7 +39,13 @@ class Standardizer(nn.Module):
 
 
 class LinearClassifier(L.LightningModule):
-    """logits = W standardize(h) + b, trained with cross-entropy and AdamW weight decay.
+    """logits = W standardize(h) + b: multinomial logistic regression.
+
+    With solver="lbfgs" (the default) the first training epoch gathers every train and val row (all ranks'
+    under DDP), solves scikit-learn's L2 objective for each C in `cs` (`lightning_modules.logistic`), keeps the
+    C best on validation (the `chosen_c` buffer, saved in checkpoints) and logs its val_loss / val_acc; later
+    epochs change nothing, so one epoch is enough. With solver="adamw" minibatch AdamW with a fixed weight
+    decay trains it over many epochs (early stopping on val_loss).
 
     Args:
         input_dim: hidden size (linked from the DataModule).
@@ -42,7 +53,10 @@ class LinearClassifier(L.LightningModule):
         label_names: class names; filled from the DataModule when not given.
         standardize: z-score inputs with train-split statistics (computed at fit start).
         class_weights: None, "balanced" (n / (k * count_c) from the train split) or one weight per class.
-        lr, weight_decay: AdamW settings.
+        solver: lbfgs (full batch, C chosen on validation) or adamw.
+        cs: lbfgs's inverse L2 strengths (scikit-learn's C, on standardised states).
+        max_iter: lbfgs's iterations per C.
+        lr, weight_decay: adamw's settings.
     """
 
     prediction_kind = "logits"  # what `predict_step` returns, named in `xsilo predict --output` files
@@ -54,11 +68,20 @@ class LinearClassifier(L.LightningModule):
         label_names: list[str] | None = None,
         standardize: bool = True,
         class_weights: Literal["balanced"] | list[float] | None = None,
-        lr: float = 1e-2,
-        weight_decay: float = 1e-3,
+        solver: Literal["lbfgs", "adamw"] = HeadSettings.solver,
+        cs: Sequence[float] = DEFAULT_CS,
+        max_iter: int = HeadSettings.max_iter,
+        lr: float = HeadSettings.lr,
+        weight_decay: float = HeadSettings.weight_decay,
     ):
         super().__init__()
         self.save_hyperparameters()
+        self.hparams.cs = [float(c) for c in cs]  # a plain list in hparams.yaml and checkpoints
+        if solver not in ("lbfgs", "adamw"):
+            raise ValueError(f"solver must be lbfgs or adamw, got {solver!r}")
+        if not cs or min(cs) <= 0 or max_iter < 1:
+            raise ValueError(f"the lbfgs solver needs a non-empty list of C > 0 and max_iter >= 1; got {list(cs)}, "
+                             f"{max_iter}")
         if output_dim < 2:
             raise ValueError(f"a classifier needs at least 2 classes, got output_dim={output_dim}")
         if isinstance(class_weights, list) and len(class_weights) != output_dim:
@@ -66,6 +89,11 @@ class LinearClassifier(L.LightningModule):
         self.standardizer = Standardizer(input_dim)
         self.linear = nn.Linear(input_dim, output_dim)
         self.register_buffer("loss_weights", torch.ones(output_dim))
+        # The C lbfgs chose (NaN: not solved yet, or adamw); a buffer, so checkpoints carry it.
+        self.register_buffer("chosen_c", torch.tensor(float("nan"), dtype=torch.float64))
+        self.automatic_optimization = solver == "adamw"
+        self.c_path: dict[str, Any] | None = None  # lbfgs's per-C validation scores
+        self._rows: dict[str, list[tuple[Tensor, Tensor]]] = {}
         metrics = MetricCollection({
             "acc": MulticlassAccuracy(output_dim, average="micro"),
             "f1": MulticlassF1Score(output_dim, average="macro"),
@@ -97,8 +125,15 @@ class LinearClassifier(L.LightningModule):
                              f"classes but the data holds {dims[0]}-d states and {dims[1]} classes; "
                              "set input_dim/output_dim to match (LightningCLI links them from the DataModule)")
 
+    @property
+    def solving(self) -> bool:
+        """True during lbfgs's fitting epoch (before its C path is solved)."""
+        return self.hparams.solver == "lbfgs" and bool(torch.isnan(self.chosen_c))
+
     def on_train_start(self) -> None:
-        """One pass over the train split for standardisation moments and class counts."""
+        """adamw: one pass over the train split for standardisation moments and class counts."""
+        if self.hparams.solver == "lbfgs":
+            return  # fit_logistic standardises the gathered train rows itself
         d, k = self.hparams.input_dim, self.hparams.output_dim
         n = torch.zeros((), dtype=torch.float64, device=self.device)
         s1 = torch.zeros(d, dtype=torch.float64, device=self.device)
@@ -125,14 +160,25 @@ class LinearClassifier(L.LightningModule):
     def _loss(self, logits: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(logits, y, weight=self.loss_weights)
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         h, y = batch
+        if self.hparams.solver == "lbfgs":
+            if self.solving:
+                self._rows.setdefault("train", []).append((h.detach(), y.detach()))
+            # Lightning counts optimizer steps as global steps, and ModelCheckpoint never saves at
+            # global_step 0; no parameter has a gradient here, so this step changes nothing.
+            self.optimizers().step()
+            return None
         loss = self._loss(self(h), y)
         self.log("train_loss", loss, prog_bar=True, batch_size=len(h))
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         h, y = batch
+        if self.solving and self.trainer.state.fn == TrainerFn.FITTING:
+            if not self.trainer.sanity_checking:
+                self._rows.setdefault("val", []).append((h.detach(), y.detach()))
+            return
         logits = self(h)
         self.log("val_loss", self._loss(logits, y), prog_bar=True, sync_dist=True, batch_size=len(h))
         self.val_metrics.update(logits, y)
@@ -147,11 +193,67 @@ class LinearClassifier(L.LightningModule):
         """One logit per class (softmax gives the probabilities)."""
         return self(batch[0])
 
+    def on_validation_epoch_end(self) -> None:
+        if self.solving and self.trainer.state.fn == TrainerFn.FITTING and not self.trainer.sanity_checking:
+            self._solve()
+
+    def on_train_epoch_end(self) -> None:
+        if self.solving:  # no validation ran (limit_val_batches=0): fit_logistic needs a single C then
+            self._solve()
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["xsilo"] = {"states": self.states_spec}
+        checkpoint["xsilo"] = {"states": self.states_spec, "c_path": self.c_path}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.states_spec = checkpoint.get("xsilo", {}).get("states", {})
+        meta = checkpoint.get("xsilo", {})
+        self.states_spec, self.c_path = meta.get("states", {}), meta.get("c_path")
+        # Checkpoints from before the lbfgs solver have no chosen_c: they were trained by adamw.
+        checkpoint.get("state_dict", {}).setdefault("chosen_c", torch.tensor(float("nan"), dtype=torch.float64))
+
+    # -- lbfgs -------------------------------------------------------------------------------
+
+    def _gather(self, split: str) -> tuple[Tensor, Tensor] | None:
+        """This split's rows of every rank, in rank order (uneven shards padded for all_gather, then cut)."""
+        parts = self._rows.pop(split, [])
+        d = self.hparams.input_dim
+        h = torch.cat([p[0] for p in parts]) if parts else torch.zeros(0, d, device=self.device)
+        y = torch.cat([p[1] for p in parts]) if parts else torch.zeros(0, dtype=torch.long, device=self.device)
+        if self.trainer.world_size > 1:
+            counts = self.all_gather(torch.tensor(len(y), device=self.device)).flatten().tolist()
+            top = max(counts)
+            pad = top - len(y)
+            h_all = self.all_gather(torch.cat([h, h.new_zeros(pad, d)]))
+            y_all = self.all_gather(torch.cat([y, y.new_zeros(pad)]))
+            h = torch.cat([h_all[r, :c] for r, c in enumerate(counts)])
+            y = torch.cat([y_all[r, :c] for r, c in enumerate(counts)])
+        return (h, y) if len(y) else None
+
+    def _solve(self) -> None:
+        hp = self.hparams
+        train, val = self._gather("train"), self._gather("val")
+        if train is None:
+            raise ValueError("the lbfgs classifier saw no training rows; the train split is empty")
+        fit = fit_logistic(train[0], train[1], *(val or (None, None)), cs=hp.cs, max_iter=hp.max_iter,
+                           standardize=hp.standardize, class_weight=hp.class_weights, num_classes=hp.output_dim)
+        self.load_fit(fit)
+        if val is not None:
+            with torch.no_grad():
+                logits = self(val[0].to(self.standardizer.mean.dtype))
+            self.log("val_loss", self._loss(logits, val[1]), prog_bar=True, sync_dist=True)
+            self.log("val_acc", (logits.argmax(-1) == val[1]).float().mean(), prog_bar=True, sync_dist=True)
+            self.log("val_f1", multiclass_f1_score(logits, val[1], hp.output_dim, average="macro"), sync_dist=True)
+
+    @torch.no_grad()
+    def load_fit(self, fit: LogisticFit) -> None:
+        """Take a `fit_logistic` result: its standardiser, weights, class weights and chosen C."""
+        weight, bias = fit.standardized()
+        self.standardizer.mean.copy_(fit.mean)
+        self.standardizer.scale.copy_(fit.scale)
+        self.linear.weight.copy_(weight)
+        self.linear.bias.copy_(bias)
+        self.loss_weights.copy_(fit.class_weights)
+        self.chosen_c.fill_(fit.c)
+        self.c_path = fit.as_dict()
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

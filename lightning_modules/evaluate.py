@@ -64,13 +64,14 @@ def fit_aligner(dm: PairedStatesDataModule, fit: FitSettings, device: DeviceSett
 
 def fit_classifier(dm: LabelledStatesDataModule, head: HeadSettings, device: DeviceSettings, seed: int,
                    checkpoint_dir: Path) -> tuple[LinearClassifier, Path]:
-    """Logistic regression with early stopping on val_loss; returns the best epoch's model and
-    its checkpoint."""
+    """Logistic regression from `head`: lbfgs solves its C path in one epoch (C chosen on val, the model's
+    `chosen_c`), adamw trains with early stopping on val_loss. Returns the best epoch's model and its checkpoint."""
     seed_all(seed)
-    model = LinearClassifier(dm.input_dim, dm.output_dim, label_names=dm.label_names,
-                             lr=head.lr, weight_decay=head.weight_decay)
+    model = LinearClassifier(dm.input_dim, dm.output_dim, label_names=dm.label_names, solver=head.solver,
+                             cs=list(head.cs), max_iter=head.max_iter, lr=head.lr, weight_decay=head.weight_decay)
     best = ModelCheckpoint(dirpath=checkpoint_dir, monitor="val_loss", mode="min", save_top_k=1)
-    trainer = build_trainer(device, head.epochs, [EarlyStopping("val_loss", patience=10), best], str(checkpoint_dir))
+    callbacks = [best] if head.solver == "lbfgs" else [EarlyStopping("val_loss", patience=10), best]
+    trainer = build_trainer(device, 1 if head.solver == "lbfgs" else head.epochs, callbacks, str(checkpoint_dir))
     trainer.fit(model, dm)
     path = Path(best.best_model_path)
     return LinearClassifier.load_from_checkpoint(path, map_location="cpu").eval(), path

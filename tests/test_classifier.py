@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
+from datamodules.states import LabelledStatesDataModule
 from lightning_modules.aligner import AffineAligner
 from lightning_modules.classifier import LinearClassifier
+from lightning_modules.logistic import fit_logistic
 
+from conftest import write_tiny_csv
 from helpers import TensorDataModule, linear_pairs, trainer
 
 
@@ -22,11 +26,12 @@ def gaussian_classes(n_per_class=200, d=12, k=3, seed=0, scale=50.0):
     return x, y
 
 
-def test_learns_separable_classes_and_reports_metrics():
+@pytest.mark.parametrize("solver,epochs", [("lbfgs", 1), ("adamw", 30)])
+def test_learns_separable_classes_and_reports_metrics(solver, epochs):
     x, y = gaussian_classes()
     dm = TensorDataModule(x, y, batch_size=64, label_names=["a", "b", "c"])
-    model = LinearClassifier(12, 3)
-    t = trainer(max_epochs=30)
+    model = LinearClassifier(12, 3, solver=solver)
+    t = trainer(max_epochs=epochs)
     t.fit(model, dm)
     assert model.hparams.label_names == ["a", "b", "c"]
     assert torch.isfinite(model.standardizer.scale).all() and model.standardizer.scale[0] == 1.0
@@ -43,16 +48,83 @@ def test_balanced_class_weights_follow_the_train_split():
     keep = torch.cat([torch.nonzero(y == 0).flatten()[:20], torch.nonzero(y != 0).flatten()])
     x, y = x[keep], y[keep]
     dm = TensorDataModule(x, y, batch_size=64)
-    model = LinearClassifier(12, 3, class_weights="balanced")
+    model = LinearClassifier(12, 3, class_weights="balanced", solver="adamw")
     trainer(max_epochs=1).fit(model, dm)
     train_y = dm.parts["train"][1]
     counts = torch.bincount(train_y, minlength=3).float()
     torch.testing.assert_close(model.loss_weights, len(train_y) / (3 * counts))
 
 
+def overlapping_classes(seed=0):
+    """Overlapping classes, few rows per dimension: the validation-chosen C matters."""
+    x, y = gaussian_classes(n_per_class=60, d=12, seed=seed, scale=3.0)
+    return x + 0.8 * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 1)) * 3.0, y
+
+
+@pytest.mark.parametrize("class_weights", [None, "balanced"])
+def test_lbfgs_epoch_is_fit_logistic_on_the_train_and_val_rows(tmp_path, class_weights):
+    x, y = overlapping_classes()
+    dm = TensorDataModule(x, y, batch_size=16)
+    cs = [1e-3, 1e-2, 1e-1, 1.0, 10.0]
+    model = LinearClassifier(12, 3, cs=cs, class_weights=class_weights)
+    best = ModelCheckpoint(dirpath=tmp_path, monitor="val_loss", mode="min", save_top_k=1)
+    t = trainer(max_epochs=1, callbacks=[best], enable_checkpointing=True)
+    t.fit(model, dm)
+    (xt, yt), (xv, yv) = dm.parts["train"], dm.parts["val"]
+    fit = fit_logistic(xt, yt, xv, yv, cs=cs, class_weight=class_weights, num_classes=3)
+    assert float(model.chosen_c) == fit.c and model.c_path["val_accuracy"] == fit.val_accuracy
+    amap = model.affine_map
+    torch.testing.assert_close(amap.weight, fit.weight, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(amap.bias, fit.bias, atol=1e-5, rtol=1e-5)
+    acc = fit.val_accuracy[fit.cs.index(fit.c)]
+    assert float(t.callback_metrics["val_acc"]) == pytest.approx(acc)  # what ModelCheckpoint/EarlyStopping see
+    reloaded = LinearClassifier.load_from_checkpoint(best.best_model_path)  # the checkpoint carries the choice
+    assert float(reloaded.chosen_c) == fit.c and reloaded.c_path == model.c_path
+    torch.testing.assert_close(reloaded(xv), model(xv))
+
+
+def test_checkpoint_from_before_the_lbfgs_solver_loads(tmp_path):
+    x, y = gaussian_classes()
+    model = LinearClassifier(12, 3, solver="adamw")
+    t = trainer(max_epochs=1)
+    t.fit(model, TensorDataModule(x, y))
+    ckpt = tmp_path / "old.ckpt"
+    t.save_checkpoint(ckpt)
+    old = torch.load(ckpt, weights_only=False)
+    del old["state_dict"]["chosen_c"]
+    for key in ("solver", "cs", "max_iter"):
+        del old["hyper_parameters"][key]
+    torch.save(old, ckpt)
+    reloaded = LinearClassifier.load_from_checkpoint(ckpt)
+    assert torch.isnan(reloaded.chosen_c)
+    torch.testing.assert_close(reloaded(x[:5]), model(x[:5]))
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("no_leftover_process_group")
+def test_lbfgs_under_ddp_spawn_equals_single_process(tiny_models, tmp_path):
+    data = write_tiny_csv(tmp_path / "task.csv", n=151)  # odd row counts: ranks get uneven shares
+    dm = LabelledStatesDataModule(model=str(tiny_models["gpt2"]), data=str(data), batch_size=8)
+    dm.prepare_data()
+    dm.setup("fit")
+    cs = [1e-2, 1e-1, 1.0, 10.0]
+    single = LinearClassifier(dm.input_dim, dm.output_dim, cs=cs)
+    trainer().fit(single, dm)
+    double = LinearClassifier(dm.input_dim, dm.output_dim, cs=cs)
+    trainer(devices=2, strategy="ddp_spawn").fit(double, dm)
+    assert float(double.chosen_c) == float(single.chosen_c)
+    torch.testing.assert_close(double.linear.weight, single.linear.weight, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(double.linear.bias, single.linear.bias, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(double.standardizer.scale, single.standardizer.scale)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="at least 2 classes"):
         LinearClassifier(4, 1)
+    with pytest.raises(ValueError, match="solver must be lbfgs or adamw"):
+        LinearClassifier(4, 2, solver="sgd")
+    with pytest.raises(ValueError, match="non-empty list of C > 0"):
+        LinearClassifier(4, 2, cs=[])
     with pytest.raises(ValueError, match="3 entries for 2 classes"):
         LinearClassifier(4, 2, class_weights=[1.0, 2.0, 3.0])
     x, y = gaussian_classes()
