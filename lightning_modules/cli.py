@@ -593,6 +593,7 @@ def align(
     server: str,
     model: str,
     out: str,
+    head: str | None = None,
     extraction: ExtractionSettings = ExtractionSettings(),
     fit: FitSettings = FitSettings(),
     api_key: str | None = None,
@@ -612,8 +613,11 @@ def align(
         server: the provider's base URL (it serves --public DIR).
         model: the client's model (registry name, folder or hub id).
         out: the map folder to write.
+        head: a head the provider serves: choose λ by the logit error through it on the public val rows
+            (criterion auto = head; the provider must serve --publish_val_logits true; costs one encrypted query
+            per direction the maps can reach, at most min(d_A, d_B) + 2 rows). Default: λ by GCV.
         extraction: how MODEL's states are read (pooling, layer, max_length, dtype).
-        fit: how the map is solved (estimator, λ path on the provider's val part, centring, standardisation).
+        fit: how the map is solved (estimator, λ path and its criterion, centring, standardisation).
         api_key: the server's API key (default $XSILO_API_KEY).
         timeout: seconds per HTTP request.
         accelerator: where the extraction runs: cpu, gpu or auto.
@@ -634,16 +638,23 @@ def align(
     try:
         result = run_align(server, model, out, fit=fit, extraction=extraction,
                            device=DeviceSettings(accelerator, devices, "auto", threads),
-                           api_key=api_key or os.environ.get("XSILO_API_KEY"), timeout=timeout, progress=progress)
+                           api_key=api_key or os.environ.get("XSILO_API_KEY"), timeout=timeout, progress=progress,
+                           head=head)
     except ServeError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     m = result.metrics
     lam = "none" if m["chosen_lambda"] is None else f"{m['chosen_lambda']:.0e}"
     r2 = "n/a" if m["val_r2"] is None else f"{m['val_r2']:.3f}"
+    if m["chosen"]:
+        lam += f" by {m['criterion']} (" + ", ".join(f"{k} {v:.0e}" for k, v in m["chosen"].items()) + ")"
     print(f"private fit on {m['rows']['train']} + {m['rows']['val']} public rows: λ {lam}, val R² {r2}; sent "
           f"{m['bytes_sent'] / 1e6:.1f} MB, received {m['bytes_received'] / 1e6:.1f} MB; provider "
           f"{m['provider_ms'] / 1000:.1f} s, client {m['client_ms'] / 1000:.1f} s", file=sys.stderr)
+    if "head" in m:
+        probed = m["head"]
+        print(f"head {probed['name']!r} probed on {probed['probe_rows']} encrypted rows ({probed['ciphertexts']} "
+              f"queries, {probed['rows_charged']} rows of the provider's budget)", file=sys.stderr)
     print(out)
 
 
@@ -776,7 +787,7 @@ def serve(*, export: str | None = None, heads: list[str] | None = None, public: 
           rows_per_client: int | None = SERVER.rows_per_client, output_noise: float = SERVER.output_noise,
           circuit_privacy: int | None = SERVER.circuit_privacy, max_fit_sessions: int = SERVER.max_fit_sessions,
           fits_per_client: int | None = SERVER.fits_per_client, max_fit_source_dim: int = SERVER.max_fit_source_dim,
-          log_level: str = "info") -> None:
+          publish_val_logits: bool = SERVER.publish_val_logits, log_level: str = "info") -> None:
     """Serve linear layers under CKKS encryption over HTTP, and private fits (API docs at /docs).
 
     The server evaluates W h + b on encrypted hidden states: it never sees texts, states or logits. Pass at least
@@ -804,6 +815,8 @@ def serve(*, export: str | None = None, heads: list[str] | None = None, public: 
         max_fit_sessions: private fits running at once; beyond it 503.
         fits_per_client: private fits opened per API key, or per client address without one (null: no limit).
         max_fit_source_dim: the largest client state dimension a private fit accepts.
+        publish_val_logits: publish each head's logits on the public set's val rows (GET
+            /v1/public-set/val-logits), so clients can choose λ through the head (`xsilo align --head NAME`).
         log_level: log level of uvicorn and the request log.
     """
     import os
@@ -816,7 +829,8 @@ def serve(*, export: str | None = None, heads: list[str] | None = None, public: 
         replica_id=replica_id, header_timeout_s=header_timeout_s, body_timeout_s=body_timeout_s,
         max_connections=max_connections, rows_per_session=rows_per_session, rows_per_client=rows_per_client,
         output_noise=output_noise, circuit_privacy=circuit_privacy, max_fit_sessions=max_fit_sessions,
-        fits_per_client=fits_per_client, max_fit_source_dim=max_fit_source_dim, log_level=log_level)
+        fits_per_client=fits_per_client, max_fit_source_dim=max_fit_source_dim,
+        publish_val_logits=publish_val_logits, log_level=log_level)
 
 
 def query(*, server: str = "http://127.0.0.1:8000", text: list[str] | str | None = None, file: str | None = None,

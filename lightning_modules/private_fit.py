@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import torch
 
+from lightning_modules.head_probe import check_budgets, head_val_stats, probe
 from lightning_modules.settings import FitSettings
-from lightning_modules.solvers import SufficientStats, solve, val_mse, val_r2
+from lightning_modules.solvers import AffineMap, SufficientStats, solve, val_mse, val_r2
 
 if TYPE_CHECKING:
     from lightning_modules.aligner import AffineAligner
@@ -108,14 +109,18 @@ class PrivateFit:
 
 
 def fit_private(parts: Sequence[np.ndarray], reply: "GramReply", fit: FitSettings, *,
-                source_spec: dict[str, Any], public_set: dict[str, Any]) -> PrivateFit:
+                source_spec: dict[str, Any], public_set: dict[str, Any], head: AffineMap | None = None,
+                head_val: SufficientStats | None = None, stats: Sequence[SufficientStats] | None = None) -> PrivateFit:
     """Solve the map from the decrypted reply with `solvers.solve` (the aligner's own path): an
-    `AffineAligner` ready for `save_pretrained`, its target spec the provider's public-set model spec."""
+    `AffineAligner` ready for `save_pretrained`, its target spec the provider's public-set model spec. `head` and
+    `head_val` (from `head_probe`) give the head criterion; `stats` are `part_stats(parts, reply)` when known."""
     from lightning_modules.aligner import AffineAligner
 
-    stats = part_stats(parts, reply)
+    stats = list(stats) if stats is not None else part_stats(parts, reply)
     train, val = stats[0], (stats[1] if len(stats) > 1 and stats[1].count else None)
-    amap, lam, path = solve(train, val, fit.estimator, fit.lambdas, fit.center, fit.standardize)
+    amap, lam, path = solve(train, val, fit.estimator, fit.lambdas, fit.center, fit.standardize,
+                            criterion=fit.criterion, head=head, head_val=head_val, rank=fit.rank,
+                            whiten_target=fit.whiten_target)
     aligner = AffineAligner(train.d_x, train.d_y, estimator=fit.estimator, lambdas=list(fit.lambdas),
                             center=fit.center, standardize=fit.standardize)
     aligner.load_map(amap)
@@ -126,6 +131,7 @@ def fit_private(parts: Sequence[np.ndarray], reply: "GramReply", fit: FitSetting
     aligner.target_spec = {**(public_set.get("model") or {}), "public_set_fingerprint": public_set.get("fingerprint")}
     metrics = {"public_set": {k: public_set.get(k) for k in ("name", "rows", "fingerprint", "val_fraction", "seed")},
                "rows": {name: s.count for name, s in zip(PART_NAMES, stats)}, "chosen_lambda": lam,
+               "criterion": path.criterion, "chosen": dict(path.chosen), "lambda_path": path.as_dict(),
                "train_r2": val_r2(train, amap),
                "val_mse": val_mse(val, amap) if val is not None else None,
                "val_r2": val_r2(val, amap) if val is not None else None}
@@ -153,10 +159,14 @@ def public_texts_file(texts: list[str], fingerprint: str) -> Path:
 
 def align(server: str, model: str, out: str | Path, *, fit: FitSettings | None = None,
           extraction: "ExtractionSettings | None" = None, device: "DeviceSettings | None" = None,
-          api_key: str | None = None, timeout: float = 300.0, progress=None) -> PrivateFit:
+          api_key: str | None = None, timeout: float = 300.0, progress=None, head: str | None = None) -> PrivateFit:
     """`xsilo align`: fit the map from this client's `model` into the provider's states without either side seeing
     the other's: fetch the public texts, check their fingerprint, extract `model`'s states on them (cached), split
-    them as the provider did, run the encrypted fit, solve, and save the map folder `out`."""
+    them as the provider did, run the encrypted fit, solve, and save the map folder `out`.
+
+    With `head` (a head the provider serves), λ is chosen through it (criterion auto = head): the provider's
+    published logits on its public val rows, and the head queried under HE on the directions the path's maps
+    write into (`lightning_modules.head_probe`)."""
     from datamodules.cache import StateCache
     from datamodules.extraction import ExtractionConfig, cache_hit, extract, resolve
     from datamodules.states import random_split
@@ -164,9 +174,13 @@ def align(server: str, model: str, out: str | Path, *, fit: FitSettings | None =
     from serve.fit_client import PrivateFitClient
 
     fit, extraction, device = fit or FitSettings(), extraction or ExtractionSettings(), device or DeviceSettings()
+    if fit.criterion == "head" and head is None:
+        raise PrivateFitError("--fit.criterion head chooses λ through the provider's head: name it with --head NAME "
+                              "(GET /v1/model 'heads'), or use --fit.criterion auto/gcv/val_mse")
     device.apply_threads()
     with PrivateFitClient(server, api_key=api_key, timeout=timeout) as client:
         public = client.public_set()
+        val_logits = client.val_logits(head) if head is not None else None  # fails fast when not published
         texts = client.public_texts()  # count and fingerprint checked against the server's own
         path = public_texts_file(texts, public["fingerprint"])
         job = resolve(ExtractionConfig(model=model, data=str(path), pooling=extraction.pooling, layer=extraction.layer,
@@ -185,7 +199,44 @@ def align(server: str, model: str, out: str | Path, *, fit: FitSettings | None =
                                   f"{public['seed']} gives {sizes}, but the server's parts are {public['parts']}; "
                                   "use an xsilo of the server's version")
         parts = [states[idx] for idx in indices]
+        if head is not None:
+            info = client.model_info()
+            bound = min(parts[0].shape[1], int(public["hidden_size"]), len(parts[0])) + 2
+            check_budgets(bound, info["heads"][head], info.get("limits") or {}, head)  # before the fit's work
         reply = client.fit(parts, public["fingerprint"], progress=progress)
-    result = fit_private(parts, reply, fit, source_spec=job.spec(), public_set=public)
+    stats = part_stats(parts, reply)
+    surrogate = head_val = None
+    probe_metrics: dict[str, Any] = {}
+    if head is not None:
+        surrogate, probe_metrics = query_head(server, head, stats[0], fit, api_key=api_key, timeout=timeout)
+        head_val = head_val_stats(parts[1], val_logits)
+    result = fit_private(parts, reply, fit, source_spec=job.spec(), public_set=public, head=surrogate,
+                         head_val=head_val, stats=stats)
+    if head is not None:
+        result.metrics["head"] = {"name": head, **probe_metrics}
     result.aligner.save_pretrained(Path(out), metrics={"private_fit": result.metrics})
     return result
+
+
+def query_head(server: str, head: str, train: SufficientStats, fit: FitSettings, *, api_key: str | None = None,
+               timeout: float = 300.0) -> tuple[AffineMap, dict[str, Any]]:
+    """The provider's head as known on every map of the path (`head_probe`): its r + 2 probe rows queried under
+    HE in one session, and what the probe cost."""
+    from serve.client import HeadClient, ServerReplyError
+
+    probe_rows = probe(train, fit.center, fit.standardize)
+    rows = probe_rows.rows
+    with HeadClient(server, head, api_key=api_key, timeout=timeout) as client:
+        info = client.model_info()
+        charged = check_budgets(len(rows), {"lanes": info.layout.lanes}, info.limits, head)
+        try:
+            logits = client.infer_states(rows)
+        except ServerReplyError as exc:
+            if exc.status == 429:
+                raise PrivateFitError(f"the provider's row budget ran out while the head-aware λ queried head "
+                                      f"{head!r} on {len(rows)} rows ({exc.message[:200]}); ask its operator to raise "
+                                      "--rows_per_client, or align without --head (λ by GCV)") from None
+            raise
+        timings = dict(client.last_timings)
+    return probe_rows.head(logits), {"probe_rows": len(rows), "rows_charged": charged,
+                                     "ciphertexts": timings.get("ciphertexts"), "server_ms": timings.get("server_ms")}

@@ -143,6 +143,56 @@ class PrivateFitClient:
                              f"{str(public['fingerprint'])[:16]}; try again, or ask the operator to re-export them")
         return texts
 
+    def val_logits(self, head: str) -> np.ndarray:
+        """Head `head`'s plaintext logits (n_val, k) on the public set's val rows, in val-index order, all pages
+        (GET /v1/public-set/val-logits; the provider opts in with --publish_val_logits true). Shapes and values
+        are checked against /v1/model."""
+        public = self.public_set()
+        heads = self.model_info().get("heads") or {}
+        if not isinstance(heads, dict) or head not in heads:
+            names = sorted(heads) if isinstance(heads, dict) else []
+            raise ServeError(f"the server serves no head {head[:64]!r}; it serves {names}: pass one of them to --head")
+        if not public.get("val_logits"):
+            raise ServeError(f"the server at {self.connection.url} does not publish its heads' logits on the public "
+                             "validation rows, which the head-aware λ needs; ask its operator to serve with "
+                             "--publish_val_logits true, or align without --head (λ by GCV)")
+        try:
+            k = int(heads[head]["output_dim"])
+        except (KeyError, TypeError, ValueError):
+            raise ServeError(f"the server's entry for head {head!r} lacks output_dim; use a client of the same "
+                             "xsilo version as the server") from None
+        rows = int(public["parts"]["val"])
+        pages: list[np.ndarray] = []
+        offset = 0
+        for _ in range(MAX_TEXT_PAGES):
+            page = self.connection.json("GET", f"{API_PREFIX}/public-set/val-logits",
+                                        params={"head": head, "offset": offset})
+            chunk = page.get("logits") if isinstance(page, dict) else None
+            if not isinstance(chunk, list) or page.get("offset") != offset or page.get("rows") != rows:
+                raise ServeError("the server's val-logits page is not {\"logits\": [[float]], \"rows\", \"offset\", "
+                                 f"\"next\"}} for the {rows} val rows /v1/model announces")
+            try:
+                values = np.asarray(chunk, dtype=np.float64)
+            except (TypeError, ValueError):
+                values = np.zeros((0, 0))
+            if values.shape != (len(chunk), k):
+                raise ServeError(f"the server's val logits must be rows of {k} numbers (head {head!r} has {k} "
+                                 "outputs)")
+            if not np.isfinite(values).all():
+                raise ServeError("the server's val logits hold NaN or inf; ask its operator to check the head")
+            pages.append(values)
+            offset += len(chunk)
+            following = page.get("next")
+            if following is None:
+                break
+            if not isinstance(following, int) or isinstance(following, bool) or following != offset or not chunk \
+                    or following > rows:
+                raise ServeError(f"the server's val-logits paging is inconsistent (offset {offset - len(chunk)}, "
+                                 f"{len(chunk)} rows, next {following!r:.40})")
+        if offset != rows:
+            raise ServeError(f"the server sent {offset} val logits but its public set has {rows} val rows")
+        return np.concatenate(pages, axis=0)
+
     def fit(self, parts: Sequence[np.ndarray], fingerprint: str, progress: Progress | None = None) -> GramReply:
         """Run a private fit on the client's raw states of each public-set part (train, val: the server's split).
 

@@ -11,6 +11,7 @@ noted; errors are ``{"error": {"code", "message"}}``):
     DELETE /v1/sessions/{id}                  forget the session's keys
     GET    /v1/heads/{name}/feature-ood       a head's published OOD detector (npz)
     GET    /v1/public-set/texts, /v1/fit/...  the public set and the private fit (`serve.fit_service`)
+    GET    /v1/public-set/val-logits?head=    a head's logits on the public val rows (opt-in, paged)
     GET    /docs, /openapi.json               FastAPI's docs
 
 HE work runs in worker threads behind a capacity limiter, so the event loop keeps answering. Starting the
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import anyio
+import numpy as np
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -117,6 +119,7 @@ class PublicSetInfo(BaseModel):
     parts: dict[str, int]
     model: ClientSpec
     hidden_size: int
+    val_logits: bool = False  # GET /v1/public-set/val-logits answers (xsilo serve --publish_val_logits true)
 
 
 class ModelInfo(BaseModel):
@@ -178,6 +181,8 @@ class EncryptedService:
         self._limiter = anyio.CapacityLimiter(settings.max_concurrency)
         self._pending = 0  # touched on the event loop only
         self.fit = FitService(public, settings, self.run_cpu) if public is not None else None
+        self._val_logits: dict[str, np.ndarray] = {}  # at most one (n_val, k) array per served head
+        self._val_logits_lock = threading.Lock()
         self.info = self.model_info()
 
     def model_info(self) -> dict[str, Any]:
@@ -206,8 +211,36 @@ class EncryptedService:
             "output_noise": settings.output_noise,
             "circuit_privacy": settings.circuit_privacy,
             "heads": {name: head.head_info() for name, head in self.heads.items()},
-            "public_set": self.public.info() if self.public is not None else None,
+            "public_set": ({**self.public.info(), "val_logits": settings.publish_val_logits}
+                           if self.public is not None else None),
         }
+
+    def val_logits(self, head: str) -> np.ndarray:
+        """Head `head`'s logits (n_val, k) on the public set's val states, computed once (the head-aware λ of a
+        client's private fit scores its maps through the head against them). 404/409 when they are not published."""
+        if self.public is None:
+            raise ApiError(404, "no_public_set", "this server publishes no public set, so no validation logits; ask "
+                                                 "its operator to serve one (xsilo serve --public DIR)")
+        if not self.settings.publish_val_logits:
+            raise ApiError(404, "val_logits_not_published", "this server does not publish its heads' logits on the "
+                                                            "public validation rows; ask its operator to serve with "
+                                                            "--publish_val_logits true, or align without --head")
+        served = self.layer(head)
+        ours = (served.manifest.get("target") or {}).get("model_identity")
+        theirs = self.public.manifest["model"].get("model_identity")
+        if not ours or ours != theirs:
+            raise ApiError(409, "head_model_mismatch", f"head {head!r} does not record that it reads the public set's "
+                                                       "model (model_identity missing or different), so its logits on "
+                                                       "the public states would mean nothing; refit the head with "
+                                                       "`xsilo head fit` on the public set's model")
+        with self._val_logits_lock:
+            logits = self._val_logits.get(head)
+            if logits is None:
+                layer = served.layer
+                logits = self.public.parts[1].astype(np.float64) @ layer.weight.T + layer.bias
+                logits.setflags(write=False)
+                self._val_logits[head] = logits
+        return logits
 
     async def run_cpu(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run CPU-bound work off the event loop, at most `max_concurrency` at a time."""
@@ -464,6 +497,21 @@ def create_app(export_dir: str | Path | None = None, *, heads: Sequence[str | Pa
             raise ApiError(404, "feature_ood_not_published", f"head {head!r} publishes no feature-space OOD "
                                                              "detector; flag OOD inputs another way")
         return Response(served.feature_ood.data, media_type=OCTET_STREAM)
+
+    @app.get(f"{API_PREFIX}/public-set/val-logits", dependencies=auth, responses=ERROR_RESPONSES,
+             tags=["private fit"])
+    async def val_logits(head: str = Query(..., max_length=200, description="a served head (GET /v1/model 'heads')"),
+                         offset: int = Query(0, ge=0, le=1 << 40),
+                         limit: int | None = Query(None, ge=1, le=1 << 40)) -> dict[str, Any]:
+        """A page of head `head`'s plaintext logits on the public set's val rows, in val-index order (at most
+        `max_public_texts` rows per page); only when the provider opted in (--publish_val_logits true)."""
+        logits = service.val_logits(head)
+        rows = logits.shape[0]
+        if offset > rows:
+            raise ApiError(400, "invalid_offset", f"offset {offset} is past the public set's {rows} val rows")
+        end = min(offset + min(limit or settings.max_public_texts, settings.max_public_texts), rows)
+        return {"head": head, "rows": rows, "offset": offset, "next": end if end < rows else None,
+                "logits": logits[offset:end].tolist()}
 
     add_fit_routes(app, service.fit, auth, settings)
     return app

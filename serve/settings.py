@@ -37,6 +37,7 @@ class ServerSettings:
     max_fit_accumulator_bytes: int = 256 << 20  # memory of one session's accumulators (GramPlan.accumulator_bytes)
     fits_per_client: int | None = 2  # fit sessions opened per API key (or address); None: no limit
     max_public_texts: int = 512  # texts per page of GET /v1/public-set/texts
+    publish_val_logits: bool = False  # GET /v1/public-set/val-logits: each head's logits on the public val rows
 
     def __post_init__(self) -> None:
         if self.api_key is not None:

@@ -301,3 +301,80 @@ def test_the_client_refuses_a_hostile_feature_ood_download(server, folders, serv
     with Client("http://provider", head="topics", aligner=folders["map"], transport=httpx.MockTransport(handler)) \
             as client, pytest.raises(ServeError, match=match):
         client.feature_detector()
+
+
+# --- the heads' published logits on the public val rows (the head-aware λ of `xsilo align --head`) -------------
+
+def test_val_logits_are_off_by_default(server, folders):
+    assert httpx.get(f"{server.url}/v1/model").json()["public_set"]["val_logits"] is False
+    response = httpx.get(f"{server.url}/v1/public-set/val-logits", params={"head": "topics"})
+    error = json_error(response.content)
+    assert response.status_code == 404 and error["code"] == "val_logits_not_published"
+    assert "--publish_val_logits true" in error["message"]
+    from serve.fit_client import PrivateFitClient
+
+    with PrivateFitClient(server.url) as fits, pytest.raises(ServeError, match="--publish_val_logits true"):
+        fits.val_logits("topics")
+
+
+def test_val_logits_page_and_equal_the_plaintext_head_on_the_public_val_states(folders):
+    from serve.fit_client import PrivateFitClient
+    from serve.public_format import load_public_states
+
+    app = create_app(heads=[folders["topics"], folders["sentiment"]], public=folders["public"],
+                     publish_val_logits=True, max_public_texts=3)
+    val_states = load_public_states(folders["public"]).parts[1].astype(np.float64)  # 8 rows
+    with ServerThread(app, max_lifetime_s=60) as srv, httpx.Client(base_url=srv.url, timeout=30) as http:
+        assert http.get("/v1/model").json()["public_set"]["val_logits"] is True
+        first = http.get("/v1/public-set/val-logits", params={"head": "topics", "limit": 100}).json()
+        assert (first["rows"], first["offset"], first["next"], len(first["logits"])) == (8, 0, 3, 3)  # bounded
+        last = http.get("/v1/public-set/val-logits", params={"head": "topics", "offset": 6}).json()
+        assert (last["next"], len(last["logits"])) == (None, 2)
+        past = http.get("/v1/public-set/val-logits", params={"head": "topics", "offset": 9})
+        assert past.status_code == 400 and json_error(past.content)["code"] == "invalid_offset"
+        unknown = http.get("/v1/public-set/val-logits", params={"head": "nope"})
+        assert unknown.status_code == 404 and json_error(unknown.content)["code"] == "head_not_found"
+        assert "topics" in json_error(unknown.content)["message"]
+        missing = http.get("/v1/public-set/val-logits")
+        assert missing.status_code == 422
+        with PrivateFitClient(srv.url) as fits:
+            for name in ("topics", "sentiment"):
+                head = load_export(folders[name], "head")
+                expected = val_states @ head.weight.T.astype(np.float64) + head.bias.astype(np.float64)
+                np.testing.assert_allclose(fits.val_logits(name), expected, rtol=1e-12, atol=1e-12)
+            with pytest.raises(ServeError, match="no head 'nope'.*--head"):
+                fits.val_logits("nope")
+
+
+def test_val_logits_refuse_a_head_that_does_not_record_the_public_sets_model(folders, tmp_path):
+    anonymous = write_small_head(tmp_path / "anonymous", d=D_B, k=2, target=dict(PROVIDER_SPEC, model_identity=None))
+    app = create_app(heads=[anonymous], public=folders["public"], publish_val_logits=True)
+    with ServerThread(app, max_lifetime_s=60) as srv:
+        response = httpx.get(f"{srv.url}/v1/public-set/val-logits", params={"head": "anonymous"})
+        assert response.status_code == 409 and json_error(response.content)["code"] == "head_model_mismatch"
+    heads_only = create_app(heads=[folders["topics"]], publish_val_logits=True)
+    with ServerThread(heads_only, max_lifetime_s=60) as srv:
+        response = httpx.get(f"{srv.url}/v1/public-set/val-logits", params={"head": "topics"})
+        assert response.status_code == 404 and json_error(response.content)["code"] == "no_public_set"
+
+
+@pytest.mark.parametrize("page, match", [
+    ({"rows": 8, "offset": 0, "next": None, "logits": [[0.0, 1.0]] * 8}, "rows of 3 numbers"),
+    ({"rows": 8, "offset": 0, "next": None, "logits": [[float("nan")] * 3] * 8}, "NaN"),
+    ({"rows": 8, "offset": 0, "next": 0, "logits": [[0.0] * 3]}, "paging is inconsistent"),
+    ({"rows": 8, "offset": 0, "next": None, "logits": [[0.0] * 3] * 5}, "sent 5 val logits"),
+    ({"rows": 9, "offset": 0, "next": None, "logits": [[0.0] * 3] * 9}, "for the 8 val rows"),
+])
+def test_the_client_refuses_a_hostile_val_logits_page(folders, page, match):
+    from serve.fit_client import PrivateFitClient
+
+    info = create_app(heads=[folders["topics"]], public=folders["public"], publish_val_logits=True).state.service.info
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/model":
+            return httpx.Response(200, json=info)
+        return httpx.Response(200, content=json.dumps(page, allow_nan=True).encode())
+
+    with PrivateFitClient("http://provider", transport=httpx.MockTransport(handler)) as fits, \
+            pytest.raises(ServeError, match=match):
+        fits.val_logits("topics")
