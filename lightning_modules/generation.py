@@ -524,7 +524,7 @@ def load_generation_metrics(path: str | Path) -> dict[str, Any]:
 
 
 def _parameters(n: int) -> str:
-    return f"{n / 1e9:.1f} B" if n >= 1e8 else f"{n / 1e6:.1f} M" if n >= 1e5 else f"{n:,}"
+    return f"{n / 1e9:.1f} B" if n >= 1e9 else f"{n / 1e6:.1f} M" if n >= 1e5 else f"{n:,}"
 
 
 def paper_prediction(results: dict[str, Any]) -> dict[str, Any]:
@@ -537,9 +537,9 @@ def paper_prediction(results: dict[str, Any]) -> dict[str, Any]:
     exact = float(results["compatibility"]["exact_token_match"])
     reasons = []
     if params < PAPER_MIN_SOURCE_PARAMETERS:
-        reasons.append(f"the source has {_parameters(params)} parameters (under 4 B)")
+        reasons.append(f"the source has {_parameters(params)} parameters, under 4 B")
     if exact < PAPER_MIN_EXACT_MATCH:
-        reasons.append(f"exact token match {exact:.2f} is under {PAPER_MIN_EXACT_MATCH}")
+        reasons.append(f"exact token match {exact:.2f}, under {PAPER_MIN_EXACT_MATCH}")
     rows = results["rows"]
     top1, null = float(rows["mapped"]["top1"]), float(rows["null"]["top1"])
     predicted, observed = ("fail" if reasons else "work"), ("works" if top1 >= WORKS_TOP1 else "fails")

@@ -32,10 +32,12 @@ from lightning_modules.generation import (
     GenerationError,
     GenerationEvalConfig,
     Sampling,
+    compare_generation,
     evaluate_generation,
     fit_generation_map,
     generate,
     load_generation_map,
+    paper_prediction,
     public_texts,
     save_generation_map,
     stream_generate,
@@ -314,6 +316,61 @@ def test_evaluate_generation_reports_identity_mapped_and_null(pair, tmp_path):
     assert "null map (shuffled pairs)" in (tmp_path / "run" / "metrics.md").read_text()
     assert np.allclose(load_generation_map(tmp_path / "run", source, target).weight.numpy(),
                        torch.linalg.inv(source.model.model.norm.q).numpy(), atol=5e-3)
+    # one tokenizer on both sides: every aligned token is identical; a tiny source is under 4B, yet it works
+    assert results["compatibility"]["exact_token_match"] == 1.0
+    assert results["models"]["source"]["parameters"] == sum(p.numel() for p in source.model.parameters())
+    verdict = results["paper_prediction"]
+    assert (verdict["predicted"], verdict["observed"], verdict["as_predicted"]) == ("fail", "works", False)
+    report = (tmp_path / "run" / "metrics.md").read_text()
+    assert "exact token match 100.0%" in report and "against the paper's prediction" in report
+
+    # a second fit on more texts, compared with the first as its baseline
+    bigger = write_tiny_csv(tmp_path / "bigger.csv", n=90, seed=3)
+    cfg2 = GenerationEvalConfig(source="tiny-rotated", target="tiny-target", max_length=32, val_fraction=0.2,
+                                test_fraction=0.2, n_prompts=1, max_new_tokens=3, baseline=str(tmp_path / "run"),
+                                public=PublicSetSettings(str(bigger), limit=None))
+    second = evaluate_generation(cfg2, out=tmp_path / "run2", source=source, target=target)
+    comparison = second["comparison"]
+    assert comparison["train_texts"] == [results["texts"]["train"], second["texts"]["train"]]
+    assert comparison["top1_rise"] == pytest.approx(second["rows"]["mapped"]["top1"] - rows["mapped"]["top1"])
+    assert "More public texts: From 36 to 54 training texts" in (tmp_path / "run2" / "metrics.md").read_text()
+    with pytest.raises(GenerationError, match="cannot read generation metrics"):
+        evaluate_generation(GenerationEvalConfig(source="a", target="b", baseline=str(tmp_path / "none.json")))
+
+
+def generation_figures(pair: str = "smollm2 -> gemma3", parameters: int = 134_515_008, exact: float = 0.91,
+                       top1: float = 0.12, null: float = 0.03) -> dict:
+    """The part of evaluate_generation's metrics the verdict reads."""
+    return {"pair": pair, "models": {"source": {"name": pair.split()[0], "parameters": parameters}},
+            "compatibility": {"exact_token_match": exact}, "texts": {"train": 1600},
+            "positions": {"train": 17_000},
+            "rows": {"mapped": {"top1": top1, "top5": 0.3, "kl": 4.0}, "null": {"top1": null, "top5": 0.1, "kl": 6.0}}}
+
+
+def test_the_verdict_follows_the_figures():
+    small = paper_prediction(generation_figures())  # 135 M source, good tokenizers, low agreement
+    assert (small["predicted"], small["observed"], small["as_predicted"]) == ("fail", "fails", True)
+    assert small["reasons"] == ["the source has 134.5 M parameters, under 4 B"]
+    assert small["lift_over_null"] == pytest.approx(0.09)
+    assert "the paper predicts it fails" in small["text"] and "12.0%" in small["text"]
+    assert small["text"].endswith("so it fails (works = at least 50%): as the paper predicts.")
+    mismatched = paper_prediction(generation_figures(parameters=7_000_000_000, exact=0.5, top1=0.6))
+    assert mismatched["reasons"] == ["exact token match 0.50, under 0.67"]
+    assert (mismatched["observed"], mismatched["as_predicted"]) == ("works", False)
+    large = paper_prediction(generation_figures(parameters=7_000_000_000, exact=0.8, top1=0.7))
+    assert (large["predicted"], large["observed"], large["as_predicted"]) == ("work", "works", True)
+    assert "can work" in large["text"]
+    assert not paper_prediction(generation_figures(parameters=7_000_000_000, exact=0.8, top1=0.2))["as_predicted"]
+
+
+def test_compare_generation_reports_the_rise_of_the_same_pair():
+    before, after = generation_figures(top1=0.10), generation_figures(top1=0.14)
+    after["texts"]["train"], after["positions"]["train"] = 3200, 34_000
+    comparison = compare_generation(before, after)
+    assert comparison["top1_rise"] == pytest.approx(0.04) and comparison["train_positions"] == [17_000, 34_000]
+    assert "10.0% -> 14.0% (+4.0%" in comparison["text"]
+    with pytest.raises(GenerationError, match="same source -> target pair"):
+        compare_generation(generation_figures(pair="gemma3 -> smollm2"), after)
 
 
 def test_public_texts_mix_datasets_in_the_public_set_syntax(tmp_path):
