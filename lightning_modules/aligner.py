@@ -1,13 +1,15 @@
 """`AffineAligner`: a LightningModule that maps source hidden states into a target model's space.
 
 Epoch 0 is the closed-form fit: training and validation batches only accumulate float64
-sufficient statistics, which are summed across DDP ranks, and the λ path (ridge) is scored on
-the validation statistics. Every later epoch is optional gradient fine-tuning from that
+sufficient statistics, which are summed across DDP ranks, and the whole λ path (ridge, reduced_rank,
+cca) is scored from one eigendecomposition by each computable criterion (GCV on the training rows,
+validation MSE, and, when the target's head is given, validation logit MSE through it); `criterion`
+picks the λ. Every later epoch is optional gradient fine-tuning from that
 initialisation (MSE, cosine, or the task loss through a frozen target classifier), stopped
 early on `val_loss` with Lightning's `EarlyStopping`. `max_epochs=1` means closed form only.
 
 A fitted aligner is saved as tuned-lens and transformers save a model: `save_pretrained(dir)` writes
-`config.json` (dims, estimator, λ, centering/standardisation, the source and target states' specs,
+`config.json` (dims, estimator, λ, the λ path with every criterion's scores, centering/standardisation, the source and target states' specs,
 format version, checksums) and `model.safetensors`; `AffineAligner.from_pretrained(dir_or_hub_id)`
 reads it back (`serve.export_format` checks the format, version and checksums).
 """
@@ -24,16 +26,19 @@ import torch.nn.functional as F
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 
+from lightning_modules.settings import Criterion, Estimator
 from lightning_modules.solvers import (
+    CRITERIA,
     DEFAULT_LAMBDAS,
+    LAMBDA_ESTIMATORS,
     AffineMap,
+    LambdaPath,
     SufficientStats,
     solve,
     val_mse,
     val_r2,
 )
 
-Estimator = Literal["ridge", "lstsq", "procrustes", "scaled_procrustes"]
 FinetuneLoss = Literal["mse", "cosine", "task"]
 
 
@@ -45,12 +50,19 @@ class AffineAligner(L.LightningModule):
     Args:
         input_dim: source hidden size (linked from the DataModule).
         output_dim: target hidden size (linked from the DataModule).
-        estimator: ridge (λ chosen on validation), lstsq, procrustes or scaled_procrustes.
+        estimator: ridge, lstsq, procrustes, scaled_procrustes, reduced_rank or cca (λ chosen by `criterion`
+            for ridge, reduced_rank and cca).
         lambdas: relative ridge penalties (multiples of the mean eigenvalue of Cxx).
+        criterion: how λ is chosen: gcv (training rows only), val_mse (validation rows), head (validation
+            logit MSE through the target's head, `classifier`); auto: head when `classifier` is given, else gcv.
+        rank: output rank of reduced_rank and cca (null: full).
         center: fit an intercept (remove means).
         standardize: z-score x and y before solving (zero-variance dims keep scale 1).
+        whiten_target: solve in whitened-target coordinates and map back (accumulates the full Cyy).
         finetune_loss: loss for the gradient epochs after the closed form (if max_epochs > 1).
-        classifier: path to a LinearClassifier checkpoint on target states, for finetune_loss="task".
+        classifier: the target's head: a LinearClassifier checkpoint (`.ckpt`) or a head export folder
+            (`xsilo head fit`) on target states. It drives criterion head/auto and finetune_loss="task".
+            From Python, `aligner.set_head(affine_map)` gives the head as an `AffineMap` instead.
         lr, weight_decay: AdamW settings for fine-tuning.
     """
 
@@ -62,8 +74,11 @@ class AffineAligner(L.LightningModule):
         output_dim: int,
         estimator: Estimator = "ridge",
         lambdas: Sequence[float] = DEFAULT_LAMBDAS,
+        criterion: Criterion = "auto",
+        rank: int | None = None,
         center: bool = True,
         standardize: bool = False,
+        whiten_target: bool = False,
         finetune_loss: FinetuneLoss = "mse",
         classifier: str | None = None,
         lr: float = 1e-4,
@@ -72,9 +87,14 @@ class AffineAligner(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         if estimator not in get_args(Estimator):
-            raise ValueError(f"unknown estimator {estimator!r}; use ridge, lstsq, procrustes or scaled_procrustes")
-        if estimator == "ridge" and not lambdas:
-            raise ValueError("ridge needs at least one λ in `lambdas`")
+            raise ValueError(f"unknown estimator {estimator!r}; use {', '.join(get_args(Estimator))}")
+        if estimator in LAMBDA_ESTIMATORS and not lambdas:
+            raise ValueError(f"{estimator} needs at least one λ in `lambdas`")
+        if criterion != "auto" and criterion not in CRITERIA:
+            raise ValueError(f"unknown λ criterion {criterion!r}; use auto, gcv, val_mse or head")
+        if criterion == "head" and classifier is None:
+            raise ValueError("criterion='head' needs `classifier`: the target's head (a LinearClassifier checkpoint "
+                             "or a head export folder); or use criterion='gcv'")
         if finetune_loss == "task" and classifier is None:
             raise ValueError("finetune_loss='task' needs `classifier`: a LinearClassifier checkpoint on target states")
         self.linear = nn.Linear(input_dim, output_dim)
@@ -85,8 +105,9 @@ class AffineAligner(L.LightningModule):
         self.target_spec: dict[str, Any] = {}
         self._train_stats: SufficientStats | None = None
         self._val_stats: SufficientStats | None = None
-        self._head: nn.Module | None = None
-        self.lambda_path: dict[float, float] = {}
+        self._head_val: SufficientStats | None = None
+        self._head: AffineMap | None = None
+        self.lambda_path: LambdaPath = LambdaPath.empty()
 
     # -- the map -------------------------------------------------------------------------
 
@@ -116,7 +137,12 @@ class AffineAligner(L.LightningModule):
             "estimator": hp.estimator,
             "lambdas": [float(v) for v in hp.lambdas],
             "chosen_lambda": None if math.isnan(lam) else lam,
-            "lambda_path": [[float(k), float(v)] for k, v in self.lambda_path.items()],  # [λ, validation MSE]
+            # [λ, score of the deciding criterion]; every criterion's scores are in "lambda_selection"
+            "lambda_path": [[float(k), float(v)] for k, v in self.lambda_path.items() if math.isfinite(v)],
+            "lambda_selection": self.lambda_path.as_dict(),
+            "criterion": hp.criterion,
+            "rank": hp.rank,
+            "whiten_target": bool(hp.whiten_target),
             "center": bool(hp.center),
             "standardize": bool(hp.standardize),
             "normalisation": "centering/standardisation folded into weight and bias: y = x @ weight.T + bias "
@@ -146,15 +172,19 @@ class AffineAligner(L.LightningModule):
             raise ExportError(f"{directory / MAP_CONFIG}: 'finetune' must hold loss (mse, cosine or task), "
                               f"classifier (a path or null), lr and weight_decay (numbers); {RESAVE}")
         try:
+            criterion, rank, whiten = config.get("criterion", "auto"), config.get("rank"), config.get("whiten_target")
+            if criterion == "head" and classifier is None:
+                criterion = "auto"  # the head's checkpoint is not part of the folder; λ is already chosen
             aligner = cls(config["input_dim"], config["output_dim"], estimator=config["estimator"],
-                          lambdas=config["lambdas"], center=config["center"], standardize=config["standardize"],
-                          finetune_loss=loss, classifier=classifier, lr=lr, weight_decay=weight_decay)
+                          lambdas=config["lambdas"], criterion=criterion, rank=rank, center=config["center"],
+                          standardize=config["standardize"], whiten_target=bool(whiten), finetune_loss=loss,
+                          classifier=classifier, lr=lr, weight_decay=weight_decay)
         except ValueError as e:
             raise ExportError(f"{directory / MAP_CONFIG}: {e}; {RESAVE}") from None
         aligner.load_map(AffineMap(torch.from_numpy(part.weight), torch.from_numpy(part.bias)))
         if config.get("chosen_lambda") is not None:
             aligner.chosen_lambda.fill_(float(config["chosen_lambda"]))
-        aligner.lambda_path = {float(k): float(v) for k, v in config.get("lambda_path") or []}
+        aligner.lambda_path = lambda_path_of(config)
         aligner.source_spec, aligner.target_spec = config.get("source") or {}, config.get("target") or {}
         return aligner.eval()
 
@@ -171,13 +201,16 @@ class AffineAligner(L.LightningModule):
             raise ValueError(f"the aligner maps {self.hparams.input_dim} -> {self.hparams.output_dim} but the "
                              f"data holds {dims[0]} -> {dims[1]}-d states; set input_dim/output_dim to match "
                              "(LightningCLI links them from the DataModule)")
-        if self.hparams.finetune_loss == "task" and self._head is None:
-            from lightning_modules.classifier import LinearClassifier
+        if self.hparams.classifier is not None and self._head is None:
+            self.set_head(load_head(self.hparams.classifier))
 
-            head = LinearClassifier.load_from_checkpoint(self.hparams.classifier, map_location="cpu")
-            # Not a registered submodule: the frozen head belongs to the classifier's checkpoint,
-            # not to this one.
-            object.__setattr__(self, "_head", head.eval().requires_grad_(False).to(self.device))
+    def set_head(self, head: AffineMap) -> None:
+        """The target's head (k × output_dim, raw target states -> logits) for criterion head/auto and
+        finetune_loss="task". Not a parameter of this module: it belongs to the classifier."""
+        if head.d_x != self.hparams.output_dim:
+            raise ValueError(f"the head reads {head.d_x}-d states but this aligner maps to "
+                             f"{self.hparams.output_dim}-d target states; pass the head of the target model")
+        self._head = AffineMap(head.weight.detach().to(torch.float64), head.bias.detach().to(torch.float64))
 
     @property
     def solving(self) -> bool:
@@ -199,15 +232,28 @@ class AffineAligner(L.LightningModule):
     def on_predict_start(self) -> None:
         self._require_fitted()
 
+    @property
+    def needs_full_yty(self) -> bool:
+        """CCA and target whitening need the full target covariance; everything else only its diagonal."""
+        return self.hparams.estimator == "cca" or bool(self.hparams.whiten_target)
+
+    @property
+    def head_criterion(self) -> bool:
+        """Validation statistics through the head are gathered (criterion head, or auto with a head)."""
+        return self._head is not None and self.hparams.criterion in ("auto", "head")
+
     def on_train_epoch_start(self) -> None:
         if self.solving:
             self._train_stats = SufficientStats.zeros(self.hparams.input_dim, self.hparams.output_dim,
-                                                      device=self.device, full_yty=False)
+                                                      device=self.device, full_yty=self.needs_full_yty)
 
     def on_validation_epoch_start(self) -> None:
         if self.solving and not self.trainer.sanity_checking:
             self._val_stats = SufficientStats.zeros(self.hparams.input_dim, self.hparams.output_dim,
                                                     device=self.device, full_yty=False)
+            if self.head_criterion:
+                self._head_val = SufficientStats.zeros(self.hparams.input_dim, self._head.d_y, device=self.device,
+                                                       full_yty=False)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         x, y = batch[0], batch[1]
@@ -230,6 +276,8 @@ class AffineAligner(L.LightningModule):
         if self.solving:
             if not self.trainer.sanity_checking:
                 self._val_stats.update(x, y)
+                if self._head_val is not None:
+                    self._head_val.update(x, self._head(y))
             return
         self.log("val_loss", self.finetune_loss(x, y), prog_bar=True, sync_dist=True, batch_size=len(x))
         self.log("val_mse", F.mse_loss(self(x), y), sync_dist=True, batch_size=len(x))
@@ -261,10 +309,10 @@ class AffineAligner(L.LightningModule):
         if loss == "cosine":
             return 1 - F.cosine_similarity(y_hat, y, dim=-1).mean()
         # Task loss: match the frozen target head's distribution on the true target state.
+        head = self._head.to(dtype=y_hat.dtype, device=y_hat.device)
         with torch.no_grad():
-            teacher = F.log_softmax(self._head(y), dim=-1)
-        return F.kl_div(F.log_softmax(self._head(y_hat), dim=-1), teacher, log_target=True,
-                        reduction="batchmean")
+            teacher = F.log_softmax(head(y), dim=-1)
+        return F.kl_div(F.log_softmax(head(y_hat), dim=-1), teacher, log_target=True, reduction="batchmean")
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.linear.parameters(), lr=self.hparams.lr,
@@ -286,17 +334,21 @@ class AffineAligner(L.LightningModule):
         hp = self.hparams
         train = self._reduce(self._train_stats)
         val = self._reduce(self._val_stats) if self._val_stats is not None and self._val_stats.count else None
-        amap, lam, path = solve(train, val, hp.estimator, hp.lambdas, hp.center, hp.standardize)
+        head_val = self._reduce(self._head_val) if val is not None and self._head_val is not None else None
+        amap, lam, path = solve(train, val, hp.estimator, hp.lambdas, hp.center, hp.standardize,
+                                criterion=hp.criterion, head=self._head if head_val is not None else None,
+                                head_val=head_val, rank=hp.rank, whiten_target=hp.whiten_target)
         if lam is not None:
             self.chosen_lambda.fill_(lam)
             self.lambda_path = path
+            self.log("chosen_lambda", lam)
         self.load_map(amap)
         if val is not None:
             baseline = val_mse(val, amap) if hp.finetune_loss == "mse" else self._closed_form_val_loss()
             self.log("val_loss", baseline, prog_bar=True)  # early stopping starts from the closed form
             self.log("val_mse", val_mse(val, amap))
             self.log("val_r2", val_r2(val, amap), prog_bar=True)
-        self._train_stats = self._val_stats = None
+        self._train_stats = self._val_stats = self._head_val = None
 
     def _closed_form_val_loss(self) -> float:
         """The fine-tuning loss of the fresh closed-form map on the validation set (a baseline
@@ -308,3 +360,32 @@ class AffineAligner(L.LightningModule):
                 total += float(self.finetune_loss(x, y)) * len(x)
                 rows += len(x)
         return total / max(rows, 1)
+
+
+def load_head(path: str | Path) -> AffineMap:
+    """The target's head as an `AffineMap` on raw target states: a LinearClassifier checkpoint file, or a head
+    export folder written by `xsilo head fit` (its head.safetensors, checked as the server checks it)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        from serve.export_format import load_export
+
+        head = load_export(path, "head")
+        return AffineMap(torch.from_numpy(head.weight).double(), torch.from_numpy(head.bias).double())
+    if not path.is_file():
+        raise ValueError(f"classifier {str(path)!r} does not exist; pass a LinearClassifier checkpoint (.ckpt) or a "
+                         "head export folder from `xsilo head fit`")
+    from lightning_modules.classifier import LinearClassifier
+
+    return LinearClassifier.load_from_checkpoint(str(path), map_location="cpu").affine_map
+
+
+def lambda_path_of(config: dict[str, Any]) -> LambdaPath:
+    """The λ path a map folder's config.json records (folders from before `lambda_selection`: validation MSE)."""
+    if config.get("lambda_selection"):
+        return LambdaPath.from_dict(config["lambda_selection"])
+    pairs = [(float(k), float(v)) for k, v in config.get("lambda_path") or []]
+    if not pairs:
+        return LambdaPath.empty()
+    lam = config.get("chosen_lambda")
+    return LambdaPath([k for k, _ in pairs], {"val_mse": [v for _, v in pairs]},
+                      {"val_mse": float(lam)} if lam is not None else {}, "val_mse")
