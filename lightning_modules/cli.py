@@ -1003,13 +1003,19 @@ RECIPE_SECTIONS = ("public", "extraction", "fit", "head", "seed", "task_limit")
 def skip_recipe_sections(argv: list[str], command) -> list[str]:
     """`argv` with each `--config FILE` that holds recipe sections `command` does not take replaced by the file's
     other keys (as one YAML/JSON string, which `--config` accepts too)."""
+    import dataclasses
     import inspect
 
     import yaml
 
     if command not in PARTY_COMMANDS:
         return argv
-    params = set(inspect.signature(command).parameters)
+    params = inspect.signature(command).parameters
+
+    def skipped(key: str, value: object) -> bool:  # align's --head NAME is a string: the recipe's head section is not
+        return key in RECIPE_SECTIONS and (key not in params or (
+            isinstance(value, dict) and not dataclasses.is_dataclass(params[key].default)))
+
     out = list(argv)
     for i, word in enumerate(argv):
         value, at = (argv[i + 1], i + 1) if word == "--config" and i + 1 < len(argv) else (
@@ -1020,8 +1026,8 @@ def skip_recipe_sections(argv: list[str], command) -> list[str]:
             doc = yaml.safe_load(Path(value).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, yaml.YAMLError):
             continue  # jsonargparse reports an unreadable file itself
-        if isinstance(doc, dict) and any(k in RECIPE_SECTIONS and k not in params for k in doc):
-            kept = json.dumps({k: v for k, v in doc.items() if not (k in RECIPE_SECTIONS and k not in params)})
+        if isinstance(doc, dict) and any(skipped(k, v) for k, v in doc.items()):
+            kept = json.dumps({k: v for k, v in doc.items() if not skipped(k, v)})
             out[at] = kept if at != i else f"--config={kept}"
     return out
 

@@ -186,3 +186,24 @@ def test_xsilo_align_head_on_tiny_models_equals_the_lab(tiny_models, tmp_path, m
     assert float((w - w_lab).abs().max()) <= 1e-4 * float(w_lab.abs().max())
     b, b_lab = private.affine_map.bias.double(), lab_map.bias.double()
     assert float((b - b_lab).abs().max()) <= 1e-4 * max(float(b_lab.abs().max()), 1.0)
+
+
+def test_align_head_and_serve_publish_val_logits_parse_beside_a_recipe():
+    """`--head NAME` is align's head name even with a recipe whose `head:` section holds head-fit settings."""
+    from pathlib import Path
+
+    from lightning_modules.cli import COMMANDS, build_parser, list_options, skip_recipe_sections, word_lists
+
+    recipe = str(Path(__file__).resolve().parents[1] / "configs" / "recipe" / "bbc.yaml")
+    parser = build_parser()
+    for argv, command in ((["align", "--config", recipe, "--server", "s", "--model", "m", "--out", "o", "--head",
+                            "topics", "--fit.criterion", "head"], COMMANDS["align"]),
+                          (["serve", "--public", "pub", "--publish_val_logits", "true"], COMMANDS["serve"])):
+        cfg = parser.instantiate(parser.parse_args(word_lists(skip_recipe_sections(argv, command),
+                                                              list_options(command))))[argv[0]]
+        if argv[0] == "align":
+            assert (cfg.head, cfg.fit.criterion, cfg.fit.standardize) == ("topics", "head", True)
+        else:
+            assert cfg.publish_val_logits is True
+    cfg = parser.instantiate(parser.parse_args(["serve", "--public", "pub"]))["serve"]
+    assert cfg.publish_val_logits is False  # off by default
