@@ -92,9 +92,6 @@ class AffineAligner(L.LightningModule):
             raise ValueError(f"{estimator} needs at least one λ in `lambdas`")
         if criterion != "auto" and criterion not in CRITERIA:
             raise ValueError(f"unknown λ criterion {criterion!r}; use auto, gcv, val_mse or head")
-        if criterion == "head" and classifier is None:
-            raise ValueError("criterion='head' needs `classifier`: the target's head (a LinearClassifier checkpoint "
-                             "or a head export folder); or use criterion='gcv'")
         if finetune_loss == "task" and classifier is None:
             raise ValueError("finetune_loss='task' needs `classifier`: a LinearClassifier checkpoint on target states")
         self.linear = nn.Linear(input_dim, output_dim)
@@ -173,8 +170,6 @@ class AffineAligner(L.LightningModule):
                               f"classifier (a path or null), lr and weight_decay (numbers); {RESAVE}")
         try:
             criterion, rank, whiten = config.get("criterion", "auto"), config.get("rank"), config.get("whiten_target")
-            if criterion == "head" and classifier is None:
-                criterion = "auto"  # the head's checkpoint is not part of the folder; λ is already chosen
             aligner = cls(config["input_dim"], config["output_dim"], estimator=config["estimator"],
                           lambdas=config["lambdas"], criterion=criterion, rank=rank, center=config["center"],
                           standardize=config["standardize"], whiten_target=bool(whiten), finetune_loss=loss,
@@ -203,6 +198,9 @@ class AffineAligner(L.LightningModule):
                              "(LightningCLI links them from the DataModule)")
         if self.hparams.classifier is not None and self._head is None:
             self.set_head(load_head(self.hparams.classifier))
+        if self.hparams.criterion == "head" and self._head is None and self.solving:
+            raise ValueError("criterion='head' needs the target's head: set `classifier` (a LinearClassifier "
+                             "checkpoint or a head export folder) or call set_head(...) first; or use criterion='gcv'")
 
     def set_head(self, head: AffineMap) -> None:
         """The target's head (k × output_dim, raw target states -> logits) for criterion head/auto and

@@ -1,13 +1,16 @@
 """Evaluate a model pair: native and mapped accuracy on a task, and alignment quality.
 
-`evaluate_pair` fits (through Lightning) the source→target aligner on the shared public set,
-a classifier on the target's task states and one on the source's, then reports
+`evaluate_pair` fits (through Lightning) a classifier on the target's task states first, then the
+source→target aligner on the shared public set with that head known (criterion auto = head: λ chosen by the
+validation logit MSE through it), and a classifier on the source's states, then reports
 
 * native target and native source accuracy / macro-F1 on the task's test split;
 * mapped accuracy: source test states → aligner → the target's classifier, its drop from
   native, and a null map (fitted on shuffled public pairs);
 * alignment on held-out public rows: R², cosine (raw and centred), linear CKA and mutual
-  kNN, each beside its null value (shuffled pairing).
+  kNN, each beside its null value (shuffled pairing);
+* the λ path (`lambda_path`): every λ's score under each criterion (gcv, val_mse, head) and its mapped test
+  accuracy / macro-F1 through the target head, and the λ each criterion chose with its accuracy.
 
 It saves the checkpoints it trained, the map as a map folder (`OUT/map`, `AffineAligner.save_pretrained`)
 and writes `metrics.json` and `metrics.md`.
@@ -20,7 +23,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
@@ -34,7 +37,8 @@ from lightning_modules.classifier import LinearClassifier
 from lightning_modules.metrics import alignment_report
 from lightning_modules.settings import (DeviceSettings, ExtractionSettings, FitSettings, HeadSettings,
                                         PublicSetSettings, build_trainer, seed_all)
-from lightning_modules.solvers import SufficientStats, fit_affine
+from lightning_modules.solvers import (DEFAULT_LAMBDAS, LAMBDA_ESTIMATORS, AffineMap, LambdaPath, RidgeFactors,
+                                       SufficientStats, fit_affine, path_factors)
 
 
 @dataclass
@@ -53,10 +57,15 @@ class PairConfig:
     seed: int = 0
 
 
-def fit_aligner(dm: PairedStatesDataModule, fit: FitSettings, device: DeviceSettings):
-    """The closed-form map (one pass over the public rows); returns it and its Trainer."""
+def fit_aligner(dm: PairedStatesDataModule, fit: FitSettings, device: DeviceSettings,
+                head: AffineMap | None = None):
+    """The closed-form map (one pass over the public rows); returns it and its Trainer. `head`, the target's
+    classifier as an affine map on raw target states, lets criterion auto/head choose λ through it."""
     model = AffineAligner(dm.input_dim, dm.output_dim, estimator=fit.estimator, lambdas=list(fit.lambdas),
-                          center=fit.center, standardize=fit.standardize)
+                          criterion=fit.criterion, rank=fit.rank, center=fit.center, standardize=fit.standardize,
+                          whiten_target=fit.whiten_target)
+    if head is not None:
+        model.set_head(head)
     trainer = build_trainer(device, max_epochs=1)
     trainer.fit(model, dm)
     return model, trainer
@@ -100,16 +109,40 @@ def classification_scores(logits: torch.Tensor, labels: torch.Tensor, num_classe
 
 
 def null_map(dm: PairedStatesDataModule, fit: FitSettings, seed: int, lam: float) -> torch.nn.Module:
-    """The same estimator fitted on shuffled public pairs: the chance level of a map."""
+    """The same estimator, at the real map's λ, fitted on shuffled public pairs: the chance level of a map."""
     x, y = split_rows(dm, "train")
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed + 1))
-    stats = SufficientStats.zeros(x.shape[1], y.shape[1], full_yty=False).update(x, y[perm])
-    amap = fit_affine(stats, fit.estimator, lam=lam, center=fit.center, standardize=fit.standardize)
+    full = fit.estimator == "cca" or fit.whiten_target
+    stats = SufficientStats.zeros(x.shape[1], y.shape[1], full_yty=full).update(x, y[perm])
+    amap = fit_affine(stats, fit.estimator, lam=lam, center=fit.center, standardize=fit.standardize, rank=fit.rank,
+                      whiten_target=fit.whiten_target)
     layer = torch.nn.Linear(x.shape[1], y.shape[1])
     with torch.no_grad():
         layer.weight.copy_(amap.weight)
         layer.bias.copy_(amap.bias)
     return layer
+
+
+def path_accuracy(factors: RidgeFactors, head: AffineMap, h_src: torch.Tensor, labels: torch.Tensor,
+                  num_classes: int, lambdas: Sequence[float] = DEFAULT_LAMBDAS) -> list[dict[str, float]]:
+    """Mapped test scores through the target head at every λ of the ridge path: one dict per λ, {"lambda",
+    accuracy, macro_f1, majority_rate, top_prediction_share} (`classification_scores`). Cheap: head ∘ map_λ
+    is k × d_x (`RidgeFactors.map(λ, head)`), never the d_y × d_x map."""
+    x = h_src.to(torch.float64)
+    return [{"lambda": float(lam), **classification_scores(factors.map(lam, head)(x), labels, num_classes)}
+            for lam in lambdas]
+
+
+def lambda_path_report(path: LambdaPath, points: list[dict[str, float]]) -> dict[str, Any]:
+    """The metrics file's `lambda_path`: per λ each criterion's score (null: not finite) and the mapped test
+    scores; the λ each criterion chose with its mapped accuracy and macro-F1; the deciding criterion."""
+    finite = lambda v: float(v) if v == v and abs(v) != float("inf") else None  # noqa: E731
+    by_lambda = {p["lambda"]: p for p in points}
+    rows = [{**by_lambda[lam], "scores": {c: finite(v[i]) for c, v in path.scores.items()}}
+            for i, lam in enumerate(path.lambdas)]
+    chosen = {c: {"lambda": lam, "accuracy": by_lambda[lam]["accuracy"], "macro_f1": by_lambda[lam]["macro_f1"]}
+              for c, lam in path.chosen.items()}
+    return {"criterion": path.criterion, "chosen": chosen, "points": rows}
 
 
 def public_datamodule(cfg: PairConfig, source: str, target: str) -> PairedStatesDataModule:
@@ -154,9 +187,10 @@ def evaluate_pair(cfg: PairConfig, out: str | Path | None = None) -> dict[str, A
     prepare_states(cfg.device, public, task_target, task_source)
 
     work = Path(tempfile.mkdtemp(prefix="xsilo-evaluate-"))
-    aligner, aligner_trainer = fit_aligner(public, cfg.fit, cfg.device)
-    aligner_trainer.save_checkpoint(work / "aligner.ckpt")
+    # The target head first: the aligner's λ is then chosen through it (criterion auto = head).
     head_target, head_target_ckpt = fit_classifier(task_target, cfg.head, cfg.device, cfg.seed, work / "target")
+    aligner, aligner_trainer = fit_aligner(public, cfg.fit, cfg.device, head=head_target.affine_map)
+    aligner_trainer.save_checkpoint(work / "aligner.ckpt")
     head_source, head_source_ckpt = fit_classifier(task_source, cfg.head, cfg.device, cfg.seed, work / "source")
 
     task_source.setup("test")
@@ -166,7 +200,15 @@ def evaluate_pair(cfg: PairConfig, out: str | Path | None = None) -> dict[str, A
     if not torch.equal(labels, labels_t):
         raise RuntimeError("source and target test rows differ; both must come from the same task split")
     k = task_target.num_classes
-    lam = float(aligner.chosen_lambda) if cfg.fit.estimator == "ridge" else 0.0
+    takes_lambda = cfg.fit.estimator in LAMBDA_ESTIMATORS
+    lam = float(aligner.chosen_lambda) if takes_lambda else 0.0
+    lambda_path = None
+    if takes_lambda:  # the ridge path the criteria scored, re-solved from the same public train rows
+        x_tr, y_tr = split_rows(public, "train")
+        train = SufficientStats.zeros(x_tr.shape[1], y_tr.shape[1], full_yty=False).update(x_tr, y_tr)
+        factors = path_factors(train, cfg.fit.center, cfg.fit.standardize)
+        points = path_accuracy(factors, head_target.affine_map, h_src, labels, k, aligner.lambda_path.lambdas)
+        lambda_path = lambda_path_report(aligner.lambda_path, points)
     with torch.no_grad():
         native_target = classification_scores(head_target(h_tgt), labels, k)
         native_source = classification_scores(head_source(h_src), labels, k)
@@ -185,7 +227,9 @@ def evaluate_pair(cfg: PairConfig, out: str | Path | None = None) -> dict[str, A
         "labels": task_target.label_names,
         "rows": {"public_train": len(public.splits["train"]), "public_heldout": len(x_val),
                  "task_train": len(task_target.split_index["train"]), "task_test": len(labels)},
-        "chosen_lambda": lam if cfg.fit.estimator == "ridge" else None,
+        "chosen_lambda": lam if takes_lambda else None,
+        "criterion": aligner.lambda_path.criterion if takes_lambda else None,
+        "lambda_path": lambda_path,
         "classification": {
             "native_target": native_target,
             "native_source": native_source,
@@ -209,20 +253,23 @@ def evaluate_pair(cfg: PairConfig, out: str | Path | None = None) -> dict[str, A
 
 def markdown_report(results: dict[str, Any]) -> str:
     c, a = results["classification"], results["alignment"]
+    lam, criterion = results.get("chosen_lambda"), results.get("criterion")
+    row = lambda name, s: (f"| {name} | {s['accuracy']:.3f} | {s['macro_f1']:.3f} | "  # noqa: E731
+                           f"{s.get('majority_rate', float('nan')):.3f} | {s.get('top_prediction_share', float('nan')):.3f} |")
     lines = [
         f"## {results['pair']} on {results['task']}",
         "",
         f"Public rows: {results['rows']['public_train']} train, {results['rows']['public_heldout']} held out; "
         f"task test rows: {results['rows']['task_test']}."
-        + (f" Ridge λ (relative): {results['chosen_lambda']:.0e}." if results.get("chosen_lambda") else ""),
+        + (f" Ridge λ (relative): {lam:.2g}, chosen by {criterion or 'validation MSE'}." if lam is not None else ""),
         "",
-        "| classification | accuracy | macro-F1 |",
-        "|---|---|---|",
-        f"| native target | {c['native_target']['accuracy']:.3f} | {c['native_target']['macro_f1']:.3f} |",
-        f"| native source | {c['native_source']['accuracy']:.3f} | {c['native_source']['macro_f1']:.3f} |",
-        f"| mapped source → target head | {c['mapped']['accuracy']:.3f} | {c['mapped']['macro_f1']:.3f} |",
-        f"| drop (native target − mapped) | {c['mapped_drop']:+.3f} | |",
-        f"| null map (shuffled public pairs) | {c['null_map']['accuracy']:.3f} | {c['null_map']['macro_f1']:.3f} |",
+        "| classification | accuracy | macro-F1 | majority-class rate | top-prediction share |",
+        "|---|---|---|---|---|",
+        row("native target", c["native_target"]),
+        row("native source", c["native_source"]),
+        row("mapped source → target head", c["mapped"]),
+        f"| drop (native target − mapped) | {c['mapped_drop']:+.3f} | | | |",
+        row("null map (shuffled public pairs)", c["null_map"]),
         "",
         "| alignment (held-out public rows) | mapped vs target | null (shuffled pairs) |",
         "|---|---|---|",
@@ -232,6 +279,17 @@ def markdown_report(results: dict[str, Any]) -> str:
         lines.append(f"| {label} | {a[name]:.3f} | {a[name + '_null']:.3f} |")
     if "cka_source_target" in a:
         lines.append(f"| linear CKA, source vs target (unmapped) | {a['cka_source_target']:.3f} | |")
+    path = results.get("lambda_path")
+    if path:
+        lines += ["", f"λ path: {len(path['points'])} values; each criterion's choice and its mapped test scores "
+                  f"({path['criterion']} chose the map):", "",
+                  "| λ criterion | λ | mapped accuracy | mapped macro-F1 |", "|---|---|---|---|"]
+        for name, pick in path["chosen"].items():
+            mark = " (used)" if name == path["criterion"] else ""
+            lines.append(f"| {name}{mark} | {pick['lambda']:.1e} | {pick['accuracy']:.3f} | {pick['macro_f1']:.3f} |")
+        best = max(path["points"], key=lambda p: p["accuracy"])
+        lines.append(f"| best on the path (test, for reference) | {best['lambda']:.1e} | {best['accuracy']:.3f} | "
+                     f"{best['macro_f1']:.3f} |")
     return "\n".join(lines) + "\n"
 
 

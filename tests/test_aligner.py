@@ -170,8 +170,8 @@ def test_bad_configuration_is_refused():
         AffineAligner(4, 4, finetune_loss="task")
     with pytest.raises(ValueError, match="unknown λ criterion 'loo'; use auto, gcv, val_mse or head"):
         AffineAligner(4, 4, criterion="loo")
-    with pytest.raises(ValueError, match="criterion='head' needs `classifier`"):
-        AffineAligner(4, 4, criterion="head")
+    with pytest.raises(ValueError, match="criterion='head' needs the target's head: set `classifier`"):
+        trainer().fit(AffineAligner(24, 16, criterion="head"), TensorDataModule(*linear_pairs()[:2]))
     with pytest.raises(ValueError, match="the head reads 3-d states but this aligner maps to 4-d"):
         AffineAligner(4, 4).set_head(AffineMap(torch.ones(2, 3), torch.zeros(2)))
     x, y, _, _ = linear_pairs()

@@ -33,7 +33,7 @@ def _evaluate(tiny_models, root):
     public = write_tiny_csv(root / "public.csv", n=200, seed=4)
     cfg = PairConfig(source=str(tiny_models["llama"]), target=str(tiny_models["gpt2"]), task=str(task),
                      public=PublicSetSettings(str(public), limit=None), head=HeadSettings(epochs=30),
-                     fit=FitSettings(lambdas=(1e-3, 1e-1, 10.0)))
+                     fit=FitSettings())  # the default 33-value λ path, criterion auto
     results = evaluate_pair(cfg, out=root / "run")
     return root / "run", results
 
@@ -66,6 +66,36 @@ def test_evaluation_reports_every_figure(evaluated):
     md = (run / "metrics.md").read_text()
     assert "mapped source → target head" in md and "mutual kNN" in md
     assert results["rows"]["task_test"] == 3 * round(40 * 0.15)
+
+
+def test_lambda_is_chosen_through_the_target_head_and_the_whole_path_is_reported(evaluated):
+    from lightning_modules.settings import DEFAULT_LAMBDAS
+
+    run, results = evaluated
+    path = results["lambda_path"]
+    assert results["criterion"] == path["criterion"] == "head"  # auto: the target head is fitted first
+    assert len(path["points"]) == len(DEFAULT_LAMBDAS) >= 30
+    assert [p["lambda"] for p in path["points"]] == list(DEFAULT_LAMBDAS)
+    for p in path["points"]:
+        assert set(p["scores"]) == {"gcv", "val_mse", "head"} and 0 <= p["accuracy"] <= 1 and 0 <= p["macro_f1"] <= 1
+        assert 0 < p["majority_rate"] <= 1 and 0 < p["top_prediction_share"] <= 1
+    assert set(path["chosen"]) == {"gcv", "val_mse", "head"}
+    by_lambda = {p["lambda"]: p for p in path["points"]}
+    for name, pick in path["chosen"].items():
+        scores = [p["scores"][name] for p in path["points"] if p["scores"][name] is not None]
+        assert by_lambda[pick["lambda"]]["scores"][name] == min(scores)
+        assert pick["accuracy"] == by_lambda[pick["lambda"]]["accuracy"]
+    assert results["chosen_lambda"] == path["chosen"]["head"]["lambda"]
+    # the path's point at the chosen λ is the fitted map (float64 path vs float32 map: at most a tie apart)
+    n_test = results["rows"]["task_test"]
+    assert path["chosen"]["head"]["accuracy"] == pytest.approx(results["classification"]["mapped"]["accuracy"],
+                                                               abs=1.5 / n_test)
+    # the saved map (and so the fused export built from it) carries the head-aware λ
+    config = json.loads((run / "map" / "config.json").read_text())
+    assert config["chosen_lambda"] == results["chosen_lambda"] and config["lambda_selection"]["criterion"] == "head"
+    md = (run / "metrics.md").read_text()
+    assert "chosen by head" in md and "majority-class rate" in md and "top-prediction share" in md
+    assert "| head (used) |" in md and "| val_mse |" in md
 
 
 def test_fused_export_matches_map_then_head_and_onnx(evaluated, tmp_path):
