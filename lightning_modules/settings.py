@@ -229,8 +229,13 @@ class Recipe:
         layer: the source's layer (-1: final).
         target_layer: the target's layer when it differs from the source's.
         standardize: z-score states before solving.
-        estimator: ridge, lstsq, procrustes or scaled_procrustes.
-        lam: ridge λ (null: chosen on held-out public rows from the λ path).
+        estimator: ridge, lstsq, procrustes, scaled_procrustes, reduced_rank or cca.
+        lam: ridge λ (null: chosen from the λ path by `criterion`).
+        criterion: how λ is chosen: gcv, val_mse, head or auto (FitSettings.criterion).
+        rank: output rank of reduced_rank and cca (null: full).
+        whiten_target: solve in whitened target coordinates (changes only constrained maps).
+        recenter: diagnostic: shift the mapped task states so their train-split mean is the target's own
+            task-train mean (a two-party deployment needs the provider to publish that mean).
         finetune: gradient fine-tuning loss after the closed form: mse, cosine or task (null: none).
         public_seed: public-set sampling seed.
     """
@@ -243,6 +248,10 @@ class Recipe:
     standardize: bool = FitSettings.standardize
     estimator: str = FitSettings.estimator
     lam: float | None = None
+    criterion: Criterion = FitSettings.criterion
+    rank: int | None = FitSettings.rank
+    whiten_target: bool = FitSettings.whiten_target
+    recenter: bool = False
     finetune: str | None = None
     public_seed: int = 0
 
@@ -257,8 +266,16 @@ class Recipe:
         if factor == "standardize":
             return "standardised" if self.standardize else "centred only"
         if factor == "estimator":
-            return self.estimator + (f" λ={self.lam:g}" if self.lam is not None else
-                                     " λ chosen on held-out rows" if self.estimator == "ridge" else "")
+            return self.estimator + (f" rank {self.rank}" if self.rank is not None else "") + (
+                f" λ={self.lam:g}" if self.lam is not None else
+                f" λ by {self.criterion}" if self.estimator in ("ridge", "reduced_rank", "cca") else "")
+        if factor == "criterion":
+            return f"λ by {self.criterion}"
+        if factor == "whiten_target":
+            return (self.estimator + (f" rank {self.rank}" if self.rank is not None else "")
+                    + (", whitened target" if self.whiten_target else ", raw target"))
+        if factor == "recenter":
+            return "recentred on the target's task-train mean" if self.recenter else "not recentred"
         if factor == "finetune":
             return f"+ {self.finetune} fine-tuning" if self.finetune else "closed form"
         if factor == "seed":

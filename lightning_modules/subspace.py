@@ -85,7 +85,8 @@ def transform_target(stats: SufficientStats, t: Tensor, shift: Tensor) -> Suffic
     t, shift = t.to(F64), shift.to(F64)
     n = stats.n
     sum_c = stats.sum_y - n * shift
-    yty_c = stats.yty - torch.outer(stats.sum_y, shift) - torch.outer(shift, stats.sum_y) + n * torch.outer(shift, shift)
+    cross = torch.outer(stats.sum_y, shift)
+    yty_c = stats.yty - cross - cross.T + n * torch.outer(shift, shift)
     return SufficientStats(n.clone(), stats.sum_x.clone(), t @ sum_c, stats.xtx.clone(),
                            (stats.xty - torch.outer(stats.sum_x, shift)) @ t.T, t @ yty_c @ t.T)
 

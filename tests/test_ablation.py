@@ -14,9 +14,10 @@ import pytest
 
 from datamodules.cache import StateCache, atomic_save_npy, ensure_writable, shard_name
 from datamodules.extraction import ExtractionConfig, extract, finalise, resolve, shard_ranges
-from datamodules.public_set import normalize_text
+from datamodules.public_set import normalize_text, parse_mix
 from datamodules.states import LabelledStatesDataModule
-from lightning_modules.experiments.ablation import AblationConfig, AblationError, Recipe, extract_views, parse_view, run_ablation
+from lightning_modules.experiments.ablation import (AblationConfig, AblationError, Recipe, broad_mix, extract_views,
+                                                    parse_view, run_ablation)
 from lightning_modules.settings import FitSettings, HeadSettings
 
 from test_public_set import sentences, write_lines
@@ -39,11 +40,14 @@ def target_state(text: str, x: np.ndarray) -> np.ndarray:
     return A @ x + B + 0.5 * rng.normal(size=D)
 
 
-def write_states(model, data, labelled: bool, role: str) -> None:
+def write_states(model, data, labelled: bool, role: str, shift: np.ndarray | None = None) -> None:
+    """Cache synthetic states; `shift` is added to the target's states of this dataset (a planted mean shift)."""
     job = resolve(ExtractionConfig(model=str(model), data=str(data), label_column="label" if labelled else None))
     labels = job.labels if labelled else [None] * len(job.texts)
     xs = np.stack([source_state(t, y) for t, y in zip(job.texts, labels)])
     states = xs if role == "source" else np.stack([target_state(t, x) for t, x in zip(job.texts, xs)])
+    if shift is not None and role == "target":
+        states = states + shift
     ensure_writable(job.directory)
     shards = shard_ranges(len(job.texts), 2048)
     for i, (a, b) in enumerate(shards):
@@ -134,3 +138,96 @@ def test_extract_views_matches_extract_from_one_forward_pass(tmp_path, tiny_mode
     assert parse_view("mean@-1") == ("mean", -1, None) and parse_view("last@15/9") == ("last", 15, 9)
     with pytest.raises(AblationError):
         parse_view("mean@x")
+
+
+@pytest.fixture
+def shifted(tmp_path, tiny_models):
+    """The synthetic pair, but the target's task states sit away from where the public-set map sends the
+    source's: mapped task states land on class 0's side of the target head (a mean-shift collapse)."""
+    task = tmp_path / "task.csv"
+    texts = sentences(600, 10, "t")
+    task.write_text("text,label\n" + "".join(f"\"{t}\",c{i % 3}\n" for i, t in enumerate(texts)))
+    public = write_lines(tmp_path / "public.jsonl", sentences(1200, 11, "p"))
+    source, target = tiny_models["llama"], tiny_models["gpt2"]
+    shift = -4.0 * A @ (MEANS[0] - MEANS.mean(0))  # the true task states move away from class 0 ...
+    for model, role in ((source, "source"), (target, "target")):
+        write_states(model, task, True, role, shift=shift)
+        write_states(model, public, False, role)
+    return dict(source=str(source), target=str(target), task=str(task), public=str(public))
+
+
+def test_recenter_fixes_a_planted_mean_shift_collapse_and_rows_carry_the_collapse_metrics(shifted):
+    cfg = AblationConfig(source=shifted["source"], target=shifted["target"], task=shifted["task"],
+                         base=Recipe(mix=f"{shifted['public']}:1", size=1000), factors=["recenter"], bootstrap=20,
+                         max_extract=0)
+    rows = {r["value"]: r for r in run_ablation(cfg)["settings"]}
+    plain, fixed = rows["not recentred"], rows["recentred on the target's task-train mean"]
+    for r in (plain, fixed):
+        assert {"macro_f1", "majority_rate", "top_prediction_share"} <= set(r["mapped"])
+        assert r["native_target_macro_f1"] > 0.6 and r["mapped"]["majority_rate"] == pytest.approx(1 / 3, abs=0.02)
+    # ... so the map, right on the public set, sends every task state to class 0: collapse, flagged.
+    assert plain["mapped"]["top_prediction_share"] >= 0.9 and plain["collapse"]
+    assert "one class" in plain["collapse_reason"] and "macro-F1" in plain["collapse_reason"]
+    # Moving the mapped task-train mean onto the target's own undoes it.
+    assert not fixed["collapse"] and fixed["collapse_reason"] is None
+    assert fixed["mapped_drop"] < 0.05 and fixed["mapped"]["top_prediction_share"] < 0.5
+    # The shift is the task's, not the public set's: task states align better, public rows worse.
+    assert fixed["alignment_task_test"]["r2"] > plain["alignment_task_test"]["r2"] + 0.3
+    assert fixed["alignment_public"]["r2"] < plain["alignment_public"]["r2"]
+
+
+def test_estimator_criterion_and_whitening_factors(synthetic):
+    cfg = AblationConfig(source=synthetic["source"], target=synthetic["target"], task=synthetic["task"],
+                         base=Recipe(mix=f"{synthetic['public']}:1", size=1000),
+                         factors=["estimator", "criterion", "whiten_target"],
+                         fit=FitSettings(lambdas=(1e-3, 1e-1, 10.0)),
+                         estimators=["reduced_rank", "cca"], ranks=["k-1", 8, 64],
+                         whiten_estimators=["ridge", "reduced_rank"], bootstrap=20, max_extract=0)
+    results = run_ablation(cfg)
+    by = {(r["factor"], r["value"]): r for r in results["settings"]}
+    for r in results["settings"]:
+        if r["status"] == "ok":
+            assert {"macro_f1", "majority_rate", "top_prediction_share"} <= set(r["mapped"])
+            assert isinstance(r["collapse"], bool)
+    # "k-1" is 2 for the three-class task; a rank above min(d_x, d_y) = 32 is skipped with the reason.
+    assert by["estimator", "reduced_rank rank 2 λ by auto"]["status"] == "ok"
+    assert by["estimator", "cca rank 8 λ by auto"]["status"] == "ok"
+    skipped = by["estimator", "cca rank 64 λ by auto"]
+    assert skipped["status"] == "skipped" and "rank must be an integer in 1..min(d_x, d_y)=32" in skipped["reason"]
+    # Rank r keeps the map's r directions of most (fitted) target variance, which need not hold the classes' (weak)
+    # directions: fewer directions, less of the target and a lower mapped accuracy than the full ridge map.
+    ridge = by["estimator", "ridge λ by auto"]
+    r2 = [by["estimator", f"reduced_rank rank {r} λ by auto"]["alignment_task_test"]["r2"] for r in (2, 8)]
+    assert r2[0] < r2[1] < ridge["alignment_task_test"]["r2"]
+    assert by["estimator", "reduced_rank rank 2 λ by auto"]["mapped"]["accuracy"] < ridge["mapped"]["accuracy"] - 0.1
+    # Each criterion is recorded as the one that chose λ, from the same path.
+    for crit in ("gcv", "val_mse", "head"):
+        row = by["criterion", f"λ by {crit}"]
+        assert row["lambda_path"]["criterion"] == crit and row["chosen_lambda"] in (1e-3, 1e-1, 10.0)
+    # Whitening is a no-op for ridge (same predictions), and changes the rank-constrained map.
+    raw, white = by["whiten_target", "ridge, raw target"], by["whiten_target", "ridge, whitened target"]
+    assert white["mapped"]["accuracy"] == raw["mapped"]["accuracy"]
+    assert white["alignment_task_test"]["r2"] == pytest.approx(raw["alignment_task_test"]["r2"], abs=1e-6)
+    rr_raw = by["whiten_target", "reduced_rank rank 2, raw target"]
+    rr_white = by["whiten_target", "reduced_rank rank 2, whitened target"]
+    assert rr_white["alignment_task_test"]["r2"] != pytest.approx(rr_raw["alignment_task_test"]["r2"], abs=1e-4)
+    with pytest.raises(AblationError, match="ranks must be positive integers"):
+        run_ablation(AblationConfig(ranks=[0]))
+    with pytest.raises(AblationError, match="unknown criteria"):
+        run_ablation(AblationConfig(criteria=["aic"]))
+
+
+def test_the_broad_mix_is_every_registry_source_but_the_task_and_drops_the_tasks_texts(synthetic, monkeypatch):
+    from datamodules.public_set import registry_sources
+    from lightning_modules.experiments import ablation
+
+    mix = parse_mix(broad_mix("bbc", ["vader-tweets"]))
+    assert set(mix) == set(registry_sources()) - {"bbc", "vader-tweets"} and "movie-dialog" in mix
+    assert set(mix.values()) == {1 / len(mix)}
+    calls = []
+    monkeypatch.setattr(ablation, "build_public_set", lambda **kw: calls.append(kw) or "built.jsonl")
+    monkeypatch.setattr(ablation.Ablation, "_cached_texts", lambda self: set())
+    run = ablation.Ablation(AblationConfig(task="bbc", ood=["vader-tweets"], base=Recipe(mix="broad")), work=None)
+    assert run.public_set(run.cfg.base) == "built.jsonl"
+    assert calls[0]["mix"] == broad_mix("bbc", ["vader-tweets"])
+    assert set(calls[0]["exclude_datasets"]) == {"bbc", "vader-tweets"}

@@ -1,10 +1,31 @@
 """One-factor-at-a-time ablation of the alignment recipe on one model pair and one task.
 
-From a base recipe (public-set mix and size, pooling and layer, standardisation, estimator and ridge λ,
-gradient fine-tuning of the map) each factor is varied on its own; every setting reports mapped accuracy
-through the target's head with its bootstrap interval, the drop from native (paired interval), a null map,
-alignment on held-out public rows and on the task's test texts (source and target states of the same
-texts), and with OOD sets the mapped AUROC of one detector and its drop from native.
+From a base recipe (public-set mix and size, pooling and layer, standardisation, estimator and ridge λ, the
+λ criterion, target whitening, gradient fine-tuning of the map) each factor is varied on its own; every setting
+reports mapped accuracy through the target's head with its bootstrap interval, macro-F1, the majority-class
+rate and the share of the most-predicted class, a collapse flag (`study.collapse`: predictions concentrated on
+one class, or mapped macro-F1 < 0.8 × native), the drop from native (paired interval), a null map, alignment on
+held-out public rows and on the task's test texts (source and target states of the same texts), and with OOD
+sets the mapped AUROC of one detector and its drop from native.
+
+The factors against collapse on an out-of-domain public set:
+* `mix` takes the named mix "broad": every unlabelled registry source but the task (and the OOD sets) in equal
+  weights, every text of the task removed (the leave-task-out regime).
+* `estimator` adds reduced-rank ridge and CCA at `ranks` ("k-1": the task's classes minus one).
+* `whiten_target` solves in whitened target coordinates. For unconstrained ridge/least squares this is a no-op
+  (output equivariance: the same predictions), so the factor pairs it with the constrained estimators too.
+* `criterion` chooses λ by gcv, val_mse or head (logit MSE through the target's head on held-out public rows).
+* `recenter` tests the mean-shift hypothesis of collapse: the map's bias is shifted so the mapped task-train
+  states have the target's own task-train mean (in a two-party deployment the provider must publish that mean).
+* The head-aware map is criterion "head" plus `finetune` "task" (gradient steps from the closed form on the KL
+  divergence of the frozen target head's softmax on mapped states from its softmax on the true target states:
+  distillation on the public rows, no task labels). For an unconstrained affine map a head-weighted squared loss
+  ||H(Wx + b) - Hy||² (+ λ||W||²) is minimised by the plain ridge map (projected onto H's row space), whose
+  logits H(Wx + b) are the plain map's: head-awareness acts only through λ (criterion head), a rank constraint,
+  or a non-squared task loss.
+
+Closed-form settings are solved from the public set's sufficient statistics with `solvers.solve` (λ path from
+one eigh); settings with fine-tuning go through `AffineAligner` and Lightning.
 
 Public sets come from `build_public_set` (the task's validation and test texts are always excluded, and
 so are those of `exclude_tasks`; OOD sets are excluded entirely) and their states from `prefill_states`:
@@ -24,7 +45,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Sequence, get_args
 
 import numpy as np
 import torch
@@ -38,16 +59,24 @@ from datamodules.public_set import (ExtractionBudgetError, build_public_set, cac
 from datamodules.states import PairedStatesDataModule
 from datamodules.text import load_texts
 from lightning_modules.aligner import AffineAligner
-from lightning_modules.evaluate import null_map, split_rows
+from lightning_modules.evaluate import split_rows, task_datamodule
 from lightning_modules.metrics import alignment_report
 from lightning_modules.report import figure, save_png, short_name, wrap_title
-from lightning_modules.settings import (DeviceSettings, ExtractionSettings, FitSettings, HeadSettings, Recipe,
-                                        build_trainer, seed_all)
-from lightning_modules.experiments.study import Native, Study, StudyConfig
+from lightning_modules.settings import (Criterion, DeviceSettings, ExtractionSettings, FitSettings, HeadSettings,
+                                        Recipe, build_trainer, seed_all)
+from lightning_modules.solvers import AffineMap, SufficientStats, fit_affine, solve
+from lightning_modules.subspace import SubspaceError
+from lightning_modules.experiments.study import Native, Study, StudyConfig, collapse
 
-FACTORS = ("size", "mix", "view", "standardize", "estimator", "finetune", "seed")
-ESTIMATORS = ("lstsq", "procrustes", "scaled_procrustes")
+FACTORS = ("size", "mix", "view", "standardize", "estimator", "criterion", "whiten_target", "recenter", "finetune",
+           "seed")
+ESTIMATORS = ("lstsq", "procrustes", "scaled_procrustes", "reduced_rank", "cca")
+RANKED = ("reduced_rank", "cca")  # estimators that take a rank
+LAMBDA_ESTIMATORS = ("ridge", *RANKED)  # estimators whose λ is chosen on the path
+CRITERIA: tuple[str, ...] = tuple(c for c in get_args(Criterion) if c != "auto")
 FINETUNE_LOSSES = ("mse", "cosine", "task")
+BROAD = "broad"  # the named mix: every unlabelled registry source but the task (leave-task-out)
+CLASSES_MINUS_ONE = "k-1"  # a rank: the task's number of classes minus one
 
 
 class AblationError(AssetError):
@@ -87,6 +116,9 @@ class AblationConfig:
     view_size: int | None = None
     view_ood: bool = False
     estimators: Sequence[str] = ESTIMATORS
+    ranks: Sequence[int | str] = (CLASSES_MINUS_ONE, 16, 64, 256)
+    criteria: Sequence[str] = CRITERIA
+    whiten_estimators: Sequence[str] = ("ridge", "reduced_rank", "procrustes")
     finetune: Sequence[str] = ("mse", "task")
     public_seeds: Sequence[int] = (1, 2)
     finetune_epochs: int = 30
@@ -109,24 +141,45 @@ class AblationConfig:
         unknown = sorted(set(self.factors) - set(FACTORS))
         if unknown:
             raise AblationError(f"unknown factors {unknown}; choose from {list(FACTORS)}")
-        bad = sorted(set(self.estimators) - set(ESTIMATORS) - {"ridge"})
+        for name, values in (("estimators", self.estimators), ("whiten_estimators", self.whiten_estimators)):
+            bad = sorted(set(values) - set(ESTIMATORS) - {"ridge"})
+            if bad:
+                raise AblationError(f"unknown {name} {bad}; choose from ridge, {', '.join(ESTIMATORS)}")
+        bad = [r for r in self.ranks if r != CLASSES_MINUS_ONE and (isinstance(r, bool) or not isinstance(r, int)
+                                                                    or r < 1)]
+        if bad or not self.ranks:
+            raise AblationError(f"ranks must be positive integers or {CLASSES_MINUS_ONE!r} (the task's classes minus "
+                                f"one), at least one; got {list(self.ranks)}")
+        bad = sorted(set(self.criteria) - set(get_args(Criterion)))
         if bad:
-            raise AblationError(f"unknown estimators {bad}; choose from ridge, {', '.join(ESTIMATORS)}")
+            raise AblationError(f"unknown criteria {bad}; choose from {list(get_args(Criterion))}")
         bad = sorted(set(self.finetune) - set(FINETUNE_LOSSES))
         if bad:
             raise AblationError(f"unknown fine-tuning losses {bad}; choose from {list(FINETUNE_LOSSES)}")
         for view in self.views:
             parse_view(view)
         for mix in (self.base.mix, *self.mixes):
-            parse_mix(mix)
+            if mix != BROAD:
+                parse_mix(mix)
 
     def task_spec(self, limit: int | None) -> str:
         return self.task if limit is None else f"{self.task}@{limit}"
 
     def default_mixes(self) -> list[str]:
-        """Dialog only, dialog with the task's own training texts (labels dropped), the task's texts only."""
+        """Dialog only, dialog with the task's own training texts (labels dropped), the task's texts only, and
+        the broad leave-task-out mix."""
         return [self.base.mix, f"movie-dialog:0.7,{self.task}:0.3", f"{self.task}:1",
-                f"movie-dialog:0.5,{self.task}:0.5"]
+                f"movie-dialog:0.5,{self.task}:0.5", BROAD]
+
+
+def broad_mix(task: str, leave_out: Sequence[str] = ()) -> str:
+    """The leave-task-out mix: every registry dataset but `task` and `leave_out` (the OOD sets), equal weights."""
+    from datamodules.public_set import registry_sources  # the study's regime builder (datamodules/public_set.py)
+
+    sources = [s for s in registry_sources() if s != task and s not in leave_out]
+    if not sources:
+        raise AblationError(f"the broad mix has no source once {task!r} and {list(leave_out)} are left out")
+    return ",".join(f"{s}:1" for s in sources)
 
 
 @dataclass
@@ -146,6 +199,7 @@ class Ablation:
         self.natives: dict[tuple, tuple[Native, dict[str, Any], Path]] = {}
         self.public: dict[tuple, Path] = {}
         self.done: dict[tuple, dict[str, Any]] = {}
+        self.train: dict[tuple, torch.Tensor] = {}
         self.fits = {"classifiers": 0, "aligners": 0, "public_sets": 0, "forward_passes": 0}
         self.ci = dict(n_resamples=cfg.bootstrap, seed=cfg.seed, confidence=cfg.confidence)
 
@@ -170,10 +224,23 @@ class Ablation:
             elif factor == "standardize":
                 out += [Setting(factor, "", replace(base, standardize=s), cfg.task_limit) for s in (False, True)]
             elif factor == "estimator":
-                rows = [replace(base, estimator="ridge", lam=None)]
-                rows += [replace(base, estimator="ridge", lam=lam) for lam in cfg.fit.lambdas]
-                rows += [replace(base, estimator=e, lam=None) for e in cfg.estimators if e != "ridge"]
+                rows = [replace(base, estimator="ridge", lam=None, rank=None)]
+                rows += [replace(base, estimator="ridge", lam=lam, rank=None) for lam in cfg.fit.lambdas]
+                for e in cfg.estimators:
+                    if e in RANKED:
+                        rows += [replace(base, estimator=e, lam=None, rank=r) for r in self.ranks()]
+                    elif e != "ridge":
+                        rows += [replace(base, estimator=e, lam=None, rank=None)]
                 out += [Setting(factor, "", r, cfg.task_limit) for r in rows]
+            elif factor == "criterion":
+                out += [Setting(factor, "", replace(base, criterion=c), cfg.task_limit) for c in cfg.criteria]
+            elif factor == "whiten_target":
+                for e in cfg.whiten_estimators:
+                    rank = self.ranks()[0] if e in RANKED else None
+                    out += [Setting(factor, "", replace(base, estimator=e, rank=rank, whiten_target=w), cfg.task_limit)
+                            for w in (False, True)]
+            elif factor == "recenter":
+                out += [Setting(factor, "", replace(base, recenter=r), cfg.task_limit) for r in (False, True)]
             elif factor == "finetune":
                 out += [Setting(factor, "", replace(base, finetune=f), cfg.task_limit) for f in (None, *cfg.finetune)]
             elif factor == "seed":
@@ -183,6 +250,19 @@ class Ablation:
             s.value = s.value or s.recipe.describe(s.factor)
         return out
 
+    def ranks(self) -> list[int]:
+        """The rank factor's values, "k-1" resolved to the task's number of classes minus one (at least 1)."""
+        if not hasattr(self, "_ranks"):
+            cfg = self.cfg
+            ranks = [r for r in cfg.ranks if r != CLASSES_MINUS_ONE]
+            if CLASSES_MINUS_ONE in cfg.ranks:
+                view = replace(cfg.extraction, pooling=cfg.base.pooling, layer=cfg.base.layer)
+                labels = resolve(self.extraction_config(view, cfg.target, cfg.task, cfg.task_limit, "task")).labels
+                k = len(set(labels or ()))
+                ranks.insert(list(cfg.ranks).index(CLASSES_MINUS_ONE), max(k - 1, 1))
+            self._ranks = list(dict.fromkeys(ranks))
+        return self._ranks
+
     # -- reused pieces ---------------------------------------------------------------------------
 
     def public_set(self, recipe: Recipe, views: bool = False) -> Path:
@@ -191,6 +271,9 @@ class Ablation:
         it uses (whose states every view needs anyway) are drawn first instead of the task's other cached texts."""
         cfg = self.cfg
         key = (recipe.mix, recipe.size, recipe.public_seed, views)
+        mix, leave_out = recipe.mix, list(cfg.ood)
+        if mix == BROAD:
+            mix, leave_out = broad_mix(cfg.task, cfg.ood), [*leave_out, cfg.task]
         if key not in self.public:
             prefer = self._cached_texts()
             if views:
@@ -201,8 +284,8 @@ class Ablation:
             if cfg.view_task_limit is not None:
                 tasks.append(cfg.task_spec(cfg.view_task_limit))
             self.public[key] = build_public_set(
-                mix=recipe.mix, size=recipe.size, exclude_tasks=tasks,
-                exclude_datasets=list(cfg.ood),
+                mix=mix, size=recipe.size, exclude_tasks=tasks,
+                exclude_datasets=leave_out,
                 seed=recipe.public_seed, prefer=prefer, out=None)
             self.fits["public_sets"] += 1
         return self.public[key]
@@ -283,13 +366,72 @@ class Ablation:
 
     # -- one setting -----------------------------------------------------------------------------
 
+    def fit(self, public: PairedStatesDataModule, recipe: Recipe, tgt: Native, head_checkpoint: Path
+            ) -> tuple[AffineMap, AffineMap, float | None, dict[str, Any], int | None]:
+        """(map, null map, chosen λ or None, the λ path's criteria and scores, fine-tuning epochs run).
+
+        Closed form: `solve` on the public set's train rows, λ chosen by the recipe's criterion (head: logit MSE
+        through the target head on the held-out public rows). Fine-tuning: `AffineAligner` through Lightning.
+        The null map is the same estimator at the same λ (and rank) on shuffled train pairs."""
+        cfg = self.cfg
+        public.setup("fit")
+        x, y = (t.double() for t in split_rows(public, "train"))
+        lam, epochs = None, None
+        if recipe.finetune is None:
+            train = SufficientStats.zeros(x.shape[1], y.shape[1]).update(x, y)
+            val = head = head_val = None
+            if "val" in public.splits:
+                x_val, y_val = (t.double() for t in split_rows(public, "val"))
+                head = tgt.head.affine_map
+                val = SufficientStats.zeros(x.shape[1], y.shape[1], full_yty=False).update(x_val, y_val)
+                head_val = SufficientStats.zeros(x.shape[1], head.d_y, full_yty=False).update(x_val, head(y_val))
+            lambdas = [recipe.lam] if recipe.lam is not None else list(cfg.fit.lambdas)
+            amap, lam, path = solve(train, val, estimator=recipe.estimator, lambdas=lambdas, center=True,
+                                    standardize=recipe.standardize, criterion=recipe.criterion, head=head,
+                                    head_val=head_val, rank=recipe.rank, whiten_target=recipe.whiten_target)
+            lambda_path = path.as_dict()
+        else:
+            aligner = self.fit_map(public, recipe, head_checkpoint)
+            amap, epochs = aligner.affine_map, getattr(aligner, "epochs_run", None)
+            if recipe.estimator in LAMBDA_ESTIMATORS and not math.isnan(float(aligner.chosen_lambda)):
+                lam = float(aligner.chosen_lambda)
+            lp = getattr(aligner, "lambda_path", {})
+            lambda_path = lp.as_dict() if hasattr(lp, "as_dict") else {str(k): v for k, v in lp.items()}
+        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(cfg.seed + 1))
+        shuffled = SufficientStats.zeros(x.shape[1], y.shape[1]).update(x, y[perm])
+        null = fit_affine(shuffled, recipe.estimator, lam=0.0 if lam is None else lam, center=True,
+                          standardize=recipe.standardize, rank=recipe.rank, whiten_target=recipe.whiten_target)
+        return amap.to(dtype=torch.float64), null, lam, lambda_path, epochs
+
+    def train_states(self, role: str, recipe: Recipe, task_limit: int | None) -> torch.Tensor:
+        """A model's task-train states of a view (a cache read: the native head was fitted on them)."""
+        cfg = self.cfg
+        model = cfg.source if role == "source" else cfg.target
+        layer = self.layer(model, recipe, role)
+        key = (model, recipe.pooling, layer, task_limit)
+        if key not in self.train:
+            study = self.studies[(recipe.pooling, layer, task_limit)]
+            dm = task_datamodule(study.cfg.pair(model, model, cfg.task), model, cfg.task)
+            dm.prepare_data()
+            dm.setup("fit")
+            self.train[key] = split_rows(dm, "train")[0].double()
+        return self.train[key]
+
+    def recentred(self, amap: AffineMap, recipe: Recipe, task_limit: int | None) -> AffineMap:
+        """The map with its bias shifted so the mapped source task-train states have the target's own
+        task-train mean (the mean-shift diagnostic of collapse)."""
+        shift = self.train_states("target", recipe, task_limit).mean(0) - amap(
+            self.train_states("source", recipe, task_limit)).mean(0)
+        return AffineMap(amap.weight, amap.bias + shift)
+
     def fit_map(self, public: PairedStatesDataModule, recipe: Recipe, head_checkpoint: Path) -> AffineAligner:
         cfg = self.cfg
         lambdas = [recipe.lam] if recipe.lam is not None else list(cfg.fit.lambdas)
+        # The target head drives criterion auto/head (as in the closed form) and the task loss.
         model = AffineAligner(public.input_dim, public.output_dim, estimator=recipe.estimator, lambdas=lambdas,
-                              center=True, standardize=recipe.standardize,
-                              finetune_loss=recipe.finetune or "mse",
-                              classifier=str(head_checkpoint) if recipe.finetune == "task" else None,
+                              criterion=recipe.criterion, rank=recipe.rank, center=True,
+                              standardize=recipe.standardize, whiten_target=recipe.whiten_target,
+                              finetune_loss=recipe.finetune or "mse", classifier=str(head_checkpoint),
                               lr=cfg.finetune_lr)
         seed_all(cfg.seed)
         if recipe.finetune is None:
@@ -331,14 +473,19 @@ class Ablation:
                                         seed=cfg.seed, batch_size=cfg.finetune_batch_size if recipe.finetune else 1024,
                                         extract_batch_size=cfg.extraction.batch_size)
         public.prepare_data()
-        aligner = self.fit_map(public, recipe, tgt_ckpt)
+        try:
+            aligner, shuffled, lam, lambda_path, epochs = self.fit(public, recipe, tgt, tgt_ckpt)
+        except SubspaceError as e:  # e.g. a rank above min(d_x, d_y)
+            result = {"status": "skipped", "reason": str(e)}
+            self.done[key] = result
+            return result
         self.fits["aligners"] += 1
-        lam = float(aligner.chosen_lambda) if recipe.estimator == "ridge" else 0.0
-        fit = replace(cfg.fit, estimator=recipe.estimator, center=True, standardize=recipe.standardize)
-        public.setup("fit")
+        if recipe.recenter:
+            aligner, shuffled = (self.recentred(m, recipe, setting.task_limit) for m in (aligner, shuffled))
+        aligner, shuffled = aligner.to(dtype=src.test.dtype), shuffled.to(dtype=src.test.dtype)
         study = self.studies[(recipe.pooling, self.layer(cfg.target, recipe, "target"), setting.task_limit)]
         with torch.no_grad():
-            mapped = study.mapped_views(aligner, null_map(public, fit, cfg.seed, lam), src, tgt)
+            mapped = study.mapped_views(aligner, shuffled, src, tgt)
             x_val, y_val = split_rows(public, "val")
             on_public = alignment_report(aligner(x_val).double(), y_val.double(), source=x_val.double(), k=10,
                                          seed=cfg.seed)
@@ -352,16 +499,18 @@ class Ablation:
                        "fingerprint": manifest["fingerprint"]},
             "native_target": tgt_result["accuracy"],
             "native_target_ci": tgt_result["accuracy_ci"],
+            "native_target_macro_f1": tgt_result["macro_f1"],
             "native_source": src_result["accuracy"],
-            "chosen_lambda": lam if recipe.estimator == "ridge" else None,
-            "lambda_path": {str(k): v for k, v in getattr(aligner, "lambda_path", {}).items()},
+            "chosen_lambda": lam,
+            "lambda_path": lambda_path,
             **mapped,
             "alignment_public": on_public,
             "alignment_task_test": on_task,
             "seconds": time.perf_counter() - t0,
         }
+        result["collapse"], result["collapse_reason"] = collapse(mapped["mapped"], tgt_result)
         if recipe.finetune:
-            result["finetune_epochs_run"] = getattr(aligner, "epochs_run", None)
+            result["finetune_epochs_run"] = epochs
         if "ood" in tgt_result and "ood" in mapped:
             for name, values in mapped["ood"].items():
                 values["native_auroc"] = tgt_result["ood"][name]["auroc"]
@@ -492,17 +641,21 @@ def markdown_report(results: dict[str, Any]) -> str:
              f"{results['fits']['public_sets']} public sets; new forward passes: {results['fits']['forward_passes']}.",
              "'native source' is the source's own linear head: an affine map followed by the target's linear head is "
              "itself a linear head on source states, so it is roughly the ceiling of mapped accuracy. R²/CKA 'task "
-             "test': mapped vs true target states of the task's test texts.",
-             "", "| native head | accuracy |", "|---|---|"]
+             "test': mapped vs true target states of the task's test texts. 'top share': the share of mapped "
+             "predictions on the most-predicted class, beside the majority-class rate of the true labels; COLLAPSE: "
+             "top share >= 0.9 where the majority rate is not, or mapped macro-F1 < 0.8 × native.",
+             "", "| native head | accuracy | macro-F1 | majority rate |", "|---|---|---|---|"]
     for name, r in results["native"].items():
-        lines.append(f"| {name} | {_f(r['accuracy'])} [{_f(r['accuracy_ci'][0])}, {_f(r['accuracy_ci'][1])}] |")
+        lines.append(f"| {name} | {_f(r['accuracy'])} [{_f(r['accuracy_ci'][0])}, {_f(r['accuracy_ci'][1])}] | "
+                     f"{_f(r.get('macro_f1'))} | {_f(r.get('majority_rate'))} |")
     ood_names = list(cfg["ood"])
     by_factor: dict[str, list] = {}
     for row in results["settings"]:
         by_factor.setdefault(row["factor"], []).append(row)
     for factor, rows in by_factor.items():
-        head = ["setting", "public rows", "mapped acc", "drop", "null", "native source", "R² public", "CKA public", "R² task test",
-                "CKA task test", "λ"] + [f"AUROC {n} (drop)" for n in ood_names]
+        head = ["setting", "public rows", "mapped acc", "drop", "macro-F1", "top share", "null", "native source",
+                "R² public", "CKA public", "R² task test", "CKA task test", "λ"]
+        head += [f"AUROC {n} (drop)" for n in ood_names]
         lines += ["", f"## {factor}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in rows:
             if r["status"] != "ok":
@@ -513,8 +666,12 @@ def markdown_report(results: dict[str, Any]) -> str:
                      f"{r['public']['train']}+{r['public']['heldout']}",
                      f"{_f(m['accuracy'])} [{_f(m['accuracy_ci'][0])}, {_f(m['accuracy_ci'][1])}]",
                      f"{r['mapped_drop']:+.3f} [{r['mapped_drop_ci'][0]:+.3f}, {r['mapped_drop_ci'][1]:+.3f}]",
+                     _f(m["macro_f1"]) + (" COLLAPSE" if r.get("collapse") else ""),
+                     f"{_f(m['top_prediction_share'])} (majority {_f(m['majority_rate'])})",
                      _f(r["null_map"]["accuracy"]), _f(r["native_source"]), _f(ap["r2"]), _f(ap["cka"]), _f(at["r2"]), _f(at["cka"]),
-                     f"{r['chosen_lambda']:g}" if r.get("chosen_lambda") else "–"]
+                     (f"{r['chosen_lambda']:g}" + (f" ({r['lambda_path']['criterion']})"
+                                                   if r.get("lambda_path", {}).get("criterion") else ""))
+                     if r.get("chosen_lambda") else "–"]
             for n in ood_names:
                 o = r.get("ood", {}).get(n)
                 cells.append(f"{_f(o['auroc'])} ({o['auroc_drop']:+.3f})" if o else "–")
