@@ -378,3 +378,26 @@ def test_the_client_refuses_a_hostile_val_logits_page(folders, page, match):
     with PrivateFitClient("http://provider", transport=httpx.MockTransport(handler)) as fits, \
             pytest.raises(ServeError, match=match):
         fits.val_logits("topics")
+
+
+def test_fuzzed_val_logits_queries_answer_only_json_4xx(folders):
+    """Hostile head names, offsets and limits: 200 for a valid page, else a JSON 4xx; never a 5xx (bounded loop)."""
+    import time
+
+    from test_serve_fit import checked, hostile
+
+    app = create_app(heads=[folders["topics"]], public=folders["public"], publish_val_logits=True)
+    rng = np.random.default_rng(7)
+    start, rounds = time.monotonic(), 0
+    with ServerThread(app, max_lifetime_s=120) as srv, httpx.Client(base_url=srv.url, timeout=30) as http:
+        for _ in range(80):
+            if time.monotonic() - start > 15:
+                break
+            params = {"head": rng.choice([hostile(rng), "topics"]), "offset": rng.choice([hostile(rng), "0", "8"]),
+                      "limit": rng.choice([hostile(rng), "1", "100000"])}
+            status = checked(http.get("/v1/public-set/val-logits", params=params))
+            if status == 200:
+                page = http.get("/v1/public-set/val-logits", params=params).json()
+                assert len(page["logits"]) <= app.state.service.settings.max_public_texts
+            rounds += 1
+    assert rounds >= 50
