@@ -676,6 +676,9 @@ def ablate(
     view_task_limit: int | None = None,
     view_size: int | None = None,
     estimators: list[str] | None = None,
+    ranks: list[int | str] | None = None,
+    criteria: list[str] | None = None,
+    whiten_estimators: list[str] | None = None,
     finetune_losses: list[str] | None = None,
     public_seeds: list[int] | None = None,
     exclude_tasks: list[str] | None = None,
@@ -694,8 +697,9 @@ def ablate(
     threads: int | None = None,
     out: str = "runs/ablation",
 ) -> None:
-    """Vary each factor of the alignment recipe alone from a base recipe; mapped accuracy, drop from native,
-    alignment and OOD AUROC per setting. Writes ablation.json, ablation.md and ablation.png.
+    """Vary each factor of the alignment recipe alone from a base recipe; mapped accuracy, macro-F1, the
+    majority-class rate, the top-prediction share and a collapse flag, drop from native, alignment and OOD AUROC
+    per setting. Writes ablation.json, ablation.md and ablation.png.
 
     Args:
         source: client model.
@@ -703,14 +707,23 @@ def ablate(
         task: labelled dataset.
         task_limit: keep N task rows (a seeded random sample).
         base: the base recipe: --base.mix movie-dialog:0.5,bbc:0.5 --base.size 4000 --base.standardize true ...
-            (pooling/layer default to the extraction settings', estimator/standardize to the fit settings').
-        factors: factors to vary: size, mix, view, standardize, estimator, finetune, seed (default: all).
+            (pooling/layer default to the extraction settings', estimator/standardize to the fit settings');
+            --base.mix broad: every unlabelled registry source but the task (leave-task-out).
+        factors: factors to vary: size, mix, view, standardize, estimator, criterion, whiten_target, recenter,
+            finetune, seed (default: all).
         sizes: public-set sizes (default 1000 4000 16000 64000).
-        mixes: public-set mixes (default: dialog, dialog + the task's training texts, the task's texts only).
+        mixes: public-set mixes, or broad (default: dialog, dialog + the task's training texts, the task's texts
+            only, broad).
         views: POOLING@LAYER or POOLING@SOURCE_LAYER/TARGET_LAYER, e.g. mean@-1 last@15/9 (default mean@-1).
         view_task_limit: task rows for the view factor (new views need new forward passes).
         view_size: public rows for the view factor.
-        estimators: estimators besides the ridge λ path (default lstsq procrustes scaled_procrustes).
+        estimators: estimators besides the ridge λ path (default lstsq procrustes scaled_procrustes reduced_rank
+            cca).
+        ranks: ranks of reduced_rank and cca; k-1 is the task's classes minus one (default k-1 16 64 256; a rank
+            above min(d_x, d_y) is reported as skipped).
+        criteria: λ criteria of the criterion factor (default gcv val_mse head).
+        whiten_estimators: estimators the whiten_target factor fits with and without target whitening (default
+            ridge reduced_rank procrustes; reduced_rank at the first rank).
         finetune_losses: fine-tuning losses to try (default mse task).
         public_seeds: public-set sampling seeds besides the base one (default 1 2).
         exclude_tasks: other tasks whose val/test texts stay out of every public set (NAME or NAME@LIMIT).
@@ -738,13 +751,16 @@ def ablate(
         source=source, target=target, task=task, task_limit=task_limit, base=base,
         factors=factors or FACTORS, sizes=sizes or defaults.sizes, mixes=mixes or (), views=views or defaults.views,
         view_task_limit=view_task_limit, view_size=view_size, estimators=estimators or defaults.estimators,
+        ranks=ranks or defaults.ranks, criteria=criteria or defaults.criteria,
+        whiten_estimators=whiten_estimators or defaults.whiten_estimators,
         finetune=finetune_losses or defaults.finetune, public_seeds=public_seeds or defaults.public_seeds,
         exclude_tasks=exclude_tasks or (), ood=ood or (), ood_limit=ood_limit, ood_detector=ood_detector,
         max_extract=max_extract, bootstrap=bootstrap, extraction=extraction, fit=fit, head=head,
         device=DeviceSettings(accelerator, devices, precision, threads), seed=seed)
 
     def progress(row: dict) -> None:
-        text = (f"{row['mapped']['accuracy']:.3f} (drop {row['mapped_drop']:+.3f})" if row["status"] == "ok"
+        text = (f"{row['mapped']['accuracy']:.3f} (drop {row['mapped_drop']:+.3f}, macro-F1 "
+                f"{row['mapped']['macro_f1']:.3f}{', COLLAPSE' if row['collapse'] else ''})" if row["status"] == "ok"
                 else f"skipped: {row['reason']}")
         print(f"{row['factor']:<12} {row['value']:<45} {text}", file=sys.stderr)
 
