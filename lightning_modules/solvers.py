@@ -16,6 +16,11 @@ Conventions
   return the minimum-norm solution (eigen-thresholded pseudo-inverse, in the coordinates the problem
   is solved in) and emit a `SingularSystemWarning` suggesting ridge.
 * Every returned `AffineMap` is in raw coordinates: y ≈ x @ weight.T + bias.
+
+Choosing λ (`solve`): the whole path comes from ONE eigendecomposition of Cxx (`path_factors`), and each
+criterion is closed-form on it: gcv (generalised cross-validation on the training rows, no held-out rows
+needed), val_mse (per-element MSE on held-out stats) and head (logit MSE of head ∘ map_λ on held-out stats of
+(x, head(y)): λ chosen for what the target's classifier reads). `LambdaPath` keeps every computable score.
 """
 
 from __future__ import annotations
@@ -24,16 +29,15 @@ import math
 import warnings
 from dataclasses import dataclass
 from collections.abc import Mapping
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from lightning_modules.settings import DEFAULT_LAMBDAS  # declared with the recipe's other settings
+from lightning_modules.settings import DEFAULT_LAMBDAS, Criterion, Estimator  # declared with the recipe's other settings
 from lightning_modules.standardize import REL_TOL, safe_scale, std_from_moments
 
 F64 = torch.float64
-Method = Literal["ridge", "lstsq", "procrustes", "scaled_procrustes", "reduced_rank", "cca"]
 
 # Rows per float64 block in `update` (bounds the float64 copy of a float32/bf16 batch) and column
 # panel width for the symmetric Gram updates.
@@ -476,7 +480,7 @@ def fit_procrustes(stats: SufficientStats, scaled: bool = False, center: bool = 
     return norm.fold(q.T)
 
 
-def fit_affine(stats: SufficientStats, method: str = "ridge", lam: float = 1e-3, center: bool = True,
+def fit_affine(stats: SufficientStats, method: Estimator = "ridge", lam: float = 1e-3, center: bool = True,
                standardize: bool = False, rank: int | None = None, whiten_target: bool = False) -> AffineMap:
     """Dispatch to `fit_ridge` (relative λ), `fit_lstsq`, (scaled) `fit_procrustes`, or `subspace`'s
     reduced-rank / CCA maps (rank `rank`, null: full); whiten_target solves in whitened-target coordinates
@@ -598,9 +602,9 @@ def resolve_criterion(criterion: str, head: AffineMap | None, head_val: Sufficie
     return criterion
 
 
-def solve(train: SufficientStats, val: SufficientStats | None, estimator: str = "ridge",
+def solve(train: SufficientStats, val: SufficientStats | None, estimator: Estimator = "ridge",
           lambdas: Sequence[float] = DEFAULT_LAMBDAS, center: bool = True, standardize: bool = False,
-          criterion: str = "auto", head: AffineMap | None = None, head_val: SufficientStats | None = None,
+          criterion: Criterion = "auto", head: AffineMap | None = None, head_val: SufficientStats | None = None,
           rank: int | None = None, whiten_target: bool = False) -> tuple[AffineMap, float | None, LambdaPath]:
     """The closed-form fit of every aligner: (map, chosen λ or None, its `LambdaPath`).
 
