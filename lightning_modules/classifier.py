@@ -207,8 +207,11 @@ class LinearClassifier(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         meta = checkpoint.get("xsilo", {})
         self.states_spec, self.c_path = meta.get("states", {}), meta.get("c_path")
-        # Checkpoints from before the lbfgs solver have no chosen_c: they were trained by adamw.
-        checkpoint.get("state_dict", {}).setdefault("chosen_c", torch.tensor(float("nan"), dtype=torch.float64))
+        if "solver" not in checkpoint.get("hyper_parameters", {"solver": None}):
+            # From before the lbfgs solver (no solver hparam, no chosen_c buffer): adamw trained it.
+            self.hparams.solver = "adamw"
+            self.automatic_optimization = True
+            checkpoint.get("state_dict", {}).setdefault("chosen_c", torch.tensor(float("nan"), dtype=torch.float64))
 
     # -- lbfgs -------------------------------------------------------------------------------
 
@@ -242,6 +245,15 @@ class LinearClassifier(L.LightningModule):
             self.log("val_loss", self._loss(logits, val[1]), prog_bar=True, sync_dist=True)
             self.log("val_acc", (logits.argmax(-1) == val[1]).float().mean(), prog_bar=True, sync_dist=True)
             self.log("val_f1", multiclass_f1_score(logits, val[1], hp.output_dim, average="macro"), sync_dist=True)
+
+    def fit_record(self) -> dict[str, Any]:
+        """How the head was fitted, for metrics files: the solver and, for lbfgs, the chosen C and the per-C
+        validation scores (cs, val_accuracy, val_loss, iterations)."""
+        record: dict[str, Any] = {"solver": self.hparams.solver}
+        if self.hparams.solver == "lbfgs":
+            record["chosen_c"] = float(self.chosen_c)
+            record.update(self.c_path or {})
+        return record
 
     @torch.no_grad()
     def load_fit(self, fit: LogisticFit) -> None:

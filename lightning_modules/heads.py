@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from lightning_modules.classifier import LinearClassifier
 from lightning_modules.evaluate import classification_scores, fit_classifier, prepare_states, split_rows
 from lightning_modules.export import write_head_export
 from lightning_modules.settings import DeviceSettings, ExtractionSettings, HeadSettings, seed_all
@@ -60,15 +59,6 @@ def mahalanobis_raw(train: torch.Tensor, labels: torch.Tensor, num_classes: int,
     return means.numpy(), precision.numpy()
 
 
-def head_record(classifier: LinearClassifier) -> dict[str, Any]:
-    """How the head was fitted, for metrics files: the solver and, for lbfgs, the chosen C and its C path."""
-    record: dict[str, Any] = {"solver": classifier.hparams.solver}
-    if classifier.hparams.solver == "lbfgs":
-        record["chosen_c"] = float(classifier.chosen_c)
-        record["c_path"] = classifier.c_path
-    return record
-
-
 def fit_head(cfg: HeadConfig, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
     """Fit the head, write the head export to `out`, and return what it records (metrics, detector)."""
     from datamodules.states import LabelledStatesDataModule
@@ -86,7 +76,7 @@ def fit_head(cfg: HeadConfig, out: str | Path, overwrite: bool = False) -> dict[
         shutil.rmtree(work, ignore_errors=True)
     dm.setup("test")
     k = dm.num_classes
-    metrics: dict[str, Any] = {"task": cfg.task, "seed": cfg.seed, "rows": {}, "head": head_record(classifier)}
+    metrics: dict[str, Any] = {"task": cfg.task, "seed": cfg.seed, "rows": {}, "head": classifier.fit_record()}
     with torch.no_grad():
         for split in ("val", "test"):
             h, labels = split_rows(dm, split)
