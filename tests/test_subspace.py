@@ -7,7 +7,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from lightning_modules.solvers import SufficientStats, fit_affine, fit_procrustes, fit_ridge
+from lightning_modules.solvers import AffineMap, SufficientStats, compose, fit_affine, fit_procrustes, fit_ridge
 from lightning_modules.subspace import (SubspaceError, canonical_pairs, fit_cca, fit_reduced_rank, fit_whitened,
                                         transform_target)
 
@@ -119,3 +119,16 @@ def test_bad_rank_lambda_or_statistics_get_a_clear_error(problem):
     fit_reduced_rank(diag_only, 1e-2, 2)  # no whitening: the diagonal is enough
     with pytest.raises(SubspaceError, match="empty"):
         fit_reduced_rank(SufficientStats.zeros(DX, DY), 1e-2, 2)
+
+
+def test_a_head_weighted_squared_loss_gives_the_plain_maps_logits(problem):
+    """Why the ablation's head-aware map acts through λ, rank or a task loss: least squares onto a head's logits
+    Hy reads the same logits as the head on the plain map (H∘ridge for ridge fitted onto the logits too)."""
+    x, y, stats = problem
+    head = AffineMap(torch.randn(3, DY, dtype=torch.float64), torch.randn(3, dtype=torch.float64))
+    logits = SufficientStats.zeros(DX, 3).update(x, head(y))
+    for lam in (0.0, 1e-2):
+        plain = compose(head, fit_affine(stats, "ridge", lam))
+        torch.testing.assert_close(fit_affine(logits, "ridge", lam)(x), plain(x), atol=1e-8, rtol=0)
+    # A rank constraint is where the head matters: rank-1 on the logits is not the head on a rank-1 map.
+    assert float((fit_reduced_rank(logits, 1e-2, 1)(x) - head(fit_reduced_rank(stats, 1e-2, 1)(x))).abs().max()) > 0.1

@@ -20,9 +20,10 @@ The factors against collapse on an out-of-domain public set:
 * The head-aware map is criterion "head" plus `finetune` "task" (gradient steps from the closed form on the KL
   divergence of the frozen target head's softmax on mapped states from its softmax on the true target states:
   distillation on the public rows, no task labels). For an unconstrained affine map a head-weighted squared loss
-  ||H(Wx + b) - Hy||² (+ λ||W||²) is minimised by the plain ridge map (projected onto H's row space), whose
-  logits H(Wx + b) are the plain map's: head-awareness acts only through λ (criterion head), a rank constraint,
-  or a non-squared task loss.
+  ||H(Wx + b) - Hy||² has the plain least-squares map among its minimisers (the same logits: least squares is
+  equivariant under the output map H), and ridge fitted straight onto the logits Hy gives H times the plain
+  ridge map; only the penalty's weighting of output directions can tell them apart. So head-awareness acts
+  through λ (criterion head), a rank constraint, or a non-squared task loss, not through a weighted MSE.
 
 Closed-form settings are solved from the public set's sufficient statistics with `solvers.solve` (λ path from
 one eigh); settings with fine-tuning go through `AffineAligner` and Lightning.
