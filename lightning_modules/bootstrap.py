@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 from torchmetrics import MeanMetric, Metric
+from torchmetrics.classification import MulticlassF1Score
 from torchmetrics.utilities import dim_zero_cat
 from torchmetrics.wrappers import BootStrapper
 
@@ -65,6 +66,13 @@ def _rows(values) -> Tensor:
 def mean_ci(values: np.ndarray, **kwargs) -> tuple[float, float]:
     """Interval of a mean: accuracy from 0/1 correctness, a paired drop from differences of them."""
     return interval(MeanMetric().set_dtype(torch.float64), [[_rows(values)]], **kwargs)
+
+
+def macro_f1_ci(predicted: np.ndarray, labels: np.ndarray, num_classes: int, **kwargs) -> tuple[float, float]:
+    """Interval of the macro-F1 of predicted class indices against the true labels (rows resampled together)."""
+    metric = MulticlassF1Score(num_classes, average="macro").set_dtype(torch.float64)
+    return interval(metric, [[torch.as_tensor(np.asarray(predicted), dtype=torch.long),
+                              torch.as_tensor(np.asarray(labels), dtype=torch.long)]], **kwargs)
 
 
 def auroc_ci(id_scores: np.ndarray, ood_scores: np.ndarray, **kwargs) -> tuple[float, float]:

@@ -360,6 +360,10 @@ def study(
     ood_limit: int | None = 500,
     ood_detector: str = "energy",
     bootstrap: int = 1000,
+    regimes: list[str] | None = None,
+    in_domain_size: int = 2000,
+    leave_task_out_size: int | None = 3500,
+    public_sources: list[str] | None = None,
     public: PublicSetSettings = PublicSetSettings(),
     extraction: ExtractionSettings = ExtractionSettings(),
     fit: FitSettings = FitSettings(),
@@ -373,9 +377,10 @@ def study(
 ) -> None:
     """Every ordered pair of models: alignment, mapped accuracy and OOD drops per task, with bootstrap intervals.
 
-    Writes study.json, study.md and one N×N heatmap PNG per metric. Cached states are reused and each
-    (model, task) classifier is fitted once, so adding a model costs that model's extraction. A recipe file
-    sets the settings: --config configs/recipe/bbc.yaml.
+    Writes study.json, study.md (one table per regime, collapses flagged), the λ-path plots and one N×N
+    heatmap PNG per metric. Cached states are reused and each (model, task) classifier is fitted once, so
+    adding a model costs that model's extraction. A recipe file sets the settings: --config
+    configs/recipe/bbc.yaml; the paper's two tables: --config configs/study/paper-tables.yaml.
 
     Args:
         models: two or more models (registry names, folders or hub ids): --models smollm2 gemma3 minilm.
@@ -385,7 +390,13 @@ def study(
         ood_limit: keep N rows of each OOD set.
         ood_detector: msp, max_logit, energy, mahalanobis or knn: the detector whose AUROC is reported.
         bootstrap: resamples of the test rows for the 95% intervals.
-        public: the shared public set each map is fitted on.
+        regimes: which public sets the maps are fitted on (default: given): given (--public, one for every task),
+            in-domain (per task: half movie dialog, half the task's training texts; paper Table 1) and
+            leave-task-out (per task: every other unlabelled source, no text of the task; paper Table 2).
+        in_domain_size: rows of each in-domain public set.
+        leave_task_out_size: rows of each leave-task-out public set (null: every eligible row of every source).
+        public_sources: the unlabelled sources of the leave-task-out sets (default: every registry dataset).
+        public: the shared public set of the given regime.
         extraction: how states are read (pooling, layer, max_length, dtype, columns of a user's file).
         fit: how each map is fitted.
         head: the logistic-regression heads.
@@ -401,9 +412,15 @@ def study(
     _quiet()
     cfg = StudyConfig(models=models, tasks=tasks, task_limit=task_limit, ood=ood or (), ood_limit=ood_limit,
                       ood_detector=ood_detector, bootstrap=bootstrap, public=public, extraction=extraction, fit=fit,
-                      head=head, device=DeviceSettings(accelerator, devices, precision, threads), seed=seed)
+                      head=head, device=DeviceSettings(accelerator, devices, precision, threads), seed=seed,
+                      regimes=regimes or ("given",), in_domain_size=in_domain_size,
+                      leave_task_out_size=leave_task_out_size, public_sources=public_sources)
     results = run_study(cfg, out=out)
-    print(f"wrote {Path(out) / 'study.json'}, {Path(out) / 'study.md'} and {len(results['heatmaps'])} heatmaps")
+    flagged = sum(v["collapse"] for r in results["regimes"].values() for p in r["pairs"].values()
+                  for v in p["tasks"].values())
+    print(f"wrote {Path(out) / 'study.json'}, {Path(out) / 'study.md'}, {len(results.get('lambda_paths', {}))} "
+          f"λ-path plots and {len(results['heatmaps'])} heatmaps; {flagged} (pair, task, regime) rows flagged as "
+          "collapsed")
 
 
 def report(*, run: str = "runs/demo") -> None:
@@ -421,6 +438,7 @@ def public_set_build(
     *,
     sources: list[str] | None = None,
     mix: str | None = None,
+    leave_out: str | None = None,
     size: int | None = None,
     exclude_tasks: list[str] | None = None,
     exclude_datasets: list[str] | None = None,
@@ -446,6 +464,8 @@ def public_set_build(
     Args:
         sources: datasets to draw from (registry names, local .csv/.jsonl/.txt files, hub ids); labels are dropped.
         mix: domain weights, e.g. movie-dialog:0.5,bbc:0.5 (names not in --sources are added).
+        leave_out: a task whose domain the set must not know: every registry dataset but it, in equal weights,
+            with every text of it removed (the study's leave-task-out regime; not with --sources or --mix).
         size: rows in the set (default: every eligible row; with a mix, the largest set that meets it).
         exclude_tasks: tasks whose validation and test texts are removed, as NAME or NAME@LIMIT (the task_limit
             the task is evaluated with); labelled sources are always added.
@@ -468,9 +488,17 @@ def public_set_build(
         threads: torch threads for any extraction.
     """
     from datamodules.extraction import ExtractionConfig
-    from datamodules.public_set import build_public_set, cached_texts, prefill_states, read_manifest
+    from datamodules.public_set import (PublicSetError, build_public_set, cached_texts, leave_task_out_recipe,
+                                        prefill_states, read_manifest)
 
     _quiet()
+    if leave_out is not None:
+        if sources or mix:
+            raise PublicSetError(f"--leave_out {leave_out} draws from every registry dataset but {leave_out} in "
+                                 "equal weights; drop --sources and --mix, or drop --leave_out")
+        recipe = leave_task_out_recipe(leave_out, exclude_tasks or [], size)
+        sources, mix = list(recipe.sources), recipe.mix
+        exclude_datasets = [*(exclude_datasets or ()), *recipe.exclude_datasets]
     device = DeviceSettings(accelerator, devices, precision, threads)
     dtype = device.forward_dtype()
     path = build_public_set(sources or (), size=size, mix=mix, exclude_tasks=exclude_tasks, out=name,

@@ -34,6 +34,14 @@ STAGES = {CLASSIFICATION: "stage 3 (xsilo evaluate ... --out $RUN/bbc)",
           TWO_PARTY: "stage 6 (python -m lightning_modules.two_party_report RUN PROVIDER_HOME CLIENT_HOME)",
           GENERATION: "stage 8 (xsilo evaluate_generation ... --out $RUN/generation/SOURCE-TARGET)"}
 LATENCY_STAGES = ("extract", "encrypt", "http", "server", "decrypt", "total")
+STUDIES = ("study.json", "study/study.json")  # `xsilo study --out RUN` or `--out RUN/study`
+# The paper's figures to hold each regime against (/work/shared/PAPER_NOTES.md): (task, pair, native, mapped).
+PAPER = {"in-domain": ("Table 1: map fitted on the task's own training texts (embedding APIs)",
+                       (("SST-2", "Gemini ← OpenAI", 94.5, 93.1), ("TREC", "OpenAI ← Qwen", 96.0, 95.6),
+                        ("TREC", "Cohere ← Gemini", 97.0, 91.2), ("AG News", "Mistral ← Qwen", 92.6, 92.4),
+                        ("MNLI", "OpenAI ← Qwen", 87.9, 61.3))),
+         "leave-task-out": ("Table 2: map fitted on public data only (Wikipedia or IMDB)",
+                            (("TREC", "—", 95.4, 57.6), ("MNLI", "—", 65.0, 44.5), ("DBpedia", "—", 99.1, 53.5)))}
 
 
 class ReportError(ValueError):
@@ -127,6 +135,92 @@ def roc_chart(curves: dict[str, dict[str, dict[str, list[float]]]], title: str, 
         ax.legend(fontsize=8, loc="lower right")
     fig.suptitle(wrap_title(width, title), fontsize=10)
     return save_png(fig, path)
+
+
+CRITERION_MARKERS = {"gcv": "o", "val_mse": "s", "head": "^"}
+
+
+def lambda_path_chart(panels: dict[str, dict[str, dict[str, Any]]], title: str, path: Path) -> Path:
+    """Mapped accuracy along the λ path: one panel per task, one thin line per pair, each λ criterion's
+    choice marked. `panels`: {task: {pair: {"lambdas": [...], "accuracy": [...], "chosen": {criterion: λ}}}}."""
+    width = 3.2 * len(panels) + 0.6
+    fig = figure(width, 3.6)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (task, pairs) in zip(axes, panels.items()):
+        for i, (pair, p) in enumerate(pairs.items()):
+            color = f"C{i % 10}"
+            ax.plot(p["lambdas"], p["accuracy"], lw=0.9, color=color, label=pair)
+            for criterion, lam in p["chosen"].items():
+                if lam is not None and lam in p["lambdas"]:
+                    ax.plot([lam], [p["accuracy"][p["lambdas"].index(lam)]], CRITERION_MARKERS.get(criterion, "x"),
+                            color=color, ms=5, mfc="none")
+        ax.set_xscale("log")
+        ax.set(xlabel="λ (relative)", ylabel="mapped test accuracy", ylim=(0, 1.02))
+        ax.set_title(short_name(task), fontsize=9)
+    handles, labels = axes[0].get_legend_handles_labels()
+    from matplotlib.lines import Line2D
+
+    handles += [Line2D([], [], ls="", marker=m, color="grey", mfc="none") for m in CRITERION_MARKERS.values()]
+    labels += [f"chosen by {c}" for c in CRITERION_MARKERS]
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize=7)
+    fig.suptitle(wrap_title(width, title), fontsize=10)
+    return save_png(fig, path)
+
+
+# --- the study's regime tables -------------------------------------------------------------
+
+REGIME_TITLES = {"given": "the given public set",
+                 "in-domain": "in-domain public sets (half dialog, half the task's training texts; paper Table 1)",
+                 "leave-task-out": "leave-task-out public sets (every other unlabelled source; paper Table 2)"}
+# (header, JSON pointer below a row's native / mapped entry, interval pointer or None)
+REGIME_COLUMNS = (("native acc", "native", "/accuracy", "/accuracy_ci"),
+                  ("mapped acc", "mapped", "/mapped/accuracy", "/mapped/accuracy_ci"),
+                  ("drop", "mapped", "/mapped_drop", "/mapped_drop_ci"),
+                  ("native macro-F1", "native", "/macro_f1", "/macro_f1_ci"),
+                  ("mapped macro-F1", "mapped", "/mapped/macro_f1", "/mapped/macro_f1_ci"),
+                  ("null acc", "mapped", "/null_map/accuracy", None),
+                  ("majority rate", "mapped", "/mapped/majority_rate", None),
+                  ("top prediction share", "mapped", "/mapped/top_prediction_share", None))
+
+
+def regime_rows(study: dict[str, Any], regime: str) -> list[dict[str, Any]]:
+    """One row per (task, pair) of a regime: its cells as text, the collapse flag, and where they come from."""
+    rows = []
+    pairs = study["regimes"][regime]["pairs"]
+    for task in study["config"]["tasks"]:
+        for key, pair in pairs.items():
+            base = {"native": pointer("native", pair["target"], task),
+                    "mapped": pointer("regimes", regime, "pairs", key, "tasks", task)}
+            view = pair["tasks"][task]
+            cells = []
+            for _, where, ptr, ci in REGIME_COLUMNS:
+                text = f"{lookup(study, base[where] + ptr):.3f}"
+                if ci is not None:
+                    lo, hi = lookup(study, base[where] + ci)
+                    text += f" [{lo:.3f}, {hi:.3f}]"
+                cells.append(text)
+            chosen = (view.get("lambda_path") or {}).get("chosen") or {}
+            lam = ", ".join(f"{c}{'*' if c == view.get('criterion') else ''} {v['lambda']:.3g}"
+                            for c, v in chosen.items()) or "n/a"
+            flag = f"COLLAPSE: {view['collapse_reason']}" if view.get("collapse") else "no"
+            rows.append({"task": short_name(task), "pair": f"{short_name(pair['source'])} -> {short_name(pair['target'])}",
+                         "cells": cells, "lambda": lam, "collapse": bool(view.get("collapse")), "flag": flag,
+                         "source": base["mapped"]})
+    return rows
+
+
+def regime_table(study: dict[str, Any], regime: str, file: str | None = None) -> list[str]:
+    """A regime's Markdown table (rows: task, pair); with `file`, a last column names each row's JSON source."""
+    head = ["task", "pair", *(c[0] for c in REGIME_COLUMNS), "λ per criterion (* chose the map)", "collapse"]
+    if file is not None:
+        head.append("source (file#JSON pointer)")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in regime_rows(study, regime):
+        row = [r["task"], r["pair"], *r["cells"], r["lambda"], r["flag"]]
+        if file is not None:
+            row.append(f"{file}#{r['source']}")
+        lines.append("| " + " | ".join(cell(c) for c in row) + " |")
+    return lines
 
 
 # --- figures and their sources -------------------------------------------------------------
@@ -259,6 +353,34 @@ def _generation_section(file: str, result: dict) -> list[str]:
     return lines + [""]
 
 
+def _study_section(file: str, study: dict) -> list[str]:
+    folder = str(Path(file).parent)
+    link = (lambda name: name) if folder == "." else (lambda name: f"{folder}/{name}")
+    lines = ["## Convergence study: the paper's two tables at this scale", "",
+             f"From `{file}` (the full tables, heatmaps and intervals: [{link('study.md')}]({link('study.md')})). "
+             "Every ordered pair of models on each task, its map fitted on each regime's public set: "
+             + "; ".join(f"{r}: {REGIME_TITLES[r]}" for r in study["regimes"]) + ". "
+             "The figures section holds one table per regime, rows flagged where the mapped predictions "
+             "collapse, beside the paper's reference figures.", ""]
+    for regime, png in study.get("lambda_paths", {}).items():
+        lines += [f"Mapped test accuracy along the λ path, {regime}, each λ criterion's choice marked:", "",
+                  f"![λ path, {regime}]({link(png)})", ""]
+    return lines
+
+
+def _study_figures(file: str, study: dict) -> list[str]:
+    lines = []
+    for regime in study["regimes"]:
+        lines += ["", f"### Study, {REGIME_TITLES[regime]}", "", *regime_table(study, regime, file)]
+        if regime in PAPER:
+            title, rows = PAPER[regime]
+            lines += ["", f"The paper's {title}, for reference:", "", "| task | pair | native (%) | mapped (%) | source |",
+                      "|---|---|---|---|---|"]
+            lines += [f"| {task} | {pair} | {native} | {mapped} | PAPER_NOTES.md |" for task, pair, native, mapped
+                      in rows]
+    return lines
+
+
 def write_demo_report(run_dir: str | Path) -> Path:
     """Write RUN/report.md (and its PNGs) from the demo's JSON results; returns its path."""
     run = Path(run_dir)
@@ -272,6 +394,10 @@ def write_demo_report(run_dir: str | Path) -> Path:
     if not generation:
         notes.append(f"no `{GENERATION}`: {STAGES[GENERATION]} did not run; skipped.")
     parts.update({file: _read(run, file, notes) for file in generation})
+    study_file = next((f for f in STUDIES if (run / f).is_file()), None)
+    study = _read(run, study_file, notes) if study_file else None
+    if study is not None and all(r is None for r in parts.values()):
+        notes = [n for n in notes if n.startswith(f"`{study_file}`")]  # a study's own run folder: no demo stages
     for file, result in parts.items():
         if result is None:
             continue
@@ -291,12 +417,21 @@ def write_demo_report(run_dir: str | Path) -> Path:
             notes.append(f"`{file}` lacks what its section needs ({type(e).__name__}: {e}); section skipped, "
                          f"its figures kept. Rerun {STAGES[kind]}.")
         figures += measured(file, result, MEASURED[kind])
-    lines = [f"# xsilo demo report: `{run}`", ""]
+    study_figures: list[str] = []
+    if study is not None:
+        try:
+            body += _study_section(study_file, study)
+            study_figures = _study_figures(study_file, study)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            notes.append(f"`{study_file}` lacks what its section needs ({type(e).__name__}: {e}); section skipped. "
+                         "Rerun `xsilo study`.")
+    lines = [f"# xsilo {'demo' if figures or study is None else 'study'} report: `{run}`", ""]
     if notes:
         lines += ["Notes:", "", *(f"- {n}" for n in notes), ""]
     lines += body
-    lines += ["## Figures", "", "Every number the demo measured, with the JSON file and key it came from.", ""]
-    lines += figures_table(figures) if figures else ["No results found."]
+    lines += ["## Figures", "", "Every number the run measured, with the JSON file and key it came from.", ""]
+    lines += figures_table(figures) if figures else (["No results found."] if not study_figures else [])
+    lines += study_figures
     path = run / "report.md"
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
     return path

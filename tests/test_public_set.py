@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from datamodules.extraction import ExtractionConfig, StateEncoder, extract, resolve
-from datamodules.public_set import (ExtractionBudgetError, PublicSetError, build_public_set, normalize_text,
-                                    mix_rows, parse_mix, parse_task, prefill_states, read_manifest)
+from datamodules.public_set import (ExtractionBudgetError, PublicSetError, build_public_set, in_domain_recipe,
+                                    leave_task_out_recipe, mix_rows, normalize_text, parse_mix, parse_task,
+                                    prefill_states, read_manifest, registry_sources, task_heldout, task_specs)
 from datamodules.states import LabelledStatesDataModule
 from datamodules.text import dataset_fingerprint, load_texts
 
@@ -203,3 +204,80 @@ def test_public_set_configs_name_builder_arguments():
         mix = parse_mix(config["mix"])
         assert set(mix) <= set(config["sources"]) and sum(mix.values()) == pytest.approx(1)
         assert {parse_task(t)[0] for t in config["exclude_tasks"]} >= set(config["sources"]) - {"movie-dialog"}
+
+
+# --- the study's regimes: leave-task-out and in-domain recipes -----------------------------------------
+
+STUDY_TASKS = ["bbc", "vader-movies", "trec", "rotten"]
+
+
+def test_the_regime_recipes_reproduce_the_pre_extracted_sets_arguments():
+    exclude = task_specs(STUDY_TASKS, 1500)
+    assert exclude == ["bbc@1500", "vader-movies@1500", "trec@1500", "rotten@1500"]
+    assert task_specs(["bbc"], None) == ["bbc"]
+    r = in_domain_recipe("trec", exclude)
+    assert (r.name, r.sources, parse_mix(r.mix), r.size, list(r.exclude_tasks), r.exclude_datasets) == (
+        "study-in-domain-trec", ("movie-dialog", "trec"), {"movie-dialog": 0.5, "trec": 0.5}, 2000, exclude, ())
+    pool = ["movie-dialog", "bbc", "vader-movies", "vader-tweets", "vader-nyt", "vader-amazon", "trec", "rotten"]
+    assert sorted(registry_sources()) == sorted(pool) and registry_sources()[0] == "movie-dialog"
+    r = leave_task_out_recipe("trec", exclude)
+    assert sorted(r.sources) == sorted(set(pool) - {"trec"}) and r.size == 3500 and r.exclude_datasets == ("trec",)
+    assert parse_mix(r.mix) == pytest.approx({s: 1 / 7 for s in r.sources})
+    assert leave_task_out_recipe("trec", exclude, size=None).mix is None  # every eligible row of every source
+    with pytest.raises(PublicSetError, match="no source is left"):
+        leave_task_out_recipe("a", [], sources=["a"])
+
+
+def test_a_leave_task_out_set_holds_no_text_of_the_task_and_is_found_again(tmp_path):
+    task = write_task(tmp_path / "task.csv")
+    other = write_task(tmp_path / "other.csv", seed=7)
+    echo = write_lines(tmp_path / "echo.jsonl", [v for t in load_texts(str(task))["text"] for v in variants(t)[1:]]
+                       + sentences(80, 8, "e"))
+    dialog = write_lines(tmp_path / "dialog.jsonl", sentences(300, 9, "d"))
+    sources = [str(dialog), str(echo), str(task), str(other)]
+    recipe = leave_task_out_recipe(str(task), [str(task), str(other)], size=150, sources=sources, name="lto")
+    assert str(task) not in recipe.sources
+    path = recipe.build()
+    keys = {normalize_text(t) for t in built_texts(path)}
+    assert len(keys) == 150 and not keys & {normalize_text(t) for t in load_texts(str(task))["text"]}
+    assert not keys & task_heldout(str(other)).keys
+    counts = {s["name"]: s["selected"] for s in read_manifest(path)["sources"]}
+    assert counts == {str(dialog): 50, str(echo): 50, str(other): 50}  # equal weights
+    # the same arguments find the set already built (no rewrite); other arguments build anew
+    mtime = path.stat().st_mtime_ns
+    assert recipe.built() == path and recipe.build() == path and path.stat().st_mtime_ns == mtime
+    bigger = leave_task_out_recipe(str(task), [str(task), str(other)], size=200, sources=sources, name="lto")
+    assert bigger.built() is None and len(built_texts(bigger.build())) == 200
+    # no size: every eligible row of every source
+    every = leave_task_out_recipe(str(task), [str(task), str(other)], size=None, sources=sources, name="all")
+    m = read_manifest(every.build())
+    assert m["rows"] == sum(s["eligible"] for s in m["sources"]) > 200
+
+
+def test_public_set_build_leave_out_flag(tmp_path, capsys, monkeypatch):
+    from lightning_modules.cli import main
+
+    for conflict in (["--sources", "[movie-dialog]"], ["--mix", "movie-dialog:1"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["public-set", "build", "--leave_out", "trec", *conflict])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "--leave_out trec draws from every registry dataset but trec" in err and "drop --sources and --mix" in err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    # every registry dataset but the task: a user registry replaces each built-in dataset with a small file
+    names = registry_sources()
+    lines = ["datasets:"]
+    for i, name in enumerate(names):
+        file = (write_task(tmp_path / f"{name}.csv", seed=i) if name == "trec" else
+                write_lines(tmp_path / f"{name}.jsonl", sentences(40, 20 + i, name)))
+        lines += [f"  {name}:", f"    file: {file}"]
+    registry = tmp_path / "registry.yaml"
+    registry.write_text("\n".join(lines) + "\n")
+    monkeypatch.setenv("XSILO_REGISTRY", str(registry))
+    main(["public-set", "build", "--leave_out", "trec", "--size", "70", "--name", "cli-lto"])
+    path = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    m = read_manifest(path)
+    assert m["excluded"]["datasets"] == {"trec": 90} and m["rows"] == 70
+    assert [s["name"] for s in m["sources"]] == [n for n in names if n != "trec"]
+    assert {s["selected"] for s in m["sources"]} == {10}
+    assert not {normalize_text(t) for t in built_texts(path)} & {normalize_text(t) for t in load_texts("trec")["text"]}

@@ -106,13 +106,14 @@ def studied(tiny_models, tmp_path_factory):
 def test_the_study_covers_every_ordered_pair_and_its_heatmaps(studied):
     root, cfg, first, second, _, _ = studied
     models = cfg.models
-    assert set(first["pairs"]) == {f"{models[0]} -> {models[1]}", f"{models[1]} -> {models[0]}"}
-    assert set(second["pairs"]) == {f"{s} -> {t}" for s in models for t in models if s != t}
+    assert set(first["regimes"]) == {"given"}
+    assert set(first["regimes"]["given"]["pairs"]) == {f"{models[0]} -> {models[1]}", f"{models[1]} -> {models[0]}"}
+    assert set(second["regimes"]["given"]["pairs"]) == {f"{s} -> {t}" for s in models for t in models if s != t}
     (task,), (ood,) = cfg.tasks, cfg.ood
-    for pair in second["pairs"].values():
+    for pair in second["regimes"]["given"]["pairs"].values():
         t = pair["tasks"][task]
         for name in ("r2", "cosine", "cka", "mutual_knn"):
-            assert np.isfinite(pair["alignment"][name]) and np.isfinite(pair["alignment"][name + "_null"])
+            assert np.isfinite(t["alignment"][name]) and np.isfinite(t["alignment"][name + "_null"])
         lo, hi = t["mapped"]["accuracy_ci"]
         assert lo <= t["mapped"]["accuracy"] <= hi
         native = second["native"][pair["target"]][task]
@@ -143,8 +144,9 @@ def test_adding_a_model_extracts_only_that_model_and_fits_each_head_once(studied
     # public set, task and OOD set of the new model; the other two models' states came from the cache
     assert sorted(c.data for c in extracted) == sorted([cfg.public.data, cfg.tasks[0], cfg.ood[0]])
     assert {c.model for c in extracted} == {new}
-    assert len(classifiers) == 3 and second["fits"] == {"classifiers": 3, "detectors": 3, "aligners": 6}
-    assert first["fits"] == {"classifiers": 2, "detectors": 2, "aligners": 2}
+    assert len(classifiers) == 3
+    assert second["fits"] == {"classifiers": 3, "detectors": 3, "aligners": 6, "public_sets": 0}
+    assert first["fits"] == {"classifiers": 2, "detectors": 2, "aligners": 2, "public_sets": 0}
 
 
 def test_bad_study_input_names_the_fix(tiny_models, tmp_path):

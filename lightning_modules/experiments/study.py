@@ -1,23 +1,29 @@
-"""Model-pair convergence study: every ordered pair of N models, on one public set and several tasks.
+"""Model-pair convergence study: every ordered pair of N models, on several tasks, under public-set regimes.
 
-For each ordered pair (source, target) it fits the source→target map on the public set and reports
-alignment on held-out public rows (R², cosine, linear CKA, mutual kNN, each beside its null), and per
-task the mapped accuracy through the target's head, its drop from the target's native accuracy and a
-null map; with OOD sets, the AUROC of one detector on mapped states and its drop from native. Accuracy
-and AUROC carry percentile bootstrap confidence intervals over test rows (drops: paired resamples;
-`lightning_modules.bootstrap`, through torchmetrics).
+A regime says which public set each map is fitted on: "given" (the study's `public`, every task),
+"in-domain" (per task, half movie dialog, half the task's training texts: the paper's Table 1) or
+"leave-task-out" (per task, every other unlabelled source, no text of the task: Table 2). No public set
+holds a validation or test text of any study task. For each regime, ordered pair (source, target) and task
+it fits the source→target map, its λ chosen through the target's head (criterion auto = head), and reports
+alignment on held-out public rows (R², cosine, linear CKA, mutual kNN, each beside its null), the mapped
+accuracy and macro-F1 through the target's head, the drop from native, a null map, the majority-class rate
+and the top-prediction share, the accuracy at every λ of the path with each criterion's choice, and a
+collapse flag (predictions concentrated on one class, or macro-F1 < 0.8 × native); with OOD sets, the AUROC
+of one detector on mapped states and its drop. Accuracy, macro-F1 and AUROC carry percentile bootstrap
+intervals over test rows (drops: paired resamples; `lightning_modules.bootstrap`, through torchmetrics).
 
-Nothing is fitted twice: each model's task states are extracted once (the state cache), each
-(model, task) classifier and detector is fitted once and read by every pair with that target, and only
-the N·(N−1) maps are per pair. Outputs: study.json, study.md and one N×N heatmap PNG per metric
-(rows: source, columns: target; the diagonal is the model itself: native accuracy/AUROC, identity map).
+Nothing is fitted twice: each model's task states are extracted once (the state cache; a regime's public
+sets are filled from rows already cached), each (model, task) classifier and detector is fitted once and
+read by every pair with that target; maps are per (regime, pair, task). Outputs: study.json, study.md (one
+table per regime), a λ-path PNG per regime and one N×N heatmap PNG per metric (rows: source, columns:
+target; the diagonal is the model itself: native accuracy/AUROC, identity map).
 """
 
 from __future__ import annotations
 
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -28,15 +34,24 @@ from torch import Tensor
 from datamodules.assets import AssetError
 from datamodules.cache import atomic_write_bytes, atomic_write_json, slug
 from datamodules.extraction import ExtractionConfig, resolve
-from lightning_modules.bootstrap import auroc_ci, auroc_drop_ci, mean_ci
-from lightning_modules.evaluate import (PairConfig, classification_scores, fit_aligner, fit_classifier, null_map,
-                                        prepare_states, public_datamodule, split_rows, task_datamodule)
+from datamodules.public_set import (DIALOG, PublicRecipe, cached_texts, in_domain_recipe, leave_task_out_recipe,
+                                    prefill_states, read_manifest, task_specs)
+from lightning_modules.bootstrap import auroc_ci, auroc_drop_ci, macro_f1_ci, mean_ci
+from lightning_modules.evaluate import (PairConfig, classification_scores, fit_aligner, fit_classifier,
+                                        lambda_path_report, null_map, path_accuracy, prepare_states, public_datamodule,
+                                        split_rows, task_datamodule)
 from lightning_modules.metrics import alignment_report, auroc
 from lightning_modules.ood import DETECTORS, Detector, OODConfig, load_ood_sets, make_detectors
-from lightning_modules.report import heatmap, short_name
+from lightning_modules.report import REGIME_TITLES, heatmap, lambda_path_chart, regime_rows, regime_table, short_name
+from lightning_modules.solvers import LAMBDA_ESTIMATORS, SufficientStats, path_factors
 from lightning_modules.settings import (DeviceSettings, ExtractionSettings, FitSettings, HeadSettings,
                                         PublicSetSettings, seed_all)
 
+# "given": one public set (`public`) for every task; "in-domain": per task, half dialog, half the task's own
+# training texts (paper Table 1); "leave-task-out": per task, every other unlabelled source (paper Table 2).
+REGIMES = ("given", "in-domain", "leave-task-out")
+COLLAPSE_SHARE = 0.9      # mapped predictions this concentrated on one class (when the truth is not) collapse
+COLLAPSE_F1_RATIO = 0.8   # and so does a mapped macro-F1 below this fraction of the native one
 ALIGNMENT = (("r2", "R²"), ("cosine", "cosine"), ("cosine_centered", "centred cosine"), ("cka", "linear CKA"),
              ("mutual_knn", "mutual kNN (k=10)"))
 
@@ -49,7 +64,11 @@ class StudyError(AssetError):  # an AssetError, as GenerationError: the CLI prin
 
 @dataclass
 class StudyConfig:
-    """N models × tasks on one public set, with the recipe's settings (as PairConfig's)."""
+    """N models × tasks under public-set regimes, with the recipe's settings (as PairConfig's).
+
+    `regimes`: a subset of REGIMES; `in_domain_size` / `leave_task_out_size`: rows of those regimes' public sets
+    (None: every eligible row); `public_sources`: the leave-task-out sources (None: every registry dataset);
+    `public_base`: the in-domain sets' other half (movie dialog). `public` is the given regime's set."""
 
     models: Sequence[str]
     tasks: Sequence[str]
@@ -67,8 +86,21 @@ class StudyConfig:
     head: HeadSettings = field(default_factory=HeadSettings)
     device: DeviceSettings = field(default_factory=DeviceSettings)
     seed: int = 0
+    regimes: Sequence[str] = ("given",)
+    in_domain_size: int = 2000
+    leave_task_out_size: int | None = 3500
+    public_sources: Sequence[str] | None = None
+    public_base: str = DIALOG
 
     def validate(self) -> None:
+        bad = [r for r in self.regimes if r not in REGIMES]
+        if bad or not self.regimes or len(set(self.regimes)) != len(self.regimes):
+            raise StudyError(f"regimes must name each of {list(REGIMES)} at most once (one at least), got "
+                             f"{list(self.regimes)}")
+        for name in ("in_domain_size", "leave_task_out_size"):
+            value = getattr(self, name)
+            if value is not None and value < 2:
+                raise StudyError(f"{name} must be at least 2 rows, got {value}")
         if len(self.models) < 2:
             raise StudyError(f"a study needs at least 2 models, got {list(self.models)}: "
                              "pass --models A B [C ...]")
@@ -144,7 +176,8 @@ class Study:
 
     def __init__(self, cfg: StudyConfig, work: Path):
         self.cfg, self.work = cfg, work
-        self.fits = {"classifiers": 0, "detectors": 0, "aligners": 0}
+        self.fits = {"classifiers": 0, "detectors": 0, "aligners": 0, "public_sets": 0}
+        self.publics: dict[tuple[str, str], tuple[PublicSetSettings, dict[str, Any]]] = {}
         self.ci = dict(n_resamples=cfg.bootstrap, seed=cfg.seed, confidence=cfg.confidence)
         self.specs: dict[str, dict[str, Any]] = {}  # each model's resolved extraction of each task
 
@@ -164,7 +197,8 @@ class Study:
         native = Native(head, test, labels, correct=(logits.argmax(1) == labels).numpy().astype(np.float64),
                         checkpoint=checkpoint)
         result = {**classification_scores(logits, labels, dm.num_classes),
-                  "accuracy_ci": mean_ci(native.correct, **self.ci)}
+                  "accuracy_ci": mean_ci(native.correct, **self.ci),
+                  "macro_f1_ci": macro_f1_ci(logits.argmax(1).numpy(), labels.numpy(), dm.num_classes, **self.ci)}
         if cfg.ood:
             sets, _ = load_ood_sets(cfg.ood_config(model, task), {"target": dm})
             native.ood = {name: roles["target"] for name, roles in sets.items()}
@@ -180,39 +214,81 @@ class Study:
                              for name, scores in native.ood_scores.items()}
         return native, result
 
-    def pair(self, source: str, target: str, natives: dict[tuple[str, str], Native]) -> dict[str, Any]:
-        """Fit source→target on the public set; alignment, and per task the mapped views of the target's head."""
+    def public_set(self, regime: str, task: str) -> PublicSetSettings:
+        """The public set a regime fits the maps of `task` on: built once (or found built under its name with
+        the same arguments), its states filled from rows already cached for every model."""
         cfg = self.cfg
-        public = public_datamodule(cfg.pair(source, target, cfg.tasks[0]), source, target)
-        prepare_states(cfg.device, public)
-        aligner, _ = fit_aligner(public, cfg.fit, cfg.device)
+        if regime == "given":
+            return cfg.public
+        if (regime, task) in self.publics:
+            return self.publics[regime, task][0]
+        exclude = task_specs(cfg.tasks, cfg.task_limit)
+        recipe: PublicRecipe = (in_domain_recipe(task, exclude, cfg.in_domain_size, cfg.public_base)
+                                if regime == "in-domain" else
+                                leave_task_out_recipe(task, exclude, cfg.leave_task_out_size, cfg.public_sources))
+        ex = cfg.extraction
+        dtype = cfg.device.forward_dtype(ex.dtype)
+        prefer = None if recipe.built(cfg.seed) else cached_texts(cfg.models, ex.pooling, ex.layer, ex.max_length,
+                                                                   dtype)
+        path = recipe.build(prefer=prefer, seed=cfg.seed)
+        reused = extracted = 0
+        for model in cfg.models:
+            r = prefill_states(ExtractionConfig(model=model, data=str(path), pooling=ex.pooling, layer=ex.layer,
+                                                max_length=ex.max_length, dtype=dtype, batch_size=ex.batch_size,
+                                                label_column=None), **cfg.device.extraction_kwargs())
+            reused, extracted = reused + r.reused, extracted + r.extracted
+        self.fits["public_sets"] += 1
+        m = read_manifest(path)
+        info = {"recipe": asdict(recipe), "path": str(path), "rows": m["rows"], "fingerprint": m["fingerprint"],
+                "selected": {src["name"]: src["selected"] for src in m["sources"]},
+                "excluded_rows": m["excluded"]["rows_total"], "states_reused": reused, "states_extracted": extracted}
+        self.publics[regime, task] = (PublicSetSettings(str(path), limit=None), info)
+        return self.publics[regime, task][0]
+
+    def fit_map(self, source: str, target: str, task: str, public: PublicSetSettings,
+                natives: dict[tuple[str, str], Native], native_results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """source→target on a public set, λ chosen through the target's `task` head (criterion auto = head):
+        alignment on held-out public rows, the mapped views, the accuracy along the λ path and the collapse flag."""
+        cfg = self.cfg
+        src, tgt = natives[source, task], natives[target, task]
+        if not torch.equal(src.labels, tgt.labels):
+            raise RuntimeError(f"{source} and {target} test rows of {task} differ; both must come from the same "
+                               "task split")
+        dm = public_datamodule(replace(cfg, public=public).pair(source, target, task), source, target)
+        prepare_states(cfg.device, dm)
+        aligner, _ = fit_aligner(dm, cfg.fit, cfg.device, head=tgt.head.affine_map)
         self.fits["aligners"] += 1
-        ridge = cfg.fit.estimator == "ridge"
-        lam = float(aligner.chosen_lambda) if ridge else 0.0
-        shuffled = null_map(public, cfg.fit, cfg.seed, lam)
-        result: dict[str, Any] = {"source": source, "target": target,
-                                  "chosen_lambda": lam if ridge else None, "tasks": {}}
+        takes_lambda = cfg.fit.estimator in LAMBDA_ESTIMATORS
+        lam = float(aligner.chosen_lambda) if takes_lambda else 0.0
         with torch.no_grad():
-            x_val, y_val = split_rows(public, "val")
-            result["alignment"] = alignment_report(aligner(x_val).double(), y_val.double(), source=x_val.double(),
-                                                   k=10, seed=cfg.seed)
-            result["rows"] = {"public_train": len(public.splits["train"]), "public_heldout": len(x_val)}
-            for task in cfg.tasks:
-                src, tgt = natives[source, task], natives[target, task]
-                if not torch.equal(src.labels, tgt.labels):
-                    raise RuntimeError(f"{source} and {target} test rows of {task} differ; both must come from "
-                                       "the same task split")
-                result["tasks"][task] = self.mapped_views(aligner, shuffled, src, tgt)
-        return result
+            x_val, y_val = split_rows(dm, "val")
+            out: dict[str, Any] = {
+                "chosen_lambda": lam if takes_lambda else None,
+                "criterion": aligner.lambda_path.criterion if takes_lambda else None,
+                "alignment": alignment_report(aligner(x_val).double(), y_val.double(), source=x_val.double(), k=10,
+                                              seed=cfg.seed),
+                "rows": {"public_train": len(dm.splits["train"]), "public_heldout": len(x_val)},
+                **self.mapped_views(aligner, null_map(dm, cfg.fit, cfg.seed, lam), src, tgt)}
+            if takes_lambda:  # the path the criteria scored, re-solved from the same public train rows (one eigh)
+                x_tr, y_tr = split_rows(dm, "train")
+                train = SufficientStats.zeros(x_tr.shape[1], y_tr.shape[1], full_yty=False).update(x_tr, y_tr)
+                factors = path_factors(train, cfg.fit.center, cfg.fit.standardize)
+                points = path_accuracy(factors, tgt.head.affine_map, src.test, tgt.labels,
+                                       tgt.head.hparams.output_dim, aligner.lambda_path.lambdas)
+                out["lambda_path"] = lambda_path_report(aligner.lambda_path, points)
+        out["collapse"], out["collapse_reason"] = collapse(out["mapped"], native_results[target][task])
+        return out
 
     def mapped_views(self, aligner: torch.nn.Module, shuffled: torch.nn.Module, src: Native, tgt: Native
-                ) -> dict[str, Any]:
+                     ) -> dict[str, Any]:
         """The source's test (and OOD) states mapped through the target's head and detector."""
         k = tgt.head.hparams.output_dim
         mapped = aligner(src.test)
         logits = tgt.head(mapped)
-        correct = (logits.argmax(1) == tgt.labels).numpy().astype(np.float64)
-        out = {"mapped": {**classification_scores(logits, tgt.labels, k), "accuracy_ci": mean_ci(correct, **self.ci)},
+        predicted = logits.argmax(1)
+        correct = (predicted == tgt.labels).numpy().astype(np.float64)
+        out = {"mapped": {**classification_scores(logits, tgt.labels, k), "accuracy_ci": mean_ci(correct, **self.ci),
+                          "macro_f1_ci": macro_f1_ci(predicted.numpy(), tgt.labels.numpy(), k, **self.ci)},
                "mapped_drop": float(tgt.correct.mean() - correct.mean()),
                "mapped_drop_ci": mean_ci(tgt.correct - correct, **self.ci),
                "null_map": classification_scores(tgt.head(shuffled(src.test)), tgt.labels, k)}
@@ -228,20 +304,48 @@ class Study:
                                                                    (mapped_id, mapped_ood), **self.ci)}
         return out
 
+    def regime(self, regime: str, natives: dict[tuple[str, str], Native],
+               native_results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """Every ordered pair under one regime: a map per (pair, task), on the regime's public set of the task."""
+        cfg = self.cfg
+        ordered = [(s, t) for s in cfg.models for t in cfg.models if s != t]
+        pairs: dict[str, Any] = {f"{s} -> {t}": {"source": s, "target": t, "tasks": {}} for s, t in ordered}
+        for task in cfg.tasks:
+            public = self.public_set(regime, task)
+            for s, t in ordered:
+                pairs[f"{s} -> {t}"]["tasks"][task] = self.fit_map(s, t, task, public, natives, native_results)
+        info = ({"data": cfg.public.data, "limit": cfg.public.limit} if regime == "given"
+                else {task: self.publics[regime, task][1] for task in cfg.tasks})
+        return {"public": info, "pairs": pairs}
+
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
         natives, native_results = {}, {m: {} for m in cfg.models}
         for model in cfg.models:
             for task in cfg.tasks:
                 natives[model, task], native_results[model][task] = self.native(model, task)
-        pairs = {f"{s} -> {t}": self.pair(s, t, natives) for s in cfg.models for t in cfg.models if s != t}
-        return {"config": {**asdict(cfg), "models": list(cfg.models), "tasks": list(cfg.tasks), "ood": list(cfg.ood)},
+        regimes = {regime: self.regime(regime, natives, native_results) for regime in cfg.regimes}
+        return {"config": {**asdict(cfg), "models": list(cfg.models), "tasks": list(cfg.tasks), "ood": list(cfg.ood),
+                           "regimes": list(cfg.regimes)},
                 "seed": cfg.seed, "extraction": self.specs,
                 "models": list(cfg.models), "labels": {m: short_name(m) for m in cfg.models},
                 "rows": {task: {"test": len(natives[cfg.models[0], task].labels),
                                 "ood": {n: len(s) for n, s in natives[cfg.models[0], task].ood.items()}}
                          for task in cfg.tasks},
-                "fits": dict(self.fits), "native": native_results, "pairs": pairs}
+                "fits": dict(self.fits), "native": native_results, "regimes": regimes}
+
+
+def collapse(mapped: dict[str, Any], native: dict[str, Any]) -> tuple[bool, str | None]:
+    """Whether mapped predictions collapsed, and why: concentrated on one class (where the true labels are
+    not), or a macro-F1 below COLLAPSE_F1_RATIO × the native head's."""
+    reasons = []
+    if mapped["top_prediction_share"] >= COLLAPSE_SHARE > mapped["majority_rate"]:
+        reasons.append(f"{mapped['top_prediction_share']:.0%} of mapped predictions are one class "
+                       f"(the most common true class is {mapped['majority_rate']:.0%})")
+    if mapped["macro_f1"] < COLLAPSE_F1_RATIO * native["macro_f1"]:
+        reasons.append(f"mapped macro-F1 {mapped['macro_f1']:.3f} < {COLLAPSE_F1_RATIO} × native "
+                       f"{native['macro_f1']:.3f}")
+    return bool(reasons), "; ".join(reasons) or None
 
 
 # --- heatmaps and the report ---------------------------------------------------------------------
@@ -251,22 +355,27 @@ Add = Callable[[str, str, bool, Callable[[dict], Cell], Callable[[str], Cell]], 
 
 
 def matrices(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """One N×N matrix per metric (rows: source, columns: target), with its intervals and nulls."""
-    models, native, pairs = results["models"], results["native"], results["pairs"]
+    """One N×N matrix per metric (rows: source, columns: target), with its intervals and nulls: the "given"
+    regime's under their own names, each other regime's accuracy and drop under `REGIME-...`."""
+    models, native = results["models"], results["native"]
     out: dict[str, dict[str, Any]] = {}
+    for regime, r in results["regimes"].items():
+        pairs = r["pairs"]
+        prefix, tag = ("", "") if regime == "given" else (f"{regime}-", f"{regime} public sets, ")
 
-    def add(name: str, title: str, diverging: bool, off: Callable[[dict], Cell],
-            diagonal: Callable[[str], Cell]) -> None:
-        cells = [[diagonal(s) if s == t else off(pairs[f"{s} -> {t}"]) for t in models] for s in models]
-        parts = {part: [[c[i] for c in row] for row in cells] for i, part in enumerate(("matrix", "ci", "null"))}
-        out[name] = {"title": title, "diverging": diverging, **parts}
+        def add(name: str, title: str, diverging: bool, off: Callable[[dict], Cell],
+                diagonal: Callable[[str], Cell]) -> None:
+            cells = [[diagonal(s) if s == t else off(pairs[f"{s} -> {t}"]) for t in models] for s in models]
+            parts = {part: [[c[i] for c in row] for row in cells] for i, part in enumerate(("matrix", "ci", "null"))}
+            out[prefix + name] = {"title": tag + title, "diverging": diverging, "regime": regime, **parts}
 
-    for task in results["config"]["tasks"]:
-        _task_matrices(add, native, task)
-        for name in results["config"]["ood"]:
-            _ood_matrices(add, native, task, name)
-    for key, label in ALIGNMENT:
-        _alignment_matrix(add, key, label)
+        for task in results["config"]["tasks"]:
+            _task_matrices(add, native, task)
+            for name in results["config"]["ood"]:
+                _ood_matrices(add, native, task, name)
+        if regime == "given":
+            for key, label in ALIGNMENT:
+                _alignment_matrix(add, key, label, results["config"]["tasks"][0])
     return out
 
 
@@ -296,9 +405,12 @@ def _ood_matrices(add: Add, native: dict, task: str, name: str) -> None:
         lambda p: (mapped(p)["auroc_drop"], mapped(p)["auroc_drop_ci"], None), lambda m: (0.0, None, None))
 
 
-def _alignment_matrix(add: Add, key: str, label: str) -> None:
-    add(key, f"{label}, held-out public rows (diagonal: identity)", False,
-        lambda p: (p["alignment"][key], None, p["alignment"][f"{key}_null"]), lambda m: (1.0, None, None))
+def _alignment_matrix(add: Add, key: str, label: str, task: str) -> None:
+    def alignment(p: dict) -> dict:
+        return p["tasks"][task]["alignment"]
+
+    add(key, f"{label}, held-out public rows, the maps λ was chosen for on {short_name(task)} (diagonal: identity)",
+        False, lambda p: (alignment(p)[key], None, alignment(p)[f"{key}_null"]), lambda m: (1.0, None, None))
 
 
 def _cell(value: float, ci: Sequence[float] | None, null: float | None) -> str:
@@ -315,7 +427,7 @@ def markdown_report(results: dict[str, Any]) -> str:
     fits = results["fits"]
     level = f"{cfg['confidence']:.0%}"
     lines = [
-        f"# Convergence study: {len(models)} models, public set {cfg['public']['data']}",
+        f"# Convergence study: {len(models)} models, regimes {', '.join(results['regimes'])}",
         "",
         "Models: " + ", ".join(f"`{labels[m]}`" + (f" ({m})" if labels[m] != m else "") for m in models) + ".",
         f"Tasks: {', '.join(cfg['tasks'])}." + (f" OOD sets: {', '.join(cfg['ood'])} (detector "
@@ -324,6 +436,19 @@ def markdown_report(results: dict[str, Any]) -> str:
         f"({cfg['bootstrap']} resamples; drops are paired). Fitted: {fits['classifiers']} classifiers, "
         f"{fits['detectors']} detectors, {fits['aligners']} maps.",
     ]
+    for regime in results["regimes"]:
+        rows = regime_rows(results, regime)
+        flagged = [f"{r['task']} {r['pair']}" for r in rows if r["collapse"]]
+        lines += ["", f"## Regime: {REGIME_TITLES[regime]}", "",
+                  _public_note(results, regime),
+                  f"Collapse (top-prediction share >= {COLLAPSE_SHARE} where the majority rate is below it, or mapped "
+                  f"macro-F1 < {COLLAPSE_F1_RATIO} × native): "
+                  + (f"**{len(flagged)} of {len(rows)} rows flagged** ({', '.join(flagged)})." if flagged
+                     else f"none of {len(rows)} rows."), "", *regime_table(results, regime)]
+        if regime in results.get("lambda_paths", {}):
+            file = results["lambda_paths"][regime]
+            lines += ["", f"Mapped test accuracy along the λ path, each criterion's choice marked: [{file}]({file})",
+                      "", f"![λ path, {regime}]({file})"]
     for name, m in results["heatmaps"].items():
         lines += ["", f"## {m['title']}", "", f"![{name}]({m['file']})", "",
                   "| source ↓ target → | " + " | ".join(labels[t] for t in models) + " |",
@@ -332,6 +457,27 @@ def markdown_report(results: dict[str, Any]) -> str:
             cells = (_cell(m["matrix"][i][j], m["ci"][i][j], m["null"][i][j]) for j in range(len(models)))
             lines.append(f"| {labels[s]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _public_note(results: dict[str, Any], regime: str) -> str:
+    public = results["regimes"][regime]["public"]
+    if regime == "given":
+        return f"Every map is fitted on `{public['data']}` (limit {public['limit']})."
+    return "Public set per task: " + "; ".join(
+        f"{short_name(task)}: `{p['recipe']['name']}`, {p['rows']} rows ("
+        + ", ".join(f"{short_name(k)} {v}" for k, v in p["selected"].items()) + ")" for task, p in public.items()) + "."
+
+
+def lambda_panels(results: dict[str, Any], regime: str) -> dict[str, dict[str, dict[str, Any]]]:
+    """The λ-path plot's data of a regime: {task: {pair: its lambda_path}}."""
+    pairs = results["regimes"][regime]["pairs"]
+    def panel(path: dict[str, Any]) -> dict[str, Any]:
+        return {"lambdas": [q["lambda"] for q in path["points"]], "accuracy": [q["accuracy"] for q in path["points"]],
+                "chosen": {c: v["lambda"] for c, v in path["chosen"].items()}}
+
+    return {task: {f"{short_name(p['source'])} -> {short_name(p['target'])}": panel(p["tasks"][task]["lambda_path"])
+                   for p in pairs.values() if p["tasks"][task].get("lambda_path")}
+            for task in results["config"]["tasks"]}
 
 
 def run_study(cfg: StudyConfig, out: str | Path | None = None) -> dict[str, Any]:
@@ -345,12 +491,17 @@ def run_study(cfg: StudyConfig, out: str | Path | None = None) -> dict[str, Any]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     results["heatmaps"] = {name: {**m, "file": f"heatmap-{name}.png"} for name, m in matrices(results).items()}
+    if cfg.fit.estimator in LAMBDA_ESTIMATORS:
+        results["lambda_paths"] = {regime: f"lambda-path-{regime}.png" for regime in results["regimes"]}
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         names = [results["labels"][m] for m in results["models"]]
         for m in results["heatmaps"].values():
             heatmap(m["matrix"], names, m["title"], out / m["file"], diverging=m["diverging"])
+        for regime, file in results.get("lambda_paths", {}).items():
+            lambda_path_chart(lambda_panels(results, regime), f"Mapped test accuracy along the λ path, "
+                              f"{REGIME_TITLES[regime]}", out / file)
         atomic_write_json(out / "study.json", results)
         atomic_write_bytes(out / "study.md", markdown_report(results).encode())
     return results
