@@ -24,7 +24,7 @@ import torch
 
 from lightning_modules.head_probe import check_budgets, head_val_stats, probe
 from lightning_modules.settings import FitSettings
-from lightning_modules.solvers import AffineMap, SufficientStats, solve, val_mse, val_r2
+from lightning_modules.solvers import LAMBDA_ESTIMATORS, AffineMap, SufficientStats, solve, val_mse, val_r2
 
 if TYPE_CHECKING:
     from lightning_modules.aligner import AffineAligner
@@ -122,7 +122,8 @@ def fit_private(parts: Sequence[np.ndarray], reply: "GramReply", fit: FitSetting
                             criterion=fit.criterion, head=head, head_val=head_val, rank=fit.rank,
                             whiten_target=fit.whiten_target)
     aligner = AffineAligner(train.d_x, train.d_y, estimator=fit.estimator, lambdas=list(fit.lambdas),
-                            center=fit.center, standardize=fit.standardize)
+                            criterion=fit.criterion, rank=fit.rank, center=fit.center, standardize=fit.standardize,
+                            whiten_target=fit.whiten_target)
     aligner.load_map(amap)
     if lam is not None:
         aligner.chosen_lambda.fill_(lam)
@@ -177,6 +178,9 @@ def align(server: str, model: str, out: str | Path, *, fit: FitSettings | None =
     if fit.criterion == "head" and head is None:
         raise PrivateFitError("--fit.criterion head chooses λ through the provider's head: name it with --head NAME "
                               "(GET /v1/model 'heads'), or use --fit.criterion auto/gcv/val_mse")
+    if head is not None and fit.estimator not in LAMBDA_ESTIMATORS:
+        raise PrivateFitError(f"--head chooses the ridge λ, but --fit.estimator {fit.estimator} takes none; use one of "
+                              f"{', '.join(LAMBDA_ESTIMATORS)}, or align without --head")
     device.apply_threads()
     with PrivateFitClient(server, api_key=api_key, timeout=timeout) as client:
         public = client.public_set()
