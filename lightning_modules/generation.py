@@ -42,9 +42,11 @@ MAP_DIR = "map"  # the map folder under `xsilo evaluate_generation --out DIR`
 # that work have an exact-token-match rate >= 0.67.
 PAPER_MIN_SOURCE_PARAMETERS = 4_000_000_000
 PAPER_MIN_EXACT_MATCH = 0.67
-# The paper judges generated text; our proxy for "works": the mapped state picks the target's own
-# next token on at least half of the held-out positions.
+# The paper judges generated text; ours "works" when the mapped state picks the target's own next token
+# on at least half of the held-out positions AND the target finds the mapped greedy text at most twice
+# as perplexing as its own greedy text (teacher-forced agreement alone misses degenerate free-running text).
 WORKS_TOP1 = 0.5
+WORKS_PERPLEXITY_RATIO = 2.0
 _DECODE_CONTEXT = 8  # target tokens decoded before a new one, so its text carries the right spacing
 
 
@@ -529,7 +531,8 @@ def _parameters(n: int) -> str:
 
 def paper_prediction(results: dict[str, Any]) -> dict[str, Any]:
     """What the paper predicts for this pair (sources under 4B fail; exact match < 0.67 fails), what we
-    observe (mapped top-1 agreement >= WORKS_TOP1 works), whether they agree, and a sentence saying so."""
+    observe (works: mapped top-1 >= WORKS_TOP1 and perplexity ratio <= WORKS_PERPLEXITY_RATIO), whether
+    they agree, and a sentence saying so."""
     if "exact_token_match" not in results["compatibility"] or "models" not in results:
         raise GenerationError(f"the metrics of {results.get('pair')!r} predate the exact-token-match rate; re-run "
                               "`xsilo evaluate_generation` for this pair")
@@ -542,17 +545,23 @@ def paper_prediction(results: dict[str, Any]) -> dict[str, Any]:
         reasons.append(f"exact token match {exact:.2f}, under {PAPER_MIN_EXACT_MATCH}")
     rows = results["rows"]
     top1, null = float(rows["mapped"]["top1"]), float(rows["null"]["top1"])
-    predicted, observed = ("fail" if reasons else "work"), ("works" if top1 >= WORKS_TOP1 else "fails")
+    mapped_ppl, own_ppl = float(rows["mapped"]["perplexity"]), float(rows["identity"]["perplexity"])
+    ratio = mapped_ppl / own_ppl if own_ppl > 0 else float("nan")
+    works = top1 >= WORKS_TOP1 and math.isfinite(ratio) and ratio <= WORKS_PERPLEXITY_RATIO
+    predicted, observed = ("fail" if reasons else "work"), ("works" if works else "fails")
     as_predicted = (predicted == "fail") == (observed == "fails")
     why = "; ".join(reasons) if reasons else (f"the source has {_parameters(params)} parameters and exact token "
-                                              f"match {exact:.2f} (both at or above the paper's thresholds)")
+                                              f"match {exact:.2f}, both at or above the paper's thresholds")
     text = (f"{results['pair']}: the paper predicts it {'fails' if reasons else 'can work'} ({why}). Observed: the "
             f"mapped source states pick the target's own next token at {top1:.1%} of held-out positions (null map "
-            f"{null:.1%}, {top1 - null:+.1%} over it), so it {observed} (works = at least {WORKS_TOP1:.0%}): "
+            f"{null:.1%}, {top1 - null:+.1%} over it), and the target finds the mapped greedy text {ratio:.1f}x as "
+            f"perplexing as its own ({mapped_ppl:.1f} vs {own_ppl:.1f}); works needs at least {WORKS_TOP1:.0%} and "
+            f"at most {WORKS_PERPLEXITY_RATIO:g}x, so it {observed}, "
             + ("as the paper predicts." if as_predicted else "against the paper's prediction."))
     return {"predicted": predicted, "observed": observed, "as_predicted": as_predicted, "reasons": reasons,
             "source_parameters": params, "exact_token_match": exact, "mapped_top1": top1, "null_top1": null,
-            "lift_over_null": top1 - null, "works_top1": WORKS_TOP1, "text": text}
+            "lift_over_null": top1 - null, "perplexity_ratio": ratio, "works_top1": WORKS_TOP1,
+            "works_perplexity_ratio": WORKS_PERPLEXITY_RATIO, "text": text}
 
 
 def compare_generation(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:

@@ -339,12 +339,14 @@ def test_evaluate_generation_reports_identity_mapped_and_null(pair, tmp_path):
 
 
 def generation_figures(pair: str = "smollm2 -> gemma3", parameters: int = 134_515_008, exact: float = 0.91,
-                       top1: float = 0.12, null: float = 0.03) -> dict:
-    """The part of evaluate_generation's metrics the verdict reads."""
+                       top1: float = 0.12, null: float = 0.03, perplexity: float = 900.0) -> dict:
+    """The part of evaluate_generation's metrics the verdict reads (the target's own greedy text: perplexity 5)."""
     return {"pair": pair, "models": {"source": {"name": pair.split()[0], "parameters": parameters}},
             "compatibility": {"exact_token_match": exact}, "texts": {"train": 1600},
             "positions": {"train": 17_000},
-            "rows": {"mapped": {"top1": top1, "top5": 0.3, "kl": 4.0}, "null": {"top1": null, "top5": 0.1, "kl": 6.0}}}
+            "rows": {"identity": {"top1": 1.0, "perplexity": 5.0},
+                     "mapped": {"top1": top1, "top5": 0.3, "kl": 4.0, "perplexity": perplexity},
+                     "null": {"top1": null, "top5": 0.1, "kl": 6.0, "perplexity": 7000.0}}}
 
 
 def test_the_verdict_follows_the_figures():
@@ -353,11 +355,16 @@ def test_the_verdict_follows_the_figures():
     assert small["reasons"] == ["the source has 134.5 M parameters, under 4 B"]
     assert small["lift_over_null"] == pytest.approx(0.09)
     assert "the paper predicts it fails" in small["text"] and "12.0%" in small["text"]
-    assert small["text"].endswith("so it fails (works = at least 50%): as the paper predicts.")
-    mismatched = paper_prediction(generation_figures(parameters=7_000_000_000, exact=0.5, top1=0.6))
+    assert "180.0x as perplexing as its own (900.0 vs 5.0)" in small["text"]
+    assert small["text"].endswith("so it fails, as the paper predicts.")
+    # high teacher-forced agreement with degenerate free-running text still fails
+    degenerate = paper_prediction(generation_figures(top1=0.7))
+    assert (degenerate["observed"], degenerate["as_predicted"]) == ("fails", True)
+    mismatched = paper_prediction(generation_figures(parameters=7_000_000_000, exact=0.5, top1=0.6, perplexity=8.0))
     assert mismatched["reasons"] == ["exact token match 0.50, under 0.67"]
     assert (mismatched["observed"], mismatched["as_predicted"]) == ("works", False)
-    large = paper_prediction(generation_figures(parameters=7_000_000_000, exact=0.8, top1=0.7))
+    assert mismatched["text"].endswith("so it works, against the paper's prediction.")
+    large = paper_prediction(generation_figures(parameters=7_000_000_000, exact=0.8, top1=0.7, perplexity=6.0))
     assert (large["predicted"], large["observed"], large["as_predicted"]) == ("work", "works", True)
     assert "can work" in large["text"]
     assert not paper_prediction(generation_figures(parameters=7_000_000_000, exact=0.8, top1=0.2))["as_predicted"]
