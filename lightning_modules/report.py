@@ -3,7 +3,9 @@
 `write_demo_report(run_dir)` reads the JSON results `scripts/demo.sh` writes under its run folder and
 writes `report.md` with PNG plots beside it. Every number in the report sits in its figures table,
 each row naming the JSON file and the key (a JSON pointer) it came from. A stage that did not run is
-skipped with a note.
+skipped with a note. With a study's output in the folder (`study.json` or `study/study.json`, from
+`xsilo study`), it adds the study's λ-path plots and, in the figures section, one table per public-set
+regime (each row naming its study.json key) beside the paper's Table 1 / Table 2 figures.
 """
 
 from __future__ import annotations
@@ -203,7 +205,8 @@ def regime_rows(study: dict[str, Any], regime: str) -> list[dict[str, Any]]:
             lam = ", ".join(f"{c}{'*' if c == view.get('criterion') else ''} {v['lambda']:.3g}"
                             for c, v in chosen.items()) or "n/a"
             flag = f"COLLAPSE: {view['collapse_reason']}" if view.get("collapse") else "no"
-            rows.append({"task": short_name(task), "pair": f"{short_name(pair['source'])} -> {short_name(pair['target'])}",
+            names = f"{short_name(pair['source'])} -> {short_name(pair['target'])}"
+            rows.append({"task": short_name(task), "pair": names,
                          "cells": cells, "lambda": lam, "collapse": bool(view.get("collapse")), "flag": flag,
                          "source": base["mapped"]})
     return rows
@@ -374,8 +377,8 @@ def _study_figures(file: str, study: dict) -> list[str]:
         lines += ["", f"### Study, {REGIME_TITLES[regime]}", "", *regime_table(study, regime, file)]
         if regime in PAPER:
             title, rows = PAPER[regime]
-            lines += ["", f"The paper's {title}, for reference:", "", "| task | pair | native (%) | mapped (%) | source |",
-                      "|---|---|---|---|---|"]
+            lines += ["", f"The paper's {title}, for reference:", "",
+                      "| task | pair | native (%) | mapped (%) | source |", "|---|---|---|---|---|"]
             lines += [f"| {task} | {pair} | {native} | {mapped} | PAPER_NOTES.md |" for task, pair, native, mapped
                       in rows]
     return lines

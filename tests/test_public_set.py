@@ -262,7 +262,8 @@ def test_public_set_build_leave_out_flag(tmp_path, capsys, monkeypatch):
             main(["public-set", "build", "--leave_out", "trec", *conflict])
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
-        assert "--leave_out trec draws from every registry dataset but trec" in err and "drop --sources and --mix" in err
+        assert "--leave_out trec draws from every registry dataset but trec" in err
+        assert "drop --sources and --mix" in err
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     # every registry dataset but the task: a user registry replaces each built-in dataset with a small file
     names = registry_sources()

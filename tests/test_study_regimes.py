@@ -163,6 +163,16 @@ def test_bad_regimes_name_the_fix():
         StudyConfig(models=["a", "b"], tasks=["t"], leave_task_out_size=1).validate()
 
 
+def test_the_study_command_takes_the_regimes_and_refuses_a_bad_one_in_one_line(capsys):
+    from lightning_modules.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["study", "--models", "[a,b]", "--tasks", "[t]", "--regimes", "[in-domain,table-3]"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "regimes must name each of" in err and "table-3" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
 def test_the_report_renders_the_regime_tables_beside_the_paper_and_the_lambda_path(regimes):
     root, cfg, results = regimes
     run = root / "out"

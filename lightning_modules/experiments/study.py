@@ -363,8 +363,8 @@ def matrices(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
         pairs = r["pairs"]
         prefix, tag = ("", "") if regime == "given" else (f"{regime}-", f"{regime} public sets, ")
 
-        def add(name: str, title: str, diverging: bool, off: Callable[[dict], Cell],
-                diagonal: Callable[[str], Cell]) -> None:
+        def add(name: str, title: str, diverging: bool, off: Callable[[dict], Cell], diagonal: Callable[[str], Cell],
+                pairs: dict = pairs, prefix: str = prefix, tag: str = tag, regime: str = regime) -> None:
             cells = [[diagonal(s) if s == t else off(pairs[f"{s} -> {t}"]) for t in models] for s in models]
             parts = {part: [[c[i] for c in row] for row in cells] for i, part in enumerate(("matrix", "ci", "null"))}
             out[prefix + name] = {"title": tag + title, "diverging": diverging, "regime": regime, **parts}
