@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import lightning_modules.evaluate
 from datamodules.public_set import normalize_text, task_heldout
 from datamodules.text import load_texts
 from lightning_modules.classifier import LinearClassifier
@@ -45,7 +46,21 @@ def regimes(tiny_models, tmp_path_factory):
                           in_domain_size=80, leave_task_out_size=120, public_base=str(dialog),
                           public_sources=[str(dialog), str(echo), str(task_a), str(task_b)],
                           head=HeadSettings(epochs=5), fit=FitSettings(lambdas=(1e-3, 1e-2, 1e-1, 1.0)), bootstrap=50)
+        public_extractions = []
+        original = lightning_modules.evaluate.extract
+
+        def counted(config, *args, **kwargs):
+            if str(config.data).endswith(".jsonl"):
+                public_extractions.append(config.data)
+            return original(config, *args, **kwargs)
+
+        mp.setattr(lightning_modules.evaluate, "extract", counted)
         results = run_study(cfg, out=root / "out")
+        # each public set's states were filled from cached rows (and a few new ones) before its maps were
+        # fitted: the DataModules then hit those caches and extract nothing
+        assert public_extractions == []
+        assert all(p["states_reused"] + p["states_extracted"] == 2 * p["rows"]
+                   for r in results["regimes"].values() for p in r["public"].values())
         return root, cfg, results
 
 
