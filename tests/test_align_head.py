@@ -124,6 +124,8 @@ def test_align_with_head_needs_the_published_logits_and_a_head(two_parties, tmp_
 
     with pytest.raises(PrivateFitError, match="--head NAME"):
         align("http://127.0.0.1:9", "m", tmp_path / "map", fit=FitSettings(criterion="head"))
+    with pytest.raises(PrivateFitError, match="estimator procrustes takes none"):
+        align("http://127.0.0.1:9", "m", tmp_path / "map", fit=FitSettings(estimator="procrustes"), head="topics")
     app = create_app(heads=[two_parties["head"]], public=two_parties["public"])  # val logits not published
     with ServerThread(app, max_lifetime_s=60) as srv:
         with pytest.raises(ServeError, match="--publish_val_logits true"):
