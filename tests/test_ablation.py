@@ -17,7 +17,7 @@ from datamodules.extraction import ExtractionConfig, extract, finalise, resolve,
 from datamodules.public_set import normalize_text, parse_mix
 from datamodules.states import LabelledStatesDataModule
 from lightning_modules.experiments.ablation import (AblationConfig, AblationError, Recipe, broad_mix, extract_views,
-                                                    parse_view, run_ablation)
+                                                    markdown_report, parse_view, run_ablation)
 from lightning_modules.settings import FitSettings, HeadSettings
 
 from test_public_set import sentences, write_lines
@@ -204,6 +204,11 @@ def test_estimator_criterion_and_whitening_factors(synthetic):
     for crit in ("gcv", "val_mse", "head"):
         row = by["criterion", f"λ by {crit}"]
         assert row["lambda_path"]["criterion"] == crit and row["chosen_lambda"] in (1e-3, 1e-1, 10.0)
+        # The path's mapped test scores at every λ agree with the row's own map at the λ it chose.
+        points = {p["lambda"]: p for p in row["lambda_path"]["points"]}
+        assert set(points) == {1e-3, 1e-1, 10.0}
+        assert points[row["chosen_lambda"]]["accuracy"] == pytest.approx(row["mapped"]["accuracy"], abs=0.02)
+    assert "Best on the path in hindsight" in markdown_report(results)
     # Whitening is a no-op for ridge (same predictions), and changes the rank-constrained map.
     raw, white = by["whiten_target", "ridge, raw target"], by["whiten_target", "ridge, whitened target"]
     assert white["mapped"]["accuracy"] == raw["mapped"]["accuracy"]

@@ -60,12 +60,12 @@ from datamodules.public_set import (ExtractionBudgetError, build_public_set, cac
 from datamodules.states import PairedStatesDataModule
 from datamodules.text import load_texts
 from lightning_modules.aligner import AffineAligner
-from lightning_modules.evaluate import split_rows, task_datamodule
+from lightning_modules.evaluate import lambda_path_report, path_accuracy, split_rows, task_datamodule
 from lightning_modules.metrics import alignment_report
 from lightning_modules.report import figure, save_png, short_name, wrap_title
 from lightning_modules.settings import (Criterion, DeviceSettings, ExtractionSettings, FitSettings, HeadSettings,
                                         Recipe, build_trainer, seed_all)
-from lightning_modules.solvers import AffineMap, SufficientStats, fit_affine, solve
+from lightning_modules.solvers import AffineMap, SufficientStats, fit_affine, path_factors, solve
 from lightning_modules.subspace import SubspaceError
 from lightning_modules.experiments.study import Native, Study, StudyConfig, collapse
 
@@ -367,13 +367,15 @@ class Ablation:
 
     # -- one setting -----------------------------------------------------------------------------
 
-    def fit(self, public: PairedStatesDataModule, recipe: Recipe, tgt: Native, head_checkpoint: Path
+    def fit(self, public: PairedStatesDataModule, recipe: Recipe, src: Native, tgt: Native, head_checkpoint: Path
             ) -> tuple[AffineMap, AffineMap, float | None, dict[str, Any], int | None]:
         """(map, null map, chosen λ or None, the λ path's criteria and scores, fine-tuning epochs run).
 
         Closed form: `solve` on the public set's train rows, λ chosen by the recipe's criterion (head: logit MSE
-        through the target head on the held-out public rows). Fine-tuning: `AffineAligner` through Lightning.
-        The null map is the same estimator at the same λ (and rank) on shuffled train pairs."""
+        through the target head on the held-out public rows); for ridge the path also records the mapped test
+        scores at every λ (`path_accuracy`: whether any λ would have avoided collapse). Fine-tuning:
+        `AffineAligner` through Lightning. The null map is the same estimator at the same λ (and rank) on
+        shuffled train pairs."""
         cfg = self.cfg
         public.setup("fit")
         x, y = (t.double() for t in split_rows(public, "train"))
@@ -391,6 +393,10 @@ class Ablation:
                                     standardize=recipe.standardize, criterion=recipe.criterion, head=head,
                                     head_val=head_val, rank=recipe.rank, whiten_target=recipe.whiten_target)
             lambda_path = path.as_dict()
+            if recipe.estimator == "ridge" and head is not None:
+                points = path_accuracy(path_factors(train, True, recipe.standardize), head, src.test, tgt.labels,
+                                       head.d_y, lambdas)
+                lambda_path = lambda_path_report(path, points)
         else:
             aligner = self.fit_map(public, recipe, head_checkpoint)
             amap, epochs = aligner.affine_map, getattr(aligner, "epochs_run", None)
@@ -475,7 +481,7 @@ class Ablation:
                                         extract_batch_size=cfg.extraction.batch_size)
         public.prepare_data()
         try:
-            aligner, shuffled, lam, lambda_path, epochs = self.fit(public, recipe, tgt, tgt_ckpt)
+            aligner, shuffled, lam, lambda_path, epochs = self.fit(public, recipe, src, tgt, tgt_ckpt)
         except SubspaceError as e:  # e.g. a rank above min(d_x, d_y)
             result = {"status": "skipped", "reason": str(e)}
             self.done[key] = result
@@ -677,7 +683,24 @@ def markdown_report(results: dict[str, Any]) -> str:
                 o = r.get("ood", {}).get(n)
                 cells.append(f"{_f(o['auroc'])} ({o['auroc_drop']:+.3f})" if o else "–")
             lines.append("| " + " | ".join(cells) + " |")
+        if factor == "criterion":
+            lines += _path_lines(rows)
     return "\n".join(lines) + "\n"
+
+
+def _path_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Under the criterion table: the λ each criterion chose on the ridge path, and the path's best λ in hindsight
+    (chosen on the TEST labels: an oracle, not a recipe; it says whether any λ avoids collapse)."""
+    row = next((r for r in rows if r["status"] == "ok" and r.get("lambda_path", {}).get("points")), None)
+    if row is None:
+        return []
+    path = row["lambda_path"]
+    best = max(path["points"], key=lambda p: (p["macro_f1"], p["accuracy"]))
+    chosen = "; ".join(f"{c}: λ={v['lambda']:g} (accuracy {_f(v['accuracy'])}, macro-F1 {_f(v['macro_f1'])})"
+                       for c, v in path["chosen"].items())
+    return ["", f"λ path ({len(path['points'])} values): {chosen}. Best on the path in hindsight (test labels, an "
+                f"oracle): λ={best['lambda']:g}, accuracy {_f(best['accuracy'])}, macro-F1 {_f(best['macro_f1'])}, "
+                f"top-prediction share {_f(best['top_prediction_share'])}."]
 
 
 def plot(results: dict[str, Any], path: Path) -> Path:
