@@ -106,7 +106,8 @@ class FitSettings:
         lambdas: the ridge λ path (relative to the mean eigenvalue of the source covariance).
         criterion: how λ is chosen on the path: gcv (generalised cross-validation on the fit rows), val_mse
             (held-out public rows), head (held-out public rows measured through the target's head: logit MSE);
-            auto: head where the head is known, else gcv.
+            auto: head where the head is known, else gcv (val_mse when the fit rows do not outnumber the source
+            dims: GCV then favours an interpolating λ).
         rank: output rank of reduced_rank and cca (null: min(d_x, d_y)).
         center: fit an intercept.
         standardize: z-score states before solving (the best measured recipe).

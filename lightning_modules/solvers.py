@@ -593,10 +593,16 @@ class LambdaPath(Mapping):
         return cls([], {}, {}, "none")
 
 
-def resolve_criterion(criterion: str, head: AffineMap | None, head_val: SufficientStats | None) -> str:
-    """auto -> head when the head and its validation stats are known, else gcv; anything else is checked."""
+def resolve_criterion(criterion: str, head: AffineMap | None, head_val: SufficientStats | None,
+                      train: SufficientStats | None = None, val: SufficientStats | None = None) -> str:
+    """auto -> head when the head and its validation stats are known, else gcv -- except that with no more fit
+    rows than source dims (the fit can interpolate, and GCV's 0/0 then favours the smallest λ) it takes val_mse
+    when validation rows are given; anything else is checked."""
     if criterion == "auto":
-        return "head" if head is not None and head_val is not None else "gcv"
+        if head is not None and head_val is not None:
+            return "head"
+        interpolates = train is not None and train.count <= train.d_x + 1
+        return "val_mse" if interpolates and val is not None else "gcv"
     if criterion not in CRITERIA:
         raise ValueError(f"unknown λ criterion {criterion!r}; use auto, gcv, val_mse or head")
     return criterion
@@ -614,7 +620,7 @@ def solve(train: SufficientStats, val: SufficientStats | None, estimator: Estima
     picks λ (auto: head where known, else gcv); reduced_rank/cca are then fitted at that λ. Other estimators
     take no λ: their path is empty.
     """
-    crit = resolve_criterion(criterion, head, head_val)
+    crit = resolve_criterion(criterion, head, head_val, train, val)
     if estimator not in LAMBDA_ESTIMATORS:
         amap = fit_affine(train, estimator, center=center, standardize=standardize, rank=rank,
                           whiten_target=whiten_target)

@@ -154,6 +154,17 @@ def test_gcv_needs_no_validation_rows():
     assert dict(path) == dict(zip([1e-3, 0.1, 1.0], path.scores["gcv"]))  # the mapping view: λ -> its score
 
 
+def test_auto_takes_val_mse_where_the_fit_can_interpolate():
+    """With fewer fit rows than source dims GCV's 0/0 favours the smallest λ; auto then scores held-out rows."""
+    x, y = problem(n=30, d_x=40, seed=3)
+    xv, yv = problem(n=200, d_x=40, seed=4)
+    _, lam, path = solve(stats_of(x, y), stats_of(xv, yv))
+    assert path.criterion == "val_mse" and lam == path.chosen["val_mse"]
+    assert path.chosen["gcv"] < lam  # GCV alone would have picked a smaller, interpolating λ
+    _, _, roomy = solve(stats_of(*problem(n=300, d_x=40, seed=3)), stats_of(xv, yv))
+    assert roomy.criterion == "gcv"
+
+
 def test_bad_criteria_are_clear_errors():
     x, y = problem(seed=10)
     train = stats_of(x, y)
