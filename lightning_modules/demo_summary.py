@@ -63,6 +63,18 @@ def _generation(run: Path) -> tuple[str, str]:
     return ("; ".join(parts) or "not run"), (str(Path(files[0]).parent.parent) if files else "-")
 
 
+def _study(data: dict) -> str:
+    """Mean mapped accuracy per regime beside the mean native accuracy, and the collapses flagged."""
+    parts = []
+    for regime, r in data["regimes"].items():
+        rows = [t for pair in r["pairs"].values() for t in pair["tasks"].values()]
+        mapped = sum(t["mapped"]["accuracy"] for t in rows) / len(rows)
+        native = sum(t["mapped"]["accuracy"] + t["mapped_drop"] for t in rows) / len(rows)
+        parts.append(f"{regime} mapped {mapped:.2f} vs native {native:.2f}, "
+                     f"{sum(bool(t['collapse']) for t in rows)}/{len(rows)} collapsed")
+    return "; ".join(parts)
+
+
 def summary(run: str | Path) -> str:
     run = Path(run)
     times: dict[str, tuple[str, float]] = {}
@@ -78,6 +90,7 @@ def summary(run: str | Path) -> str:
         "5": ("serve.json", _serve, "serving"),
         "6": ("two-party-summary.json", _two_party, "two parties"),
         "7": ("ood/ood.json", None, "OOD"),
+        "9": ("study/study.json", _study, "science"),
     }
     rows = []
     for number, (name, seconds) in times.items():
@@ -93,7 +106,7 @@ def summary(run: str | Path) -> str:
             where = str(run / file)
         elif number == "8":
             headline, where = _generation(run)
-        elif number == "9":
+        elif number == "10":
             headline, where = "plots and every figure traced to its JSON key", str(run / "report.md")
         elif number == "2":
             headline, where = "pooled states of every text the demo uses", "$XSILO_HOME/states"

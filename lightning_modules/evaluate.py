@@ -29,13 +29,15 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
-from datamodules.cache import atomic_write_bytes, atomic_write_json
-from datamodules.extraction import ResolvedExtraction, cache_hit, extract
+from datamodules.cache import atomic_write_bytes, atomic_write_json, slug
+from datamodules.extraction import ExtractionConfig, ResolvedExtraction, cache_hit, extract
+from datamodules.public_set import (PublicRecipe, cached_texts, leave_task_out_recipe, prefill_states, read_manifest,
+                                    registry_sources, task_specs)
 from datamodules.states import LabelledStatesDataModule, PairedStatesDataModule
 from lightning_modules.aligner import AffineAligner
 from lightning_modules.classifier import LinearClassifier
 from lightning_modules.metrics import alignment_report
-from lightning_modules.settings import (DeviceSettings, ExtractionSettings, FitSettings, HeadSettings,
+from lightning_modules.settings import (LEAVE_TASK_OUT, DeviceSettings, ExtractionSettings, FitSettings, HeadSettings,
                                         PublicSetSettings, build_trainer, seed_all)
 from lightning_modules.solvers import (DEFAULT_LAMBDAS, LAMBDA_ESTIMATORS, AffineMap, LambdaPath, RidgeFactors,
                                        SufficientStats, fit_affine, path_factors)
@@ -145,9 +147,45 @@ def lambda_path_report(path: LambdaPath, points: list[dict[str, float]]) -> dict
     return {"criterion": path.criterion, "chosen": chosen, "points": rows}
 
 
-def public_datamodule(cfg: PairConfig, source: str, target: str) -> PairedStatesDataModule:
-    """The public set's paired states of (source, target), read with the recipe's extraction settings."""
-    return PairedStatesDataModule(source=source, target=target, data=cfg.public.data, limit=cfg.public.limit,
+def build_public(recipe: PublicRecipe, models: Sequence[str], extraction: ExtractionSettings, device: DeviceSettings,
+                 seed: int = 0) -> tuple[PublicSetSettings, dict[str, Any]]:
+    """A recipe's public set (built once, or found built under its name with the same arguments, drawing rows
+    already cached for every model first), its states filled from cached rows; returns it and what it holds."""
+    dtype = device.forward_dtype(extraction.dtype)
+    view = dict(pooling=extraction.pooling, layer=extraction.layer, max_length=extraction.max_length)
+    prefer = None if recipe.built(seed) else cached_texts(models, **view, dtype=dtype)
+    path = recipe.build(prefer=prefer, seed=seed)
+    reused = extracted = 0
+    for model in models:
+        r = prefill_states(ExtractionConfig(model=model, data=str(path), **view, dtype=dtype,
+                                            batch_size=extraction.batch_size, label_column=None),
+                           **device.extraction_kwargs())
+        reused, extracted = reused + r.reused, extracted + r.extracted
+    m = read_manifest(path)
+    info = {"recipe": asdict(recipe), "path": str(path), "rows": m["rows"], "fingerprint": m["fingerprint"],
+            "selected": {src["name"]: src["selected"] for src in m["sources"]},
+            "excluded_rows": m["excluded"]["rows_total"], "states_reused": reused, "states_extracted": extracted}
+    return PublicSetSettings(str(path), limit=None), info
+
+
+def task_public(cfg: PairConfig, models: Sequence[str], leave_out: Sequence[str] = ()) -> PublicSetSettings:
+    """The pair's public set: `cfg.public`, except that `leave-task-out` (the default) is built for `cfg.task`
+    from every other registry source but `leave_out` (e.g. the OOD sets)."""
+    if cfg.public.data != LEAVE_TASK_OUT:
+        return cfg.public
+    sources = [s for s in registry_sources() if s not in leave_out]
+    tag = "".join(f"-{slug(s)}" for s in sorted(leave_out)) + (f"-{cfg.task_limit}" if cfg.task_limit else "")
+    recipe = leave_task_out_recipe(cfg.task, task_specs([cfg.task], cfg.task_limit), cfg.public.limit, sources,
+                                   name=f"leave-out-{slug(cfg.task)}{tag}-{cfg.public.limit or 'all'}")
+    return build_public(recipe, models, cfg.extraction, cfg.device, cfg.seed)[0]
+
+
+def public_datamodule(cfg: PairConfig, source: str, target: str,
+                      leave_out: Sequence[str] = ()) -> PairedStatesDataModule:
+    """The public set's paired states of (source, target), read with the recipe's extraction settings; a
+    leave-task-out set also leaves out the datasets `leave_out` names."""
+    public = task_public(cfg, (source, target), leave_out)
+    return PairedStatesDataModule(source=source, target=target, data=public.data, limit=public.limit,
                                   seed=cfg.seed, **cfg.extraction.public_kwargs())
 
 

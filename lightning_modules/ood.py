@@ -322,7 +322,7 @@ def evaluate_ood(cfg: OODConfig, out: str | Path | None = None) -> dict[str, Any
     cfg.validate()
     cfg.device.apply_threads()
     seed_all(cfg.seed)
-    public = public_datamodule(cfg, cfg.source, cfg.target)
+    public = public_datamodule(cfg, cfg.source, cfg.target, leave_out=cfg.ood)  # no OOD text in the public set
     task = {role: task_datamodule(cfg, model, cfg.task) for role, model in (("target", cfg.target), ("source", cfg.source))}
     prepare_states(cfg.device, public, *task.values())
     ood, dropped = load_ood_sets(cfg, task)

@@ -19,6 +19,7 @@ DEFAULT_LAMBDAS: tuple[float, ...] = tuple(10.0 ** (e / 4) for e in range(-24, 9
 # Inverse L2 strengths C of the logistic-regression head (scikit-learn's convention), tried on validation.
 DEFAULT_CS: tuple[float, ...] = tuple(10.0 ** (e / 2) for e in range(-6, 7))
 Criterion = Literal["auto", "gcv", "val_mse", "head"]
+LEAVE_TASK_OUT = "leave-task-out"  # the default public set: built per task from every other unlabelled source
 Estimator = Literal["ridge", "lstsq", "procrustes", "scaled_procrustes", "reduced_rank", "cca"]
 Accelerator = Literal["auto", "cpu", "gpu", "cuda", "mps"]
 Devices = int | Literal["auto"]
@@ -84,11 +85,14 @@ class PublicSetSettings:
     """The shared public set the map is fitted on.
 
     Args:
-        data: a registry dataset, a file or hub id, or a set from `xsilo public-set build` (its .jsonl path).
+        data: leave-task-out (the default, for a task whose domain is unknown: every unlabelled registry source
+            but the task in equal weights, `limit` rows, no text of the task; built once under
+            $XSILO_HOME/public/), a registry dataset, a file or hub id, or a set from `xsilo public-set build`
+            (its .jsonl path).
         limit: rows of it to use (a seeded sample); null: all.
     """
 
-    data: str = "movie-dialog"
+    data: str = LEAVE_TASK_OUT
     limit: int | None = 4000
 
     def __post_init__(self) -> None:
@@ -284,7 +288,7 @@ class Recipe:
         return "base"
 
 
-GENERATION_PUBLIC = PublicSetSettings(limit=2000)  # every token position is a pair: fewer texts suffice
+GENERATION_PUBLIC = PublicSetSettings("movie-dialog", limit=2000)  # every token position is a pair: fewer texts suffice
 
 
 def build_trainer(device: DeviceSettings, max_epochs: int, callbacks: list | None = None,

@@ -14,11 +14,13 @@ case "$DEMO" in
     # BBC's public half is its training texts (already cached), topped up with cheap short dialog.
     BBC_LIMIT=400 MAX_LENGTH=48 BBC_PUBLIC=1000 BBC_MIX=movie-dialog:0.7,bbc:0.3 SERVE_N=30
     VADER_LIMIT=600 OOD_ROWS=100 VADER_PUBLIC=600
-    GEN_PUBLIC=movie-dialog:300,bbc:50 GEN_ROWS=350 GEN_EVAL=30 GEN_TOKENS=16 GEN_STREAM_PAIRS=1 ;;
+    GEN_PUBLIC=movie-dialog:300,bbc:50 GEN_ROWS=350 GEN_EVAL=30 GEN_TOKENS=16 GEN_STREAM_PAIRS=1
+    STUDY_IN_DOMAIN=600 STUDY_LEAVE_OUT=700 STUDY_BOOTSTRAP=200 ;;
   full)
     BBC_LIMIT= MAX_LENGTH=128 BBC_PUBLIC=4000 BBC_MIX=movie-dialog:0.5,bbc:0.5 SERVE_N=100
     VADER_LIMIT=3000 OOD_ROWS=500 VADER_PUBLIC=4000
-    GEN_PUBLIC=movie-dialog:1200,bbc:200 GEN_ROWS=1400 GEN_EVAL=100 GEN_TOKENS=24 GEN_STREAM_PAIRS=2 ;;
+    GEN_PUBLIC=movie-dialog:1200,bbc:200 GEN_ROWS=1400 GEN_EVAL=100 GEN_TOKENS=24 GEN_STREAM_PAIRS=2
+    STUDY_IN_DOMAIN=2000 STUDY_LEAVE_OUT=3500 STUDY_BOOTSTRAP=1000 ;;
   *) echo "error: DEMO must be quick or full, got '$DEMO'" >&2; exit 2 ;;
 esac
 limit() { [ -n "$1" ] && echo "--$2 $1" || true; }        # an optional --NAME N
@@ -162,7 +164,13 @@ for pair in "smollm2 gemma3" "gemma3 smollm2"; do
   fi
 done
 
-stage 9 report "report: plots and every figure above, each traced to its JSON file and key"
+stage 9 science "the paper's two tables at demo scale: in-domain vs leave-task-out public sets, λ through the head, collapses flagged"
+# Both public sets draw rows cached by the stages above first (BBC training texts, dialog, VADER, the OOD sets).
+xsilo study --models "[smollm2,gemma3]" --tasks "[bbc]" $(limit "$BBC_LIMIT" task_limit) --extraction.max_length "$MAX_LENGTH" \
+  --regimes "[in-domain,leave-task-out]" --in_domain_size "$STUDY_IN_DOMAIN" --leave_task_out_size "$STUDY_LEAVE_OUT" \
+  --bootstrap "$STUDY_BOOTSTRAP" --threads "$THREADS" --out "$RUN/study"
+
+stage 10 report "report: plots and every figure above, each traced to its JSON file and key"
 xsilo report --run "$RUN"
 stage_end
 

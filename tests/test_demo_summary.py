@@ -34,3 +34,20 @@ def test_the_summary_names_each_stage_its_figure_and_file_and_says_what_is_missi
     serve = next(l for l in lines if l.startswith("5. serve"))
     assert f"missing: {run / 'serve.json'}" in serve  # a stage without its file says so
     assert lines[-1] == "total 7.3 min (437 s)"
+
+
+def test_the_science_stage_reports_each_regime_against_native_and_its_collapses(tmp_path):
+    run = tmp_path / "demo"
+    (run / "study").mkdir(parents=True)
+    (run / "stage-times.tsv").write_text("9\tscience\t80\n10\treport\t2\n")
+    row = lambda acc, drop, collapse: {"mapped": {"accuracy": acc}, "mapped_drop": drop, "collapse": collapse}  # noqa: E731
+    (run / "study" / "study.json").write_text(json.dumps({"regimes": {
+        "in-domain": {"pairs": {"a -> b": {"tasks": {"bbc": row(0.8, 0.0, False)}},
+                                "b -> a": {"tasks": {"bbc": row(0.7, 0.1, False)}}}},
+        "leave-task-out": {"pairs": {"a -> b": {"tasks": {"bbc": row(0.3, 0.5, True)}},
+                                     "b -> a": {"tasks": {"bbc": row(0.6, 0.2, False)}}}}}}))
+    lines = summary(run).splitlines()
+    science = next(l for l in lines if l.startswith("9. science"))
+    assert "in-domain mapped 0.75 vs native 0.80, 0/2 collapsed" in science
+    assert "leave-task-out mapped 0.45 vs native 0.80, 1/2 collapsed" in science
+    assert next(l for l in lines if l.startswith("10. report")).endswith(str(run / "report.md"))

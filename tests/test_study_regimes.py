@@ -209,3 +209,23 @@ def test_the_report_renders_the_regime_tables_beside_the_paper_and_the_lambda_pa
             view = view[part.replace("~1", "/").replace("~0", "~")]
         assert cells[3].startswith(f"{view['mapped']['accuracy']:.3f} [")
         assert ("COLLAPSE" in cells[-2]) == view["collapse"]
+
+
+def test_the_default_public_set_is_built_per_task_from_every_other_source(regimes, monkeypatch):
+    """`public.data` leave-task-out (the default): evaluate's public set is every registry source but the task
+    and the OOD sets, with no text of the task, whatever its spelling."""
+    from lightning_modules.evaluate import PairConfig, task_public
+    from lightning_modules.settings import LEAVE_TASK_OUT, PublicSetSettings
+
+    root, cfg, _ = regimes
+    monkeypatch.setenv("XSILO_HOME", str(root / "home"))
+    dialog, echo, task_a, task_b = cfg.public_sources
+    monkeypatch.setattr(lightning_modules.evaluate, "registry_sources", lambda: [dialog, echo, task_a, task_b])
+    pair = PairConfig(cfg.models[0], cfg.models[1], task_a, public=PublicSetSettings(limit=60))
+    assert pair.public.data == LEAVE_TASK_OUT
+    public = task_public(pair, cfg.models, leave_out=[task_b])
+    rows = [json.loads(line) for line in open(public.data)]
+    assert len(rows) == 60 and {r["source"] for r in rows} == {dialog, echo}
+    held = {normalize_text(t) for t in load_texts(task_a)["text"]}
+    assert not held & {normalize_text(r["text"]) for r in rows}
+    assert task_public(pair, cfg.models, leave_out=[task_b]).data == public.data  # built once, then found

@@ -34,20 +34,20 @@ from torch import Tensor
 from datamodules.assets import AssetError
 from datamodules.cache import atomic_write_bytes, atomic_write_json, slug
 from datamodules.extraction import ExtractionConfig, resolve
-from datamodules.public_set import (DIALOG, PublicRecipe, cached_texts, in_domain_recipe, leave_task_out_recipe,
-                                    prefill_states, read_manifest, task_specs)
+from datamodules.public_set import (DIALOG, PublicRecipe, in_domain_recipe, leave_task_out_recipe, registry_sources,
+                                    task_specs)
 from lightning_modules.bootstrap import auroc_ci, auroc_drop_ci, macro_f1_ci, mean_ci
-from lightning_modules.evaluate import (PairConfig, classification_scores, fit_aligner, fit_classifier,
+from lightning_modules.evaluate import (PairConfig, build_public, classification_scores, fit_aligner, fit_classifier,
                                         lambda_path_report, null_map, path_accuracy, prepare_states, public_datamodule,
                                         split_rows, task_datamodule)
 from lightning_modules.metrics import alignment_report, auroc
 from lightning_modules.ood import DETECTORS, Detector, OODConfig, load_ood_sets, make_detectors
 from lightning_modules.report import REGIME_TITLES, heatmap, lambda_path_chart, regime_rows, regime_table, short_name
 from lightning_modules.solvers import LAMBDA_ESTIMATORS, SufficientStats, path_factors
-from lightning_modules.settings import (DeviceSettings, ExtractionSettings, FitSettings, HeadSettings,
-                                        PublicSetSettings, seed_all)
+from lightning_modules.settings import (LEAVE_TASK_OUT, DeviceSettings, ExtractionSettings, FitSettings,
+                                        HeadSettings, PublicSetSettings, seed_all)
 
-# "given": one public set (`public`) for every task; "in-domain": per task, half dialog, half the task's own
+# "given": the recipe's public set (`public`; the default, leave-task-out, is built per task); "in-domain": per task, half dialog, half the task's own
 # training texts (paper Table 1); "leave-task-out": per task, every other unlabelled source (paper Table 2).
 REGIMES = ("given", "in-domain", "leave-task-out")
 COLLAPSE_SHARE = 0.9      # mapped predictions this concentrated on one class (when the truth is not) collapse
@@ -158,7 +158,8 @@ def check_inputs(cfg: StudyConfig) -> None:
     view = dict(pooling=cfg.extraction.pooling, layer=cfg.extraction.layer, max_length=cfg.extraction.max_length)
     for model in cfg.models:
         try:
-            resolve(ExtractionConfig(model=model, data=cfg.public.data, limit=cfg.public.limit, label_column=None,
+            data = DIALOG if cfg.public.data == LEAVE_TASK_OUT else cfg.public.data  # built per task later
+            resolve(ExtractionConfig(model=model, data=data, limit=cfg.public.limit, label_column=None,
                                      **view))
         except AssetError as e:
             raise StudyError(f"unknown model {model!r} in --models: {e}") from None
@@ -214,35 +215,29 @@ class Study:
                              for name, scores in native.ood_scores.items()}
         return native, result
 
+    def unlabelled_sources(self) -> list[str]:
+        """A leave-task-out set's sources: `public_sources`, or every registry dataset but the OOD sets."""
+        return list(self.cfg.public_sources or [s for s in registry_sources() if s not in self.cfg.ood])
+
     def public_set(self, regime: str, task: str) -> PublicSetSettings:
         """The public set a regime fits the maps of `task` on: built once (or found built under its name with
         the same arguments), its states filled from rows already cached for every model."""
         cfg = self.cfg
-        if regime == "given":
+        if regime == "given" and cfg.public.data != LEAVE_TASK_OUT:
             return cfg.public
         if (regime, task) in self.publics:
             return self.publics[regime, task][0]
         exclude = task_specs(cfg.tasks, cfg.task_limit)
-        recipe: PublicRecipe = (in_domain_recipe(task, exclude, cfg.in_domain_size, cfg.public_base)
-                                if regime == "in-domain" else
-                                leave_task_out_recipe(task, exclude, cfg.leave_task_out_size, cfg.public_sources))
-        ex = cfg.extraction
-        dtype = cfg.device.forward_dtype(ex.dtype)
-        prefer = None if recipe.built(cfg.seed) else cached_texts(cfg.models, ex.pooling, ex.layer, ex.max_length,
-                                                                   dtype)
-        path = recipe.build(prefer=prefer, seed=cfg.seed)
-        reused = extracted = 0
-        for model in cfg.models:
-            r = prefill_states(ExtractionConfig(model=model, data=str(path), pooling=ex.pooling, layer=ex.layer,
-                                                max_length=ex.max_length, dtype=dtype, batch_size=ex.batch_size,
-                                                label_column=None), **cfg.device.extraction_kwargs())
-            reused, extracted = reused + r.reused, extracted + r.extracted
+        if regime == "in-domain":
+            recipe: PublicRecipe = in_domain_recipe(task, exclude, cfg.in_domain_size, cfg.public_base)
+        elif regime == "leave-task-out":
+            recipe = leave_task_out_recipe(task, exclude, cfg.leave_task_out_size, self.unlabelled_sources())
+        else:  # the given public set is the default, leave-task-out, of its own size
+            recipe = leave_task_out_recipe(task, exclude, cfg.public.limit, self.unlabelled_sources(),
+                                           name=f"study-leave-out-{slug(task)}-{cfg.public.limit or 'all'}")
+        public, info = build_public(recipe, cfg.models, cfg.extraction, cfg.device, cfg.seed)
         self.fits["public_sets"] += 1
-        m = read_manifest(path)
-        info = {"recipe": asdict(recipe), "path": str(path), "rows": m["rows"], "fingerprint": m["fingerprint"],
-                "selected": {src["name"]: src["selected"] for src in m["sources"]},
-                "excluded_rows": m["excluded"]["rows_total"], "states_reused": reused, "states_extracted": extracted}
-        self.publics[regime, task] = (PublicSetSettings(str(path), limit=None), info)
+        self.publics[regime, task] = (public, info)
         return self.publics[regime, task][0]
 
     def fit_map(self, source: str, target: str, task: str, public: PublicSetSettings,
