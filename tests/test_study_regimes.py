@@ -207,7 +207,10 @@ def test_the_report_renders_the_regime_tables_beside_the_paper_and_the_lambda_pa
         view = results
         for part in pointer.split("/")[1:]:
             view = view[part.replace("~1", "/").replace("~0", "~")]
-        assert cells[3].startswith(f"{view['mapped']['accuracy']:.3f} [")
+        assert cells[4].startswith(f"{view['mapped']['accuracy']:.3f} [")
+        pair = results["regimes"][pointer.split("/")[2]]["pairs"][pointer.split("/")[4].replace("~1", "/")]
+        task = pointer.split("/")[6].replace("~1", "/").replace("~0", "~")
+        assert cells[3] == f"{results['native'][pair['source']][task]['accuracy']:.3f}"  # the linear ceiling
         assert ("COLLAPSE" in cells[-2]) == view["collapse"]
 
 
