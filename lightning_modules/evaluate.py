@@ -227,7 +227,8 @@ def evaluate_pair(cfg: PairConfig, out: str | Path | None = None) -> dict[str, A
     work = Path(tempfile.mkdtemp(prefix="xsilo-evaluate-"))
     # The target head first: the aligner's λ is then chosen through it (criterion auto = head).
     head_target, head_target_ckpt = fit_classifier(task_target, cfg.head, cfg.device, cfg.seed, work / "target")
-    aligner, aligner_trainer = fit_aligner(public, cfg.fit, cfg.device, head=head_target.affine_map)
+    fit = cfg.fit.for_public(leave_task_out=cfg.public.data == LEAVE_TASK_OUT)
+    aligner, aligner_trainer = fit_aligner(public, fit, cfg.device, head=head_target.affine_map)
     aligner_trainer.save_checkpoint(work / "aligner.ckpt")
     head_source, head_source_ckpt = fit_classifier(task_source, cfg.head, cfg.device, cfg.seed, work / "source")
 

@@ -241,8 +241,9 @@ class Study:
         return self.publics[regime, task][0]
 
     def fit_map(self, source: str, target: str, task: str, public: PublicSetSettings,
-                natives: dict[tuple[str, str], Native], native_results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        """source→target on a public set, λ chosen through the target's `task` head (criterion auto = head):
+                natives: dict[tuple[str, str], Native], native_results: dict[str, dict[str, Any]],
+                fit: FitSettings) -> dict[str, Any]:
+        """source→target on a public set with `fit` (criterion auto: λ through the target's `task` head):
         alignment on held-out public rows, the mapped views, the accuracy along the λ path and the collapse flag."""
         cfg = self.cfg
         src, tgt = natives[source, task], natives[target, task]
@@ -251,7 +252,7 @@ class Study:
                                "task split")
         dm = public_datamodule(replace(cfg, public=public).pair(source, target, task), source, target)
         prepare_states(cfg.device, dm)
-        aligner, _ = fit_aligner(dm, cfg.fit, cfg.device, head=tgt.head.affine_map)
+        aligner, _ = fit_aligner(dm, fit, cfg.device, head=tgt.head.affine_map)
         self.fits["aligners"] += 1
         takes_lambda = cfg.fit.estimator in LAMBDA_ESTIMATORS
         lam = float(aligner.chosen_lambda) if takes_lambda else 0.0
@@ -307,8 +308,10 @@ class Study:
         pairs: dict[str, Any] = {f"{s} -> {t}": {"source": s, "target": t, "tasks": {}} for s, t in ordered}
         for task in cfg.tasks:
             public = self.public_set(regime, task)
+            fit = cfg.fit.for_public(regime == "leave-task-out"
+                                     or (regime == "given" and cfg.public.data == LEAVE_TASK_OUT))
             for s, t in ordered:
-                pairs[f"{s} -> {t}"]["tasks"][task] = self.fit_map(s, t, task, public, natives, native_results)
+                pairs[f"{s} -> {t}"]["tasks"][task] = self.fit_map(s, t, task, public, natives, native_results, fit)
         info = ({"data": cfg.public.data, "limit": cfg.public.limit} if regime == "given"
                 else {task: self.publics[regime, task][1] for task in cfg.tasks})
         return {"public": info, "pairs": pairs}
