@@ -118,12 +118,12 @@ XSILO_HOME=$PROVIDER/home xsilo head fit --config configs/recipe/bbc.yaml --mode
 XSILO_HOME=$PROVIDER/home xsilo public-set export --model gemma3 --data "$PUBLIC_COPY" --limit "$BBC_PUBLIC" \
   --extraction.max_length "$MAX_LENGTH" --threads "$THREADS" --out "$PROVIDER/public"
 XSILO_HOME=$PROVIDER/home xsilo serve --heads "$PROVIDER/heads/bbc" --public "$PROVIDER/public" --port "$SPLIT_PORT" \
-  --log_level warning > "$TWO/serve.log" 2>&1 &
+  --publish_val_logits true --log_level warning > "$TWO/serve.log" 2>&1 &
 SERVER_PID=$!
 trap 'kill $SERVER_PID 2>/dev/null || true' EXIT
 python -m serve.demo_check --wait-only --url "http://127.0.0.1:$SPLIT_PORT"
-echo "--- client (XSILO_HOME=$CLIENT/home): private fit over HTTP, then split-mode queries"
-XSILO_HOME=$CLIENT/home xsilo align --server "http://127.0.0.1:$SPLIT_PORT" --model smollm2 \
+echo "--- client (XSILO_HOME=$CLIENT/home): private fit over HTTP (λ through the provider's head, probed under HE), then split-mode queries"
+XSILO_HOME=$CLIENT/home xsilo align --server "http://127.0.0.1:$SPLIT_PORT" --model smollm2 --head bbc \
   --extraction.max_length "$MAX_LENGTH" --threads "$THREADS" --out "$CLIENT/aligner"
 XSILO_HOME=$CLIENT/home python -m serve.demo_check --url "http://127.0.0.1:$SPLIT_PORT" --head bbc \
   --aligner "$CLIENT/aligner" --reference "$PROVIDER/heads/bbc" --data bbc --n 100 $(limit "$BBC_LIMIT" limit) \
