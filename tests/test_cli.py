@@ -242,7 +242,9 @@ def test_predict_output_must_be_an_npz_file(fitted, tmp_path, capsys):
 def test_the_registry_flag_uses_a_users_entries(tiny_models, tmp_path, monkeypatch, capsys):
     """`xsilo --registry FILE ...`: the user's model and dataset names work in the subcommand (and in DDP
     workers, through $XSILO_REGISTRY); a bad file is one line."""
-    monkeypatch.delenv("XSILO_REGISTRY", raising=False)  # restored after the test: the flag sets it
+    # the flag sets $XSILO_REGISTRY; setenv first so monkeypatch records (and restores) the variable even when unset
+    monkeypatch.setenv("XSILO_REGISTRY", "")
+    monkeypatch.delenv("XSILO_REGISTRY")
     sms = write_tiny_csv(tmp_path / "sms.csv", n=30, seed=1)
     registry = tmp_path / "my.yaml"
     registry.write_text(f"models:\n  my-llama:\n    folder: {tiny_models['llama']}\n"
