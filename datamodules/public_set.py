@@ -508,6 +508,16 @@ def registry_sources() -> list[str]:
     return ([DIALOG] if DIALOG in names else []) + [n for n in names if n != DIALOG]
 
 
+def leave_task_out_sources(task: str, leave_out: Sequence[str] = (), sources: Sequence[str] | None = None) -> list[str]:
+    """A leave-task-out set's sources: `sources` (default every registry dataset) but the task and `leave_out`
+    (e.g. OOD sets), in order."""
+    pool = [s for s in dict.fromkeys(registry_sources() if sources is None else sources)
+            if s != task and s not in leave_out]
+    if not pool:
+        raise PublicSetError(f"no source is left once {task!r} and {list(leave_out)} are left out; pass other sources")
+    return pool
+
+
 def task_specs(tasks: Sequence[str], limit: int | None) -> list[str]:
     """`exclude_tasks` entries of tasks evaluated with `limit` rows: NAME@LIMIT (NAME when no limit)."""
     return [t if limit is None else f"{t}@{limit}" for t in tasks]
@@ -561,9 +571,7 @@ def leave_task_out_recipe(task: str, exclude_tasks: Sequence[str], size: int | N
     """Every unlabelled source but the task (`sources`, default every registry dataset) in equal weights, with
     every text of the task removed (paper Table 2's regime: the task's domain is unknown). `size` None: every
     eligible row of every source (no mix)."""
-    pool = [s for s in dict.fromkeys(registry_sources() if sources is None else sources) if s != task]
-    if not pool:
-        raise PublicSetError(f"no source is left once {task!r} is left out; pass other sources")
+    pool = leave_task_out_sources(task, sources=sources)
     mix = None if size is None else ",".join(f"{s}:1" for s in pool)
     return PublicRecipe(name or f"study-leave-out-{_name_part(task)}", tuple(pool), mix, size, tuple(exclude_tasks),
                         (task,))

@@ -31,8 +31,8 @@ from torchmetrics.functional.classification import multiclass_accuracy, multicla
 
 from datamodules.cache import atomic_write_bytes, atomic_write_json, slug
 from datamodules.extraction import ExtractionConfig, ResolvedExtraction, cache_hit, extract
-from datamodules.public_set import (PublicRecipe, cached_texts, leave_task_out_recipe, prefill_states, read_manifest,
-                                    registry_sources, task_specs)
+from datamodules.public_set import (PublicRecipe, cached_texts, leave_task_out_recipe, leave_task_out_sources,
+                                    prefill_states, read_manifest, task_specs)
 from datamodules.states import LabelledStatesDataModule, PairedStatesDataModule
 from lightning_modules.aligner import AffineAligner
 from lightning_modules.classifier import LinearClassifier
@@ -173,7 +173,7 @@ def task_public(cfg: PairConfig, models: Sequence[str], leave_out: Sequence[str]
     from every other registry source but `leave_out` (e.g. the OOD sets)."""
     if cfg.public.data != LEAVE_TASK_OUT:
         return cfg.public
-    sources = [s for s in registry_sources() if s not in leave_out]
+    sources = leave_task_out_sources(cfg.task, leave_out)
     tag = "".join(f"-{slug(s)}" for s in sorted(leave_out)) + (f"-{cfg.task_limit}" if cfg.task_limit else "")
     recipe = leave_task_out_recipe(cfg.task, task_specs([cfg.task], cfg.task_limit), cfg.public.limit, sources,
                                    name=f"leave-out-{slug(cfg.task)}{tag}-{cfg.public.limit or 'all'}")

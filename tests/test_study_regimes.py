@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import datamodules.public_set
 import lightning_modules.evaluate
 from datamodules.public_set import normalize_text, task_heldout
 from datamodules.text import load_texts
@@ -225,7 +226,7 @@ def test_the_default_public_set_is_built_per_task_from_every_other_source(regime
     root, cfg, _ = regimes
     monkeypatch.setenv("XSILO_HOME", str(root / "home"))
     dialog, echo, task_a, task_b = cfg.public_sources
-    monkeypatch.setattr(lightning_modules.evaluate, "registry_sources", lambda: [dialog, echo, task_a, task_b])
+    monkeypatch.setattr(datamodules.public_set, "registry_sources", lambda: [dialog, echo, task_a, task_b])
     pair = PairConfig(cfg.models[0], cfg.models[1], task_a, public=PublicSetSettings(limit=60))
     assert pair.public.data == LEAVE_TASK_OUT
     public = task_public(pair, cfg.models, leave_out=[task_b])

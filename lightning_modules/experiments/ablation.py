@@ -175,12 +175,9 @@ class AblationConfig:
 
 def broad_mix(task: str, leave_out: Sequence[str] = ()) -> str:
     """The leave-task-out mix: every registry dataset but `task` and `leave_out` (the OOD sets), equal weights."""
-    from datamodules.public_set import registry_sources  # the study's regime builder (datamodules/public_set.py)
+    from datamodules.public_set import leave_task_out_sources  # the study's regime builder's source list
 
-    sources = [s for s in registry_sources() if s != task and s not in leave_out]
-    if not sources:
-        raise AblationError(f"the broad mix has no source once {task!r} and {list(leave_out)} are left out")
-    return ",".join(f"{s}:1" for s in sources)
+    return ",".join(f"{s}:1" for s in leave_task_out_sources(task, leave_out))
 
 
 @dataclass

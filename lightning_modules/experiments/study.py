@@ -34,8 +34,8 @@ from torch import Tensor
 from datamodules.assets import AssetError
 from datamodules.cache import atomic_write_bytes, atomic_write_json, slug
 from datamodules.extraction import ExtractionConfig, resolve
-from datamodules.public_set import (DIALOG, PublicRecipe, in_domain_recipe, leave_task_out_recipe, registry_sources,
-                                    task_specs)
+from datamodules.public_set import (DIALOG, PublicRecipe, in_domain_recipe, leave_task_out_recipe,
+                                    leave_task_out_sources, task_specs)
 from lightning_modules.bootstrap import auroc_ci, auroc_drop_ci, macro_f1_ci, mean_ci
 from lightning_modules.evaluate import (PairConfig, build_public, classification_scores, fit_aligner, fit_classifier,
                                         lambda_path_report, null_map, path_accuracy, prepare_states, public_datamodule,
@@ -215,9 +215,9 @@ class Study:
                              for name, scores in native.ood_scores.items()}
         return native, result
 
-    def unlabelled_sources(self) -> list[str]:
+    def unlabelled_sources(self, task: str) -> list[str]:
         """A leave-task-out set's sources: `public_sources`, or every registry dataset but the OOD sets."""
-        return list(self.cfg.public_sources or [s for s in registry_sources() if s not in self.cfg.ood])
+        return leave_task_out_sources(task, self.cfg.ood, self.cfg.public_sources)
 
     def public_set(self, regime: str, task: str) -> PublicSetSettings:
         """The public set a regime fits the maps of `task` on: built once (or found built under its name with
@@ -231,9 +231,9 @@ class Study:
         if regime == "in-domain":
             recipe: PublicRecipe = in_domain_recipe(task, exclude, cfg.in_domain_size, cfg.public_base)
         elif regime == "leave-task-out":
-            recipe = leave_task_out_recipe(task, exclude, cfg.leave_task_out_size, self.unlabelled_sources())
+            recipe = leave_task_out_recipe(task, exclude, cfg.leave_task_out_size, self.unlabelled_sources(task))
         else:  # the given public set is the default, leave-task-out, of its own size
-            recipe = leave_task_out_recipe(task, exclude, cfg.public.limit, self.unlabelled_sources(),
+            recipe = leave_task_out_recipe(task, exclude, cfg.public.limit, self.unlabelled_sources(task),
                                            name=f"study-leave-out-{slug(task)}-{cfg.public.limit or 'all'}")
         public, info = build_public(recipe, cfg.models, cfg.extraction, cfg.device, cfg.seed)
         self.fits["public_sets"] += 1
