@@ -37,8 +37,8 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     from transformers import AutoModel
 
-    from datamodules.extraction import (ExtractionConfig, HiddenStateExtractor, extract, load_tokenizer,
-                                        pool, resolve, shard_ranges)
+    from datamodules.encoder import load_tokenizer, pool
+    from datamodules.extraction import ExtractionConfig, HiddenStateExtractor, extract, resolve, shard_ranges
 
     cfg = ExtractionConfig(model=args.model, data=args.data, limit=args.rows, batch_size=args.batch_size,
                            max_length=args.max_length)

@@ -33,7 +33,8 @@ def main() -> None:
 
     transformers.logging.set_verbosity_error()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    from datamodules.extraction import ExtractionConfig, clear_loaded_models, extract
+    from datamodules.encoder import clear_loaded_models
+    from datamodules.extraction import ExtractionConfig, extract
 
     jobs = [ExtractionConfig(model=m, data=d, limit=args.rows, max_length=args.max_length)
             for d in args.sets for m in args.models]

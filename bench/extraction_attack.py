@@ -49,7 +49,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from encrypted import ClientKeys, LinearLayout, decrypt, encrypt  # noqa: E402
-from serve.server import ServerThread, create_app  # noqa: E402
+from serve.harness import ServerThread  # noqa: E402
+from serve.server import create_app  # noqa: E402
 
 
 def default_states() -> Path | None:
@@ -76,7 +77,7 @@ def ridge_head(X: np.ndarray, y: np.ndarray, k: int, lam: float = 10.0) -> tuple
     into (W, b)."""
     import torch
 
-    from lightning_modules.standardize import safe_scale
+    from lightning_modules.fitting.standardize import safe_scale
 
     mu, sd = X.mean(0), safe_scale(torch.from_numpy(X.std(0))).numpy()  # the project's one zero-variance rule
     Z = (X - mu) / sd
@@ -87,7 +88,7 @@ def ridge_head(X: np.ndarray, y: np.ndarray, k: int, lam: float = 10.0) -> tuple
 
 
 def write_export(out: Path, W: np.ndarray, b: np.ndarray) -> Path:
-    from lightning_modules.export import write_export as write
+    from lightning_modules.parties.export import write_export as write
 
     d = W.shape[1]
     source = {"model": "smollm2", "model_identity": None, "pooling": "last", "layer": -1, "max_length": 128,

@@ -27,7 +27,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8192)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--lam", type=float, default=1e-3, help="relative λ (see lightning_modules.solvers)")
+    p.add_argument("--lam", type=float, default=1e-3, help="relative λ (see lightning_modules.fitting.solvers)")
     p.add_argument("--path", type=int, default=10, help="number of λ in the path")
     p.add_argument("--no-sklearn", action="store_true")
     return p.parse_args()
@@ -42,7 +42,8 @@ import torch  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lightning_modules.solvers import SufficientStats, fit_ridge, ridge_path, sklearn_alpha  # noqa: E402
+from lightning_modules.fitting.estimators import fit_ridge, ridge_path, sklearn_alpha
+from lightning_modules.fitting.stats import SufficientStats  # noqa: E402
 
 
 def stream(x: np.ndarray, y: np.ndarray, batch: int, full_yty: bool) -> SufficientStats:

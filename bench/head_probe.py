@@ -42,15 +42,19 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from lightning_modules.export import write_head_export
-    from lightning_modules.head_probe import head_val_stats
-    from lightning_modules.private_fit import fit_private, part_stats, query_head
-    from lightning_modules.public_states import write_public_states
+    from serve.formats.heads import write_head_export
+    from lightning_modules.parties.head_probe import head_val_stats
+    from lightning_modules.parties.private_fit import fit_private, part_stats, query_head
+    from serve.formats.public_states import write_public_states
     from lightning_modules.settings import FitSettings
-    from lightning_modules.solvers import AffineMap, SufficientStats, solve
+    from lightning_modules.fitting.affine_map import AffineMap
+    from lightning_modules.fitting.solvers import solve
+    from lightning_modules.fitting.stats import SufficientStats
     from serve.fit_client import PrivateFitClient
-    from serve.public_format import load_public_states
-    from serve.server import ServerThread, create_app
+    from serve.formats.public_states import load_public_states
+    from serve.formats.splits import SPLIT
+    from serve.harness import ServerThread
+    from serve.server import create_app
 
     rng = np.random.default_rng(args.seed)
     n, da, db, k = args.rows, args.source_dim, args.target_dim, args.classes
@@ -68,7 +72,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         public_dir = write_public_states(Path(tmp) / "public", [f"public row {i}" for i in range(n)], z_b,
-                                         model=spec, val_fraction=0.125, seed=args.seed, name="bench")
+                                         model=spec, val_fraction=SPLIT.public_val_fraction, seed=args.seed,
+                                         name="bench")
         head_dir = write_head_export(Path(tmp) / "heads" / "topics", w_h, b_h, target=spec,
                                      label_names=[f"c{i}" for i in range(k)], metrics={})
         public = load_public_states(public_dir)

@@ -41,13 +41,16 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from lightning_modules.private_fit import fit_private
-    from lightning_modules.public_states import write_public_states
+    from lightning_modules.parties.private_fit import fit_private
+    from serve.formats.public_states import write_public_states
     from lightning_modules.settings import FitSettings
-    from lightning_modules.solvers import SufficientStats, solve
+    from lightning_modules.fitting.solvers import solve
+    from lightning_modules.fitting.stats import SufficientStats
     from serve.fit_client import PrivateFitClient
-    from serve.public_format import load_public_states
-    from serve.server import ServerThread, create_app
+    from serve.formats.public_states import load_public_states
+    from serve.formats.splits import SPLIT
+    from serve.harness import ServerThread
+    from serve.server import create_app
 
     rng = np.random.default_rng(args.seed)
     n, da, db = args.rows, args.source_dim, args.target_dim
@@ -59,7 +62,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         public_dir = write_public_states(Path(tmp) / "public", texts, z_b, model={"model": "bench-provider",
-                                         "hidden_size": db}, val_fraction=0.125, seed=args.seed, name="bench")
+                                         "hidden_size": db}, val_fraction=SPLIT.public_val_fraction,
+                                         seed=args.seed, name="bench")
         public = load_public_states(public_dir)
         index = list(public.indices)
         parts = [z_a[i] for i in index]

@@ -61,7 +61,8 @@ sys.path.insert(0, str(ROOT))
 torch.set_num_threads(ARGS.threads)
 
 from encrypted import ClientKeys, EncryptedLinear, PublicKeys, encrypt  # noqa: E402
-from lightning_modules.export import load_export, write_export  # noqa: E402
+from lightning_modules.parties.export import write_export
+from serve.formats.exports import load_export  # noqa: E402
 from serve.client import Client  # noqa: E402
 
 
@@ -201,7 +202,8 @@ def load_texts_for(n: int) -> list[str]:
 
 
 def e2e_mode(export: Path | None, workdir: Path) -> dict:
-    from datamodules.extraction import StateEncoder, model_identity
+    from datamodules.encoder import StateEncoder
+    from datamodules.models import model_identity
 
     if export is None:
         encoder = StateEncoder(ARGS.client_model, threads=ARGS.threads)

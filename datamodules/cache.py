@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from datamodules.assets import sha256_file, xsilo_home
+from datamodules.registry import xsilo_home
+from serve.formats.digests import sha256_file
 
 MANIFEST = "manifest.json"
 LABELS = "labels.npy"

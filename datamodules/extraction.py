@@ -4,18 +4,16 @@
 miss it plans contiguous shards, gives each rank every world_size-th unfinished shard,
 and runs `Trainer.predict` with a `ShardWriter` that writes each shard once it is whole.
 The same code runs on one CPU process or N GPUs under DDP. On one device, extractions in the
-same process share each model's one load (`loaded_model`, at most `LOADED_MODELS` kept).
+same process share each model's one load (`datamodules.encoder.loaded_model`, at most `LOADED_MODELS` kept).
+A model's defaults and identity are `datamodules.models`'; running it (pooling, loading, `StateEncoder` for a few
+texts in memory) `datamodules.encoder`'s.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import sys
 import time
 import warnings
-from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -26,7 +24,8 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
 
-from datamodules.assets import AssetError, resolve_model, sha256_file, xsilo_home
+from datamodules.assets import resolve_model
+from datamodules.registry import AssetError
 from datamodules.cache import (
     LABELS,
     MANIFEST,
@@ -45,133 +44,10 @@ from datamodules.cache import (
 )
 from datamodules.progress import ProgressLines, is_terminal
 from datamodules.signals import Stopped, stop_on_signals
+from datamodules.encoder import load_frozen_model, load_tokenizer, loaded_model, pooled_states
+from datamodules.models import Pooling, check_layer, check_options, model_defaults, model_identity
 from datamodules.text import dataset_fingerprint, label_names, load_texts
-
-Pooling = Literal["mean", "last", "first"]
-POOLINGS = ("mean", "last", "first")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt")
-
-
-# --- pooling ----------------------------------------------------------------------------
-
-def is_causal_lm(config) -> bool:
-    """Decoder-only LMs pool their last token; encoders pool the mean."""
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-    )
-
-    archs = getattr(config, "architectures", None) or []
-    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
-        return True
-    model_type = getattr(config, "model_type", "")
-    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
-
-
-def default_pooling(config) -> str:
-    return "last" if is_causal_lm(config) else "mean"
-
-
-# sentence-transformers `1_Pooling/config.json` modes → xsilo's poolings (max pooling has no equivalent).
-ST_POOLING_MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "first",
-                    "pooling_mode_lasttoken": "last"}
-MAX_LENGTH_CAP = 128  # the longest default truncation: a model's own limit only ever lowers it
-
-
-@dataclass(frozen=True)
-class ModelDefaults:
-    """Pooling and max_length as the model's own files state them, and where each came from."""
-
-    pooling: str
-    max_length: int
-    sources: dict[str, str]
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-def model_defaults(model_path: str, config) -> ModelDefaults:
-    """The pooling and max_length a model declares: sentence-transformers' `1_Pooling/config.json`
-    and `sentence_bert_config.json` when the folder has them, else `max_position_embeddings`,
-    capped at `MAX_LENGTH_CAP`; else last-token pooling for causal LMs and mean for encoders."""
-    folder = Path(model_path)
-    pooling, sources = default_pooling(config), {"pooling": "causal LM: last token" if is_causal_lm(config)
-                                                              else "encoder: mean"}
-    st_pooling = _read_json(folder / "1_Pooling" / "config.json")
-    chosen = [mode for key, mode in ST_POOLING_MODES.items() if st_pooling.get(key) is True]
-    if len(chosen) == 1:
-        pooling, sources["pooling"] = chosen[0], "1_Pooling/config.json"
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    limits = {"sentence_bert_config.json max_seq_length": _read_json(folder / "sentence_bert_config.json").get("max_seq_length"),
-              "config max_position_embeddings": getattr(text_config, "max_position_embeddings", None)}
-    limits = {k: v for k, v in limits.items() if isinstance(v, int) and not isinstance(v, bool) and v > 0}
-    max_length, sources["max_length"] = MAX_LENGTH_CAP, f"cap {MAX_LENGTH_CAP}"
-    if limits:
-        where, limit = next(iter(limits.items()))
-        if limit < MAX_LENGTH_CAP:
-            max_length, sources["max_length"] = limit, where
-        else:
-            sources["max_length"] = f"{where} {limit}, capped at {MAX_LENGTH_CAP}"
-    return ModelDefaults(pooling, max_length, sources)
-
-
-def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """Pool (B, T, D) states to (B, D) using the attention mask (either padding side)."""
-    mask = attention_mask.to(hidden.dtype)
-    if pooling == "mean":
-        return (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
-    positions = torch.arange(hidden.shape[1], device=hidden.device).expand_as(attention_mask)
-    masked = torch.where(attention_mask.bool(), positions, -1 if pooling == "last" else hidden.shape[1])
-    index = masked.max(1).values if pooling == "last" else masked.min(1).values
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), index.clamp(0, hidden.shape[1] - 1)]
-
-
-# --- identity ---------------------------------------------------------------------------
-
-def model_identity(model_path: str) -> str:
-    """sha256 over a checkpoint folder's config and weight files (memoised by size+mtime).
-
-    A hub id is first resolved to its local snapshot, so a hub model and the same files in
-    a local folder share an identity.
-    """
-    path = Path(model_path)
-    if not path.is_dir():
-        from huggingface_hub import snapshot_download
-
-        path = Path(snapshot_download(model_path))
-    memo_path = xsilo_home() / "identity-memo.json"
-    try:
-        memo = json.loads(memo_path.read_text())
-    except (OSError, ValueError):
-        memo = {}
-    digest_parts = []
-    changed = False
-    for file in sorted(p for p in path.iterdir() if p.is_file()):
-        if file.suffix not in WEIGHT_SUFFIXES and file.name != "config.json":
-            continue
-        stat = file.stat()
-        key = f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-        if key not in memo:
-            memo[key] = sha256_file(file)
-            changed = True
-        digest_parts.append(f"{file.name}={memo[key]}")
-    if not digest_parts:
-        raise AssetError(f"{path} holds no config.json or weight files; is it a model checkpoint folder?")
-    if changed:
-        try:
-            memo_path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(memo_path, memo)
-        except OSError:
-            pass  # the memo only saves time
-    import hashlib
-
-    return hashlib.sha256("\n".join(digest_parts).encode()).hexdigest()
+from serve.formats.views import StateView
 
 
 # --- config -----------------------------------------------------------------------------
@@ -183,24 +59,22 @@ class ExtractionConfig:
     model: str
     data: str
     split: str = "train"
-    pooling: Pooling | None = None  # None: the model's own (`model_defaults`)
-    layer: int = -1  # index into hidden_states: -1 is the final (normed) layer, 0 the embeddings
-    max_length: int | None = None  # None: the model's own limit, at most MAX_LENGTH_CAP
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    pooling: Pooling | None = StateView.pooling  # None: the model's own (`model_defaults`)
+    layer: int = StateView.layer  # index into hidden_states: -1 is the final (normed) layer, 0 the embeddings
+    max_length: int | None = StateView.max_length  # None: the model's own limit, at most MAX_LENGTH_CAP
+    dtype: Literal["float32", "bfloat16", "float16"] = StateView.dtype
     batch_size: int = 16
     limit: int | None = None
     text_column: str | None = None
     label_column: str | None = "label"
 
     def validate(self) -> None:
-        if self.max_length is not None and self.max_length <= 0:
-            raise AssetError(f"max_length must be a positive number of tokens, got {self.max_length}")
-        if self.batch_size <= 0:
-            raise AssetError(f"batch_size must be positive, got {self.batch_size}")
-        if self.pooling is not None and self.pooling not in POOLINGS:
-            raise AssetError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
-        if self.dtype not in DTYPES:
-            raise AssetError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        check_options(self.pooling, self.max_length, self.dtype, self.batch_size)
+
+    @property
+    def view(self) -> StateView:
+        """Which states are read: the one extraction vocabulary (serve.formats.views), declared there once."""
+        return StateView(self.pooling, self.layer, self.max_length, self.dtype)
 
 
 @dataclass
@@ -239,14 +113,6 @@ class ResolvedExtraction:
                 + (f" ({why})" if why else ""))
 
 
-def _check_layer(layer: int, n_layers: int) -> None:
-    if not -(n_layers + 1) <= layer <= n_layers:
-        raise AssetError(
-            f"layer {layer} is out of range for a model with {n_layers} layers; "
-            f"use -1 for the final layer, or {-(n_layers + 1)}..{n_layers}"
-        )
-
-
 def resolve(config: ExtractionConfig, cache_root: str | Path | None = None) -> ResolvedExtraction:
     from transformers import AutoConfig
 
@@ -257,7 +123,7 @@ def resolve(config: ExtractionConfig, cache_root: str | Path | None = None) -> R
     except (OSError, ValueError) as e:
         raise AssetError(f"cannot read a model config from {config.model!r}: {e}") from e
     text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-    _check_layer(config.layer, text_config.num_hidden_layers)
+    check_layer(config.layer, text_config.num_hidden_layers)
     defaults = model_defaults(model_path, model_config)
     pooling = config.pooling or defaults.pooling
     max_length = config.max_length or defaults.max_length
@@ -295,54 +161,6 @@ def _announce(line: str) -> None:
 
 
 # --- Lightning pieces -------------------------------------------------------------------
-
-def pooled_states(encoder, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int,
-                  pooling: str) -> torch.Tensor:
-    """One forward pass → pooled float32 states of `layer` (-1: the final, normed layer)."""
-    final = layer in (-1, encoder.config.get_text_config().num_hidden_layers)
-    out = encoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=not final)
-    hidden = out.last_hidden_state if final else out.hidden_states[layer]
-    return pool(hidden, attention_mask, pooling).float()
-
-
-class StateEncoder:
-    """In-memory extraction for a few texts (a client's queries), no cache and no Trainer.
-
-    Produces exactly what `extract()` stores for the same model, pooling, layer and max_length.
-    """
-
-    def __init__(self, model: str, pooling: str | None = None, layer: int = -1, max_length: int | None = None,
-                 dtype: str = "float32", batch_size: int = 16, threads: int | None = None):
-        from transformers import AutoConfig
-
-        ExtractionConfig(model=model, data="-", pooling=pooling, layer=layer, max_length=max_length,
-                         dtype=dtype, batch_size=batch_size).validate()
-        if threads:
-            torch.set_num_threads(threads)
-        self.model_path = resolve_model(model)
-        config = AutoConfig.from_pretrained(self.model_path)
-        _check_layer(layer, config.get_text_config().num_hidden_layers)
-        defaults = model_defaults(self.model_path, config)
-        self.pooling = pooling or defaults.pooling
-        self.layer, self.max_length, self.batch_size = layer, max_length or defaults.max_length, batch_size
-        self.tokenizer = load_tokenizer(self.model_path)
-        self.encoder = load_frozen_model(self.model_path, dtype)
-        self.hidden_size = config.get_text_config().hidden_size
-
-    @torch.inference_mode()
-    def __call__(self, texts: list[str]) -> np.ndarray:
-        if isinstance(texts, str):
-            texts = [texts]
-        out = np.zeros((len(texts), self.hidden_size), np.float32)
-        order = sorted(range(len(texts)), key=lambda i: (-len(texts[i]), i))
-        for start in range(0, len(order), self.batch_size):
-            rows = order[start:start + self.batch_size]
-            enc = self.tokenizer([texts[i] for i in rows], padding=True, truncation=True,
-                                 max_length=self.max_length, return_tensors="pt")
-            out[rows] = pooled_states(self.encoder, enc["input_ids"], enc["attention_mask"], self.layer,
-                                      self.pooling).numpy()
-        return out
-
 
 def shard_ranges(n_rows: int, shard_size: int) -> list[tuple[int, int]]:
     return [(s, min(s + shard_size, n_rows)) for s in range(0, n_rows, shard_size)]
@@ -413,51 +231,6 @@ class FixedBatches(torch.utils.data.Sampler[list[int]]):
 
     def __len__(self) -> int:
         return len(self.batches)
-
-
-def load_frozen_model(model_path: str, dtype: str):
-    """The bare transformers model in eval mode, without gradients."""
-    from transformers import AutoModel
-
-    return AutoModel.from_pretrained(model_path, dtype=DTYPES[dtype]).eval().requires_grad_(False)
-
-
-LOADED_MODELS = 2  # evaluate and evaluate_ood alternate a source and a target model
-_loaded: OrderedDict[tuple[str, str, str, str], tuple[Any, Any]] = OrderedDict()
-
-
-def loaded_model(key: tuple[str, str, str, str]) -> tuple[Any, Any]:
-    """(tokenizer, frozen model) for key = (model path, model identity, dtype, device), loaded once
-    per process and kept for the `LOADED_MODELS` most recently used keys. The identity (a digest of
-    the weights) makes a folder rewritten in place load again."""
-    if key in _loaded:
-        _loaded.move_to_end(key)
-        tokenizer, encoder = _loaded[key]
-        return tokenizer, encoder.eval()
-    while len(_loaded) >= LOADED_MODELS:
-        _loaded.popitem(last=False)  # free the oldest before loading the next
-    entry = load_tokenizer(key[0]), load_frozen_model(key[0], key[2])
-    _loaded[key] = entry
-    return entry
-
-
-def loaded_model_keys() -> list[tuple[str, str, str, str]]:
-    """The keys `loaded_model` keeps, oldest first."""
-    return list(_loaded)
-
-
-def clear_loaded_models() -> None:
-    """Drop every model `loaded_model` keeps (frees their memory)."""
-    _loaded.clear()
-
-
-def load_tokenizer(model_path: str):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if tokenizer.pad_token is None:  # GPT-2/Llama-style tokenizers ship without one
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    return tokenizer
 
 
 class ShardWriter(BasePredictionWriter):

@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datamodules.cache import CacheError, StateCache
 from datamodules.extraction import ExtractionConfig, ResolvedExtraction, cache_hit, extract, resolve
-from datamodules.text import drop_seen, stratified_split  # noqa: F401 - stratified_split is public here too
-from serve.public_format import public_split
+from datamodules.dedupe import drop_seen
+from serve.formats.splits import SPLIT, public_split, stratified_split
 
 
 DUPLICATES_REPORTED: set[tuple[str, str]] = set()
@@ -99,7 +99,7 @@ def drop_split_duplicates(texts: list[str], split_index: dict[str, np.ndarray]
     return out, dropped
 
 
-random_split = public_split  # the one split of public rows, shared with the provider's server
+random_split = public_split  # the one split of public rows, shared with the provider's server (serve/README.md)
 
 
 class _StatesDataModule(L.LightningDataModule):
@@ -161,8 +161,8 @@ class PairedStatesDataModule(_StatesDataModule):
         max_length: int | None = None,
         dtype: str = "float32",
         text_column: str | None = None,
-        val_fraction: float = 0.125,
-        seed: int = 0,
+        val_fraction: float = SPLIT.public_val_fraction,
+        seed: int = SPLIT.public_seed,
         batch_size: int = 1024,
         num_workers: int = 0,
         extract_batch_size: int = 16,
@@ -232,9 +232,9 @@ class LabelledStatesDataModule(_StatesDataModule):
         text_column: str | None = None,
         label_column: str | None = "label",
         dedupe: bool = True,
-        val_fraction: float = 0.15,
-        test_fraction: float = 0.15,
-        seed: int = 0,
+        val_fraction: float = SPLIT.val_fraction,
+        test_fraction: float = SPLIT.test_fraction,
+        seed: int = SPLIT.seed,
         batch_size: int = 256,
         num_workers: int = 0,
         extract_batch_size: int = 16,

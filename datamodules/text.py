@@ -16,10 +16,11 @@ import datasets
 import numpy as np
 from datasets import ClassLabel, Dataset
 
-from serve.public_format import texts_digest
-
-from datamodules.assets import FORMATS, AssetError, get_asset, is_prepared, is_registered, package_file, prepare
-
+from datamodules.assets import is_prepared, prepare
+from datamodules.registry import FORMATS, AssetError, get_asset, is_registered, package_file
+from datamodules.dedupe import drop_seen
+from serve.formats.digests import texts_fingerprint
+from serve.formats.splits import stratified_fractions
 
 
 def _labelled(texts: list[str], labels: list[str], names: list[str] | None = None) -> Dataset:
@@ -183,32 +184,6 @@ def _select_columns(ds: Dataset, name: str, text_column: str, label_column: str 
     return ds
 
 
-def stratified_fractions(labels: np.ndarray, fractions: dict[str, float], seed: int) -> dict[str, np.ndarray]:
-    """Per-class seeded split into the named fractions, in order; the last name takes the remainder."""
-    names = list(fractions)
-    rng = np.random.default_rng(seed)
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in names}
-    for cls in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == cls))
-        start = 0
-        for name in names[:-1]:
-            n = round(len(idx) * fractions[name])
-            parts[name].append(idx[start:start + n])
-            start += n
-        parts[names[-1]].append(idx[start:])
-    return {k: np.sort(np.concatenate(v)) for k, v in parts.items()}
-
-
-def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(train, val, test) rows: per class, seeded; every class keeps its share in every split."""
-    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise ValueError(f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be "
-                         "in [0, 1) and sum to less than 1")
-    parts = stratified_fractions(np.asarray(labels), {"test": test_fraction, "val": val_fraction, "train": 1.0}, seed)
-    return parts["train"], parts["val"], parts["test"]
-
-
 def _load_files(name: str, split: str, text_column: str | None, label_column: str | None,
                 dedupe: bool) -> Dataset:
     """A registry entry over the user's own files (H3's `DataFiles`): one file, split files or fractions."""
@@ -241,14 +216,6 @@ def _load_files(name: str, split: str, text_column: str | None, label_column: st
                       f"{'/'.join(ahead)} (dedupe false keeps them)", file=sys.stderr)
                 ds = ds.select(keep)
     return ds
-
-
-def drop_seen(texts: list[str], seen: list[str]) -> list[int]:
-    """Positions of `texts` whose normalised form (case, whitespace, NFKC) is not among `seen`'s."""
-    from datamodules.public_set import normalize_text  # public_set imports this module
-
-    keys = {normalize_text(t) for t in seen}
-    return [i for i, t in enumerate(texts) if normalize_text(t) not in keys]
 
 
 def load_texts(
@@ -305,9 +272,8 @@ def label_names(ds: Dataset) -> list[str] | None:
 
 
 def dataset_fingerprint(ds: Dataset) -> str:
-    """Content hash of the texts (and labels): the same rows give the same key anywhere."""
-    digest = texts_digest(ds["text"])
+    """Content hash of the texts (and labels): the same rows give the same key anywhere
+    (`serve.formats.digests.texts_fingerprint`)."""
     if "label" in ds.column_names:
-        digest.update(repr(label_names(ds)).encode())
-        digest.update(bytes(str(list(ds["label"])), "ascii"))
-    return digest.hexdigest()
+        return texts_fingerprint(ds["text"], labels=list(ds["label"]), label_names=label_names(ds))
+    return texts_fingerprint(ds["text"])

@@ -5,7 +5,7 @@ every character offset where a token of each ends. `text_boundaries` finds the o
 where a token ends cleanly (not inside a character another token finishes, not a special
 token); `pair_positions` matches them by offset. `paired_batches` runs both models on a
 batch of texts and yields the final hidden states at paired positions;
-`lightning_modules.paired_stats` streams those into sufficient statistics and caches them.
+`lightning_modules.fitting.paired_stats` streams those into sufficient statistics and caches them.
 
 `tokenizer_compatibility` measures, before any fit, how well two tokenizers line up: boundary
 match, the exact-token-match rate (the paper's predictor of generation success) and the
@@ -28,8 +28,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from datamodules.assets import AssetError, resolve_model
-from datamodules.extraction import DTYPES, is_causal_lm, load_tokenizer, model_identity
+from datamodules.assets import resolve_model
+from datamodules.registry import AssetError
+from datamodules.encoder import DTYPES, load_tokenizer
+from datamodules.models import is_causal_lm, model_identity
 
 
 # --- models ---------------------------------------------------------------------------

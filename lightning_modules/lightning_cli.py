@@ -17,7 +17,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LightningCLI
 
-from lightning_modules.predictions import PredictionWriter, check_output_path
+from lightning_modules.evaluation.predictions import PredictionWriter, check_output_path
 
 SEED = 0  # `seed_everything` default: a run is repeatable unless the config sets another seed
 SCORING = ("validate", "test", "predict")  # the subcommands that need a fitted checkpoint
@@ -55,7 +55,7 @@ class XsiloCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
         # Checked here, before LightningCLI reads the checkpoint's hyperparameters, so that a missing or
         # unreadable file is one line rather than a traceback.
-        with warnings.catch_warnings():  # the console script passes its argv on, list words rewritten
+        with warnings.catch_warnings():  # the console script passes its argv on, unchanged
             warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python")
             super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
@@ -105,4 +105,4 @@ def run_lightning_cli(argv: list[str] | None = None, run: bool = True) -> XsiloC
     return XsiloCLI(L.LightningModule, L.LightningDataModule, trainer_class=XsiloTrainer, subclass_mode_model=True,
                     subclass_mode_data=True, args=argv, run=run, seed_everything_default=SEED,
                     save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
-                    parser_kwargs={"prog": "xsilo"})
+                    parser_kwargs={"prog": "xsilo", "exit_on_error": False})  # the console script prints errors

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+from serve.formats.views import StateView
 
 # Ridge λ path, relative to the mean eigenvalue of the source covariance: one grid fits any model's scale.
 # Four per decade from 1e-6 to 1e2 (33 values); the whole path comes from one eigendecomposition.
@@ -36,8 +37,9 @@ class SettingsError(ValueError):
 
 
 @dataclass(frozen=True)
-class ExtractionSettings:
-    """How states are read from every model and dataset (the cache key holds each of these).
+class ExtractionSettings(StateView):
+    """How states are read from every model and dataset: the state view (pooling, layer, max_length, dtype:
+    the cache key holds each of these, declared once in `serve.formats.views`) and how it is read.
 
     Args:
         pooling: mean, last or first; null: the model's own (sentence-transformers 1_Pooling, else last
@@ -52,10 +54,6 @@ class ExtractionSettings:
         dedupe: drop texts of a task's train split that also appear in its val/test split (a count is printed).
     """
 
-    pooling: Literal["mean", "last", "first"] | None = None
-    layer: int = -1
-    max_length: int | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     batch_size: int = 16
     text_column: str | None = None
     label_column: str = "label"
@@ -295,6 +293,7 @@ class Recipe:
 
 
 GENERATION_PUBLIC = PublicSetSettings("movie-dialog", limit=2000)  # every token position is a pair: fewer texts suffice
+GENERATION_MAX_LENGTH = 64  # tokens per public text of a generation fit: every position is a pair, none pooled
 
 
 def build_trainer(device: DeviceSettings, max_epochs: int, callbacks: list | None = None,

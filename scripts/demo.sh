@@ -77,7 +77,7 @@ python - "$RUN/export" <<'PY'
 import sys
 import numpy as np
 import onnxruntime as ort
-from lightning_modules.export import load_export
+from serve.formats.exports import load_export
 fused = load_export(sys.argv[1])
 x = np.random.default_rng(0).standard_normal((4, fused.input_dim)).astype(np.float32)
 onnx_out = ort.InferenceSession(f"{sys.argv[1]}/fused.onnx").run(None, {"hidden": x})[0]
@@ -132,7 +132,7 @@ XSILO_HOME=$CLIENT/home xsilo query --server "http://127.0.0.1:$SPLIT_PORT" --al
   --text "Shares in the bank rose after record profits" --threads "$THREADS"
 kill $SERVER_PID && wait $SERVER_PID 2>/dev/null || true
 trap - EXIT
-python -m lightning_modules.two_party_report "$RUN" "$PROVIDER/home" "$CLIENT/home"
+python -m lightning_modules.reporting.two_party_report "$RUN" "$PROVIDER/home" "$CLIENT/home"
 
 stage 7 ood "OOD detection: VADER movies in-distribution; tweets, NYT, Amazon reviews, TREC out"
 for model in smollm2 gemma3; do  # first, so that the public set below reuses the task's training rows
@@ -147,7 +147,7 @@ xsilo evaluate_ood --config configs/recipe/vader-movies.yaml --source smollm2 --
   --out "$RUN/ood"
 xsilo export --aligner "$RUN/ood/aligner.ckpt" --classifier "$RUN/ood/classifier-target.ckpt" \
   --ood "$RUN/ood/ood-threshold.json" --out "$RUN/export-ood" --overwrite true
-python -m lightning_modules.ood_demo --export "$RUN/export-ood" --ood "$RUN/ood" --threads "$THREADS"
+python -m lightning_modules.reporting.ood_demo --export "$RUN/export-ood" --ood "$RUN/ood" --threads "$THREADS"
 
 stage 8 generation "cross-model generation: a map on paired token positions, the target's LM head writes"
 PROMPTS='["The capital of France is", "Once upon a time, a little girl", "My favourite food is"]'
@@ -175,4 +175,4 @@ xsilo report --run "$RUN"
 stage_end
 
 printf '\n=== summary (DEMO=%s) ===\n' "$DEMO"
-python -m lightning_modules.demo_summary "$RUN"
+python -m lightning_modules.reporting.demo_summary "$RUN"

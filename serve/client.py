@@ -13,14 +13,14 @@ Mahalanobis score is above its threshold.
 A Client is not thread-safe: use one per thread. When the server has lost the session (idle expiry,
 LRU eviction, a restart, or another replica behind a load balancer), the client re-uploads its public
 keys and retries the request once.
+
+Beside it: `serve.client_model` (the parsed /v1/model entry and the checks that the client's states are the ones
+the layer reads), `serve.client_ood` (the OOD rule), `serve.http_client` (the HTTP plumbing every client shares)
+and `serve.head_client.HeadClient` (one head on the provider's own states, for a private fit's head probe).
 """
 from __future__ import annotations
 
-import hashlib
-import math
 import time
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
@@ -29,61 +29,16 @@ import numpy as np
 
 from encrypted import ClientKeys, LinearLayout, decrypt, encrypt
 
-from .export_format import (FEATURE_OOD_DETECTOR, ExportError, FeatureOod, LinearExport, feature_ood_max_bytes,
-                            read_feature_ood_npz)
-from .http_client import Connection, ServeError, ServerReplyError, reply_error, server_ms  # noqa: F401
+from .client_model import ModelInfo, ModelMismatch, build_encoder, check_encoder, check_map
+from .client_ood import fetch_feature_detector, ood_flags
+from .formats.exports import LinearExport
+from .formats.folders import ExportError
+from .formats.heads import FeatureOod
+from .http_client import Connection, ServeError, ServerReplyError, server_ms
 from .protocol import API_PREFIX, SESSION_NOT_FOUND
 
 IdentityCheck = Literal["refuse", "warn", "off"]
 OodRule = str | float | Callable[[np.ndarray, np.ndarray], Any]
-SPEC_CHECKED = ("model_identity", "hidden_size")  # a map's target must equal the head's on these
-
-
-class ModelMismatch(ServeError):
-    """The local client model or its states do not match what the server's layer was fitted on."""
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """The served layer a Client talks to, parsed from GET /v1/model (the fused export, or one head)."""
-
-    label_names: list[str]
-    input_dim: int
-    output_dim: int
-    client: dict[str, Any]  # how the client extracts its states: model, model_identity, pooling, layer, ...
-    layout: LinearLayout
-    export_sha256: str
-    limits: dict[str, Any]
-    ood: dict[str, Any] | None = None  # calibrated thresholds for `serve.ood_client.ood_from_logits`
-    head: str | None = None  # split mode: the head's name
-    target: dict[str, Any] | None = None  # split mode: the provider's extraction spec the head reads
-    feature_ood: dict[str, Any] | None = None  # split mode: {detector, threshold, tpr, sha256} when published
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any], head: str | None = None,
-                  client_spec: dict[str, Any] | None = None) -> "ModelInfo":
-        """The fused export's info (head None), or head `head`'s, whose states come from `client_spec`."""
-        try:
-            if head is None:
-                if data.get("export_sha256") is None:
-                    raise ServeError(f"the server serves no fused export, only heads {sorted(data.get('heads') or {})};"
-                                     " pass head= and aligner= (split mode)")
-                return cls(list(data["label_names"]), int(data["input_dim"]), int(data["output_dim"]),
-                           dict(data["client"]), LinearLayout.from_dict(data["layout"]), str(data["export_sha256"]),
-                           dict(data.get("limits") or {}), data.get("ood"))
-            heads = data.get("heads") or {}
-            if head not in heads:
-                raise ServeError(f"the server serves no head {head!r}; it serves {sorted(heads)}")
-            entry = heads[head]
-            return cls(list(entry["label_names"]), int(entry["input_dim"]), int(entry["output_dim"]),
-                       dict(client_spec or {}), LinearLayout.from_dict(entry["layout"]), str(entry["sha256"]),
-                       dict(data.get("limits") or {}), None, head, dict(entry["target"]),
-                       dict(entry["feature_ood"]) if entry.get("feature_ood") else None)
-        except ServeError:
-            raise
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ServeError(f"the server's /v1/model answer is not what this client understands ({exc}); "
-                             "use a client of the same xsilo version as the server") from None
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -159,22 +114,9 @@ class Client:
             source = dict(self.map.manifest.get("source") or {}) if self.map is not None else None
             info = ModelInfo.from_json(data, self.head, source)
             if self.map is not None:
-                self._check_map(info)
+                check_map(self.map, info, self.head)
             self._info = info
         return self._info
-
-    def _check_map(self, info: ModelInfo) -> None:
-        """Refuse a map whose target space is not the head's input space (dimension, provider model)."""
-        amap, target = self.map, self.map.manifest.get("target") or {}
-        if amap.output_dim != info.input_dim:
-            raise ModelMismatch(f"the aligner maps into {amap.output_dim}-d states but head {self.head!r} reads "
-                                f"{info.input_dim}-d ones; fit the map against this server (xsilo align)")
-        for key in SPEC_CHECKED:
-            ours, theirs = target.get(key), (info.target or {}).get(key)
-            if ours is not None and theirs is not None and ours != theirs:
-                raise ModelMismatch(f"the aligner's target {key} is {str(ours)[:16]!r} but head {self.head!r} reads "
-                                    f"states with {key} {str(theirs)[:16]!r}: the map targets another model; fit "
-                                    "it against this server (xsilo align)")
 
     @property
     def layout(self) -> LinearLayout:
@@ -266,62 +208,10 @@ class Client:
     def encoder(self) -> Callable[[list[str]], np.ndarray]:
         """A StateEncoder with the server's pooling, layer, max_length and dtype (loaded on first use)."""
         if self._encoder is None:
-            self._encoder = self._build_encoder()
+            self._encoder = build_encoder(self.model_info(), self.client_model, self.threads, self.identity_check,
+                                          split=self.map is not None)
             self._checked_encoders.add(id(self._encoder))
         return self._encoder
-
-    def _build_encoder(self) -> Callable[[list[str]], np.ndarray]:
-        from datamodules.assets import AssetError
-        from datamodules.extraction import StateEncoder
-
-        spec = self.model_info().client
-        model = self.client_model or spec.get("model")
-        if not model:
-            where = "the aligner's source spec" if self.map is not None else "the server"
-            raise ServeError(f"{where} does not name the client model; pass client_model= (a local folder)")
-        try:
-            encoder = StateEncoder(model, pooling=spec.get("pooling"),
-                                   layer=-1 if spec.get("layer") is None else int(spec["layer"]),
-                                   max_length=int(spec.get("max_length") or 128), dtype=spec.get("dtype") or "float32",
-                                   threads=self.threads)
-        except (AssetError, OSError) as exc:
-            raise ServeError(f"cannot load the client model {model!r} ({exc}); pass client_model= a local copy of "
-                             f"the model the server names ({spec.get('model')!r})") from None
-        self._check_encoder(encoder)
-        return encoder
-
-    def _check_encoder(self, encoder: Any) -> None:
-        """Refuse an encoder whose model identity or extraction settings differ from the server's."""
-        info = self.model_info()
-        spec = info.client
-        for key in ("pooling", "layer", "max_length"):
-            ours, theirs = getattr(encoder, key, None), spec.get(key)
-            if ours is not None and theirs is not None and ours != theirs:
-                raise ModelMismatch(f"the encoder uses {key}={ours!r} but the server's layer expects {key}={theirs!r}; "
-                                    "build it with the settings of /v1/model 'client', or pass no encoder")
-        if self.identity_check == "off" or not hasattr(encoder, "model_path"):
-            return
-        expected = spec.get("model_identity")
-        problem = None
-        if not expected:
-            problem = "the server publishes no client model identity, so the client model cannot be checked"
-        else:
-            from datamodules.extraction import model_identity
-
-            try:
-                actual = model_identity(encoder.model_path)
-            except Exception as exc:  # e.g. a hub id while offline: the identity is not computable here
-                problem = f"the identity of {encoder.model_path} could not be computed ({exc})"
-            else:
-                if actual != expected:
-                    message = (f"client model {encoder.model_path} has identity {actual[:16]}, but the server's layer "
-                               f"was fitted on states of {spec.get('model')!r} with identity {expected[:16]}: its "
-                               "predictions would be meaningless. Pass client_model= the same checkpoint")
-                    if self.identity_check == "refuse":
-                        raise ModelMismatch(message + " (or identity_check='warn' to go on anyway)")
-                    problem = message
-        if problem:
-            warnings.warn(problem, stacklevel=3)
 
     def classify(self, texts: Sequence[str] | str,
                  encoder: Callable[[list[str]], np.ndarray] | None = None) -> list[dict[str, Any]]:
@@ -334,7 +224,7 @@ class Client:
         if encoder is None:
             encoder = self.encoder
         elif id(encoder) not in self._checked_encoders:
-            self._check_encoder(encoder)
+            check_encoder(encoder, self.model_info(), self.identity_check)
             self._checked_encoders.add(id(encoder))
         t0 = time.perf_counter()
         states = np.asarray(encoder(texts))
@@ -345,7 +235,8 @@ class Client:
         self.last_timings = timings
         labels = self.model_info().label_names
         probabilities = softmax(logits)
-        scores, flags = self._ood_flags(states, logits, probabilities)
+        scores, flags = ood_flags(self.ood, self.model_info(), states, logits, probabilities, self.map_states,
+                                  self.feature_detector)
         results = []
         for i, (row, p) in enumerate(zip(logits, probabilities)):
             result = {"label": labels[int(np.argmax(row))],
@@ -358,62 +249,11 @@ class Client:
             results.append(result)
         return results
 
-    def _ood_flags(self, states: np.ndarray, logits: np.ndarray,
-                   probabilities: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """(scores or None, flags or None) under this client's OOD rule."""
-        info = self.model_info()
-        rule, calibrated = self.ood, info.ood
-        if callable(rule):
-            flags = np.asarray(rule(states, logits), dtype=bool).reshape(-1)
-            if flags.shape != (len(logits),):
-                raise ValueError(f"the ood callable must return one flag per text ({len(logits)}), got {flags.shape}")
-            return None, flags
-        if isinstance(rule, (int, float)) and not isinstance(rule, bool):
-            return None, probabilities.max(axis=1) < float(rule)
-        if rule == FEATURE_OOD_DETECTOR or (rule is None and info.feature_ood):
-            if not info.feature_ood:
-                raise ServeError(f"ood={rule!r} needs a feature-space detector, but this server's "
-                                 f"{'head' if self.head else 'export'} publishes none; pass a float or a callable")
-            from serve.ood_client import mahalanobis_scores
-
-            detector = self.feature_detector()
-            scores = mahalanobis_scores(self.map_states(states), detector.means, detector.precision)
-            return scores, scores > detector.threshold
-        if rule is None and not calibrated:
-            return None, None
-        if not calibrated:
-            raise ServeError(f"ood={rule!r} names a calibrated logit detector, but this server's "
-                             f"{'head' if self.head else 'export'} has none; pass a float threshold or a callable")
-        from serve.ood_client import ood_from_logits
-
-        try:
-            return ood_from_logits(logits, calibrated, detector=rule)
-        except ValueError as exc:
-            raise ServeError(f"cannot flag OOD inputs: {exc}") from None
-
     def feature_detector(self) -> FeatureOod:
         """The head's published feature-space detector, fetched once (size bounded, sha256 checked against
         /v1/model, arrays validated)."""
         if self._feature_ood is None:
-            info = self.model_info()
-            published = info.feature_ood
-            if not published or self.head is None:
-                raise ServeError("the server publishes no feature-space OOD detector for this layer")
-            limit = feature_ood_max_bytes(info.output_dim, info.input_dim)
-            data = self._request("GET", f"{API_PREFIX}/heads/{self.head}/feature-ood", max_bytes=limit).content
-            if hashlib.sha256(data).hexdigest() != published.get("sha256"):
-                raise ServeError("the feature-OOD detector the server sent does not match the sha256 in /v1/model; "
-                                 "retry, or ask the operator")
-            try:
-                means, precision = read_feature_ood_npz(data, info.output_dim, info.input_dim,
-                                                        "the server's feature-OOD detector", "ask the operator")
-                threshold = float(published["threshold"])
-            except (ExportError, KeyError, TypeError, ValueError) as exc:
-                raise ServeError(str(exc)) from None
-            if not math.isfinite(threshold):
-                raise ServeError("the server's feature-OOD threshold is not a finite number")
-            self._feature_ood = FeatureOod(means, precision, threshold, float(published.get("tpr") or 0.0), data,
-                                           published["sha256"])
+            self._feature_ood = fetch_feature_detector(self.connection, self.model_info())
         return self._feature_ood
 
     # --- lifetime -----------------------------------------------------------------------------------
@@ -435,12 +275,3 @@ class Client:
         self.close()
 
 
-class HeadClient(Client):
-    """Queries one served head on states of the provider's own space (no map): the head-aware λ of a private fit
-    probes the head on the directions its maps can reach (`lightning_modules.head_probe`). Each query is an
-    ordinary encrypted session query, counted against the server's row budgets."""
-
-    def __init__(self, url: str, head: str, api_key: str | None = None, timeout: float = 60.0, *,
-                 transport: httpx.BaseTransport | None = None):
-        super().__init__(url, api_key, timeout, transport=transport)
-        self.head = head  # no map: `state_dim` is the head's input_dim and `map_states` is the identity

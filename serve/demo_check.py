@@ -24,6 +24,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from serve.formats.splits import SPLIT, stratified_split
+
 STAGES = ("extract_ms", "encrypt_ms", "http_ms", "server_ms", "decrypt_ms", "total_ms")
 
 
@@ -41,14 +43,14 @@ def wait_until_up(url: str, timeout_s: float) -> None:
         time.sleep(0.5)
 
 
-def load_test_split(data: str, n: int, seed: int = 0, limit: int | None = None) -> tuple[list[str], list[str]]:
+def load_test_split(data: str, n: int, seed: int = SPLIT.seed, limit: int | None = None
+                    ) -> tuple[list[str], list[str]]:
     """First n rows of the test split (of the task's seeded `limit`-row sample), with their label names."""
-    from datamodules.states import stratified_split
     from datamodules.text import label_names, load_texts
 
     ds = load_texts(data, limit=limit)
     labels = np.asarray(ds["label"])
-    test = stratified_split(labels, 0.15, 0.15, seed)[2][:n]
+    test = stratified_split(labels, SPLIT.val_fraction, SPLIT.test_fraction, seed)[2][:n]
     names = label_names(ds) or [str(i) for i in range(labels.max() + 1)]
     return [ds[int(i)]["text"] for i in test], [names[labels[int(i)]] for i in test]
 
@@ -84,7 +86,7 @@ def main() -> None:
     transformers.utils.logging.disable_progress_bar()
     from datamodules.progress import Progress
     from serve.client import Client, ServeError
-    from serve.export_format import LinearExport, load_export
+    from serve.formats.exports import LinearExport, load_export
 
     wait_until_up(args.url, args.wait_s)
     texts, truth = load_test_split(args.data, args.n, limit=args.limit)

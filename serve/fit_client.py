@@ -6,7 +6,7 @@
         # reply.cross[p] = Σ_rows (z_A - reply.client_shift)ᵀ (z_B - mu_B) of part p, d_A × d_B
 
 The client normalises each part with its train part's mean and std, encrypts it in chunks under a CKKS key
-made here (only public keys are sent), and undoes the scaling after decryption. `lightning_modules.private_fit`
+made here (only public keys are sent), and undoes the scaling after decryption. `lightning_modules.parties.private_fit`
 turns the reply into the ridge map. Numpy, httpx and `encrypted` only.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from encrypted import ClientKeys, GramPlan, decrypt_gram, encrypt_chunk, query_m
 from .fit_stats import normalise, train_normaliser
 from .http_client import Connection, ServeError, server_ms
 from .protocol import API_PREFIX
-from .public_format import texts_fingerprint
+from .formats.digests import texts_fingerprint
 
 Progress = Callable[[int, int], Any]  # (chunks sent, chunks in all)
 MAX_TEXT_PAGES = 1 << 20  # a bound on the paging loop against a server whose `next` never ends

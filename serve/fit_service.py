@@ -31,10 +31,10 @@ from encrypted import (DEFAULT_PROFILE, EncryptedError, GramAccumulator, GramPla
 
 from .api import BODY_ERRORS, ERROR_RESPONSES, OCTET_REPLY, ApiError, client_id, input_error, raw_body, read_body
 from .budget import FitBudget
-from .export_format import ExportError
+from .formats.folders import ExportError
 from .fit_stats import normalise, provider_stats, train_normaliser
 from .protocol import API_PREFIX, OCTET_STREAM, SERVER_TIMING_HEADER
-from .public_format import PublicStates
+from .formats.public_states import PublicStates
 from .sessions import SessionStore
 from .settings import ServerSettings
 

@@ -13,7 +13,7 @@ import numpy as np
 
 def range_scale(std: np.ndarray) -> np.ndarray:
     """`std`, with 1 where it is 0 (or not finite). Not the fit's standardisation (the client's solver applies
-    that, `lightning_modules.standardize`): dividing a near-constant dimension by its tiny std only makes it O(1),
+    that, `lightning_modules.fitting.standardize`): dividing a near-constant dimension by its tiny std only makes it O(1),
     still bounded by Cauchy-Schwarz, and the client multiplies it back."""
     std = np.asarray(std, dtype=np.float64)
     return np.where(np.isfinite(std) & (std > 0), std, 1.0)

@@ -1,6 +1,6 @@
 """The layers a server evaluates under encryption: a fused export (map and head) and any number of named heads.
 
-Each is read by `serve.export_format` (checksums and shapes checked) and laid out for CKKS once, at start-up.
+Each is read by `serve.formats.exports` (checksums and shapes checked) and laid out for CKKS once, at start-up.
 """
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from typing import Any
 
 from encrypted import DEFAULT_PROFILE, N8192_PRIVATE, EncryptedError, EncryptedLinear, public_bytes_max, query_max_bytes
 
-from .export_format import HEAD_KIND, ExportError, FeatureOod, load_export, read_manifest
-from .ood_client import check_ood_manifest
-from .public_format import SPEC_KEYS
+from .formats.exports import check_ood_manifest, load_export, read_manifest
+from .formats.folders import HEAD_KIND, SPEC_KEYS, ExportError
+from .formats.heads import FeatureOod
 
 OOD_KEYS = ("detector", "threshold", "tpr", "all")  # what a client needs to flag OOD inputs from its logits
 HEAD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")

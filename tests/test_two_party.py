@@ -13,25 +13,28 @@ import pytest
 
 from lightning_modules.cli import main
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.he, pytest.mark.network]
 
 MAX_LENGTH = "32"
 
 
-def test_private_fit_on_real_models_equals_the_lab_fit(real_home, tmp_path, monkeypatch):
+def test_private_fit_on_real_models_equals_the_lab_fit(prepared, tmp_path, monkeypatch):
     from datamodules.assets import model_dir
     from datamodules.cache import StateCache
     from datamodules.extraction import ExtractionConfig, extract, resolve
     from datamodules.states import PairedStatesDataModule
-    from datamodules.text import label_names, load_texts, stratified_split
-    from lightning_modules.aligner import AffineAligner
-    from lightning_modules.evaluate import fit_aligner
+    from datamodules.text import label_names, load_texts
+    from serve.formats.splits import stratified_split
+    from lightning_modules.models.aligner import AffineAligner
+    from lightning_modules.evaluation.evaluate import fit_aligner
     from lightning_modules.settings import DeviceSettings, FitSettings
-    from lightning_modules.two_party_report import isolation
-    from serve.export_format import load_export
-    from serve.server import ServerThread, create_app
+    from lightning_modules.reporting.two_party_report import isolation
+    from serve.formats.exports import load_export
+    from serve.harness import ServerThread
+    from serve.server import create_app
 
-    # Assets and texts from the prepared real home, written as plain files each party reads.
+    # Assets and texts from the real home (prepared there on first use), written as plain files each party reads.
+    prepared("minilm", "smollm2", "bbc")
     client_model, provider_model = str(model_dir("minilm")), str(model_dir("smollm2"))
     # One seeded BBC sample: 240 labelled rows are the provider's task, the other 300 (unlabelled) the public set.
     bbc = load_texts("bbc", limit=540)

@@ -3,7 +3,7 @@
 From a base recipe (public-set mix and size, pooling and layer, standardisation, estimator and ridge λ, the
 λ criterion, target whitening, gradient fine-tuning of the map) each factor is varied on its own; every setting
 reports mapped accuracy through the target's head with its bootstrap interval, macro-F1, the majority-class
-rate and the share of the most-predicted class, a collapse flag (`study.collapse`: predictions concentrated on
+rate and the share of the most-predicted class, a collapse flag (`study_report.collapse`: predictions concentrated on
 one class, or mapped macro-F1 < 0.8 × native), the drop from native (paired interval), a null map, alignment on
 held-out public rows and on the task's test texts (source and target states of the same texts), and with OOD
 sets the mapped AUROC of one detector and its drop from native.
@@ -39,154 +39,39 @@ Outputs: ablation.json, ablation.md and ablation.png.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Literal, Sequence, get_args
+from typing import Any, Literal
 
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
-from datamodules.assets import AssetError
 from datamodules.cache import atomic_write_bytes, atomic_write_json
 from datamodules.extraction import ExtractionConfig, resolve
-from datamodules.public_set import (ExtractionBudgetError, build_public_set, cached_texts, parse_mix, prefill_states,
-                                    read_manifest)
+from datamodules.forward import extract_views
+from datamodules.prefill import ExtractionBudgetError, cached_texts, prefill_states
+from datamodules.public_set import build_public_set, read_manifest
+from datamodules.registry import AssetError
 from datamodules.states import PairedStatesDataModule
 from datamodules.text import load_texts
-from lightning_modules.aligner import AffineAligner
-from lightning_modules.evaluate import lambda_path_report, path_accuracy, split_rows, task_datamodule
-from lightning_modules.metrics import alignment_report
-from lightning_modules.report import figure, save_png, short_name, wrap_title
-from lightning_modules.settings import (Criterion, DeviceSettings, ExtractionSettings, FitSettings, HeadSettings,
-                                        Recipe, build_trainer, seed_all)
-from lightning_modules.solvers import AffineMap, SufficientStats, fit_affine, path_factors, solve
-from lightning_modules.subspace import SubspaceError
-from lightning_modules.experiments.study import Native, Study, StudyConfig, collapse
-
-FACTORS = ("size", "mix", "view", "standardize", "estimator", "criterion", "whiten_target", "recenter", "finetune",
-           "seed")
-ESTIMATORS = ("lstsq", "procrustes", "scaled_procrustes", "reduced_rank", "cca")
-RANKED = ("reduced_rank", "cca")  # estimators that take a rank
-LAMBDA_ESTIMATORS = ("ridge", *RANKED)  # estimators whose λ is chosen on the path
-CRITERIA: tuple[str, ...] = tuple(c for c in get_args(Criterion) if c != "auto")
-FINETUNE_LOSSES = ("mse", "cosine", "task")
-BROAD = "broad"  # the named mix: every unlabelled registry source but the task (leave-task-out)
-CLASSES_MINUS_ONE = "k-1"  # a rank: the task's number of classes minus one
-
-
-class AblationError(AssetError):
-    """Bad ablation input; the message names the fix."""
-
-
-def parse_view(text: str) -> tuple[str | None, int, int | None]:
-    """`"mean@-1"` → ("mean", -1, None); `"last@15/9"` → ("last", 15, 9): source layer 15, target layer 9;
-    `"@12"` → (None, 12, None): the models' default pooling."""
-    pooling, _, layers = text.partition("@")
-    first, _, second = layers.partition("/")
-    try:
-        return (pooling or None), (int(first) if first else -1), (int(second) if second else None)
-    except ValueError:
-        raise AblationError(f"a view is POOLING@LAYER or POOLING@SOURCE_LAYER/TARGET_LAYER, e.g. mean@-1 or "
-                            f"last@15/9; got {text!r}") from None
-
-
-@dataclass
-class AblationConfig:
-    """The pair, the task, the base recipe and the values each factor takes.
-
-    `extraction` gives what every view shares (max_length, dtype, columns); its pooling and layer are the
-    recipe's. `fit.lambdas` is the ridge λ path; the recipe chooses the estimator and standardisation.
-    """
-
-    source: str = "smollm2"
-    target: str = "gemma3"
-    task: str = "bbc"
-    task_limit: int | None = None
-    base: Recipe = field(default_factory=Recipe)
-    factors: Sequence[str] = FACTORS
-    sizes: Sequence[int | None] = (1000, 4000, 16000, 64000)
-    mixes: Sequence[str] = ()
-    views: Sequence[str] = ("mean@-1",)
-    view_task_limit: int | None = None
-    view_size: int | None = None
-    view_ood: bool = False
-    estimators: Sequence[str] = ESTIMATORS
-    ranks: Sequence[int | str] = (CLASSES_MINUS_ONE, 16, 64, 256)
-    criteria: Sequence[str] = CRITERIA
-    whiten_estimators: Sequence[str] = ("ridge", "reduced_rank", "procrustes")
-    finetune: Sequence[str] = ("mse", "task")
-    public_seeds: Sequence[int] = (1, 2)
-    finetune_epochs: int = 30
-    finetune_lr: float = 1e-3
-    finetune_batch_size: int = 256
-    exclude_tasks: Sequence[str] = ()
-    ood: Sequence[str] = ()
-    ood_limit: int | None = 500
-    ood_detector: str = "mahalanobis"
-    max_extract: int | None = 0
-    bootstrap: int = 1000
-    confidence: float = 0.95
-    extraction: ExtractionSettings = field(default_factory=ExtractionSettings)
-    fit: FitSettings = field(default_factory=FitSettings)
-    head: HeadSettings = field(default_factory=HeadSettings)
-    device: DeviceSettings = field(default_factory=DeviceSettings)
-    seed: int = 0
-
-    def validate(self) -> None:
-        unknown = sorted(set(self.factors) - set(FACTORS))
-        if unknown:
-            raise AblationError(f"unknown factors {unknown}; choose from {list(FACTORS)}")
-        for name, values in (("estimators", self.estimators), ("whiten_estimators", self.whiten_estimators)):
-            bad = sorted(set(values) - set(ESTIMATORS) - {"ridge"})
-            if bad:
-                raise AblationError(f"unknown {name} {bad}; choose from ridge, {', '.join(ESTIMATORS)}")
-        bad = [r for r in self.ranks if r != CLASSES_MINUS_ONE and (isinstance(r, bool) or not isinstance(r, int)
-                                                                    or r < 1)]
-        if bad or not self.ranks:
-            raise AblationError(f"ranks must be positive integers or {CLASSES_MINUS_ONE!r} (the task's classes minus "
-                                f"one), at least one; got {list(self.ranks)}")
-        bad = sorted(set(self.criteria) - set(get_args(Criterion)))
-        if bad:
-            raise AblationError(f"unknown criteria {bad}; choose from {list(get_args(Criterion))}")
-        bad = sorted(set(self.finetune) - set(FINETUNE_LOSSES))
-        if bad:
-            raise AblationError(f"unknown fine-tuning losses {bad}; choose from {list(FINETUNE_LOSSES)}")
-        for view in self.views:
-            parse_view(view)
-        for mix in (self.base.mix, *self.mixes):
-            if mix != BROAD:
-                parse_mix(mix)
-
-    def task_spec(self, limit: int | None) -> str:
-        return self.task if limit is None else f"{self.task}@{limit}"
-
-    def default_mixes(self) -> list[str]:
-        """Dialog only, dialog with the task's own training texts (labels dropped), the task's texts only, and
-        the broad leave-task-out mix."""
-        return [self.base.mix, f"movie-dialog:0.7,{self.task}:0.3", f"{self.task}:1",
-                f"movie-dialog:0.5,{self.task}:0.5", BROAD]
-
-
-def broad_mix(task: str, leave_out: Sequence[str] = ()) -> str:
-    """The leave-task-out mix: every registry dataset but `task` and `leave_out` (the OOD sets), equal weights."""
-    from datamodules.public_set import leave_task_out_sources  # the study's regime builder's source list
-
-    return ",".join(f"{s}:1" for s in leave_task_out_sources(task, leave_out))
-
-
-@dataclass
-class Setting:
-    factor: str
-    value: str
-    recipe: Recipe
-    task_limit: int | None
-
+from lightning_modules.evaluation.evaluate import lambda_path_report, path_accuracy, split_rows, task_datamodule
+from lightning_modules.evaluation.metrics import alignment_report
+from lightning_modules.experiments.ablation_config import BROAD, CLASSES_MINUS_ONE, LAMBDA_ESTIMATORS, AblationConfig
+from lightning_modules.experiments.ablation_report import markdown_report, plot
+from lightning_modules.experiments.ablation_settings import Setting, ablation_settings, broad_mix
+from lightning_modules.experiments.study import Native, Study, StudyConfig
+from lightning_modules.experiments.study_report import collapse
+from lightning_modules.fitting.affine_map import AffineMap
+from lightning_modules.fitting.estimators import path_factors
+from lightning_modules.fitting.solvers import fit_affine, solve
+from lightning_modules.fitting.stats import SufficientStats
+from lightning_modules.fitting.subspace import SubspaceError
+from lightning_modules.models.aligner import AffineAligner
+from lightning_modules.settings import ExtractionSettings, Recipe, build_trainer, seed_all
 
 class Ablation:
     """Runs the settings; natives (head + detector per model, task and view) and public sets are reused."""
@@ -204,49 +89,7 @@ class Ablation:
     # -- settings ------------------------------------------------------------------------------
 
     def settings(self) -> list[Setting]:
-        cfg, base = self.cfg, self.cfg.base
-        out = [Setting("base", "base recipe", base, cfg.task_limit)]
-        for factor in cfg.factors:
-            if factor == "size":
-                out += [Setting(factor, "", replace(base, size=s), cfg.task_limit) for s in cfg.sizes]
-            elif factor == "mix":
-                out += [Setting(factor, "", replace(base, mix=m), cfg.task_limit)
-                        for m in (cfg.mixes or cfg.default_mixes())]
-            elif factor == "view":
-                views = [(base.pooling, base.layer, base.target_layer), *map(parse_view, cfg.views)]
-                size = cfg.view_size if cfg.view_size is not None else base.size
-                for pooling, layer, target_layer in dict.fromkeys(views):
-                    out.append(Setting(factor, "", replace(base, pooling=pooling, layer=layer,
-                                                           target_layer=target_layer, size=size),
-                                       cfg.view_task_limit if cfg.view_task_limit is not None else cfg.task_limit))
-            elif factor == "standardize":
-                out += [Setting(factor, "", replace(base, standardize=s), cfg.task_limit) for s in (False, True)]
-            elif factor == "estimator":
-                rows = [replace(base, estimator="ridge", lam=None, rank=None)]
-                rows += [replace(base, estimator="ridge", lam=lam, rank=None) for lam in cfg.fit.lambdas]
-                for e in cfg.estimators:
-                    if e in RANKED:
-                        rows += [replace(base, estimator=e, lam=None, rank=r) for r in self.ranks()]
-                    elif e != "ridge":
-                        rows += [replace(base, estimator=e, lam=None, rank=None)]
-                out += [Setting(factor, "", r, cfg.task_limit) for r in rows]
-            elif factor == "criterion":
-                out += [Setting(factor, "", replace(base, criterion=c), cfg.task_limit) for c in cfg.criteria]
-            elif factor == "whiten_target":
-                for e in cfg.whiten_estimators:
-                    rank = self.ranks()[0] if e in RANKED else None
-                    out += [Setting(factor, "", replace(base, estimator=e, rank=rank, whiten_target=w), cfg.task_limit)
-                            for w in (False, True)]
-            elif factor == "recenter":
-                out += [Setting(factor, "", replace(base, recenter=r), cfg.task_limit) for r in (False, True)]
-            elif factor == "finetune":
-                out += [Setting(factor, "", replace(base, finetune=f), cfg.task_limit) for f in (None, *cfg.finetune)]
-            elif factor == "seed":
-                seeds = dict.fromkeys([base.public_seed, *cfg.public_seeds])
-                out += [Setting(factor, "", replace(base, public_seed=s), cfg.task_limit) for s in seeds]
-        for s in out:
-            s.value = s.value or s.recipe.describe(s.factor)
-        return out
+        return ablation_settings(self.cfg, self.ranks)
 
     def ranks(self) -> list[int]:
         """The rank factor's values, "k-1" resolved to the task's number of classes minus one (at least 1)."""
@@ -544,190 +387,12 @@ class Ablation:
                 "native": natives, "fits": dict(self.fits), "settings": rows}
 
 
-def extract_views(model: str, data: str, views: Sequence[tuple[str | None, int]], *, limit: int | None = None,
-                  text_column: str | None = None, label_column: str | None = "label", max_length: int = 128, dtype: str = "float32",
-                  batch_size: int = 16, threads: int | None = None, max_extract: int | None = None) -> int:
-    """Cache several (pooling, layer) views of one dataset with ONE forward pass per text that no cache of a
-    view holds; returns the number of texts run. Rows cached for the same texts are reused (`prefill_states`).
-
-    The new rows go into ordinary caches of a dataset of those texts (under $XSILO_HOME/public/_extra/), and
-    each view's cache is then assembled, so every DataModule finds it as a hit. Raises ExtractionBudgetError
-    when more than `max_extract` texts would be run.
-    """
-    import hashlib
-    import json
-
-    from transformers import AutoModel
-
-    from datamodules.assets import xsilo_home
-    from datamodules.cache import atomic_save_npy, atomic_write_bytes, ensure_writable, shard_name
-    from datamodules.extraction import DTYPES, cache_hit, finalise, load_tokenizer, pool, shard_ranges
-    from datamodules.public_set import cached_text_index
-
-    configs = [ExtractionConfig(model=model, data=data, pooling=p, layer=layer, limit=limit, max_length=max_length,
-                                dtype=dtype, batch_size=batch_size, text_column=text_column, label_column=label_column)
-               for p, layer in views]
-    todo, missing = [], {}
-    for config in configs:
-        job = resolve(config)
-        if cache_hit(job.directory):
-            continue
-        index = cached_text_index(asdict(job.key), skip=job.directory)
-        todo.append(config)
-        missing.update(dict.fromkeys(t for t in job.texts if t not in index))
-    texts = list(missing)
-    if texts:
-        if max_extract is not None and len(texts) > max_extract:
-            raise ExtractionBudgetError(f"{len(texts)} texts of {data!r} need new {model} states for views "
-                                        f"{[(c.pooling, c.layer) for c in todo]}; at most {max_extract} may be "
-                                        "extracted", len(texts))
-        body = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts).encode()
-        extra = xsilo_home() / "public" / "_extra" / f"{hashlib.sha256(body).hexdigest()[:16]}.jsonl"
-        extra.parent.mkdir(parents=True, exist_ok=True)
-        if not extra.is_file():
-            atomic_write_bytes(extra, body)
-        jobs = [resolve(dataclasses.replace(c, data=str(extra), limit=None, text_column=None, label_column=None))
-                for c in todo]
-        if threads:
-            torch.set_num_threads(threads)
-        tokenizer = load_tokenizer(jobs[0].model_path)
-        encoder = AutoModel.from_pretrained(jobs[0].model_path, dtype=DTYPES[dtype]).eval().requires_grad_(False)
-        n_layers = encoder.config.get_text_config().num_hidden_layers
-        out = [np.zeros((len(texts), job.hidden_size), np.float32) for job in jobs]
-        order = sorted(range(len(texts)), key=lambda i: (-len(texts[i]), i))
-        with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                rows = order[start:start + batch_size]
-                enc = tokenizer([texts[i] for i in rows], padding=True, truncation=True, max_length=max_length,
-                                return_tensors="pt")
-                result = encoder(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                                 output_hidden_states=True)
-                for array, job in zip(out, jobs):
-                    final = job.config.layer in (-1, n_layers)  # as `pooled_states`: the final, normed layer
-                    hidden = result.last_hidden_state if final else result.hidden_states[job.config.layer]
-                    array[rows] = pool(hidden, enc["attention_mask"], job.pooling).float().numpy()
-        for array, job in zip(out, jobs):
-            ensure_writable(job.directory)
-            shards = shard_ranges(len(texts), 2048)
-            for i, (a, b) in enumerate(shards):
-                atomic_save_npy(job.directory / shard_name(i), array[a:b])
-            finalise(job, shards)
-    for config in todo:
-        prefill_states(config, max_extract=0)
-    return len(texts)
-
-
 def _jsonable(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_jsonable(v) for v in obj]
     return obj
-
-
-# --- report -----------------------------------------------------------------------------------
-
-def _f(x: float | None, digits: int = 3) -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
-
-
-def markdown_report(results: dict[str, Any]) -> str:
-    cfg = results["config"]
-    level = f"{cfg['confidence']:.0%}"
-    base = ", ".join(f"{k}={v}" for k, v in cfg["base"].items())
-    lines = [f"# Ablation: {results['pair']} on {results['task']}", "",
-             f"Base recipe: {base}. Each factor varies alone. Task split: stratified 70/15/15, seed "
-             f"{cfg['seed']}" + (f", {cfg['task_limit']} rows" if cfg["task_limit"] else "") +
-             f". Intervals: {level} bootstrap over test rows ({cfg['bootstrap']} resamples; drops paired). "
-             f"Public sets never hold the task's validation/test texts" +
-             (f" nor the OOD sets ({', '.join(cfg['ood'])})" if cfg["ood"] else "") + ".",
-             f"Fitted: {results['fits']['classifiers']} classifiers, {results['fits']['aligners']} maps, "
-             f"{results['fits']['public_sets']} public sets; new forward passes: {results['fits']['forward_passes']}.",
-             "'native source' is the source's own linear head: an affine map followed by the target's linear head is "
-             "itself a linear head on source states, so it is roughly the ceiling of mapped accuracy. R²/CKA 'task "
-             "test': mapped vs true target states of the task's test texts. 'top share': the share of mapped "
-             "predictions on the most-predicted class, beside the majority-class rate of the true labels; COLLAPSE: "
-             "top share >= 0.9 where the majority rate is not, or mapped macro-F1 < 0.8 × native.",
-             "", "| native head | accuracy | macro-F1 | majority rate |", "|---|---|---|---|"]
-    for name, r in results["native"].items():
-        lines.append(f"| {name} | {_f(r['accuracy'])} [{_f(r['accuracy_ci'][0])}, {_f(r['accuracy_ci'][1])}] | "
-                     f"{_f(r.get('macro_f1'))} | {_f(r.get('majority_rate'))} |")
-    ood_names = list(cfg["ood"])
-    by_factor: dict[str, list] = {}
-    for row in results["settings"]:
-        by_factor.setdefault(row["factor"], []).append(row)
-    for factor, rows in by_factor.items():
-        head = ["setting", "public rows", "mapped acc", "drop", "macro-F1", "top share", "null", "native source",
-                "R² public", "CKA public", "R² task test", "CKA task test", "λ"]
-        head += [f"AUROC {n} (drop)" for n in ood_names]
-        lines += ["", f"## {factor}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for r in rows:
-            if r["status"] != "ok":
-                lines.append(f"| {r['value']} | skipped: {r['reason']} |" + " |" * (len(head) - 2))
-                continue
-            m, ap, at = r["mapped"], r["alignment_public"], r["alignment_task_test"]
-            cells = [r["value"] + (f" (task rows {r['task_limit']})" if r["task_limit"] != cfg["task_limit"] else ""),
-                     f"{r['public']['train']}+{r['public']['heldout']}",
-                     f"{_f(m['accuracy'])} [{_f(m['accuracy_ci'][0])}, {_f(m['accuracy_ci'][1])}]",
-                     f"{r['mapped_drop']:+.3f} [{r['mapped_drop_ci'][0]:+.3f}, {r['mapped_drop_ci'][1]:+.3f}]",
-                     _f(m["macro_f1"]) + (" COLLAPSE" if r.get("collapse") else ""),
-                     f"{_f(m['top_prediction_share'])} (majority {_f(m['majority_rate'])})",
-                     _f(r["null_map"]["accuracy"]), _f(r["native_source"]), _f(ap["r2"]), _f(ap["cka"]), _f(at["r2"]), _f(at["cka"]),
-                     (f"{r['chosen_lambda']:g}" + (f" ({r['lambda_path']['criterion']})"
-                                                   if r.get("lambda_path", {}).get("criterion") else ""))
-                     if r.get("chosen_lambda") else "–"]
-            for n in ood_names:
-                o = r.get("ood", {}).get(n)
-                cells.append(f"{_f(o['auroc'])} ({o['auroc_drop']:+.3f})" if o else "–")
-            lines.append("| " + " | ".join(cells) + " |")
-        if factor == "criterion":
-            lines += _path_lines(rows)
-    return "\n".join(lines) + "\n"
-
-
-def _path_lines(rows: list[dict[str, Any]]) -> list[str]:
-    """Under the criterion table: the λ each criterion chose on the ridge path, and the path's best λ in hindsight
-    (chosen on the TEST labels: an oracle, not a recipe; it says whether any λ avoids collapse)."""
-    row = next((r for r in rows if r["status"] == "ok" and r.get("lambda_path", {}).get("points")), None)
-    if row is None:
-        return []
-    path = row["lambda_path"]
-    best = max(path["points"], key=lambda p: (p["macro_f1"], p["accuracy"]))
-    chosen = "; ".join(f"{c}: λ={v['lambda']:g} (accuracy {_f(v['accuracy'])}, macro-F1 {_f(v['macro_f1'])})"
-                       for c, v in path["chosen"].items())
-    return ["", f"λ path ({len(path['points'])} values): {chosen}. Best on the path in hindsight (test labels, an "
-                f"oracle): λ={best['lambda']:g}, accuracy {_f(best['accuracy'])}, macro-F1 {_f(best['macro_f1'])}, "
-                f"top-prediction share {_f(best['top_prediction_share'])}."]
-
-
-def plot(results: dict[str, Any], path: Path) -> Path:
-    """One panel per factor: mapped accuracy per setting (bars, with intervals), native and null lines."""
-    by_factor: dict[str, list] = {}
-    for row in results["settings"]:
-        if row["factor"] != "base":
-            by_factor.setdefault(row["factor"], []).append(row)
-    panels = list(by_factor.items()) or [("base", [r for r in results["settings"]])]
-    fig = figure(6.5, 1.2 + 2.2 * len(panels))
-    axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
-    for ax, (factor, rows) in zip(axes, panels):
-        labels = [r["value"][:38] for r in rows]
-        acc = [r["mapped"]["accuracy"] if r["status"] == "ok" else 0.0 for r in rows]
-        err = [[a - r["mapped"]["accuracy_ci"][0] if r["status"] == "ok" else 0 for a, r in zip(acc, rows)],
-               [r["mapped"]["accuracy_ci"][1] - a if r["status"] == "ok" else 0 for a, r in zip(acc, rows)]]
-        y = np.arange(len(rows))
-        ax.barh(y, acc, xerr=err, zorder=2, color=["#4c72b0" if r["status"] == "ok" else "#dddddd" for r in rows])
-        for i, r in enumerate(rows):
-            if r["status"] == "ok":
-                ax.plot([r["native_target"]] * 2, [i - 0.4, i + 0.4], color="black", lw=1.5, zorder=3)
-                ax.plot([r["null_map"]["accuracy"]] * 2, [i - 0.4, i + 0.4], color="#c44e52", lw=1.5, zorder=3)
-            else:
-                ax.text(0.01, i, "skipped (extraction budget)", va="center", fontsize=7)
-        ax.set_yticks(y, labels, fontsize=7)
-        ax.set_xlim(0, 1)
-        ax.set_title(factor, fontsize=9)
-    fig.suptitle(wrap_title(6.5, f"{results['pair']} on {short_name(results['task'])}: mapped accuracy (bars, 95% "
-                             "interval); black: native target, red: null map"), fontsize=9)
-    return save_png(fig, path)
 
 
 def run_ablation(cfg: AblationConfig, out: str | Path | None = None, progress=None) -> dict[str, Any]:

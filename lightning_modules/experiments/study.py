@@ -10,7 +10,7 @@ accuracy and macro-F1 through the target's head, the drop from native, a null ma
 and the top-prediction share, the accuracy at every λ of the path with each criterion's choice, and a
 collapse flag (predictions concentrated on one class, or macro-F1 < 0.8 × native); with OOD sets, the AUROC
 of one detector on mapped states and its drop. Accuracy, macro-F1 and AUROC carry percentile bootstrap
-intervals over test rows (drops: paired resamples; `lightning_modules.bootstrap`, through torchmetrics).
+intervals over test rows (drops: paired resamples; `lightning_modules.evaluation.bootstrap`, through torchmetrics).
 
 Nothing is fitted twice: each model's task states are extracted once (the state cache; a regime's public
 sets are filled from rows already cached), each (model, task) classifier and detector is fitted once and
@@ -25,35 +25,35 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from datamodules.assets import AssetError
 from datamodules.cache import atomic_write_bytes, atomic_write_json, slug
 from datamodules.extraction import ExtractionConfig, resolve
-from datamodules.public_set import (DIALOG, PublicRecipe, in_domain_recipe, leave_task_out_recipe,
-                                    leave_task_out_sources, task_specs)
-from lightning_modules.bootstrap import auroc_ci, auroc_drop_ci, macro_f1_ci, mean_ci
-from lightning_modules.evaluate import (PairConfig, build_public, classification_scores, fit_aligner, fit_classifier,
-                                        lambda_path_report, null_map, path_accuracy, prepare_states, public_datamodule,
-                                        split_rows, task_datamodule)
-from lightning_modules.metrics import alignment_report, auroc
-from lightning_modules.ood import DETECTORS, Detector, OODConfig, load_ood_sets, make_detectors
-from lightning_modules.report import REGIME_TITLES, heatmap, lambda_path_chart, regime_rows, regime_table, short_name
-from lightning_modules.solvers import LAMBDA_ESTIMATORS, SufficientStats, path_factors
+from datamodules.recipes import (DIALOG, PublicRecipe, in_domain_recipe, leave_task_out_recipe,
+                                 leave_task_out_sources, task_specs)
+from datamodules.registry import AssetError
+from lightning_modules.evaluation.bootstrap import auroc_ci, auroc_drop_ci, macro_f1_ci, mean_ci
+from lightning_modules.evaluation.evaluate import (PairConfig, build_public, classification_scores, fit_aligner,
+                                                   fit_classifier, lambda_path_report, null_map, path_accuracy,
+                                                   prepare_states, public_datamodule, split_rows, task_datamodule)
+from lightning_modules.evaluation.metrics import alignment_report, auroc
+from lightning_modules.evaluation.ood import OODConfig, load_ood_sets
+from lightning_modules.evaluation.ood_detectors import DETECTORS, Detector, make_detectors
+from lightning_modules.experiments.study_report import collapse, lambda_panels, markdown_report, matrices
+from lightning_modules.fitting.estimators import path_factors
+from lightning_modules.fitting.solvers import LAMBDA_ESTIMATORS
+from lightning_modules.fitting.stats import SufficientStats
+from lightning_modules.reporting.report import REGIME_TITLES, heatmap, lambda_path_chart, short_name
 from lightning_modules.settings import (LEAVE_TASK_OUT, DeviceSettings, ExtractionSettings, FitSettings,
                                         HeadSettings, PublicSetSettings, seed_all)
 
 # "given": the recipe's public set (`public`; the default, leave-task-out, is built per task); "in-domain": per task, half dialog, half the task's own
 # training texts (paper Table 1); "leave-task-out": per task, every other unlabelled source (paper Table 2).
 REGIMES = ("given", "in-domain", "leave-task-out")
-COLLAPSE_SHARE = 0.9      # mapped predictions this concentrated on one class (when the truth is not) collapse
-COLLAPSE_F1_RATIO = 0.8   # and so does a mapped macro-F1 below this fraction of the native one
-ALIGNMENT = (("r2", "R²"), ("cosine", "cosine"), ("cosine_centered", "centred cosine"), ("cka", "linear CKA"),
-             ("mutual_knn", "mutual kNN (k=10)"))
 
 
 class StudyError(AssetError):  # an AssetError, as GenerationError: the CLI prints it as a user error
@@ -103,12 +103,12 @@ class StudyConfig:
                 raise StudyError(f"{name} must be at least 2 rows, got {value}")
         if len(self.models) < 2:
             raise StudyError(f"a study needs at least 2 models, got {list(self.models)}: "
-                             "pass --models A B [C ...]")
+                             "pass --models '[A,B,...]'")
         repeated = sorted({m for m in self.models if list(self.models).count(m) > 1})
         if repeated:
             raise StudyError(f"--models lists {repeated} more than once; list each model once")
         if not self.tasks:
-            raise StudyError("pass at least one labelled task: --tasks bbc [...]")
+            raise StudyError("pass at least one labelled task: --tasks '[bbc,...]'")
         both = sorted(set(self.tasks) & set(self.ood))
         if both:
             raise StudyError(f"{both} is both a task and an OOD set; drop it from --ood or from --tasks")
@@ -331,151 +331,6 @@ class Study:
                                 "ood": {n: len(s) for n, s in natives[cfg.models[0], task].ood.items()}}
                          for task in cfg.tasks},
                 "fits": dict(self.fits), "native": native_results, "regimes": regimes}
-
-
-def collapse(mapped: dict[str, Any], native: dict[str, Any]) -> tuple[bool, str | None]:
-    """Whether mapped predictions collapsed, and why: concentrated on one class (where the true labels are
-    not), or a macro-F1 below COLLAPSE_F1_RATIO × the native head's."""
-    reasons = []
-    if mapped["top_prediction_share"] >= COLLAPSE_SHARE > mapped["majority_rate"]:
-        reasons.append(f"{mapped['top_prediction_share']:.0%} of mapped predictions are one class "
-                       f"(the most common true class is {mapped['majority_rate']:.0%})")
-    if mapped["macro_f1"] < COLLAPSE_F1_RATIO * native["macro_f1"]:
-        reasons.append(f"mapped macro-F1 {mapped['macro_f1']:.3f} < {COLLAPSE_F1_RATIO} × native "
-                       f"{native['macro_f1']:.3f}")
-    return bool(reasons), "; ".join(reasons) or None
-
-
-# --- heatmaps and the report ---------------------------------------------------------------------
-
-Cell = tuple[float, Sequence[float] | None, float | None]  # value, interval, null
-Add = Callable[[str, str, bool, Callable[[dict], Cell], Callable[[str], Cell]], None]
-
-
-def matrices(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """One N×N matrix per metric (rows: source, columns: target), with its intervals and nulls: the "given"
-    regime's under their own names, each other regime's accuracy and drop under `REGIME-...`."""
-    models, native = results["models"], results["native"]
-    out: dict[str, dict[str, Any]] = {}
-    for regime, r in results["regimes"].items():
-        pairs = r["pairs"]
-        prefix, tag = ("", "") if regime == "given" else (f"{regime}-", f"{regime} public sets, ")
-
-        def add(name: str, title: str, diverging: bool, off: Callable[[dict], Cell], diagonal: Callable[[str], Cell],
-                pairs: dict = pairs, prefix: str = prefix, tag: str = tag, regime: str = regime) -> None:
-            cells = [[diagonal(s) if s == t else off(pairs[f"{s} -> {t}"]) for t in models] for s in models]
-            parts = {part: [[c[i] for c in row] for row in cells] for i, part in enumerate(("matrix", "ci", "null"))}
-            out[prefix + name] = {"title": tag + title, "diverging": diverging, "regime": regime, **parts}
-
-        for task in results["config"]["tasks"]:
-            _task_matrices(add, native, task)
-            for name in results["config"]["ood"]:
-                _ood_matrices(add, native, task, name)
-        if regime == "given":
-            for key, label in ALIGNMENT:
-                _alignment_matrix(add, key, label, results["config"]["tasks"][0])
-    return out
-
-
-def _task_matrices(add: Add, native: dict, task: str) -> None:
-    def mapped(p: dict) -> dict:
-        return p["tasks"][task]
-
-    def accuracy(p: dict) -> Cell:
-        return mapped(p)["mapped"]["accuracy"], mapped(p)["mapped"]["accuracy_ci"], mapped(p)["null_map"]["accuracy"]
-
-    key = slug(task, suffix=False)
-    add(f"accuracy-{key}", f"{short_name(task)}: test accuracy (diagonal native, else mapped)", False,
-        accuracy, lambda m: (native[m][task]["accuracy"], native[m][task]["accuracy_ci"], None))
-    add(f"drop-{key}", f"{short_name(task)}: accuracy drop (target native − mapped)", True,
-        lambda p: (mapped(p)["mapped_drop"], mapped(p)["mapped_drop_ci"], None), lambda m: (0.0, None, None))
-
-
-def _ood_matrices(add: Add, native: dict, task: str, name: str) -> None:
-    def mapped(p: dict) -> dict:
-        return p["tasks"][task]["ood"][name]
-
-    title, key = f"{short_name(task)} vs {short_name(name)}", f"{slug(task, suffix=False)}-{slug(name, suffix=False)}"
-    add(f"ood-auroc-{key}", f"{title}: AUROC (diagonal native, else mapped)", False,
-        lambda p: (mapped(p)["auroc"], mapped(p)["auroc_ci"], None),
-        lambda m: (native[m][task]["ood"][name]["auroc"], native[m][task]["ood"][name]["auroc_ci"], None))
-    add(f"ood-drop-{key}", f"{title}: AUROC drop (target native − mapped)", True,
-        lambda p: (mapped(p)["auroc_drop"], mapped(p)["auroc_drop_ci"], None), lambda m: (0.0, None, None))
-
-
-def _alignment_matrix(add: Add, key: str, label: str, task: str) -> None:
-    def alignment(p: dict) -> dict:
-        return p["tasks"][task]["alignment"]
-
-    add(key, f"{label}, held-out public rows, the maps λ was chosen for on {short_name(task)} (diagonal: identity)",
-        False, lambda p: (alignment(p)[key], None, alignment(p)[f"{key}_null"]), lambda m: (1.0, None, None))
-
-
-def _cell(value: float, ci: Sequence[float] | None, null: float | None) -> str:
-    text = f"{value:.3f}"
-    if ci:
-        text += f" [{ci[0]:.3f}, {ci[1]:.3f}]"
-    if null is not None:
-        text += f" (null {null:.3f})"
-    return text
-
-
-def markdown_report(results: dict[str, Any]) -> str:
-    cfg, labels, models = results["config"], results["labels"], results["models"]
-    fits = results["fits"]
-    level = f"{cfg['confidence']:.0%}"
-    lines = [
-        f"# Convergence study: {len(models)} models, regimes {', '.join(results['regimes'])}",
-        "",
-        "Models: " + ", ".join(f"`{labels[m]}`" + (f" ({m})" if labels[m] != m else "") for m in models) + ".",
-        f"Tasks: {', '.join(cfg['tasks'])}." + (f" OOD sets: {', '.join(cfg['ood'])} (detector "
-                                                  f"{cfg['ood_detector']})." if cfg["ood"] else ""),
-        f"Rows are the source, columns the target. Intervals: {level} percentile bootstrap over test rows "
-        f"({cfg['bootstrap']} resamples; drops are paired). Fitted: {fits['classifiers']} classifiers, "
-        f"{fits['detectors']} detectors, {fits['aligners']} maps.",
-    ]
-    for regime in results["regimes"]:
-        rows = regime_rows(results, regime)
-        flagged = [f"{r['task']} {r['pair']}" for r in rows if r["collapse"]]
-        lines += ["", f"## Regime: {REGIME_TITLES[regime]}", "",
-                  _public_note(results, regime),
-                  f"Collapse (top-prediction share >= {COLLAPSE_SHARE} where the majority rate is below it, or mapped "
-                  f"macro-F1 < {COLLAPSE_F1_RATIO} × native): "
-                  + (f"**{len(flagged)} of {len(rows)} rows flagged** ({', '.join(flagged)})." if flagged
-                     else f"none of {len(rows)} rows."), "", *regime_table(results, regime)]
-        if regime in results.get("lambda_paths", {}):
-            file = results["lambda_paths"][regime]
-            lines += ["", f"Mapped test accuracy along the λ path, each criterion's choice marked: [{file}]({file})",
-                      "", f"![λ path, {regime}]({file})"]
-    for name, m in results["heatmaps"].items():
-        lines += ["", f"## {m['title']}", "", f"![{name}]({m['file']})", "",
-                  "| source ↓ target → | " + " | ".join(labels[t] for t in models) + " |",
-                  "|---|" + "---|" * len(models)]
-        for i, s in enumerate(models):
-            cells = (_cell(m["matrix"][i][j], m["ci"][i][j], m["null"][i][j]) for j in range(len(models)))
-            lines.append(f"| {labels[s]} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _public_note(results: dict[str, Any], regime: str) -> str:
-    public = results["regimes"][regime]["public"]
-    if regime == "given":
-        return f"Every map is fitted on `{public['data']}` (limit {public['limit']})."
-    return "Public set per task: " + "; ".join(
-        f"{short_name(task)}: `{p['recipe']['name']}`, {p['rows']} rows ("
-        + ", ".join(f"{short_name(k)} {v}" for k, v in p["selected"].items()) + ")" for task, p in public.items()) + "."
-
-
-def lambda_panels(results: dict[str, Any], regime: str) -> dict[str, dict[str, dict[str, Any]]]:
-    """The λ-path plot's data of a regime: {task: {pair: its lambda_path}}."""
-    pairs = results["regimes"][regime]["pairs"]
-    def panel(path: dict[str, Any]) -> dict[str, Any]:
-        return {"lambdas": [q["lambda"] for q in path["points"]], "accuracy": [q["accuracy"] for q in path["points"]],
-                "chosen": {c: v["lambda"] for c, v in path["chosen"].items()}}
-
-    return {task: {f"{short_name(p['source'])} -> {short_name(p['target'])}": panel(p["tasks"][task]["lambda_path"])
-                   for p in pairs.values() if p["tasks"][task].get("lambda_path")}
-            for task in results["config"]["tasks"]}
 
 
 def run_study(cfg: StudyConfig, out: str | Path | None = None) -> dict[str, Any]:

@@ -1,0 +1,261 @@
+"""The client's side of the private fit, after decryption: raw sufficient statistics, then the one solve path.
+
+The provider never sends its states. It returns, per part p of the public set (0 = train, 1 = val), the
+decrypted cross products `cross_p = Σ_rows (z_A - a)(z_B - mu_B)ᵀ` (a = the client's shift, mu_B the
+provider's train mean) and publishes per part its row count, Σ z_B, and Σ z_B² (per dim for train, only the
+trace for val). With the client's own raw rows that gives exactly the `SufficientStats` a plaintext fit on the
+same rows would stream:
+
+    xty_p = cross_p + sum_x_p mu_Bᵀ + a sum_y_pᵀ - n_p a mu_Bᵀ
+
+The val part's yty holds trace/d_B in every dim: `val_mse` and `val_r2` use only its sum.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import torch
+
+from lightning_modules.fitting.affine_map import AffineMap
+from lightning_modules.fitting.solvers import LAMBDA_ESTIMATORS, LambdaPath, solve, val_mse, val_r2
+from lightning_modules.fitting.stats import SufficientStats
+from lightning_modules.parties.head_probe import check_budgets, head_val_stats, probe
+from lightning_modules.settings import FitSettings
+from serve.formats.maps import MapConfig
+
+if TYPE_CHECKING:
+    from lightning_modules.models.aligner import AffineAligner
+    from lightning_modules.settings import DeviceSettings, ExtractionSettings
+    from serve.fit_client import GramReply
+
+PART_NAMES = ("train", "val")
+
+
+class PrivateFitError(ValueError):
+    """The reply or the client's states do not fit together; the message names the problem and the fix."""
+
+
+def _array(value: Any, shape: tuple[int, ...], what: str) -> np.ndarray:
+    try:
+        out = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise PrivateFitError(f"{what} must be numbers of shape {shape}, got {type(value).__name__}") from None
+    if out.shape != shape:
+        raise PrivateFitError(f"{what} has shape {out.shape}, expected {shape}")
+    if not np.isfinite(out).all():
+        raise PrivateFitError(f"{what} holds NaN/inf; the reply is corrupt: run the fit again")
+    return out
+
+
+def part_stats(parts: Sequence[np.ndarray], reply: "GramReply") -> list[SufficientStats]:
+    """The raw `SufficientStats` of each part (train, then val) from the client's raw states and the reply."""
+    stats = reply.stats if isinstance(reply.stats, dict) else {}
+    published = stats.get("parts")
+    if not isinstance(published, list) or not 1 <= len(published) <= len(PART_NAMES):
+        raise PrivateFitError("the provider's stats must list 1 or 2 parts (train, val); the server is not an "
+                              "xsilo fit server or is too old")
+    if len(parts) != len(published) or len(reply.cross) != len(published):
+        raise PrivateFitError(f"the provider published {len(published)} parts but the client has {len(parts)} "
+                              f"and the reply {len(reply.cross)}; split the public set as it says (train, val)")
+    rows = [np.asarray(p) for p in parts]
+    if rows[0].ndim != 2 or rows[0].shape[1] < 1:
+        raise PrivateFitError(f"the client's train states must be (rows, d_A), got shape {rows[0].shape}")
+    d_a = rows[0].shape[1]
+    mu_b = np.asarray(stats.get("mu_B", []), dtype=np.float64).reshape(-1)
+    d_b = mu_b.shape[0]
+    if d_b < 1:
+        raise PrivateFitError("the provider's stats lack mu_B; the server is not an xsilo fit server")
+    shift = _array(reply.client_shift, (d_a,), "the reply's client_shift")
+    out = []
+    for p, (x, pub, cross) in enumerate(zip(rows, published, reply.cross)):
+        name = PART_NAMES[p]
+        if x.ndim != 2 or x.shape[1] != d_a:
+            raise PrivateFitError(f"the client's {name} states must be (rows, {d_a}), got shape {x.shape}")
+        if not isinstance(pub, dict) or pub.get("rows") != x.shape[0]:
+            got = pub.get("rows") if isinstance(pub, dict) else pub
+            raise PrivateFitError(f"the provider's {name} part has {got} rows but the client's has {x.shape[0]}; "
+                                  "split the public set with its val_fraction and seed")
+        if not np.isfinite(x).all():
+            raise PrivateFitError(f"the client's {name} states hold NaN/inf; re-extract them")
+        n = x.shape[0]
+        xty_centred = _array(cross, (d_a, d_b), f"the reply's {name} cross products")
+        sum_y = _array(pub.get("sum_y"), (d_b,), f"the provider's {name} sum_y")
+        if pub.get("yty_diag") is not None:
+            yty = _array(pub["yty_diag"], (d_b,), f"the provider's {name} yty_diag")
+        else:
+            if name == "train":
+                raise PrivateFitError("the provider's train part lacks yty_diag (standardisation needs it); the "
+                                      "server is not an xsilo fit server or is too old")
+            trace = _array(pub.get("trace"), (), f"the provider's {name} trace")
+            yty = np.full(d_b, float(trace) / d_b)
+        x64 = x.astype(np.float64)
+        sum_x = x64.sum(axis=0)
+        xty = xty_centred + np.outer(sum_x, mu_b) + np.outer(shift, sum_y) - n * np.outer(shift, mu_b)
+        t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64))  # noqa: E731
+        out.append(SufficientStats(torch.tensor(float(n), dtype=torch.float64), t(sum_x), t(sum_y),
+                                   t(x64.T @ x64), t(xty), t(yty)))
+    return out
+
+
+@dataclass
+class PrivateFit:
+    """The fitted map (its `config`: how it was fitted, both states' specs), its λ path and what the fit measured
+    (for `save_pretrained`, which records them as metrics {"private_fit": ...})."""
+
+    map: AffineMap
+    metrics: dict[str, Any]
+    lambda_path: LambdaPath = field(default_factory=LambdaPath.empty)
+
+    @cached_property
+    def aligner(self) -> "AffineAligner":
+        """The map as a fitted `AffineAligner` (a LightningModule, built only when asked for: saving needs none)."""
+        from lightning_modules.models.aligner import AffineAligner
+
+        aligner = AffineAligner.from_map(self.map)
+        aligner.lambda_path = self.lambda_path
+        return aligner
+
+    def save_pretrained(self, out: str | Path) -> Path:
+        """The map folder `xsilo align` writes: the map, its config and these metrics."""
+        return self.map.save_pretrained(Path(out), replace(self.map.config, metrics={"private_fit": self.metrics}))
+
+
+def fit_private(parts: Sequence[np.ndarray], reply: "GramReply", fit: FitSettings, *,
+                source_spec: dict[str, Any], public_set: dict[str, Any], head: AffineMap | None = None,
+                head_val: SufficientStats | None = None, stats: Sequence[SufficientStats] | None = None) -> PrivateFit:
+    """Solve the map from the decrypted reply with `solvers.solve` (the aligner's own path): an `AffineMap` ready
+    for `save_pretrained`, its target spec the provider's public-set model spec. `head` and `head_val` (from
+    `head_probe`) give the head criterion; `stats` are `part_stats(parts, reply)` when known."""
+    stats = list(stats) if stats is not None else part_stats(parts, reply)
+    train, val = stats[0], (stats[1] if len(stats) > 1 and stats[1].count else None)
+    amap, lam, path = solve(train, val, fit.estimator, fit.lambdas, fit.center, fit.standardize,
+                            criterion=fit.criterion, head=head, head_val=head_val, rank=fit.rank,
+                            whiten_target=fit.whiten_target)
+    path = path if lam is not None else LambdaPath.empty()
+    target = {**(public_set.get("model") or {}), "public_set_fingerprint": public_set.get("fingerprint")}
+    config = MapConfig(estimator=fit.estimator, lambdas=[float(v) for v in fit.lambdas], chosen_lambda=lam,
+                       lambda_path=path.finite_pairs(), lambda_selection=path.as_dict(), criterion=fit.criterion,
+                       rank=fit.rank, whiten_target=bool(fit.whiten_target), center=bool(fit.center),
+                       standardize=bool(fit.standardize), source=dict(source_spec), target=target)
+    metrics = {"public_set": {k: public_set.get(k) for k in ("name", "rows", "fingerprint", "val_fraction", "seed")},
+               "rows": {name: s.count for name, s in zip(PART_NAMES, stats)}, "chosen_lambda": lam,
+               "criterion": path.criterion, "chosen": dict(path.chosen), "lambda_path": path.as_dict(),
+               "train_r2": val_r2(train, amap),
+               "val_mse": val_mse(val, amap) if val is not None else None,
+               "val_r2": val_r2(val, amap) if val is not None else None}
+    for key in ("bytes_sent", "bytes_received", "provider_ms", "client_ms"):
+        metrics[key] = getattr(reply, key, None)
+    return PrivateFit(AffineMap(amap.weight, amap.bias, config), metrics, path)
+
+
+def public_texts_file(texts: list[str], fingerprint: str) -> Path:
+    """The provider's public texts as a .jsonl under $XSILO_HOME/public/remote/ (written atomically once), so the
+    client's own extraction caches them like any dataset."""
+    from datamodules.registry import xsilo_home
+    from datamodules.cache import atomic_write_bytes
+
+    if not re.fullmatch(r"[0-9a-f]{64}", fingerprint):  # it names a file here: never a path from the network
+        raise PrivateFitError(f"the public set's fingerprint {fingerprint[:80]!r} is not 64 hex digits; is the server "
+                              "an xsilo server?")
+    path = Path(xsilo_home()) / "public" / "remote" / f"{fingerprint[:32]}.jsonl"
+    data = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts).encode("utf-8")
+    if not path.is_file() or path.read_bytes() != data:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, data)
+    return path
+
+
+def align(server: str, model: str, out: str | Path, *, fit: FitSettings | None = None,
+          extraction: "ExtractionSettings | None" = None, device: "DeviceSettings | None" = None,
+          api_key: str | None = None, timeout: float = 300.0, progress=None, head: str | None = None) -> PrivateFit:
+    """`xsilo align`: fit the map from this client's `model` into the provider's states without either side seeing
+    the other's: fetch the public texts, check their fingerprint, extract `model`'s states on them (cached), split
+    them as the provider did, run the encrypted fit, solve, and save the map folder `out`.
+
+    With `head` (a head the provider serves), λ is chosen through it (criterion auto = head): the provider's
+    published logits on its public val rows, and the head queried under HE on the directions the path's maps
+    write into (`lightning_modules.parties.head_probe`)."""
+    from datamodules.cache import StateCache
+    from datamodules.extraction import ExtractionConfig, cache_hit, extract, resolve
+    from datamodules.states import random_split
+    from lightning_modules.settings import DeviceSettings, ExtractionSettings
+    from serve.fit_client import PrivateFitClient
+
+    fit, extraction, device = fit or FitSettings(), extraction or ExtractionSettings(), device or DeviceSettings()
+    if fit.criterion == "head" and head is None:
+        raise PrivateFitError("--fit.criterion head chooses λ through the provider's head: name it with --head NAME "
+                              "(GET /v1/model 'heads'), or use --fit.criterion auto/gcv/val_mse")
+    if head is not None and fit.estimator not in LAMBDA_ESTIMATORS:
+        raise PrivateFitError(f"--head chooses the ridge λ, but --fit.estimator {fit.estimator} takes none; use one of "
+                              f"{', '.join(LAMBDA_ESTIMATORS)}, or align without --head")
+    device.apply_threads()
+    with PrivateFitClient(server, api_key=api_key, timeout=timeout) as client:
+        public = client.public_set()
+        val_logits = client.val_logits(head) if head is not None else None  # fails fast when not published
+        texts = client.public_texts()  # count and fingerprint checked against the server's own
+        path = public_texts_file(texts, public["fingerprint"])
+        job = resolve(ExtractionConfig(model=model, data=str(path), pooling=extraction.pooling, layer=extraction.layer,
+                                       max_length=extraction.max_length, dtype=extraction.dtype,
+                                       batch_size=extraction.batch_size, label_column=None))
+        if job.key.dataset_fingerprint != public["fingerprint"] or len(job.texts) != public["rows"]:
+            raise PrivateFitError(f"the public texts read back from {path} do not match the server's fingerprint "
+                                  f"{public['fingerprint'][:16]}; delete the file and run `xsilo align` again")
+        if not cache_hit(job.directory):
+            extract(job.config, **device.extraction_kwargs())
+        states = StateCache(job.directory).rows(np.arange(public["rows"]))
+        indices = random_split(public["rows"], float(public["val_fraction"]), int(public["seed"]))
+        sizes = {name: len(idx) for name, idx in zip(PART_NAMES, indices)}
+        if sizes != {name: int(public["parts"][name]) for name in PART_NAMES}:
+            raise PrivateFitError(f"splitting {public['rows']} rows at val_fraction {public['val_fraction']}, seed "
+                                  f"{public['seed']} gives {sizes}, but the server's parts are {public['parts']}; "
+                                  "use an xsilo of the server's version")
+        parts = [states[idx] for idx in indices]
+        if head is not None:
+            info = client.model_info()
+            bound = min(parts[0].shape[1], int(public["hidden_size"]), len(parts[0])) + 2
+            check_budgets(bound, info["heads"][head], info.get("limits") or {}, head)  # before the fit's work
+        reply = client.fit(parts, public["fingerprint"], progress=progress)
+    stats = part_stats(parts, reply)
+    surrogate = head_val = None
+    probe_metrics: dict[str, Any] = {}
+    if head is not None:
+        surrogate, probe_metrics = query_head(server, head, stats[0], fit, api_key=api_key, timeout=timeout)
+        head_val = head_val_stats(parts[1], val_logits)
+    result = fit_private(parts, reply, fit, source_spec=job.spec(), public_set=public, head=surrogate,
+                         head_val=head_val, stats=stats)
+    if head is not None:
+        result.metrics["head"] = {"name": head, **probe_metrics}
+    result.save_pretrained(out)
+    return result
+
+
+def query_head(server: str, head: str, train: SufficientStats, fit: FitSettings, *, api_key: str | None = None,
+               timeout: float = 300.0) -> tuple[AffineMap, dict[str, Any]]:
+    """The provider's head as known on every map of the path (`head_probe`): its r + 2 probe rows queried under
+    HE in one session, and what the probe cost."""
+    from serve.head_client import HeadClient
+    from serve.http_client import ServerReplyError
+
+    probe_rows = probe(train, fit.center, fit.standardize)
+    rows = probe_rows.rows
+    with HeadClient(server, head, api_key=api_key, timeout=timeout) as client:
+        info = client.model_info()
+        charged = check_budgets(len(rows), {"lanes": info.layout.lanes}, info.limits, head)
+        try:
+            logits = client.infer_states(rows)
+        except ServerReplyError as exc:
+            if exc.status == 429:
+                raise PrivateFitError(f"the provider's row budget ran out while the head-aware λ queried head "
+                                      f"{head!r} on {len(rows)} rows ({exc.message[:200]}); ask its operator to raise "
+                                      "--rows_per_client, or align without --head (λ by GCV)") from None
+            raise
+        timings = dict(client.last_timings)
+    return probe_rows.head(logits), {"probe_rows": len(rows), "rows_charged": charged,
+                                     "ciphertexts": timings.get("ciphertexts"), "server_ms": timings.get("server_ms")}

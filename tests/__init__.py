@@ -1,0 +1,1 @@
+"""xsilo's tests: folders mirror the packages (encrypted, serve, datamodules, lightning_modules)."""

@@ -1,0 +1,1 @@
+"""Tests of texts, extraction, caches and DataModules (datamodules/)."""

@@ -1,0 +1,1 @@
+"""Tests of CKKS layers and the encrypted Gram (encrypted/)."""

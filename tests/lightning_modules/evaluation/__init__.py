@@ -1,0 +1,1 @@
+"""Tests of evaluation, metrics and OOD (lightning_modules/evaluation/)."""

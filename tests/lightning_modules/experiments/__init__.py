@@ -1,0 +1,1 @@
+"""Tests of the study and the ablation (lightning_modules/experiments/)."""

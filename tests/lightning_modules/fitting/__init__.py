@@ -1,0 +1,1 @@
+"""Tests of solvers, subspace, logistic, standardisation (lightning_modules/fitting/)."""

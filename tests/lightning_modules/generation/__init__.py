@@ -1,0 +1,1 @@
+"""Tests of mapped generation (lightning_modules/generation/)."""

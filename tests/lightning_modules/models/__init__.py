@@ -1,0 +1,1 @@
+"""Tests of AffineAligner and LinearClassifier (lightning_modules/models/)."""

@@ -1,0 +1,1 @@
+"""Tests of the two parties' workflows (lightning_modules/parties/)."""

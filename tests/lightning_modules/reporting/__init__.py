@@ -1,0 +1,1 @@
+"""Tests of reports and demo summaries (lightning_modules/reporting/)."""

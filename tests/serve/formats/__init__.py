@@ -1,0 +1,1 @@
+"""Tests of the torch-free formats (serve/formats/): readers, writers, older folders."""
