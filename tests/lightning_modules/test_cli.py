@@ -199,7 +199,9 @@ def test_predict_under_ddp_writes_every_row_once_in_order(fitted, tmp_path, no_l
           "--trainer.devices", "2", "--trainer.strategy", "ddp_spawn"])
     one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
     np.testing.assert_array_equal(two["rows"], one["rows"])
-    np.testing.assert_allclose(two["predictions"], one["predictions"], rtol=1e-6, atol=1e-6)
+    # float32 logits summed in another batch order: equal to a few ulps of the largest term, not of each entry
+    scale = float(np.abs(one["predictions"]).max())
+    np.testing.assert_allclose(two["predictions"], one["predictions"], rtol=1e-6, atol=1e-6 * scale)
 
 
 def test_scoring_without_a_fitted_model_is_one_line(fitted, capsys):
