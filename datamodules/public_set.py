@@ -3,7 +3,8 @@
 `build_public_set` draws rows from several sources (registry datasets with their labels dropped,
 `movie-dialog`, local files, hub ids) in a given domain mix and size, deduplicates them, and drops
 every text of every listed task's validation and test split (the seeded stratified split that
-`LabelledStatesDataModule` makes, recomputed here from the task's labels). Texts are compared after
+`LabelledStatesDataModule` makes, recomputed here from the task's labels, read with the task's own columns). A file
+source is labelled, so a task too, when it has the label column named (`label_column`). Texts are compared after
 normalisation (Unicode NFKC, case folding, whitespace collapsed), so a duplicate or whitespace
 variant of a held-out text is dropped too. It writes `<name>.jsonl` (`text` and `source` columns)
 and `manifest.json` (sources, counts, exclusions, content fingerprint) atomically under
@@ -27,7 +28,7 @@ from typing import Any, Collection, Mapping, Sequence
 
 import numpy as np
 
-from datamodules.registry import AssetError, xsilo_home
+from datamodules.registry import AssetError, is_registered, xsilo_home
 from datamodules.cache import atomic_write_bytes, atomic_write_json
 from datamodules.dedupe import NORMALIZATION, normalize_text
 from datamodules.text import dataset_fingerprint, load_texts
@@ -106,6 +107,8 @@ class TaskSplit:
     rows: int = 0
     val_rows: int = 0
     test_rows: int = 0
+    text_column: str = "text"    # the columns it was read with (a file task's own, as the DataModules read it)
+    label_column: str = "label"
     keys: set[str] = field(default_factory=set, repr=False)
 
     def summary(self) -> dict[str, Any]:
@@ -116,18 +119,20 @@ class TaskSplit:
 
 
 def task_heldout(task: str, limit: int | None = None, val_fraction: float = SPLIT.val_fraction,
-                 test_fraction: float = SPLIT.test_fraction, seed: int = SPLIT.seed, text_column: str = "text",
+                 test_fraction: float = SPLIT.test_fraction, seed: int = SPLIT.seed, text_column: str | None = "text",
                  label_column: str = "label") -> TaskSplit:
     """The normalised texts of a task's validation and test split (stratified, seeded, as in
-    `LabelledStatesDataModule` with the same limit, fractions and seed)."""
+    `LabelledStatesDataModule` with the same limit, fractions, seed and columns)."""
     ds = load_texts(task, "train", text_column, label_column, limit)
     if "label" not in ds.column_names:
-        raise PublicSetError(f"task {task!r} has no labels, so it has no stratified split to exclude; "
-                             "list it as a dataset to exclude entirely (exclude_datasets) instead")
+        raise PublicSetError(f"task {task!r} has no label column {label_column!r}, and its held-out texts are those of "
+                             "its stratified split, which needs its labels: name the column that holds them "
+                             "(--label_column in `public-set build`, --extraction.label_column in `evaluate`)")
     _, val, test = stratified_split(np.asarray(ds["label"]), val_fraction, test_fraction, seed)
     texts = ds["text"]
     keys = {normalize_text(texts[i]) for i in np.concatenate([val, test])}
-    return TaskSplit(task, limit, val_fraction, test_fraction, seed, len(ds), len(val), len(test), keys)
+    return TaskSplit(task, limit, val_fraction, test_fraction, seed, len(ds), len(val), len(test),
+                     text_column=text_column or "text", label_column=label_column, keys=keys)
 
 
 # --- the builder ------------------------------------------------------------------------------
@@ -194,7 +199,9 @@ def build_public_set(
     test_fraction: float = SPLIT.test_fraction,
     split_seed: int = SPLIT.seed,
     seed: int = 0,
-    text_column: str = "text",
+    text_column: str | None = "text",
+    label_column: str = "label",
+    task_columns: tuple[str | None, str] | None = None,
     prefer: Collection[str] | None = None,
     strict: bool = False,
 ) -> Path:
@@ -217,6 +224,10 @@ def build_public_set(
         split_seed: the tasks' split seed (default the split spec's).
         seed: sampling seed.
         text_column: text column of file and hub sources.
+        label_column: label column of file and hub sources: a source that has it is labelled, so it is also a task
+            whose validation and test texts are removed (with `exclude_source_tasks`).
+        task_columns: the (text, label) columns `exclude_tasks` and `exclude_datasets` are read with, as the
+            DataModules read the task (e.g. a user's CSV task beside registry sources); default the sources'.
         prefer: texts to draw first within each source (e.g. those with cached states); the rest follow in
             seeded random order.
         strict: raise instead of redistributing when the size or the mix cannot be met.
@@ -231,21 +242,29 @@ def build_public_set(
     if size is not None and size <= 0:
         raise PublicSetError(f"size must be a positive number of rows, got {size}")
 
+    # A file or hub source is labelled when it has `label_column`; a registry source keeps its own labels.
+    own = {n: (text_column, "label" if is_registered(n, "dataset") else label_column) for n in names}
     loaded = {}
     for name in names:
         try:
-            loaded[name] = load_texts(name, "train", text_column, "label")
+            loaded[name] = load_texts(name, "train", *own[name], labels_optional=True)
         except AssetError as e:
             raise PublicSetError(f"cannot read public source {name!r}: {e}") from None
-    task_specs = list(exclude_tasks) if exclude_tasks is not None else []
+    task_columns = task_columns or (text_column, label_column)
+    columns = {spec: task_columns for spec in (exclude_tasks or ())}  # a listed task: the task's columns
     if exclude_source_tasks or exclude_tasks is None:
-        listed = {parse_task(t)[0] for t in task_specs}
-        task_specs += [n for n in names if "label" in loaded[n].column_names and n not in listed]
+        listed = {parse_task(t)[0] for t in columns}
+        columns |= {n: own[n] for n in names if "label" in loaded[n].column_names and n not in listed}
+    files = [n for n in names if not is_registered(n, "dataset")]
+    if (label_column not in (None, "label") and not any("label" in loaded[n].column_names for n in files)
+            and not (exclude_tasks and task_columns[1] == label_column)):
+        raise PublicSetError(f"no source or task has the label column {label_column!r} (file sources: {files}); "
+                             "name a column that holds a source's or task's labels, or drop label_column")
     splits = []
-    for spec in dict.fromkeys(task_specs):
+    for spec, (task_text, task_label) in columns.items():
         task, limit = parse_task(spec)
         try:
-            splits.append(task_heldout(task, limit, val_fraction, test_fraction, split_seed, text_column))
+            splits.append(task_heldout(task, limit, val_fraction, test_fraction, split_seed, task_text, task_label))
         except PublicSetError:
             raise
         except AssetError as e:
@@ -256,7 +275,7 @@ def build_public_set(
     for spec in exclude_datasets:
         name, limit = parse_task(spec)
         try:
-            keys = {normalize_text(t) for t in load_texts(name, "train", text_column, None, limit)["text"]}
+            keys = {normalize_text(t) for t in load_texts(name, "train", task_columns[0], None, limit)["text"]}
         except AssetError as e:
             raise PublicSetError(f"cannot read excluded dataset {name!r}: {e}") from None
         dropped[spec] = len(keys)

@@ -50,12 +50,13 @@ class PublicRecipe:
     size: int | None
     exclude_tasks: tuple[str, ...]
     exclude_datasets: tuple[str, ...] = ()
+    task_columns: tuple[str | None, str] | None = None  # the tasks' (text, label) columns (a file task's own)
 
     def build(self, prefer: Collection[str] | None = None, seed: int = 0) -> Path:
         """The set's `.jsonl`: the one already built under this name with these arguments, else a new build."""
         return self.built(seed) or build_public_set(
             self.sources, size=self.size, mix=self.mix, exclude_tasks=list(self.exclude_tasks), out=self.name,
-            exclude_datasets=self.exclude_datasets, prefer=prefer, seed=seed)
+            exclude_datasets=self.exclude_datasets, task_columns=self.task_columns, prefer=prefer, seed=seed)
 
     def built(self, seed: int = 0) -> Path | None:
         """The `.jsonl` of a set of this name whose manifest records these arguments, if there is one."""
@@ -66,12 +67,14 @@ class PublicRecipe:
         except (OSError, ValueError):
             return None
         weights = parse_mix(self.mix)
-        tasks = {(t["task"], t["limit"]) for t in m.get("excluded", {}).get("tasks", [])}
+        tasks = {(t["task"], t["limit"], t.get("text_column") or "text", t.get("label_column") or "label")
+                 for t in m.get("excluded", {}).get("tasks", [])}
+        text, label = self.task_columns or (None, "label")
         same = ([s["name"] for s in m.get("sources", [])] == list(self.sources) and m.get("seed") == seed
                 and (self.size is None or m.get("size_requested") == self.size)
                 and set(m.get("mix_requested") or {}) == set(weights)
                 and all(abs(m["mix_requested"][k] - w) < 1e-9 for k, w in weights.items())
-                and {parse_task(t) for t in self.exclude_tasks} <= tasks
+                and {(*parse_task(t), text or "text", label) for t in self.exclude_tasks} <= tasks
                 and set(m.get("excluded", {}).get("datasets", {})) == set(self.exclude_datasets))
         return path if same and path.is_file() and m.get("file") == path.name else None
 
@@ -84,14 +87,16 @@ def in_domain_recipe(task: str, exclude_tasks: Sequence[str], size: int = 2000, 
 
 
 def leave_task_out_recipe(task: str, exclude_tasks: Sequence[str], size: int | None = 3500,
-                          sources: Sequence[str] | None = None, name: str | None = None) -> PublicRecipe:
+                          sources: Sequence[str] | None = None, name: str | None = None,
+                          task_columns: tuple[str | None, str] | None = None) -> PublicRecipe:
     """Every unlabelled source but the task (`sources`, default every registry dataset) in equal weights, with
     every text of the task removed (paper Table 2's regime: the task's domain is unknown). `size` None: every
-    eligible row of every source (no mix)."""
+    eligible row of every source (no mix). `task_columns`: the (text, label) columns the task and `exclude_tasks`
+    are read with, as the DataModules read them (a user's file: its own; default `text` or the entry's, `label`)."""
     pool = leave_task_out_sources(task, sources=sources)
     mix = None if size is None else ",".join(f"{s}:1" for s in pool)
     return PublicRecipe(name or f"study-leave-out-{_name_part(task)}", tuple(pool), mix, size, tuple(exclude_tasks),
-                        (task,))
+                        (task,), task_columns)
 
 
 def _name_part(task: str) -> str:

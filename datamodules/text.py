@@ -225,16 +225,19 @@ def load_texts(
     label_column: str | None = "label",
     limit: int | None = None,
     dedupe: bool = True,
+    labels_optional: bool = False,
 ) -> Dataset:
     """Load a dataset as columns `text` (+ `label` as ClassLabel when it has labels).
 
     The default names defer to a registry entry's own: `text_column` None (or "text") is the entry's
     text column, else "text"; `label_column` "label" is the entry's label column, else a `label`
     column when the file has one. Any other name must exist (a one-line error lists the file's
-    columns); `label_column` None loads a file's texts only. Built-in registry datasets
-    have a single split, "train", carved into stratified train/val/test by the DataModules. A
-    user's registry entry with several splits drops, with `dedupe`, the texts of a split that also
-    appear in a split ahead of it (test, then val, then the rest), and prints the count.
+    columns), unless `labels_optional`: then a file or hub dataset without that label column loads
+    its texts only, as one without a `label` column does. `label_column` None loads a file's texts
+    only. Built-in registry datasets have a single split, "train", carved into stratified
+    train/val/test by the DataModules. A user's registry entry with several splits drops, with
+    `dedupe`, the texts of a split that also appear in a split ahead of it (test, then val, then the
+    rest), and prints the count.
 
     `limit` keeps N rows drawn at random with a fixed seed, in file order: many files are sorted
     by label (BBC's folders, VADER's scores), so the first N rows would hold a few classes only.
@@ -254,7 +257,7 @@ def load_texts(
     else:
         ds = _guarded(name_or_path, split, lambda: _load_generic(name_or_path, split))
         ds = _select_columns(ds, name_or_path, text_column or "text", label_column,
-                             label_required=label_column not in (None, "label"))
+                             label_required=label_column not in (None, "label") and not labels_optional)
     if limit is not None:
         if limit <= 0:
             raise AssetError(f"limit must be a positive number of rows, got {limit}")

@@ -9,11 +9,13 @@ validation logit MSE through it), and a classifier on the source's states, then 
   native, and a null map (fitted on shuffled public pairs);
 * alignment on held-out public rows: R², cosine (raw and centred), linear CKA and mutual
   kNN, each beside its null value (shuffled pairing);
+* the collapse flag (`collapse`, `collapse_reason`: the study's verdict, `study_report.collapse`);
 * the λ path (`lambda_path`): every λ's score under each criterion (gcv, val_mse, head) and its mapped test
   accuracy / macro-F1 through the target head, and the λ each criterion chose with its accuracy.
 
-It saves the checkpoints it trained, the map as a map folder (`OUT/map`, `AffineAligner.save_pretrained`)
-and writes `metrics.json` and `metrics.md`.
+Before any extraction or fit it refuses a public set that holds a validation or test text of the task's split as
+evaluated (`check_no_heldout`). It saves the checkpoints it trained, the map as a map folder (`OUT/map`,
+`AffineAligner.save_pretrained`) and writes `metrics.json` and `metrics.md`.
 """
 
 from __future__ import annotations
@@ -30,12 +32,14 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
 from datamodules.cache import atomic_write_bytes, atomic_write_json, slug
+from datamodules.dedupe import normalize_text
 from datamodules.extraction import ExtractionConfig, ResolvedExtraction, cache_hit, extract
 from datamodules.prefill import cached_texts, prefill_states
-from datamodules.public_set import read_manifest
+from datamodules.public_set import PublicSetError, read_manifest
 from datamodules.recipes import PublicRecipe, leave_task_out_recipe, leave_task_out_sources, task_specs
 from datamodules.states import LabelledStatesDataModule, PairedStatesDataModule
 from lightning_modules.evaluation.metrics import alignment_report
+from lightning_modules.experiments.study_report import COLLAPSE_F1_RATIO, collapse
 from lightning_modules.fitting.affine_map import AffineMap
 from lightning_modules.fitting.estimators import RidgeFactors, path_factors
 from lightning_modules.fitting.solvers import LAMBDA_ESTIMATORS, LambdaPath, fit_affine
@@ -179,7 +183,8 @@ def task_public(cfg: PairConfig, models: Sequence[str], leave_out: Sequence[str]
     sources = leave_task_out_sources(cfg.task, leave_out)
     tag = "".join(f"-{slug(s)}" for s in sorted(leave_out)) + (f"-{cfg.task_limit}" if cfg.task_limit else "")
     recipe = leave_task_out_recipe(cfg.task, task_specs([cfg.task], cfg.task_limit), cfg.public.limit, sources,
-                                   name=f"leave-out-{slug(cfg.task)}{tag}-{cfg.public.limit or 'all'}")
+                                   name=f"leave-out-{slug(cfg.task)}{tag}-{cfg.public.limit or 'all'}",
+                                   task_columns=(cfg.extraction.text_column, cfg.extraction.label_column))
     return build_public(recipe, models, cfg.extraction, cfg.device, cfg.seed)[0]
 
 
@@ -190,6 +195,23 @@ def public_datamodule(cfg: PairConfig, source: str, target: str,
     public = task_public(cfg, (source, target), leave_out)
     return PairedStatesDataModule(source=source, target=target, data=public.data, limit=public.limit,
                                   seed=cfg.seed, **cfg.extraction.public_kwargs())
+
+
+def check_no_heldout(cfg: PairConfig, public: PairedStatesDataModule, task: LabelledStatesDataModule) -> None:
+    """Refuse (one line: the count and the fix) a public set that holds a validation or test text of the task's
+    split as evaluated here (its task_limit, seed and columns), compared as the builder compares texts."""
+    held = {normalize_text(task.job.texts[i]) for part in ("val", "test") for i in task.split_index[part]}
+    overlap = {key for key in map(normalize_text, public.source_job.texts) if key in held}
+    if overlap:
+        spec = task_specs([cfg.task], cfg.task_limit)[0]
+        columns = "".join(f" --{k} {v}" for k, v in (("text_column", cfg.extraction.text_column),
+                                                     ("label_column", cfg.extraction.label_column))
+                          if v not in (None, "text", "label"))
+        raise PublicSetError(
+            f"the public set {public.source_job.config.data!r} holds {len(overlap)} of the {len(held)} validation/test "
+            f"texts of {cfg.task!r} as evaluated here (task_limit {cfg.task_limit or 'none'}): rebuild it for this "
+            f"split (xsilo public-set build ... --exclude_tasks {spec}{columns}, the same --task_limit) or use the "
+            f"default --public.data {LEAVE_TASK_OUT}, which leaves the task out")
 
 
 def task_datamodule(cfg: PairConfig, model: str, task: str) -> LabelledStatesDataModule:
@@ -225,6 +247,7 @@ def evaluate_pair(cfg: PairConfig, out: str | Path | None = None) -> dict[str, A
     public = public_datamodule(cfg, cfg.source, cfg.target)
     task_target = task_datamodule(cfg, cfg.target, cfg.task)
     task_source = task_datamodule(cfg, cfg.source, cfg.task)
+    check_no_heldout(cfg, public, task_target)  # before any extraction or fit
     prepare_states(cfg.device, public, task_target, task_source)
 
     work = Path(tempfile.mkdtemp(prefix="xsilo-evaluate-"))
@@ -255,6 +278,7 @@ def evaluate_pair(cfg: PairConfig, out: str | Path | None = None) -> dict[str, A
         native_target = classification_scores(head_target(h_tgt), labels, k)
         native_source = classification_scores(head_source(h_src), labels, k)
         mapped = classification_scores(head_target(aligner(h_src)), labels, k)
+        collapsed, collapse_reason = collapse(mapped, native_target)
         null = classification_scores(head_target(null_map(public, cfg.fit, cfg.seed, lam)(h_src)), labels, k)
         x_val, y_val = split_rows(public, "val")
         alignment = alignment_report(aligner(x_val).double(), y_val.double(), source=x_val.double(),
@@ -279,6 +303,8 @@ def evaluate_pair(cfg: PairConfig, out: str | Path | None = None) -> dict[str, A
             "mapped_drop": native_target["accuracy"] - mapped["accuracy"],
             "null_map": null,
         },
+        "collapse": collapsed,  # the study's verdict: predictions on one class, or macro-F1 < 0.8 × native target's
+        "collapse_reason": collapse_reason,
         "alignment": alignment,
     }
     if out is not None:
@@ -312,6 +338,10 @@ def markdown_report(results: dict[str, Any]) -> str:
         row("mapped source → target head", c["mapped"]),
         f"| drop (native target − mapped) | {c['mapped_drop']:+.3f} | | | |",
         row("null map (shuffled public pairs)", c["null_map"]),
+        "",
+        (f"**Collapse**: {results['collapse_reason']}." if results.get("collapse") else
+         f"Collapse: no (neither flag of the study: mapped predictions on one class, mapped macro-F1 < "
+         f"{COLLAPSE_F1_RATIO} × native target's)."),
         "",
         "| alignment (held-out public rows) | mapped vs target | null (shuffled pairs) |",
         "|---|---|---|",

@@ -27,9 +27,9 @@ from datamodules.cache import StateCache, atomic_write_bytes, atomic_write_json
 from datamodules.encoder import clear_loaded_models
 from datamodules.extraction import ResolvedExtraction, cache_hit, extract, resolve
 from datamodules.states import LabelledStatesDataModule
-from lightning_modules.evaluation.evaluate import (PairConfig, classification_scores, extraction_spec, fit_aligner,
-                                                   fit_classifier, prepare_states, public_datamodule, publish,
-                                                   split_rows, task_datamodule)
+from lightning_modules.evaluation.evaluate import (PairConfig, check_no_heldout, classification_scores, extraction_spec,
+                                                   fit_aligner, fit_classifier, prepare_states, public_datamodule,
+                                                   publish, split_rows, task_datamodule)
 from lightning_modules.evaluation.ood_detectors import (DETECTORS, Detector, OODError,
                                                         calibrate_threshold, detection_metrics, flagged,
                                                         make_detectors, roc_points)
@@ -161,6 +161,7 @@ def evaluate_ood(cfg: OODConfig, out: str | Path | None = None) -> dict[str, Any
     seed_all(cfg.seed)
     public = public_datamodule(cfg, cfg.source, cfg.target, leave_out=cfg.ood)  # no OOD text in the public set
     task = {role: task_datamodule(cfg, model, cfg.task) for role, model in (("target", cfg.target), ("source", cfg.source))}
+    check_no_heldout(cfg, public, task["target"])
     prepare_states(cfg.device, public, *task.values())
     ood, dropped = load_ood_sets(cfg, task)
     ood_val, ood = split_ood(ood, cfg.seed)

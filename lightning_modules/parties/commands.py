@@ -14,7 +14,6 @@ from pathlib import Path
 from datamodules.commands import quiet
 from lightning_modules.settings import DeviceSettings, ExtractionSettings, FitSettings, HeadSettings
 from serve.formats.splits import SPLIT
-from serve.formats.views import StateView
 
 
 def public_set_build(
@@ -31,9 +30,8 @@ def public_set_build(
     test_fraction: float = SPLIT.test_fraction,
     split_seed: int = SPLIT.seed,
     seed: int = 0,
-    text_column: str = "text",
     strict: bool = False,
-    view: StateView = StateView(),
+    view: ExtractionSettings = ExtractionSettings(),
     device: DeviceSettings = DeviceSettings(),
 ) -> None:
     """Compose the shared public set from unlabelled sources; it never holds a task's validation or test texts.
@@ -48,7 +46,8 @@ def public_set_build(
             with every text of it removed (the study's leave-task-out regime; not with --sources or --mix).
         size: rows in the set (default: every eligible row; with a mix, the largest set that meets it).
         exclude_tasks: tasks whose validation and test texts are removed, as NAME or NAME@LIMIT (the task_limit
-            the task is evaluated with); labelled sources are always added.
+            the task is evaluated with), read with --text_column and --label_column; labelled sources are always
+            added (a file source is labelled when it has the --label_column column).
         exclude_datasets: datasets whose every text is removed (e.g. OOD test sets).
         name: the set's name under $XSILO_HOME/public/ (or a folder path); default public-<fingerprint>.
         models: fill these models' state caches from rows already cached for the same texts (rows cached for
@@ -57,10 +56,11 @@ def public_set_build(
         test_fraction: the tasks' test fraction.
         split_seed: the tasks' split seed.
         seed: sampling seed.
-        text_column: text column of file and hub sources.
         strict: fail instead of redistributing when the size or mix cannot be met.
-        view: the states of the --models caches (--pooling, --layer, --max_length, --dtype; use the ones you
-            evaluate with); null max_length: each model's own limit (capped), as `evaluate` reads it by default.
+        view: the states of the --models caches (--pooling, --layer, --max_length, --dtype, --batch_size; use the
+            ones you evaluate with; null max_length: each model's own limit, capped, as `evaluate` reads it by
+            default) and the columns of file and hub sources and of the tasks (--text_column, --label_column; with
+            --leave_out, the task's alone: the registry sources keep their own).
         device: where any extraction for --models runs (--accelerator, --devices, --threads); --precision sets
             the dtype (bf16-* is bfloat16, 16-* float16; the dtype is part of the cache key).
     """
@@ -68,8 +68,11 @@ def public_set_build(
     from datamodules.prefill import cached_texts, prefill_states
     from datamodules.public_set import PublicSetError, build_public_set, read_manifest
     from datamodules.recipes import leave_task_out_recipe
+    from datamodules.registry import is_registered
 
     quiet()
+    columns = (view.text_column, view.label_column)
+    sources_read = dict(text_column=view.text_column, label_column=view.label_column)
     if leave_out is not None:
         if sources or mix:
             raise PublicSetError(f"--leave_out {leave_out} draws from every registry dataset but {leave_out} in "
@@ -77,19 +80,27 @@ def public_set_build(
         recipe = leave_task_out_recipe(leave_out, exclude_tasks or [], size)
         sources, mix = list(recipe.sources), recipe.mix
         exclude_datasets = [*(exclude_datasets or ()), *recipe.exclude_datasets]
+        sources_read = {}  # registry sources, read with their own columns
     view = replace(view, dtype=device.forward_dtype(view.dtype))
     prefer = cached_texts(models, view.pooling, view.layer, view.max_length, view.dtype) if models else None
     path = build_public_set(sources or (), size=size, mix=mix, exclude_tasks=exclude_tasks, out=name,
                             exclude_datasets=exclude_datasets or (), val_fraction=val_fraction,
-                            test_fraction=test_fraction, split_seed=split_seed, seed=seed, text_column=text_column,
-                            prefer=prefer, strict=strict)
+                            test_fraction=test_fraction, split_seed=split_seed, seed=seed, **sources_read,
+                            task_columns=columns, prefer=prefer, strict=strict)
     m = read_manifest(path)
     parts = ", ".join(f"{s['name']} {s['selected']}" for s in m["sources"])
     print(f"{m['rows']} rows ({parts}); excluded {m['excluded']['rows_total']} held-out/excluded texts of "
           f"{', '.join(t['task'] for t in m['excluded']['tasks']) or 'no task'}", file=sys.stderr)
+    unlabelled = [s["name"] for s in m["sources"]
+                  if not s["labels_dropped"] and not is_registered(s["name"], "dataset")]
+    if unlabelled:
+        print(f"read as unlabelled, so no held-out text of theirs was removed: {', '.join(unlabelled)}; if one holds a "
+              f"task's labels, name their column with --label_column (no column {view.label_column!r} was found)",
+              file=sys.stderr)
     for model in models or ():
         r = prefill_states(ExtractionConfig(model=model, data=str(path), pooling=view.pooling, layer=view.layer,
-                                            max_length=view.max_length, dtype=view.dtype, label_column=None),
+                                            max_length=view.max_length, dtype=view.dtype, batch_size=view.batch_size,
+                                            label_column=None),
                            **device.extraction_kwargs())
         print(f"{model}: {'cache hit' if r.hit else f'{r.reused} rows reused, {r.extracted} extracted'}",
               file=sys.stderr)

@@ -285,3 +285,101 @@ def test_public_set_build_leave_out_flag(tmp_path, capsys, monkeypatch):
     assert [s["name"] for s in m["sources"]] == [n for n in names if n != "trec"]
     assert {s["selected"] for s in m["sources"]} == {10}
     assert not {normalize_text(t) for t in built_texts(path)} & {normalize_text(t) for t in load_texts("trec")["text"]}
+
+
+# --- a user's file with its own column names (issue 22: found while trying a user's CSV) ----------------
+
+def write_topics(path, n: int = 90, seed: int = 0):
+    """A user's CSV: `id`, `body` (the texts) and `topic` (the labels); no `text` or `label` column."""
+    texts = sentences(n, seed, "topic")
+    path.write_text("id,body,topic\n" + "".join(f"{i},\"{t}\",t{i % 3}\n" for i, t in enumerate(texts)))
+    return path
+
+
+def heldout_of_topics(csv, model, **split) -> set[str]:
+    """The val/test texts of the user's CSV as the DataModule that evaluates it splits them (its own columns)."""
+    dm = LabelledStatesDataModule(model=str(model), data=str(csv), text_column="body", label_column="topic", **split)
+    return {normalize_text(dm.job.texts[i]) for name in ("val", "test") for i in dm.split_index[name]}
+
+
+def test_a_labelled_source_file_with_its_own_columns_has_its_heldout_texts_removed(tmp_path, tiny_models, capsys):
+    """`public-set build --sources [dialog, my.csv] --text_column body --label_column topic`: the CSV is labelled, so
+    its validation and test texts (the DataModules' split) are removed, as a registry task's are."""
+    from lightning_modules.cli import main
+
+    csv = write_topics(tmp_path / "my.csv")
+    dialog = tmp_path / "dialog.jsonl"
+    dialog.write_text("".join(json.dumps({"body": t}) + "\n" for t in sentences(60, 11, "d")))
+    held = heldout_of_topics(csv, tiny_models["llama"])
+    main(["public-set", "build", "--sources", f"[{dialog},{csv}]", "--text_column", "body", "--label_column", "topic",
+          "--name", "topics"])
+    path = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    keys = {normalize_text(t) for t in built_texts(path)}
+    assert held and not keys & held and len(keys) == 60 + 90 - len(held)
+    m = read_manifest(path)
+    assert [(t["task"], t["text_column"], t["label_column"], t["held_out_texts"]) for t in m["excluded"]["tasks"]] \
+        == [(str(csv), "body", "topic", len(held))]
+    assert {s["name"]: s["labels_dropped"] for s in m["sources"]} == {str(dialog): False, str(csv): True}
+    # Without --label_column the CSV has no `label` column, so it reads as unlabelled: said, never silent.
+    main(["public-set", "build", "--sources", f"[{dialog},{csv}]", "--text_column", "body", "--name", "silent"])
+    err = capsys.readouterr().err
+    assert f"read as unlabelled, so no held-out text of theirs was removed: {dialog}, {csv}" in err
+    assert "--label_column" in err
+    # A label column no source has (a typo) is refused, not read as "every source unlabelled".
+    with pytest.raises(SystemExit):
+        main(["public-set", "build", "--sources", f"[{dialog},{csv}]", "--text_column", "body", "--label_column",
+              "topik", "--name", "typo"])
+    err = capsys.readouterr().err
+    assert "no source or task has the label column 'topik'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_leave_task_out_set_for_a_file_task_reads_it_with_its_own_columns(tmp_path):
+    """The recipe behind `evaluate`'s default public set, for a user's CSV (`body`/`topic`): built with no text of
+    it (whatever its spelling in another source), found again with the same columns, rebuilt with others."""
+    csv = write_topics(tmp_path / "my.csv")
+    echo = write_lines(tmp_path / "echo.jsonl", [v for t in load_texts(str(csv), text_column="body")["text"]
+                                                  for v in variants(t)[1:]] + sentences(80, 8, "e"))
+    dialog = write_lines(tmp_path / "dialog.jsonl", sentences(200, 9, "d"))
+    sources = [str(dialog), str(echo)]
+    recipe = leave_task_out_recipe(str(csv), task_specs([str(csv)], 60), 100, sources, name="lto-file",
+                                   task_columns=("body", "topic"))
+    path = recipe.build()
+    keys = {normalize_text(t) for t in built_texts(path)}
+    assert len(keys) == 100 and not keys & {normalize_text(t) for t in load_texts(str(csv), text_column="body")["text"]}
+    task = read_manifest(path)["excluded"]["tasks"][0]
+    assert (task["task"], task["limit"], task["text_column"], task["label_column"]) == (str(csv), 60, "body", "topic")
+    assert recipe.built() == path
+    other = leave_task_out_recipe(str(csv), task_specs([str(csv)], 60), 100, sources, name="lto-file",
+                                  task_columns=("body", "id"))
+    assert other.built() is None
+
+
+def test_exclude_tasks_reads_a_file_task_with_its_label_column_and_never_advises_dropping_it(tmp_path, tiny_models,
+                                                                                              capsys):
+    """`--exclude_tasks my.csv --text_column body` refused with "has no labels" and advised excluding the whole
+    dataset; `--label_column topic` names the labels, and the refusal names that flag instead."""
+    from lightning_modules.cli import main
+
+    csv = write_topics(tmp_path / "my.csv")
+    echo = tmp_path / "echo.jsonl"  # every task text in four spellings, under the same column name
+    echo.write_text("".join(json.dumps({"body": v}) + "\n" for t in load_texts(str(csv), text_column="body")["text"]
+                            for v in variants(t)))
+    capsys.readouterr()  # what reading the files printed so far
+    with pytest.raises(SystemExit) as info:
+        main(["public-set", "build", "--sources", f"[{echo}]", "--exclude_tasks", f"[{csv}]", "--text_column", "body",
+              "--name", "refused"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "no label column 'label'" in err and "--label_column" in err and "exclude_datasets" not in err
+    for limit in (None, 60):
+        spec = str(csv) if limit is None else f"{csv}@{limit}"
+        main(["public-set", "build", "--sources", f"[{echo}]", "--exclude_tasks", f"[{spec}]",
+              "--text_column", "body", "--label_column", "topic", "--name", f"excluded-{limit}"])
+        path = Path(capsys.readouterr().out.strip().splitlines()[-1])
+        held = heldout_of_topics(csv, tiny_models["llama"], limit=limit)
+        keys = {normalize_text(t) for t in built_texts(path)}
+        every = {normalize_text(t) for t in load_texts(str(csv), text_column="body")["text"]}
+        assert not keys & held and keys == every - held
+    with pytest.raises(PublicSetError, match="no label column 'label'") as e:
+        task_heldout(str(csv), text_column="body")
+    assert "exclude_datasets" not in str(e.value)

@@ -100,6 +100,22 @@ def test_lambda_is_chosen_through_the_target_head_and_the_whole_path_is_reported
     assert "| head (used) |" in md and "| val_mse |" in md
 
 
+def test_the_studys_collapse_verdict_is_written_and_printed(evaluated):
+    """`xsilo evaluate` reports the study's collapse flag (predictions on one class, or mapped macro-F1 < 0.8 ×
+    native target's): in metrics.json, metrics.md and the printed summary (the command prints markdown_report)."""
+    from lightning_modules.evaluation.evaluate import markdown_report
+    from lightning_modules.experiments.study_report import collapse
+
+    run, results = evaluated
+    c = results["classification"]
+    flagged, reason = collapse(c["mapped"], c["native_target"])
+    saved = json.loads((run / "metrics.json").read_text())
+    assert (saved["collapse"], saved["collapse_reason"]) == (results["collapse"], results["collapse_reason"]) \
+        == (flagged, reason)
+    line = f"**Collapse**: {reason}." if flagged else "Collapse: no ("
+    assert line in (run / "metrics.md").read_text() and line in markdown_report(results)
+
+
 def test_fused_export_matches_map_then_head_and_onnx(evaluated, tmp_path):
     run, results = evaluated
     out = export_checkpoints(run / "aligner.ckpt", run / "classifier-target.ckpt", tmp_path / "export",
