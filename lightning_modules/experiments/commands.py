@@ -8,7 +8,8 @@ from pathlib import Path
 
 from datamodules.commands import quiet
 from lightning_modules.experiments.ablation_config import AblationConfig
-from lightning_modules.settings import DeviceSettings, ExtractionSettings, FitSettings, HeadSettings, PublicSetSettings
+from lightning_modules.settings import (AdaptationSettings, DeviceSettings, ExtractionSettings, FitSettings,
+                                        HeadSettings, PublicSetSettings)
 
 
 def study(
@@ -28,6 +29,7 @@ def study(
     extraction: ExtractionSettings = ExtractionSettings(),
     fit: FitSettings = FitSettings(),
     head: HeadSettings = HeadSettings(),
+    adaptation: AdaptationSettings = AdaptationSettings(),
     seed: int = 0,
     device: DeviceSettings = DeviceSettings(),
     out: str = "runs/study",
@@ -49,7 +51,9 @@ def study(
         bootstrap: resamples of the test rows for the 95% intervals.
         regimes: which public sets the maps are fitted on (default: given): given (--public, one for every task),
             in-domain (per task: half movie dialog, half the task's training texts; paper Table 1) and
-            leave-task-out (per task: every other unlabelled source, no text of the task; paper Table 2).
+            leave-task-out (per task: every other unlabelled source, no text of the task; paper Table 2) and
+            two-party (the leave-task-out sets, each map adapted on the source's unlabelled task-train texts
+            through the target's published class statistics: what `xsilo align --private` does).
         in_domain_size: rows of each in-domain public set.
         leave_task_out_size: rows of each leave-task-out public set (null: every eligible row of every source).
         public_sources: the unlabelled sources of the leave-task-out sets (default: every registry dataset).
@@ -57,6 +61,7 @@ def study(
         extraction: how states are read (pooling, layer, max_length, dtype, columns of a user's file).
         fit: how each map is fitted.
         head: the logistic-regression heads.
+        adaptation: the two-party regime's adaptation (weight of the client's texts, rounds, EM steps).
         seed: split, training and bootstrap seed (recorded in study.json).
         device: where it runs (--accelerator, --devices, --precision, --threads).
         out: output directory.
@@ -68,7 +73,7 @@ def study(
                       ood_detector=ood_detector, bootstrap=bootstrap, public=public, extraction=extraction, fit=fit,
                       head=head, device=device, seed=seed, regimes=regimes or ("given",),
                       in_domain_size=in_domain_size, leave_task_out_size=leave_task_out_size,
-                      public_sources=public_sources)
+                      public_sources=public_sources, adaptation=adaptation)
     results = run_study(cfg, out=out)
     flagged = sum(v["collapse"] for r in results["regimes"].values() for p in r["pairs"].values()
                   for v in p["tasks"].values())

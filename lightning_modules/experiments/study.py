@@ -2,7 +2,9 @@
 
 A regime says which public set each map is fitted on: "given" (the study's `public`, every task),
 "in-domain" (per task, half movie dialog, half the task's training texts: the paper's Table 1) or
-"leave-task-out" (per task, every other unlabelled source, no text of the task: Table 2). No public set
+"leave-task-out" (per task, every other unlabelled source, no text of the task: Table 2) or "two-party" (the
+leave-task-out set, each map then adapted on the source's unlabelled task-train texts through the target's
+published class statistics, as `xsilo align --private` does: `fitting.adaptation`). No public set
 holds a validation or test text of any study task. For each regime, ordered pair (source, target) and task
 it fits the source→target map, its λ chosen through the target's head (criterion auto = head), and reports
 alignment on held-out public rows (R², cosine, linear CKA, mutual kNN, each beside its null), the mapped
@@ -44,16 +46,20 @@ from lightning_modules.evaluation.metrics import alignment_report, auroc
 from lightning_modules.evaluation.ood import OODConfig, load_ood_sets
 from lightning_modules.evaluation.ood_detectors import DETECTORS, Detector, make_detectors
 from lightning_modules.experiments.study_report import collapse, lambda_panels, markdown_report, matrices
+from lightning_modules.fitting.adaptation import TaskStatistics, adapt
 from lightning_modules.fitting.estimators import path_factors
 from lightning_modules.fitting.solvers import LAMBDA_ESTIMATORS
 from lightning_modules.fitting.stats import SufficientStats
 from lightning_modules.reporting.report import REGIME_TITLES, heatmap, lambda_path_chart, short_name
-from lightning_modules.settings import (LEAVE_TASK_OUT, DeviceSettings, ExtractionSettings, FitSettings,
-                                        HeadSettings, PublicSetSettings, seed_all)
+from lightning_modules.parties.heads import mahalanobis_raw
+from lightning_modules.settings import (LEAVE_TASK_OUT, AdaptationSettings, DeviceSettings, ExtractionSettings,
+                                        FitSettings, HeadSettings, PublicSetSettings, seed_all)
 
 # "given": the recipe's public set (`public`; the default, leave-task-out, is built per task); "in-domain": per task, half dialog, half the task's own
-# training texts (paper Table 1); "leave-task-out": per task, every other unlabelled source (paper Table 2).
-REGIMES = ("given", "in-domain", "leave-task-out")
+# training texts (paper Table 1); "leave-task-out": per task, every other unlabelled source (paper Table 2);
+# "two-party": the leave-task-out set, each map adapted to the source's unlabelled task-train texts (the product).
+REGIMES = ("given", "in-domain", "leave-task-out", "two-party")
+TWO_PARTY = "two-party"
 
 
 class StudyError(AssetError):  # an AssetError, as GenerationError: the CLI prints it as a user error
@@ -91,6 +97,7 @@ class StudyConfig:
     leave_task_out_size: int | None = 3500
     public_sources: Sequence[str] | None = None
     public_base: str = DIALOG
+    adaptation: AdaptationSettings = field(default_factory=AdaptationSettings)
 
     def validate(self) -> None:
         bad = [r for r in self.regimes if r not in REGIMES]
@@ -146,6 +153,8 @@ class Native:
     ood: dict[str, Tensor] = field(default_factory=dict)
     id_scores: np.ndarray | None = None
     ood_scores: dict[str, np.ndarray] = field(default_factory=dict)
+    train: Tensor | None = None                 # train-split states (a two-party client's unlabelled texts)
+    task_stats: TaskStatistics | None = None    # what the provider publishes of the task (`--publish_ood true`)
 
 
 def _scores(detector: Detector, head: torch.nn.Module, h: Tensor) -> np.ndarray:
@@ -197,6 +206,11 @@ class Study:
             logits = head(test)
         native = Native(head, test, labels, correct=(logits.argmax(1) == labels).numpy().astype(np.float64),
                         checkpoint=checkpoint)
+        if TWO_PARTY in cfg.regimes:
+            native.train, y_train = split_rows(dm, "train")
+            means, precision = mahalanobis_raw(native.train, y_train, dm.num_classes, cfg.mahalanobis_shrinkage)
+            priors = torch.bincount(y_train, minlength=dm.num_classes).double() / len(y_train)
+            native.task_stats = TaskStatistics.from_arrays(means, precision, priors)
         result = {**classification_scores(logits, labels, dm.num_classes),
                   "accuracy_ci": mean_ci(native.correct, **self.ci),
                   "macro_f1_ci": macro_f1_ci(logits.argmax(1).numpy(), labels.numpy(), dm.num_classes, **self.ci)}
@@ -225,6 +239,7 @@ class Study:
         cfg = self.cfg
         if regime == "given" and cfg.public.data != LEAVE_TASK_OUT:
             return cfg.public
+        regime = "leave-task-out" if regime == TWO_PARTY else regime  # the same public set, adapted maps
         if (regime, task) in self.publics:
             return self.publics[regime, task][0]
         exclude = task_specs(cfg.tasks, cfg.task_limit)
@@ -242,9 +257,11 @@ class Study:
 
     def fit_map(self, source: str, target: str, task: str, public: PublicSetSettings,
                 natives: dict[tuple[str, str], Native], native_results: dict[str, dict[str, Any]],
-                fit: FitSettings) -> dict[str, Any]:
+                fit: FitSettings, adapted: bool = False) -> dict[str, Any]:
         """source→target on a public set with `fit` (criterion auto: λ through the target's `task` head):
-        alignment on held-out public rows, the mapped views, the accuracy along the λ path and the collapse flag."""
+        alignment on held-out public rows, the mapped views, the accuracy along the λ path and the collapse flag.
+        `adapted` (the two-party regime): the map is then adapted to the source's unlabelled task-train states
+        through the target's task statistics, at the public fit's λ; the plain map's scores stay beside it."""
         cfg = self.cfg
         src, tgt = natives[source, task], natives[target, task]
         if not torch.equal(src.labels, tgt.labels):
@@ -256,18 +273,28 @@ class Study:
         self.fits["aligners"] += 1
         takes_lambda = cfg.fit.estimator in LAMBDA_ESTIMATORS
         lam = float(aligner.chosen_lambda) if takes_lambda else 0.0
+        plain, mapper = None, aligner
         with torch.no_grad():
+            x_tr, y_tr = split_rows(dm, "train")
+            train = SufficientStats.zeros(x_tr.shape[1], y_tr.shape[1], full_yty=False).update(x_tr, y_tr)
+            if adapted:
+                if not takes_lambda:
+                    raise StudyError(f"the two-party regime adapts a ridge map; --fit.estimator {cfg.fit.estimator} "
+                                     f"takes no λ: use one of {', '.join(LAMBDA_ESTIMATORS)}")
+                adaptation = adapt(train, src.train, tgt.task_stats, lam, fit, cfg.adaptation)
+                plain = classification_scores(tgt.head(aligner(src.test)), tgt.labels, tgt.head.hparams.output_dim)
+                mapper = AdaptedMap(adaptation.map)
             x_val, y_val = split_rows(dm, "val")
             out: dict[str, Any] = {
                 "chosen_lambda": lam if takes_lambda else None,
                 "criterion": aligner.lambda_path.criterion if takes_lambda else None,
-                "alignment": alignment_report(aligner(x_val).double(), y_val.double(), source=x_val.double(), k=10,
+                "alignment": alignment_report(mapper(x_val).double(), y_val.double(), source=x_val.double(), k=10,
                                               seed=cfg.seed),
                 "rows": {"public_train": len(dm.splits["train"]), "public_heldout": len(x_val)},
-                **self.mapped_views(aligner, null_map(dm, cfg.fit, cfg.seed, lam), src, tgt)}
+                **self.mapped_views(mapper, null_map(dm, cfg.fit, cfg.seed, lam), src, tgt)}
+            if plain is not None:
+                out["adaptation"] = {**adaptation.record, "unadapted": plain}
             if takes_lambda:  # the path the criteria scored, re-solved from the same public train rows (one eigh)
-                x_tr, y_tr = split_rows(dm, "train")
-                train = SufficientStats.zeros(x_tr.shape[1], y_tr.shape[1], full_yty=False).update(x_tr, y_tr)
                 factors = path_factors(train, cfg.fit.center, cfg.fit.standardize)
                 points = path_accuracy(factors, tgt.head.affine_map, src.test, tgt.labels,
                                        tgt.head.hparams.output_dim, aligner.lambda_path.lambdas)
@@ -308,12 +335,14 @@ class Study:
         pairs: dict[str, Any] = {f"{s} -> {t}": {"source": s, "target": t, "tasks": {}} for s, t in ordered}
         for task in cfg.tasks:
             public = self.public_set(regime, task)
-            fit = cfg.fit.for_public(regime == "leave-task-out"
+            fit = cfg.fit.for_public(regime in ("leave-task-out", TWO_PARTY)
                                      or (regime == "given" and cfg.public.data == LEAVE_TASK_OUT))
             for s, t in ordered:
-                pairs[f"{s} -> {t}"]["tasks"][task] = self.fit_map(s, t, task, public, natives, native_results, fit)
+                pairs[f"{s} -> {t}"]["tasks"][task] = self.fit_map(s, t, task, public, natives, native_results, fit,
+                                                                   adapted=regime == TWO_PARTY)
         info = ({"data": cfg.public.data, "limit": cfg.public.limit} if regime == "given"
-                else {task: self.publics[regime, task][1] for task in cfg.tasks})
+                else {task: self.publics["leave-task-out" if regime == TWO_PARTY else regime, task][1]
+                      for task in cfg.tasks})
         return {"public": info, "pairs": pairs}
 
     def run(self) -> dict[str, Any]:
@@ -328,9 +357,22 @@ class Study:
                 "seed": cfg.seed, "extraction": self.specs,
                 "models": list(cfg.models), "labels": {m: short_name(m) for m in cfg.models},
                 "rows": {task: {"test": len(natives[cfg.models[0], task].labels),
-                                "ood": {n: len(s) for n, s in natives[cfg.models[0], task].ood.items()}}
+                                "ood": {n: len(s) for n, s in natives[cfg.models[0], task].ood.items()},
+                                **({"train": len(natives[cfg.models[0], task].train)}
+                                   if natives[cfg.models[0], task].train is not None else {})}
                          for task in cfg.tasks},
                 "fits": dict(self.fits), "native": native_results, "regimes": regimes}
+
+
+class AdaptedMap(torch.nn.Module):
+    """An adapted `AffineMap` where the study reads an aligner: float32 states in, float32 states out."""
+
+    def __init__(self, amap) -> None:
+        super().__init__()
+        self.amap = amap
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.amap(x).float()
 
 
 def run_study(cfg: StudyConfig, out: str | Path | None = None) -> dict[str, Any]:

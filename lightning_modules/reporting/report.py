@@ -173,7 +173,9 @@ def lambda_path_chart(panels: dict[str, dict[str, dict[str, Any]]], title: str, 
 
 REGIME_TITLES = {"given": "the given public set",
                  "in-domain": "in-domain public sets (half dialog, half the task's training texts; paper Table 1)",
-                 "leave-task-out": "leave-task-out public sets (every other unlabelled source; paper Table 2)"}
+                 "leave-task-out": "leave-task-out public sets (every other unlabelled source; paper Table 2)",
+                 "two-party": "two-party: the leave-task-out sets, each map adapted on the client's unlabelled "
+                              "task texts through the provider's published class statistics (no text crosses)"}
 # (header, JSON pointer below a row's native / mapped entry, interval pointer or None)
 # "native source": the source's own head; a map followed by the target's linear head is a linear head on source
 # states, so (up to regularisation) that is the ceiling of mapped accuracy.

@@ -45,7 +45,7 @@ def regimes(tiny_models, tmp_path_factory):
         echo = _lines(root / "echo.jsonl", [f"  {t.upper()} " for t in load_texts(str(task_a))["text"]]
                       + [" ".join(rng.choice(WORDS, 5)) + f" e{i}" for i in range(60)])
         cfg = StudyConfig(models=[str(tiny_models["llama"]), str(tiny_models["gpt2"])],
-                          tasks=[str(task_a), str(task_b)], regimes=["in-domain", "leave-task-out"],
+                          tasks=[str(task_a), str(task_b)], regimes=["in-domain", "leave-task-out", "two-party"],
                           in_domain_size=80, leave_task_out_size=120, public_base=str(dialog),
                           public_sources=[str(dialog), str(echo), str(task_a), str(task_b)],
                           head=HeadSettings(epochs=5), fit=FitSettings(lambdas=(1e-3, 1e-2, 1e-1, 1.0)), bootstrap=50)
@@ -67,23 +67,24 @@ def regimes(tiny_models, tmp_path_factory):
         return root, cfg, results
 
 
-def test_two_regimes_give_two_tables_and_a_lambda_path_plot_each(regimes):
+def test_each_regime_gives_a_table_and_a_lambda_path_plot(regimes):
     root, cfg, results = regimes
-    assert list(results["regimes"]) == ["in-domain", "leave-task-out"]
+    assert list(results["regimes"]) == ["in-domain", "leave-task-out", "two-party"]
     md = (root / "out" / "study.md").read_text()
-    for regime in ("in-domain", "leave-task-out"):
+    for regime in ("in-domain", "leave-task-out", "two-party"):
         assert f"lambda-path-{regime}.png" in md
         assert (root / "out" / f"lambda-path-{regime}.png").read_bytes()[:8] == PNG_MAGIC
     tables = [block for block in md.split("## Regime: ")[1:]]
-    assert len(tables) == 2
+    assert len(tables) == 3
     for block in tables:
         rows = [line for line in block.split("\n## ")[0].splitlines() if line.startswith("| ") and "---" not in line]
         assert len(rows) == 1 + len(cfg.tasks) * 2  # header, then (task, pair) rows
-    # each pair's map is fitted once per (regime, task); each (model, task) head once
-    assert results["fits"] == {"classifiers": 4, "detectors": 0, "aligners": 8, "public_sets": 4}
+    # each pair's map is fitted once per (regime, task); each (model, task) head once; two-party reuses the
+    # leave-task-out sets
+    assert results["fits"] == {"classifiers": 4, "detectors": 0, "aligners": 12, "public_sets": 4}
     for name, regime in results["regimes"].items():
         # the study knows the head: auto = head, except on a leave-task-out set, where it is gcv
-        expected = "gcv" if name == "leave-task-out" else "head"
+        expected = "gcv" if name in ("leave-task-out", "two-party") else "head"
         for pair in regime["pairs"].values():
             for task in cfg.tasks:
                 view = pair["tasks"][task]
@@ -94,7 +95,8 @@ def test_two_regimes_give_two_tables_and_a_lambda_path_plot_each(regimes):
                 # the path's map at the chosen λ is the study's map: the same λ, the same accuracy
                 chosen = path["chosen"][expected]
                 assert chosen["lambda"] == view["chosen_lambda"]
-                assert chosen["accuracy"] == pytest.approx(view["mapped"]["accuracy"])
+                scored = view["adaptation"]["unadapted"] if name == "two-party" else view["mapped"]
+                assert chosen["accuracy"] == pytest.approx(scored["accuracy"])
     assert {"in-domain-accuracy-task-a", "leave-task-out-drop-task-b"} <= set(results["heatmaps"])
 
 
@@ -200,12 +202,12 @@ def test_the_report_renders_the_regime_tables_beside_the_paper_and_the_lambda_pa
     body, figures = md.split("## Figures", 1)
     assert "Notes:" not in md and md.startswith("# xsilo study report")
     assert not re.findall(r"\d+\.\d+", "\n".join(line for line in body.splitlines() if not line.startswith("#")))
-    for regime in ("in-domain", "leave-task-out"):
+    for regime in ("in-domain", "leave-task-out", "two-party"):
         assert f"](lambda-path-{regime}.png)" in body
     assert "Table 1" in figures and "Table 2" in figures and "| TREC | — | 95.4 | 57.6 | PAPER_NOTES.md |" in figures
     # every regime row names its source in study.json, and its mapped accuracy is the one stored there
     rows = [line for line in figures.splitlines() if "study.json#/regimes/" in line]
-    assert len(rows) == 2 * len(cfg.tasks) * 2
+    assert len(rows) == len(cfg.regimes) * len(cfg.tasks) * 2
     for line in rows:
         cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
         pointer = cells[-1].split("#", 1)[1]
@@ -237,3 +239,18 @@ def test_the_default_public_set_is_built_per_task_from_every_other_source(regime
     held = {normalize_text(t) for t in load_texts(task_a)["text"]}
     assert not held & {normalize_text(r["text"]) for r in rows}
     assert task_public(pair, cfg.models, leave_out=[task_b]).data == public.data  # built once, then found
+
+
+def test_the_two_party_regime_adapts_each_leave_task_out_map_on_the_tasks_unlabelled_train_texts(regimes):
+    root, cfg, results = regimes
+    two, leave = results["regimes"]["two-party"], results["regimes"]["leave-task-out"]
+    assert two["public"] == leave["public"]  # the same public sets: no text of the task
+    for key, pair in two["pairs"].items():
+        for task in cfg.tasks:
+            view, plain = pair["tasks"][task], leave["pairs"][key]["tasks"][task]
+            record = view["adaptation"]
+            # the client's texts are the task's train split (its labels unused); the plain map is the leave-task-out one
+            assert record["private_rows"] == results["rows"][task]["train"]
+            assert record["lambda"] == view["chosen_lambda"] == plain["chosen_lambda"]
+            assert record["unadapted"]["accuracy"] == pytest.approx(plain["mapped"]["accuracy"])
+            assert {"collapse", "collapse_reason"} <= set(view) and "macro_f1" in view["mapped"]

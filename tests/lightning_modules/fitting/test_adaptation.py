@@ -1,0 +1,101 @@
+"""The two-party adaptation (lightning_modules/fitting/adaptation.py): a public set that barely varies along the
+task's directions gives a map the target's classes collapse under; the client's unlabelled task states and the
+provider's published class statistics recover them, without a label of the client's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_modules.fitting.adaptation import AdaptationError, TaskStatistics, adapt, balanced, mixture_em
+from lightning_modules.fitting.solvers import solve
+from lightning_modules.fitting.stats import SufficientStats
+from lightning_modules.settings import AdaptationSettings, FitSettings, SettingsError
+
+F64 = torch.float64
+D_A, D_B, K = 8, 6, 3
+
+
+def world(seed: int, n_public: int = 600, n_task: int = 300):
+    """Paired public rows with almost no variance along dims 5-7 of the source, where the task's classes differ."""
+    g = torch.Generator().manual_seed(seed)
+    relation = torch.randn(D_B, D_A, generator=g, dtype=F64)
+    spread = torch.ones(D_A, dtype=F64)
+    spread[5:] = 0.01
+    x_pub = torch.randn(n_public, D_A, generator=g, dtype=F64) * spread
+    y_pub = x_pub @ relation.T + torch.randn(n_public, D_B, generator=g, dtype=F64)
+    centres = torch.zeros(K, D_A, dtype=F64)
+    centres[:, 5:] = 3 * torch.randn(K, 3, generator=g, dtype=F64)
+
+    def task():
+        labels = torch.arange(n_task) % K
+        x = centres[labels] + 0.5 * torch.randn(n_task, D_A, generator=g, dtype=F64)
+        return x, x @ relation.T + 0.1 * torch.randn(n_task, D_B, generator=g, dtype=F64), labels
+
+    public = SufficientStats.zeros(D_A, D_B, full_yty=False).update(x_pub, y_pub)
+    return public, task(), task()
+
+
+def published(y: torch.Tensor, labels: torch.Tensor) -> TaskStatistics:
+    """What `xsilo head fit --publish_ood true` publishes: class means, shared precision, class priors."""
+    means = torch.stack([y[labels == c].mean(0) for c in range(K)])
+    residual = y - means[labels]
+    priors = torch.bincount(labels, minlength=K).double() / len(labels)
+    return TaskStatistics(means, torch.linalg.inv(residual.T @ residual / len(y)), priors)
+
+
+def accuracy(amap, stats: TaskStatistics, x: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((stats.log_likelihood(amap(x)).argmax(1) == labels).double().mean())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 3])
+def test_adaptation_recovers_a_collapsed_map_without_labels(seed):
+    public, (x_tr, y_tr, l_tr), (x_te, _, l_te) = world(seed)
+    fit = FitSettings(criterion="gcv")
+    plain, lam, _ = solve(public, None, "ridge", fit.lambdas, fit.center, fit.standardize, criterion="gcv")
+    stats = published(y_tr, l_tr)  # the provider's side: its own states and labels
+    adapted = adapt(public, x_tr, stats, lam, fit, AdaptationSettings())  # the client's side: x_tr, no labels
+    before, after = accuracy(plain, stats, x_te, l_te), accuracy(adapted.map, stats, x_te, l_te)
+    assert before < 0.9 and after >= 0.97, (before, after)
+    assert adapted.record["private_rows"] == len(x_tr) and adapted.record["lambda"] == lam
+    # the client's rows carry the configured share of the fit's weight
+    assert float(adapted.stats.n) == pytest.approx(public.count / (1 - AdaptationSettings().weight), rel=1e-9)
+
+
+def test_balanced_responsibilities_match_the_priors_even_when_every_score_favours_one_class():
+    scores = torch.zeros(90, K, dtype=F64)
+    scores[:, 0] = 5.0 + torch.linspace(0, 1, 90, dtype=F64)  # a collapsed map: class 0 wins every row
+    priors = torch.tensor([0.5, 0.3, 0.2], dtype=F64)
+    r = balanced(scores, priors)
+    assert torch.allclose(r.sum(1), torch.ones(90, dtype=F64))
+    assert torch.allclose(r.mean(0), priors, atol=1e-6)
+
+
+def test_mixture_em_finds_clusters_in_the_clients_own_space():
+    _, (x, _, labels), _ = world(0)
+    noisy = torch.full((len(x), K), 1.0 / K, dtype=F64)
+    noisy[torch.arange(len(x)), labels] += 0.05  # a weak hint, as a collapsed map gives
+    r = mixture_em(x, noisy / noisy.sum(1, keepdim=True), torch.full((K,), 1.0 / K, dtype=F64), 5, 0.1)
+    assert float((r.argmax(1) == labels).double().mean()) >= 0.97
+
+
+def test_bad_inputs_are_one_line_errors_that_name_the_fix():
+    public, (x, y, labels), _ = world(0)
+    stats = published(y, labels)
+    fit, settings = FitSettings(), AdaptationSettings()
+    with pytest.raises(AdaptationError, match="same model"):
+        adapt(public, x[:, :4], stats, 0.1, fit, settings)
+    with pytest.raises(AdaptationError, match="one text per class"):
+        adapt(public, x[:2], stats, 0.1, fit, settings)
+    with pytest.raises(AdaptationError, match="NaN"):
+        adapt(public, torch.full_like(x, float("nan")), stats, 0.1, fit, settings)
+    with pytest.raises(AdaptationError, match="different models"):
+        adapt(public, x, TaskStatistics(stats.means[:, :4], stats.precision[:4, :4], stats.priors), 0.1, fit,
+              settings)
+    with pytest.raises(AdaptationError, match="priors"):
+        TaskStatistics(stats.means, stats.precision, torch.tensor([0.5, 0.5, 0.5], dtype=F64))
+    assert torch.allclose(TaskStatistics.from_arrays(stats.means, stats.precision).priors,
+                          torch.full((K,), 1 / K, dtype=F64))  # a head published before priors: uniform
+    for bad in ({"weight": 1.0}, {"rounds": 0}, {"shrinkage": 2.0}):
+        with pytest.raises(SettingsError, match="adaptation"):
+            AdaptationSettings(**bad)
