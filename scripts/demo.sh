@@ -96,7 +96,7 @@ xsilo query --server "http://127.0.0.1:$PORT" --text "Shares in the bank rose af
 kill $SERVER_PID && wait $SERVER_PID 2>/dev/null || true
 trap - EXIT
 
-stage 6 two-party "two organisations, two machines: the provider (Gemma-3) serves heads, the client (SmolLM2) aligns privately"
+stage 6 two-party "two organisations, two machines: the provider (Gemma-3) serves heads, the client (SmolLM2) aligns privately and adapts to its own texts"
 # Each party has its own XSILO_HOME holding only its own model and data. Instead of converting each model a second
 # time, the demo hard-links the folders that stage 1 prepared (an organisation would prepare its own).
 TWO=$RUN/two-party
@@ -123,11 +123,32 @@ SERVER_PID=$!
 trap 'kill $SERVER_PID 2>/dev/null || true' EXIT
 python -m serve.demo_check --wait-only --url "http://127.0.0.1:$SPLIT_PORT"
 echo "--- client (XSILO_HOME=$CLIENT/home): private fit over HTTP (λ through the provider's head, probed under HE), then split-mode queries"
+# The client's own unlabelled texts: the BBC sample's training split only (the DataModules' split, duplicates of
+# val/test dropped as they drop them), so no text queried below is among them. They never leave the client.
+PRIVATE=$CLIENT/private-bbc-train.jsonl
+XSILO_HOME=$CLIENT/home BBC_LIMIT=$BBC_LIMIT python - "$PRIVATE" <<'PY'
+import json, os, sys
+from pathlib import Path
+import numpy as np
+from datamodules.cache import atomic_write_bytes
+from datamodules.states import drop_split_duplicates
+from datamodules.text import load_texts
+from serve.formats.splits import SPLIT
+ds = load_texts("bbc", limit=int(os.environ["BBC_LIMIT"]) if os.environ["BBC_LIMIT"] else None)
+texts = list(ds["text"])
+split, _ = drop_split_duplicates(texts, dict(zip(("train", "val", "test"), SPLIT.task_split(np.asarray(ds["label"])))))
+rows = "".join(json.dumps({"text": texts[int(i)]}, ensure_ascii=False) + "\n" for i in split["train"])
+atomic_write_bytes(Path(sys.argv[1]), rows.encode("utf-8"))
+print(f"client's private texts: {len(split['train'])} BBC training texts, unlabelled -> {sys.argv[1]}")
+PY
+# The public-set map alone (the one the lab's must equal), then the map adapted to the private texts, which it queries.
 XSILO_HOME=$CLIENT/home xsilo align --server "http://127.0.0.1:$SPLIT_PORT" --model smollm2 --head bbc \
-  --extraction.max_length "$MAX_LENGTH" --threads "$THREADS" --out "$CLIENT/aligner"
+  --extraction.max_length "$MAX_LENGTH" --threads "$THREADS" --out "$CLIENT/aligner-public"
+XSILO_HOME=$CLIENT/home xsilo align --server "http://127.0.0.1:$SPLIT_PORT" --model smollm2 --head bbc \
+  --private "$PRIVATE" --extraction.max_length "$MAX_LENGTH" --threads "$THREADS" --out "$CLIENT/aligner"
 XSILO_HOME=$CLIENT/home python -m serve.demo_check --url "http://127.0.0.1:$SPLIT_PORT" --head bbc \
-  --aligner "$CLIENT/aligner" --reference "$PROVIDER/heads/bbc" --data bbc --n 100 $(limit "$BBC_LIMIT" limit) \
-  --threads "$THREADS" --out "$RUN/two-party.json"
+  --aligner "$CLIENT/aligner" --public-aligner "$CLIENT/aligner-public" --reference "$PROVIDER/heads/bbc" --data bbc \
+  --n 100 $(limit "$BBC_LIMIT" limit) --threads "$THREADS" --out "$RUN/two-party.json"
 XSILO_HOME=$CLIENT/home xsilo query --server "http://127.0.0.1:$SPLIT_PORT" --aligner "$CLIENT/aligner" --head bbc \
   --text "Shares in the bank rose after record profits" --threads "$THREADS"
 kill $SERVER_PID && wait $SERVER_PID 2>/dev/null || true

@@ -47,8 +47,8 @@ def ood_flags(rule: Any, info: Any, states: np.ndarray, logits: np.ndarray, prob
 
 
 def fetch_feature_detector(connection: Connection, info: Any) -> FeatureOod:
-    """A head's published feature-space detector (`info` is the head's ModelInfo): size bounded, sha256 checked
-    against /v1/model, arrays validated."""
+    """A head's published feature-space detector and class priors when published (`info` is the head's ModelInfo):
+    size bounded, sha256 checked against /v1/model, arrays validated."""
     published = info.feature_ood
     if not published or info.head is None:
         raise ServeError("the server publishes no feature-space OOD detector for this layer")
@@ -58,12 +58,12 @@ def fetch_feature_detector(connection: Connection, info: Any) -> FeatureOod:
         raise ServeError("the feature-OOD detector the server sent does not match the sha256 in /v1/model; "
                          "retry, or ask the operator")
     try:
-        means, precision = read_feature_ood_npz(data, info.output_dim, info.input_dim,
-                                                "the server's feature-OOD detector", "ask the operator")
+        means, precision, priors = read_feature_ood_npz(data, info.output_dim, info.input_dim,
+                                                        "the server's feature-OOD detector", "ask the operator")
         threshold = float(published["threshold"])
     except (ExportError, KeyError, TypeError, ValueError) as exc:
         raise ServeError(str(exc)) from None
     if not math.isfinite(threshold):
         raise ServeError("the server's feature-OOD threshold is not a finite number")
     return FeatureOod(means, precision, threshold, float(published.get("tpr") or 0.0), data,
-                      published["sha256"])
+                      published["sha256"], priors)

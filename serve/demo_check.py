@@ -6,6 +6,8 @@ predictions with the plaintext pipeline.
         --out runs/demo/serve.json
     # split mode: the client maps with its own aligner, the server applies head NAME only
     python -m serve.demo_check --url URL --head bbc --aligner aligner/ --reference provider/heads/bbc ...
+    # ... and the public-set map alone (`xsilo align` without --private) scored in plaintext beside
+    python -m serve.demo_check ... --aligner aligner/ --public-aligner aligner-public/ ...
 
 The texts are the first N rows of the task's test split (the stratified split `xsilo evaluate` uses).
 The plaintext reference loads the served weights locally (the export, or in split mode the provider's head
@@ -62,6 +64,10 @@ def main() -> None:
     parser.add_argument("--head", default=None, help="split mode: the served head's name")
     parser.add_argument("--aligner", default=None, help="split mode: the client's map folder (`xsilo align --out`)")
     parser.add_argument("--reference", default=None, help="split mode: the provider's head folder, for the reference")
+    parser.add_argument("--public-aligner", default=None,
+                        help="split mode: another map of the same client model (the unadapted public-set map of "
+                             "`xsilo align` without --private), whose plaintext accuracy on the same texts is reported "
+                             "beside (accuracy_public_map)")
     parser.add_argument("--data", default="bbc")
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--limit", type=int, default=None, help="the task_limit the export was evaluated with")
@@ -77,6 +83,8 @@ def main() -> None:
     split = args.head is not None
     if split != (args.aligner is not None) or split != (args.reference is not None) or split == (args.export is not None):
         parser.error("pass --export (fused mode), or --head, --aligner and --reference (split mode)")
+    if args.public_aligner is not None and not split:
+        parser.error("--public-aligner is a second map of split mode: pass it with --head, --aligner and --reference")
 
     import torch
     import transformers
@@ -90,9 +98,18 @@ def main() -> None:
 
     wait_until_up(args.url, args.wait_s)
     texts, truth = load_test_split(args.data, args.n, limit=args.limit)
+    public_of = None
     if split:
         mapping, head = LinearExport.from_pretrained(args.aligner, "map"), load_export(args.reference, "head")
         reference_of = lambda states: head(mapping(states))  # noqa: E731
+        if args.public_aligner is not None:
+            public_map = LinearExport.from_pretrained(args.public_aligner, "map")
+            view = lambda m: {k: (m.manifest.get("source") or {}).get(k)  # noqa: E731
+                              for k in ("model_identity", "pooling", "layer", "max_length", "dtype")}
+            if view(public_map) != view(mapping):
+                raise SystemExit(f"error: --public-aligner {args.public_aligner} reads another model's states than "
+                                 f"--aligner {args.aligner}; pass two maps of the same client model")
+            public_of = lambda states: head(public_map(states))  # noqa: E731
     else:
         reference_of = load_export(args.export)
     options = {"head": args.head, "aligner": args.aligner} if split else {}
@@ -105,7 +122,8 @@ def main() -> None:
                 results.append(client.classify([text])[0])
                 progress.update()
             progress.close()
-            reference = reference_of(np.asarray(client.encoder(texts), dtype=np.float64))
+            states = np.asarray(client.encoder(texts), dtype=np.float64)
+            reference = reference_of(states)
     except ServeError as exc:
         raise SystemExit(f"error: {exc}") from None
 
@@ -120,9 +138,13 @@ def main() -> None:
                "accuracy_encrypted": float(np.mean([p == t for p, t in zip(predicted, truth)])),
                "accuracy_plaintext": float(np.mean([p == t for p, t in zip(plain_labels, truth)])),
                **{f"median_{k}": round(v, 2) for k, v in medians.items()}, "p90_total_ms": round(p90, 2)}
+    if public_of is not None:
+        public_labels = [names[i] for i in public_of(states).argmax(1)]
+        figures["accuracy_public_map"] = float(np.mean([p == t for p, t in zip(public_labels, truth)]))
     print(f"{len(texts)} encrypted {args.data} test queries ({figures['mode']} mode): encrypted == plaintext argmax on {agree}/{len(texts)}, "
           f"max |logit diff| {figures['max_abs_logit_diff']:.2e}; accuracy {figures['accuracy_encrypted']:.3f} "
-          f"(plaintext {figures['accuracy_plaintext']:.3f})")
+          f"(plaintext {figures['accuracy_plaintext']:.3f})"
+          + (f"; the public-set map alone {figures['accuracy_public_map']:.3f} (plaintext)" if public_of else ""))
     print("latency per query, median: " + ", ".join(f"{k[:-3]} {v:.1f} ms" for k, v in medians.items())
           + f"; p90 total {p90:.1f} ms")
     print(json.dumps(figures))

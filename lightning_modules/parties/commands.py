@@ -12,7 +12,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from datamodules.commands import quiet
-from lightning_modules.settings import DeviceSettings, ExtractionSettings, FitSettings, HeadSettings
+from lightning_modules.settings import (AdaptationSettings, DeviceSettings, ExtractionSettings, FitSettings,
+                                       HeadSettings)
 from serve.formats.splits import SPLIT
 
 
@@ -175,7 +176,8 @@ def head_fit(
         task: labelled dataset (stratified train/val/test split), as in `xsilo evaluate`.
         out: the head's folder; it is served under the folder's name (must be empty or missing unless --overwrite).
         publish_ood: also publish a feature-space Mahalanobis detector (class means and shared precision of
-            MODEL's states: it reveals them), thresholded on the val split, that split-mode clients run.
+            MODEL's states, and the class priors: it reveals them), thresholded on the val split, that split-mode
+            clients run and `xsilo align --private` adapts its map with.
         ood_tpr: share of val states the detector's threshold keeps.
         mahalanobis_shrinkage: shrinkage of the shared covariance towards a scaled identity.
         task_limit: keep N task rows (a seeded random sample).
@@ -205,8 +207,11 @@ def align(
     model: str,
     out: str,
     head: str | None = None,
+    private: str | None = None,
+    private_limit: int | None = None,
     extraction: ExtractionSettings = ExtractionSettings(),
     fit: FitSettings = FitSettings(),
+    adaptation: AdaptationSettings = AdaptationSettings(),
     api_key: str | None = None,
     timeout: float = 300.0,
     device: DeviceSettings = DeviceSettings(),
@@ -225,8 +230,15 @@ def align(
         head: a head the provider serves: choose λ by the logit error through it on the public val rows
             (criterion auto = head; the provider must serve --publish_val_logits true; costs one encrypted query
             per direction the maps can reach, at most min(d_A, d_B) + 2 rows). Default: λ by GCV.
-        extraction: how MODEL's states are read (pooling, layer, max_length, dtype).
+        private: the client's own unlabelled texts (a registry name or a txt/csv/jsonl/... file; its text column
+            is --extraction.text_column; labels are never read): the map saved is the public map adapted to them
+            with the class statistics head NAME publishes (needs --head; the provider must run `xsilo head fit
+            --publish_ood true`). The texts and their states stay here: the provider receives the same requests
+            whatever they are.
+        private_limit: adapt on a seeded sample of this many private texts.
+        extraction: how MODEL's states are read (pooling, layer, max_length, dtype; the text column of --private).
         fit: how the map is solved (estimator, λ path and its criterion, centring, standardisation).
+        adaptation: how --private adapts the map (weight of the private texts, rounds, EM iterations, shrinkage).
         api_key: the server's API key (default $XSILO_API_KEY).
         timeout: seconds per HTTP request.
         device: where the extraction runs (--accelerator, --devices, --threads for extraction, key generation
@@ -243,11 +255,13 @@ def align(
             last[0] = time.monotonic()
             print(f"fit: {done}/{total} chunks sent", file=sys.stderr)
 
+    if private_limit is not None and private is None:
+        raise ValueError("--private_limit samples the texts of --private DATA; pass --private, or drop --private_limit")
     extraction = replace(extraction, dtype=device.forward_dtype(extraction.dtype))
     try:
         result = run_align(server, model, out, fit=fit, extraction=extraction, device=device,
                            api_key=api_key or os.environ.get("XSILO_API_KEY"), timeout=timeout, progress=progress,
-                           head=head)
+                           head=head, private=private, private_limit=private_limit, adaptation=adaptation)
     except ServeError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -263,6 +277,12 @@ def align(
         probed = m["head"]
         print(f"head {probed['name']!r} probed on {probed['probe_rows']} encrypted rows ({probed['ciphertexts']} "
               f"queries, {probed['rows_charged']} rows of the provider's budget)", file=sys.stderr)
+    if "adaptation" in m:
+        a = m["adaptation"]
+        shares = ", ".join(f"{v:.2f}" for v in a["class_shares"] or [])
+        print(f"adapted to {a['private_rows']} private texts at λ {a['lambda']:.0e} (weight {a['weight']}, "
+              f"{a['rounds']} rounds, {a['priors']} priors): class shares [{shares}]; public val R² "
+              f"{'n/a' if a['val_r2'] is None else format(a['val_r2'], '.3f')} (unadapted {r2})", file=sys.stderr)
     print(out)
 
 

@@ -3,7 +3,8 @@
 No client model is involved: the provider extracts its model's states of the task (as `xsilo evaluate` does),
 fits the logistic-regression head (`evaluate.fit_classifier`), scores it on its own val and test splits, and
 optionally publishes a feature-space Mahalanobis detector (class means + shared precision in raw coordinates,
-threshold at 95% of its val states) that a split-mode client runs on its mapped states.
+threshold at 95% of its val states) that a split-mode client runs on its mapped states, with the class priors (train
+shares): a client's `xsilo align --private` adapts its map with all three.
 """
 
 from __future__ import annotations
@@ -90,7 +91,9 @@ def fit_head(cfg: HeadConfig, out: str | Path, overwrite: bool = False) -> dict[
         means, precision = mahalanobis_raw(h_train, y_train, k, cfg.mahalanobis_shrinkage)
         threshold = calibrate_threshold(torch.from_numpy(mahalanobis_scores(h_val.numpy(), means, precision)),
                                         cfg.ood_tpr)
-        feature_ood = {"means": means, "precision": precision, "threshold": threshold, "tpr": cfg.ood_tpr}
+        priors = torch.bincount(y_train.long(), minlength=k).to(F64) / len(y_train)  # train-split class shares
+        feature_ood = {"means": means, "precision": precision, "threshold": threshold, "tpr": cfg.ood_tpr,
+                       "priors": priors.numpy()}
     amap = classifier.affine_map
     write_head_export(out, amap.weight.numpy(), amap.bias.numpy(), target=dm.job.spec(),
                       label_names=dm.label_names, metrics=metrics, feature_ood=feature_ood, overwrite=overwrite)

@@ -32,7 +32,7 @@ from serve.formats.maps import MapConfig
 
 if TYPE_CHECKING:
     from lightning_modules.models.aligner import AffineAligner
-    from lightning_modules.settings import DeviceSettings, ExtractionSettings
+    from lightning_modules.settings import AdaptationSettings, DeviceSettings, ExtractionSettings
     from serve.fit_client import GramReply
 
 PART_NAMES = ("train", "val")
@@ -174,21 +174,30 @@ def public_texts_file(texts: list[str], fingerprint: str) -> Path:
 
 def align(server: str, model: str, out: str | Path, *, fit: FitSettings | None = None,
           extraction: "ExtractionSettings | None" = None, device: "DeviceSettings | None" = None,
-          api_key: str | None = None, timeout: float = 300.0, progress=None, head: str | None = None) -> PrivateFit:
+          api_key: str | None = None, timeout: float = 300.0, progress=None, head: str | None = None,
+          private: str | None = None, private_limit: int | None = None,
+          adaptation: "AdaptationSettings | None" = None) -> PrivateFit:
     """`xsilo align`: fit the map from this client's `model` into the provider's states without either side seeing
     the other's: fetch the public texts, check their fingerprint, extract `model`'s states on them (cached), split
     them as the provider did, run the encrypted fit, solve, and save the map folder `out`.
 
     With `head` (a head the provider serves), λ is chosen through it (criterion auto = head): the provider's
     published logits on its public val rows, and the head queried under HE on the directions the path's maps
-    write into (`lightning_modules.parties.head_probe`)."""
+    write into (`lightning_modules.parties.head_probe`).
+
+    With `private` (a registry name or a file of the client's own texts; needs `head`), the map saved is the public
+    map adapted to those texts with the head's published class statistics (`lightning_modules.parties.private_texts`:
+    only the statistics' download is added to the requests, and nothing of the texts crosses)."""
     from datamodules.cache import StateCache
     from datamodules.extraction import ExtractionConfig, cache_hit, extract, resolve
     from datamodules.states import random_split
-    from lightning_modules.settings import DeviceSettings, ExtractionSettings
+    from lightning_modules.parties import private_texts
+    from lightning_modules.settings import AdaptationSettings, DeviceSettings, ExtractionSettings
     from serve.fit_client import PrivateFitClient
 
     fit, extraction, device = fit or FitSettings(), extraction or ExtractionSettings(), device or DeviceSettings()
+    if private is not None:
+        private_texts.check_request(head, fit)
     if fit.criterion == "head" and head is None:
         raise PrivateFitError("--fit.criterion head chooses λ through the provider's head: name it with --head NAME "
                               "(GET /v1/model 'heads'), or use --fit.criterion auto/gcv/val_mse")
@@ -199,6 +208,8 @@ def align(server: str, model: str, out: str | Path, *, fit: FitSettings | None =
     with PrivateFitClient(server, api_key=api_key, timeout=timeout) as client:
         public = client.public_set()
         val_logits = client.val_logits(head) if head is not None else None  # fails fast when not published
+        task = (private_texts.published_task(server, head, int(public["hidden_size"]), api_key=api_key,
+                                             timeout=timeout) if private is not None and head is not None else None)
         texts = client.public_texts()  # count and fingerprint checked against the server's own
         path = public_texts_file(texts, public["fingerprint"])
         job = resolve(ExtractionConfig(model=model, data=str(path), pooling=extraction.pooling, layer=extraction.layer,
@@ -210,6 +221,8 @@ def align(server: str, model: str, out: str | Path, *, fit: FitSettings | None =
         if not cache_hit(job.directory):
             extract(job.config, **device.extraction_kwargs())
         states = StateCache(job.directory).rows(np.arange(public["rows"]))
+        x_private = (private_texts.private_states(private, job, extraction.text_column, private_limit, device,
+                                                  task.classes) if task is not None else None)
         indices = random_split(public["rows"], float(public["val_fraction"]), int(public["seed"]))
         sizes = {name: len(idx) for name, idx in zip(PART_NAMES, indices)}
         if sizes != {name: int(public["parts"][name]) for name in PART_NAMES}:
@@ -232,6 +245,11 @@ def align(server: str, model: str, out: str | Path, *, fit: FitSettings | None =
                          head_val=head_val, stats=stats)
     if head is not None:
         result.metrics["head"] = {"name": head, **probe_metrics}
+    if task is not None and x_private is not None:
+        val = stats[1] if len(stats) > 1 and stats[1].count else None
+        amap, metrics = private_texts.adapted(result.map, result.metrics, stats[0], val, x_private, task, fit,
+                                              adaptation or AdaptationSettings())
+        result = PrivateFit(amap, metrics, result.lambda_path)
     result.save_pretrained(out)
     return result
 

@@ -334,9 +334,11 @@ def _ood_section(run: Path, result: dict, notes: list[str]) -> list[str]:
 def _two_party_section(result: dict) -> list[str]:
     return ["## Two organisations", "",
             "The provider (Gemma-3, its own XSILO_HOME) serves a head and its public-set states; the client "
-            "(SmolLM2, another home) fits the map privately over HTTP and queries in split mode. The figures table "
-            "lists, from `two-party-summary.json`, the accuracy of each mode (one machine, fused, two parties), "
-            "how far the private map is from the lab's, both λ, the fit's traffic and what each home holds.", ""]
+            "(SmolLM2, another home) fits the map privately over HTTP, adapts it at home to its own unlabelled "
+            "texts (`xsilo align --private`: the BBC sample's training texts) and queries in split mode. The figures "
+            "table lists, from `two-party-summary.json`, the accuracy of each mode (one machine, fused, two parties; "
+            "`public_map_accuracy`: the same private fit without --private), how far that public-set map is from "
+            "the lab's, both λ, the adaptation, the fit's traffic and what each home holds.", ""]
 
 
 def _serve_section(run: Path, result: dict, notes: list[str]) -> list[str]:

@@ -3,7 +3,10 @@
     python -m lightning_modules.reporting.two_party_report RUN PROVIDER_HOME CLIENT_HOME
 
 Reads RUN/bbc (the lab's `xsilo evaluate`: mapped accuracy and its map folder), RUN/serve.json (fused mode),
-RUN/two-party.json (split mode, from `serve.demo_check`) and RUN/two-party/client/aligner (the private map).
+RUN/two-party.json (split mode, from `serve.demo_check`), RUN/two-party/client/aligner (the map the client
+queries with: adapted to its private texts by `xsilo align --private`) and RUN/two-party/client/aligner-public (the
+same private fit without --private: the public-set map, which must equal the lab's; a run without it compares the
+queried map).
 Prints one table, writes RUN/two-party-summary.json, and exits 1 when either home holds the other party's model
 or states (a model folder, or a state cache of the other's model identity).
 """
@@ -52,9 +55,11 @@ def main(run: Path, provider_home: Path, client_home: Path) -> int:
     lab = json.loads((run / "bbc" / "metrics.json").read_text())
     fused = json.loads((run / "serve.json").read_text())
     split = json.loads((run / "two-party.json").read_text())
-    private_dir = run / "two-party" / "client" / "aligner"
+    private_dir, public_dir = run / "two-party" / "client" / "aligner", run / "two-party" / "client" / "aligner-public"
     lab_map, private_map = LinearExport.from_pretrained(run / "bbc" / "map"), LinearExport.from_pretrained(private_dir)
+    public_map = LinearExport.from_pretrained(public_dir) if public_dir.is_dir() else private_map
     private_fit = private_map.manifest.get("metrics", {}).get("private_fit", {})
+    adaptation = private_fit.get("adaptation")
     figures = {
         "lab_mapped_accuracy": lab["classification"]["mapped"]["accuracy"],
         "lab_native_accuracy": lab["classification"]["native_target"]["accuracy"],
@@ -63,9 +68,13 @@ def main(run: Path, provider_home: Path, client_home: Path) -> int:
         "split_accuracy": split["accuracy_encrypted"], "split_queries": split["queries"],
         "split_agree": split["agree"], "split_median_total_ms": split["median_total_ms"],
         "split_median_server_ms": split["median_server_ms"],
-        "map_weight_rel_error_vs_lab": relative_error(private_map.weight, lab_map.weight),
-        "map_bias_rel_error_vs_lab": relative_error(private_map.bias, lab_map.bias),
-        "lambda_lab": lab_map.manifest.get("chosen_lambda"), "lambda_private": private_map.manifest.get("chosen_lambda"),
+        "public_map_accuracy": split.get("accuracy_public_map"),  # the unadapted map on the same texts (plaintext)
+        "map_weight_rel_error_vs_lab": relative_error(public_map.weight, lab_map.weight),  # the public-set map's
+        "map_bias_rel_error_vs_lab": relative_error(public_map.bias, lab_map.bias),
+        "lambda_lab": lab_map.manifest.get("chosen_lambda"), "lambda_private": public_map.manifest.get("chosen_lambda"),
+        "adaptation": None if not adaptation else {
+            k: adaptation.get(k) for k in ("private_rows", "weight", "rounds", "em_iterations", "class_shares",
+                                           "val_r2", "priors")},
         "private_fit": {k: private_fit.get(k) for k in ("bytes_sent", "bytes_received", "provider_ms", "client_ms")},
     }
     homes, problems = isolation(provider_home, client_home)
@@ -75,10 +84,15 @@ def main(run: Path, provider_home: Path, client_home: Path) -> int:
           f"{figures['lab_test_docs']} test docs (native Gemma-3 {figures['lab_native_accuracy']:.3f})")
     print(f"{'fused serving (provider holds map + head)':44s} {figures['fused_accuracy']:8.3f}  "
           f"first {figures['fused_queries']}")
-    print(f"{'two parties (private fit, split queries)':44s} {figures['split_accuracy']:8.3f}  "
+    adapted = figures["adaptation"]
+    two = "two parties (private fit" + (f", adapted to {adapted['private_rows']} private texts" if adapted else "")
+    print(f"{two + ', split queries)':44s} {figures['split_accuracy']:8.3f}  "
           f"first {figures['split_queries']} (encrypted = plaintext on {figures['split_agree']})")
+    if figures["public_map_accuracy"] is not None:
+        print(f"{'  the public-set map alone (no --private)':44s} {figures['public_map_accuracy']:8.3f}  "
+              f"first {figures['split_queries']} (plaintext)")
     pf = figures["private_fit"]
-    print(f"private map vs the lab's: weight rel. error {figures['map_weight_rel_error_vs_lab']:.1e}, bias "
+    print(f"private public-set map vs the lab's: weight rel. error {figures['map_weight_rel_error_vs_lab']:.1e}, bias "
           f"{figures['map_bias_rel_error_vs_lab']:.1e}; λ {figures['lambda_private']} (lab {figures['lambda_lab']}); "
           f"fit traffic {((pf['bytes_sent'] or 0) + (pf['bytes_received'] or 0)) / 1e6:.1f} MB, provider "
           f"{(pf['provider_ms'] or 0) / 1000:.1f} s")

@@ -5,7 +5,8 @@
 
     head.safetensors   tensors `weight` (k, d) and `bias` (k,), float32
     head.onnx          one Gemm node
-    feature-ood.npz    optional: class `means` (k, d) and a shared `precision` (d, d), float64
+    feature-ood.npz    optional: class `means` (k, d) and a shared `precision` (d, d), float64, and optionally the
+                       class `priors` (k,), float64 (train-split class shares: each in (0, 1], summing to 1)
     manifest.json      {"format": "xsilo-export", "version": 1, "kind": "head", "created", "source": {},
                         "target" (the provider's extraction spec), "input_dim": d, "output_dim": k, "target_dim": d,
                         "label_names": [str] | null, "parts": {"head": {"shape": [k, d], ...}}, "normalisation",
@@ -13,7 +14,9 @@
                         "files": {FILENAME: {"sha256", "bytes"}}}
 
 A split-mode client runs the published detector on its mapped states: score(x) = min_c (x - means[c])ᵀ precision
-(x - means[c]), flagged above `threshold`. `HeadConfig` is the manifest's own part as a dataclass (to_dict /
+(x - means[c]), flagged above `threshold`; with `--private`, `xsilo align` adapts its map with the means, the
+precision and the priors (a head written before priors were published has none: the client takes them uniform).
+`HeadConfig` is the manifest's own part as a dataclass (to_dict /
 from_dict; `format_version` is the export family's, and an older version is migrated by `exports.migrate_manifest`).
 """
 from __future__ import annotations
@@ -32,6 +35,8 @@ from .folders import (FORMAT, FORMAT_VERSION, HEAD_KIND, MANIFEST, REFIT_HEAD, E
 
 FEATURE_OOD_DETECTOR = "mahalanobis"
 FEATURE_OOD_ARRAYS = ("means", "precision")
+FEATURE_OOD_OPTIONAL = ("priors",)  # absent from heads published before priors were
+PRIORS_TOLERANCE = 1e-6  # |sum(priors) - 1|
 FEATURE_OOD_FILE = "feature-ood.npz"
 NORMALISATION = {"input": "raw target hidden states, pooled and truncated as in `target`",
                  "head": "the classifier's standardisation folded into the head's weight and bias"}
@@ -48,6 +53,7 @@ class FeatureOod:
     tpr: float
     data: bytes  # the npz file as published (GET /v1/heads/{name}/feature-ood)
     sha256: str
+    priors: np.ndarray | None = None  # (k,) float64 train-split class shares; None: not published (older head)
 
 
 @dataclass
@@ -117,27 +123,46 @@ def check_head_manifest(manifest: dict[str, Any], path: Path | str) -> None:
 
 
 def feature_ood_max_bytes(k: int, d: int) -> int:
-    """An upper bound of the npz `np.savez` writes for means (k, d) and precision (d, d) in float64."""
-    return 8 * (k * d + d * d) + 4096
+    """An upper bound of the npz `np.savez` writes for means (k, d), precision (d, d) and priors (k,) in float64."""
+    return 8 * (k * d + d * d + k) + 4096
 
 
-def read_feature_ood_npz(data: bytes, k: int, d: int, where: str, fix: str) -> tuple[np.ndarray, np.ndarray]:
-    """(means (k, d), precision (d, d)) float64 from npz bytes: exactly those two arrays, sizes bounded before
-    anything is decompressed, no pickles, finite values. Raises ExportError naming `where` and `fix`."""
+def check_priors(priors: np.ndarray, k: int, where: str, fix: str) -> np.ndarray:
+    """Class priors as float64 (k,): finite, each in (0, 1], summing to 1 (to 1e-6). Raises ExportError."""
+    if priors.shape != (k,) or priors.dtype.kind != "f":
+        raise ExportError(f"{where}: priors must be {k} floats (one per class), got {priors.dtype} of shape "
+                          f"{priors.shape}; {fix}")
+    priors = priors.astype(np.float64)
+    if not np.isfinite(priors).all() or not ((priors > 0) & (priors <= 1)).all():
+        raise ExportError(f"{where}: every class prior must be a finite number in (0, 1] (a class with no train "
+                          f"rows has none); {fix}")
+    if abs(float(priors.sum()) - 1.0) > PRIORS_TOLERANCE:
+        raise ExportError(f"{where}: the class priors sum to {float(priors.sum()):.9g}, not 1; {fix}")
+    return priors
+
+
+def read_feature_ood_npz(data: bytes, k: int, d: int, where: str, fix: str
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(means (k, d), precision (d, d), priors (k,) or None) float64 from npz bytes: exactly those arrays (priors
+    optional), sizes bounded before anything is decompressed, no pickles, finite values, priors a distribution.
+    Raises ExportError naming `where` and `fix`."""
     limit = feature_ood_max_bytes(k, d)
     if len(data) > limit:
         raise ExportError(f"{where} is {len(data)} bytes, more than a ({k}, {d}) detector needs ({limit}); {fix}")
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             members = {info.filename: info.file_size for info in archive.infolist()}
-            expected = {f"{name}.npy" for name in FEATURE_OOD_ARRAYS}
-            if set(members) != expected:
-                raise ExportError(f"{where} must hold exactly {sorted(expected)}, got {sorted(members)[:8]}; {fix}")
+            required = {f"{name}.npy" for name in FEATURE_OOD_ARRAYS}
+            allowed = required | {f"{name}.npy" for name in FEATURE_OOD_OPTIONAL}
+            if not required <= set(members) <= allowed or len(members) != len(archive.infolist()):
+                raise ExportError(f"{where} must hold {sorted(required)} (and optionally priors.npy), got "
+                                  f"{sorted(members)[:8]}; {fix}")
             if sum(members.values()) > limit:
                 raise ExportError(f"{where} unpacks to {sum(members.values())} bytes, more than a ({k}, {d}) "
                                   f"detector needs; {fix}")
             with np.load(io.BytesIO(data), allow_pickle=False) as npz:
                 means, precision = (np.asarray(npz[name]) for name in FEATURE_OOD_ARRAYS)
+                priors = np.asarray(npz["priors"]) if "priors.npy" in members else None
     except ExportError:
         raise
     except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
@@ -150,7 +175,7 @@ def read_feature_ood_npz(data: bytes, k: int, d: int, where: str, fix: str) -> t
     means, precision = means.astype(np.float64), precision.astype(np.float64)
     if not (np.isfinite(means).all() and np.isfinite(precision).all()):
         raise ExportError(f"{where} holds NaN or inf; {fix}")
-    return means, precision
+    return means, precision, None if priors is None else check_priors(priors, k, where, fix)
 
 
 def load_feature_ood(directory: Path, manifest: dict[str, Any]) -> FeatureOod | None:
@@ -161,15 +186,17 @@ def load_feature_ood(directory: Path, manifest: dict[str, Any]) -> FeatureOod | 
     path = verify_file(directory, manifest, ood["file"], fix=REFIT_HEAD)
     data = path.read_bytes()
     shape = manifest["parts"]["head"]["shape"]
-    means, precision = read_feature_ood_npz(data, shape[0], shape[1], str(path), REFIT_HEAD)
+    means, precision, priors = read_feature_ood_npz(data, shape[0], shape[1], str(path), REFIT_HEAD)
     return FeatureOod(means, precision, float(ood["threshold"]), float(ood["tpr"]), data,
-                      hashlib.sha256(data).hexdigest())
+                      hashlib.sha256(data).hexdigest(), priors)
 
 
 # --- writing ------------------------------------------------------------------------------------------------
 
-def check_feature_ood(ood: dict[str, Any], k: int, d: int) -> tuple[np.ndarray, np.ndarray, float, float]:
-    """(means, precision, threshold, tpr) of a feature-space Mahalanobis detector, shapes and values checked."""
+def check_feature_ood(ood: dict[str, Any], k: int, d: int
+                      ) -> tuple[np.ndarray, np.ndarray, float, float, np.ndarray | None]:
+    """(means, precision, threshold, tpr, priors or None) of a feature-space Mahalanobis detector and the task's
+    class priors (optional key `priors`), shapes and values checked."""
     missing = {"means", "precision", "threshold", "tpr"} - set(ood)
     if missing:
         raise ExportError(f"feature_ood lacks {sorted(missing)}; pass means (k, d), precision (d, d), threshold, tpr")
@@ -182,7 +209,10 @@ def check_feature_ood(ood: dict[str, Any], k: int, d: int) -> tuple[np.ndarray, 
     threshold, tpr = float(ood["threshold"]), float(ood["tpr"])
     if not np.isfinite(threshold) or not 0 < tpr <= 1:
         raise ExportError(f"feature_ood needs a finite threshold and a tpr in (0, 1], got {threshold} and {tpr}")
-    return means, precision, threshold, tpr
+    priors = ood.get("priors")
+    if priors is not None:
+        priors = check_priors(np.asarray(priors, np.float64), k, "feature_ood", "pass the train split's class shares")
+    return means, precision, threshold, tpr, priors
 
 
 def write_head_export(
@@ -197,8 +227,9 @@ def write_head_export(
 ) -> Path:
     """Write a head-only export (`kind: head`): the provider's classifier on its own states `target`.
 
-    `feature_ood` ({"means", "precision", "threshold", "tpr"}) adds feature-ood.npz, a shared-covariance
-    Mahalanobis detector on those states; it reveals the class means and covariance, so it is opt-in.
+    `feature_ood` ({"means", "precision", "threshold", "tpr"}, optionally "priors") adds feature-ood.npz, a
+    shared-covariance Mahalanobis detector on those states, with the class priors when given; it reveals the class
+    means, covariance and shares, so it is opt-in.
     Atomic (temp folder, then rename); `exports.load_export(out, "head")` reads it back.
     """
     out = Path(out)
@@ -216,7 +247,8 @@ def write_head_export(
         write_part(tmp, "head", w, b)
         if ood is not None:
             with open(tmp / FEATURE_OOD_FILE, "wb") as f:
-                np.savez(f, means=ood[0], precision=ood[1])
+                arrays = {"means": ood[0], "precision": ood[1]}
+                np.savez(f, **arrays, **({"priors": ood[4]} if ood[4] is not None else {}))
         record = ({"detector": FEATURE_OOD_DETECTOR, "file": FEATURE_OOD_FILE, "threshold": ood[2], "tpr": ood[3]}
                   if ood is not None else None)
         config = HeadConfig(int(d), int(k), spec, label_names, metrics or {}, record, now())

@@ -120,9 +120,10 @@ CLIENT_SPEC = {"model": "client-model", "model_identity": "a" * 64, "pooling": "
 
 
 def write_small_head(out: Path, d: int = 16, k: int = 3, seed: int = 0, labels: list[str] | None = None,
-                     feature_ood: bool = False, target: dict | None = None) -> Path:
+                     feature_ood: bool = False, target: dict | None = None, priors: list[float] | None = None) -> Path:
     """A head export d -> k with random weights (the training engineer's writer); with `feature_ood`, a published
-    Mahalanobis detector: class means on a sphere of radius 3 and identity precision, threshold 4."""
+    Mahalanobis detector: class means on a sphere of radius 3 and identity precision, threshold 4 (and `priors`,
+    the class priors, when given)."""
     from serve.formats.heads import write_head_export
 
     rng = np.random.default_rng(seed)
@@ -130,7 +131,8 @@ def write_small_head(out: Path, d: int = 16, k: int = 3, seed: int = 0, labels: 
     if feature_ood:
         means = rng.normal(0, 1, (k, d))
         means *= 3 / np.linalg.norm(means, axis=1, keepdims=True)
-        ood = {"means": means, "precision": np.eye(d), "threshold": 4.0, "tpr": 0.95}
+        ood = {"means": means, "precision": np.eye(d), "threshold": 4.0, "tpr": 0.95,
+               **({"priors": priors} if priors is not None else {})}
     return write_head_export(out, rng.normal(0, 1 / np.sqrt(d), (k, d)), rng.normal(0, 0.1, k),
                              target=dict(target or PROVIDER_SPEC, hidden_size=d),
                              label_names=labels or [f"h{seed}c{i}" for i in range(k)],

@@ -205,8 +205,14 @@ def rewrite_npz(folder, arrays: dict, pickle: bool = False) -> None:
 @pytest.mark.parametrize("case, match", [
     ("shape", "needs \\(3, 16\\) and \\(16, 16\\)"),
     ("nan", "NaN or inf"),
-    ("extra", "must hold exactly"),
+    ("extra", "must hold \\['means.npy', 'precision.npy'\\]"),
+    ("missing", "must hold \\['means.npy', 'precision.npy'\\]"),
     ("pickle", "not a readable npz"),
+    ("priors_shape", "priors must be 3 floats"),
+    ("priors_int", "priors must be 3 floats"),
+    ("priors_sum", "sum to 0.9, not 1"),
+    ("priors_zero", "in \\(0, 1\\]"),
+    ("priors_nan", "in \\(0, 1\\]"),
 ])
 def test_bad_feature_ood_arrays_are_refused(tmp_path, case, match):
     folder = write_small_head(tmp_path / "head", d=D_B, k=3, feature_ood=True)
@@ -214,12 +220,36 @@ def test_bad_feature_ood_arrays_are_refused(tmp_path, case, match):
     arrays = {"shape": {"means": np.zeros((2, D_B)), "precision": precision},
               "nan": {"means": np.full((3, D_B), np.nan), "precision": precision},
               "extra": {"means": means, "precision": precision, "more": means},
-              "pickle": {"means": means, "precision": precision}}[case]
+              "missing": {"means": means, "priors": np.full(3, 1 / 3)},
+              "pickle": {"means": means, "precision": precision},
+              "priors_shape": {"means": means, "precision": precision, "priors": np.full(2, 0.5)},
+              "priors_int": {"means": means, "precision": precision, "priors": np.array([1, 0, 0])},
+              "priors_sum": {"means": means, "precision": precision, "priors": np.array([0.3, 0.3, 0.3])},
+              "priors_zero": {"means": means, "precision": precision, "priors": np.array([0.5, 0.5, 0.0])},
+              "priors_nan": {"means": means, "precision": precision, "priors": np.array([0.5, 0.5, np.nan])},
+              }[case]
     rewrite_npz(folder, arrays, pickle=case == "pickle")
     with pytest.raises(ExportError, match=match):
         load_export(folder, "head")
     with pytest.raises(ExportError, match=match):
         create_app(heads=[folder])
+
+
+def test_the_class_priors_are_optional_and_served_unchanged(tmp_path):
+    """feature-ood.npz may carry the task's class priors (k,): read back and served as written; a head without them
+    (published before priors were) still loads, with priors None."""
+    folder = write_small_head(tmp_path / "head", d=D_B, k=3, feature_ood=True, priors=[0.5, 0.25, 0.25])
+    assert load_export(folder, "head").feature_ood.priors.tolist() == [0.5, 0.25, 0.25]
+    with np.load(folder / "feature-ood.npz") as z:
+        assert sorted(z.files) == ["means", "precision", "priors"] and z["priors"].dtype == np.float64
+    old = write_small_head(tmp_path / "old", d=D_B, k=3, feature_ood=True)
+    assert load_export(old, "head").feature_ood.priors is None
+    with ServerThread(create_app(heads=[folder, old]), max_lifetime_s=60) as srv:
+        assert httpx.get(f"{srv.url}/v1/heads/head/feature-ood").content == (folder / "feature-ood.npz").read_bytes()
+        for name, expected in (("head", [0.5, 0.25, 0.25]), ("old", None)):
+            with Client(srv.url, head=name, aligner=write_small_map(tmp_path / f"map-{name}", D_A, D_B)) as client:
+                published = client.feature_detector()
+            assert (None if published.priors is None else published.priors.tolist()) == expected
 
 
 def test_serving_configurations_are_checked(folders, tmp_path):

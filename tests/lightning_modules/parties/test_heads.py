@@ -60,6 +60,11 @@ def test_feature_ood_is_written_only_when_given_and_checksummed(tmp_path):
         assert z["means"].dtype == np.float64 and z["precision"].dtype == np.float64
         np.testing.assert_array_equal(z["means"], ood["means"])
         np.testing.assert_array_equal(z["precision"], ood["precision"])
+        assert "priors" not in z.files
+    priors = [0.4, 0.3, 0.2, 0.1]  # the task's class priors ride along when given
+    out = write_head_export(tmp_path / "priors", w, b, target=SPEC, label_names=None,
+                            feature_ood={**ood, "priors": priors})
+    assert load_export(out, "head").feature_ood.priors.tolist() == priors
 
 
 @pytest.mark.parametrize("change, message", [
@@ -68,6 +73,9 @@ def test_feature_ood_is_written_only_when_given_and_checksummed(tmp_path):
     (dict(feature_ood={**detector(), "precision": np.full((24, 24), np.nan)}), "NaN/inf"),
     (dict(feature_ood={**detector(), "tpr": 1.5}), "tpr in (0, 1]"),
     (dict(feature_ood={"means": np.zeros((4, 24))}), "lacks"),
+    (dict(feature_ood={**detector(), "priors": [0.5, 0.5, 0.0, 0.0]}), "in (0, 1]"),
+    (dict(feature_ood={**detector(), "priors": [0.25, 0.25, 0.25]}), "priors must be 4 floats"),
+    (dict(feature_ood={**detector(), "priors": [0.3, 0.3, 0.3, 0.3]}), "sum to 1.2, not 1"),
     (dict(target={**SPEC, "hidden_size": 640}), "hidden_size=640"),
 ])
 def test_bad_head_inputs_are_refused_and_nothing_is_written(tmp_path, change, message):
@@ -149,6 +157,8 @@ def test_head_fit_writes_a_servable_head_whose_metrics_are_its_own(head_run):
     h_val, _ = split_rows(dm, "val")
     kept = float((mahalanobis_scores(h_val.numpy(), ood.means, ood.precision) <= ood.threshold).mean())
     assert kept >= 0.95
+    _, y_train = split_rows(dm, "train")  # the published class priors are the train split's class shares
+    np.testing.assert_allclose(ood.priors, np.bincount(y_train.numpy(), minlength=3) / len(y_train), rtol=1e-12)
     assert load_head(out).name == "tiny"  # the server serves it under the folder's name
 
 

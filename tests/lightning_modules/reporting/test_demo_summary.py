@@ -31,6 +31,12 @@ def test_the_summary_names_each_stage_its_figure_and_file_and_says_what_is_missi
     assert "knn@source: test AUROC 0.861 (val 0.869); samples right 3/6" in ood
     two = next(l for l in lines if l.startswith("6. two-party"))
     assert "split 0.767 (lab 0.767, fused 0.800); private map = lab map to 5e-07, median 237 ms" in two
+    (run / "two-party-summary.json").write_text(json.dumps({  # the queried map adapted by `align --private`
+        "split_accuracy": 0.917, "public_map_accuracy": 0.6, "lab_mapped_accuracy": 0.767, "fused_accuracy": 0.8,
+        "map_weight_rel_error_vs_lab": 4.6e-7, "split_median_total_ms": 237.0, "adaptation": {"private_rows": 280}}))
+    two = next(l for l in summary(run).splitlines() if l.startswith("6. two-party"))
+    assert ("split 0.917 adapted to 280 private texts (public map 0.600, lab 0.767, fused 0.800); public map = lab "
+            "map to 5e-07, median 237 ms") in two
     serve = next(l for l in lines if l.startswith("5. serve"))
     assert f"missing: {run / 'serve.json'}" in serve  # a stage without its file says so
     assert lines[-1] == "total 7.3 min (437 s)"
