@@ -142,7 +142,7 @@ def adapt(public: SufficientStats, private: Tensor, task: TaskStatistics, lam: f
             r = mixture_em(x, r, task.priors, settings.em_iterations, settings.shrinkage)
         stats = public.clone().merge(weighted_rows(x, r @ task.means, scale, public.full_yty))
         amap = fit_affine(stats, "ridge", lam, fit.center, fit.standardize)
-        shares.append(torch.bincount(r.argmax(1), minlength=r.shape[1]).div(x.shape[0]).tolist())
+        shares.append((torch.bincount(r.argmax(1), minlength=r.shape[1]).double() / x.shape[0]).tolist())
     record = {"private_rows": int(x.shape[0]), "weight": settings.weight, "rounds": settings.rounds,
               "em_iterations": settings.em_iterations, "lambda": lam, "class_shares": shares[-1] if shares else None}
     return Adaptation(amap, stats, record)
