@@ -146,13 +146,13 @@ class AdaptationSettings:
         weight: the share of the fit's total weight the client's texts carry (0.3 measured best of 0.1/0.3/0.5).
         rounds: label-and-refit rounds.
         em_iterations: EM steps of a shared-covariance mixture in the client's own space per round (0: none).
-        shrinkage: that mixture's covariance shrinkage toward its mean variance.
+        shrinkage: that mixture's covariance shrinkage toward its mean variance (null: Ledoit-Wolf's amount).
     """
 
     weight: float = 0.3
     rounds: int = 5
     em_iterations: int = 5
-    shrinkage: float = 0.1
+    shrinkage: float | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.weight < 1:
@@ -160,7 +160,7 @@ class AdaptationSettings:
         if self.rounds < 1 or self.em_iterations < 0:
             raise SettingsError(f"adaptation.rounds must be >= 1 and em_iterations >= 0, got {self.rounds} and "
                                 f"{self.em_iterations}")
-        if not 0 <= self.shrinkage <= 1:
+        if self.shrinkage is not None and not 0 <= self.shrinkage <= 1:
             raise SettingsError(f"adaptation.shrinkage must be in [0, 1], got {self.shrinkage}")
 
 

@@ -141,13 +141,12 @@ rows = "".join(json.dumps({"text": texts[int(i)]}, ensure_ascii=False) + "\n" fo
 atomic_write_bytes(Path(sys.argv[1]), rows.encode("utf-8"))
 print(f"client's private texts: {len(split['train'])} BBC training texts, unlabelled -> {sys.argv[1]}")
 PY
-# The public-set map alone (the one the lab's must equal), then the map adapted to the private texts, which it queries.
-XSILO_HOME=$CLIENT/home xsilo align --server "http://127.0.0.1:$SPLIT_PORT" --model smollm2 --head bbc \
-  --extraction.max_length "$MAX_LENGTH" --threads "$THREADS" --out "$CLIENT/aligner-public"
+# The map adapted to the private texts, which it queries; aligner/public-map holds the public-set map alone (the one
+# the lab's must equal).
 XSILO_HOME=$CLIENT/home xsilo align --server "http://127.0.0.1:$SPLIT_PORT" --model smollm2 --head bbc \
   --private "$PRIVATE" --extraction.max_length "$MAX_LENGTH" --threads "$THREADS" --out "$CLIENT/aligner"
 XSILO_HOME=$CLIENT/home python -m serve.demo_check --url "http://127.0.0.1:$SPLIT_PORT" --head bbc \
-  --aligner "$CLIENT/aligner" --public-aligner "$CLIENT/aligner-public" --reference "$PROVIDER/heads/bbc" --data bbc \
+  --aligner "$CLIENT/aligner" --public-aligner "$CLIENT/aligner/public-map" --reference "$PROVIDER/heads/bbc" --data bbc \
   --n 100 $(limit "$BBC_LIMIT" limit) --threads "$THREADS" --out "$RUN/two-party.json"
 XSILO_HOME=$CLIENT/home xsilo query --server "http://127.0.0.1:$SPLIT_PORT" --aligner "$CLIENT/aligner" --head bbc \
   --text "Shares in the bank rose after record profits" --threads "$THREADS"

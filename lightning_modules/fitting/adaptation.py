@@ -95,15 +95,26 @@ def balanced(log_scores: Tensor, priors: Tensor, iterations: int = SINKHORN_ITER
     return log_r.exp()
 
 
-def mixture_em(x: Tensor, r: Tensor, priors: Tensor, iterations: int, shrinkage: float) -> Tensor:
+def ledoit_wolf(residuals: Tensor, cov: Tensor) -> float:
+    """Ledoit & Wolf's shrinkage toward the mean variance for the covariance `cov` of `residuals` (n, d)."""
+    n, d = residuals.shape
+    target = cov.diagonal().mean()
+    spread = float(((cov - target * torch.eye(d, dtype=F64)) ** 2).sum())
+    noise = float((residuals.square().sum(1).square().sum() / n - cov.square().sum()) / n)
+    return 1.0 if spread <= 0 else min(max(noise, 0.0), spread) / spread
+
+
+def mixture_em(x: Tensor, r: Tensor, priors: Tensor, iterations: int, shrinkage: float | None) -> Tensor:
     """Refine responsibilities by EM of a shared-covariance Gaussian mixture on `x` (the client's own space),
-    each step balanced to `priors`; the covariance is shrunk toward its mean variance by `shrinkage`."""
+    each step balanced to `priors`; the covariance is shrunk toward its mean variance by `shrinkage` (None: the
+    Ledoit-Wolf amount, which grows as the client's texts get fewer against its model's width)."""
     d = x.shape[1]
     for _ in range(iterations):
         counts = r.sum(0).clamp_min(1e-12)
         means = (r.T @ x) / counts[:, None]
         cov = (x.T @ x - (means.T * counts) @ means) / x.shape[0]
-        cov = (1 - shrinkage) * cov + shrinkage * (cov.diagonal().mean() * torch.eye(d, dtype=F64))
+        amount = ledoit_wolf(x - r @ means, cov) if shrinkage is None else shrinkage
+        cov = (1 - amount) * cov + amount * (cov.diagonal().mean() * torch.eye(d, dtype=F64))
         precision = torch.linalg.pinv((cov + cov.T) / 2, hermitian=True)
         r = balanced(TaskStatistics(means, precision, priors).log_likelihood(x), priors)
     return r

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from serve.fit_client import GramReply
 
 PART_NAMES = ("train", "val")
+PUBLIC_MAP = "public-map"  # with --private: the unadapted public-set map, inside the adapted map's folder
 
 
 class PrivateFitError(ValueError):
@@ -245,12 +246,15 @@ def align(server: str, model: str, out: str | Path, *, fit: FitSettings | None =
                          head_val=head_val, stats=stats)
     if head is not None:
         result.metrics["head"] = {"name": head, **probe_metrics}
+    public_map = None
     if task is not None and x_private is not None:
         val = stats[1] if len(stats) > 1 and stats[1].count else None
         amap, metrics = private_texts.adapted(result.map, result.metrics, stats[0], val, x_private, task, fit,
                                               adaptation or AdaptationSettings())
-        result = PrivateFit(amap, metrics, result.lambda_path)
+        public_map, result = result, PrivateFit(amap, metrics, result.lambda_path)
     result.save_pretrained(out)
+    if public_map is not None:  # the unadapted public-set map beside it (after: the save replaces the folder)
+        public_map.save_pretrained(Path(out) / PUBLIC_MAP)
     return result
 
 

@@ -4,7 +4,7 @@
 
 Reads RUN/bbc (the lab's `xsilo evaluate`: mapped accuracy and its map folder), RUN/serve.json (fused mode),
 RUN/two-party.json (split mode, from `serve.demo_check`), RUN/two-party/client/aligner (the map the client
-queries with: adapted to its private texts by `xsilo align --private`) and RUN/two-party/client/aligner-public (the
+queries with: adapted to its private texts by `xsilo align --private`) and RUN/two-party/client/aligner/public-map (the
 same private fit without --private: the public-set map, which must equal the lab's; a run without it compares the
 queried map).
 Prints one table, writes RUN/two-party-summary.json, and exits 1 when either home holds the other party's model
@@ -55,7 +55,7 @@ def main(run: Path, provider_home: Path, client_home: Path) -> int:
     lab = json.loads((run / "bbc" / "metrics.json").read_text())
     fused = json.loads((run / "serve.json").read_text())
     split = json.loads((run / "two-party.json").read_text())
-    private_dir, public_dir = run / "two-party" / "client" / "aligner", run / "two-party" / "client" / "aligner-public"
+    private_dir, public_dir = run / "two-party" / "client" / "aligner", run / "two-party" / "client" / "aligner" / "public-map"
     lab_map, private_map = LinearExport.from_pretrained(run / "bbc" / "map"), LinearExport.from_pretrained(private_dir)
     public_map = LinearExport.from_pretrained(public_dir) if public_dir.is_dir() else private_map
     private_fit = private_map.manifest.get("metrics", {}).get("private_fit", {})

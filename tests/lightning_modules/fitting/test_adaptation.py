@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_modules.fitting.adaptation import AdaptationError, TaskStatistics, adapt, balanced, mixture_em
+from lightning_modules.fitting.adaptation import (AdaptationError, TaskStatistics, adapt, balanced, ledoit_wolf,
+                                                 mixture_em)
 from lightning_modules.fitting.solvers import solve
 from lightning_modules.fitting.stats import SufficientStats
 from lightning_modules.settings import AdaptationSettings, FitSettings, SettingsError
@@ -99,3 +100,15 @@ def test_bad_inputs_are_one_line_errors_that_name_the_fix():
     for bad in ({"weight": 1.0}, {"rounds": 0}, {"shrinkage": 2.0}):
         with pytest.raises(SettingsError, match="adaptation"):
             AdaptationSettings(**bad)
+
+
+def test_ledoit_wolf_shrinks_more_when_the_clients_texts_are_few_against_its_models_width():
+    g = torch.Generator().manual_seed(0)
+    spread = torch.linspace(0.5, 2.0, 40, dtype=F64)
+    amounts = []
+    for n in (30, 300, 3000):
+        z = torch.randn(n, 40, generator=g, dtype=F64) * spread
+        amounts.append(ledoit_wolf(z, z.T @ z / n))
+    assert 0 <= amounts[2] < amounts[1] < amounts[0] <= 1, amounts
+    iso = torch.randn(2000, 40, generator=g, dtype=F64)  # already isotropic: shrink (nearly) all the way
+    assert ledoit_wolf(iso, iso.T @ iso / 2000) > 0.5

@@ -154,6 +154,10 @@ def test_the_adapted_map_records_its_adaptation_and_the_plain_run_is_unchanged(p
     assert "p1-" not in text and "mine-a" not in text  # neither a text nor the file's name is recorded
     w_adapted, w_plain = (AffineMap.from_pretrained(parties["root"] / f"map-{n}").weight for n in ("a", "plain"))
     assert not torch.allclose(w_adapted, w_plain, atol=1e-4)
+    # the unadapted public-set map is saved beside the adapted one: the plain run's map, to the float
+    beside = AffineMap.from_pretrained(parties["root"] / "map-a" / "public-map")
+    assert torch.allclose(beside.weight, w_plain, rtol=0, atol=1e-4 * float(w_plain.abs().max()))
+    assert not (parties["root"] / "map-plain" / "public-map").exists()
 
 
 def stats_of(x: np.ndarray, y: np.ndarray) -> SufficientStats:

@@ -25,13 +25,13 @@ def write_run(run, adapted: bool):
     if not adapted:  # a run from before --private: the queried map is the private fit's own
         write_small_map(client / "aligner", 6, 4, seed=1)
         return
-    write_small_map(client / "aligner-public", 6, 4, seed=1)  # the private fit alone equals the lab's
     other = LinearExport.from_pretrained(write_small_map(client / "aligner", 6, 4, seed=2), "map")
     config = json.loads((client / "aligner" / "config.json").read_text())
     config["metrics"] = {"private_fit": {"bytes_sent": 1, "adaptation": {
         "private_rows": 278, "weight": 0.3, "rounds": 5, "em_iterations": 5, "class_shares": [0.2] * 5,
         "val_r2": 0.4, "priors": "published"}}}
     write_map_folder(client / "aligner", other.weight, other.bias, config)
+    write_small_map(client / "aligner" / "public-map", 6, 4, seed=1)  # the private fit alone equals the lab's
 
 
 def test_the_public_map_is_held_against_the_lab_and_the_adapted_one_is_queried(tmp_path, capsys):
