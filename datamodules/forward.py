@@ -18,10 +18,12 @@ from datamodules.encoder import DTYPES, load_tokenizer, pool
 from datamodules.extraction import ExtractionConfig, cache_hit, finalise, resolve, shard_ranges
 from datamodules.prefill import ExtractionBudgetError, cached_text_index, prefill_states
 from datamodules.registry import xsilo_home
+from serve.formats.views import StateView
 
 
 def extract_views(model: str, data: str, views: Sequence[tuple[str | None, int]], *, limit: int | None = None,
-                  text_column: str | None = None, label_column: str | None = "label", max_length: int = 128,
+                  text_column: str | None = None, label_column: str | None = "label",
+                  max_length: int | None = StateView.max_length,
                   dtype: str = "float32", batch_size: int = 16, threads: int | None = None,
                   max_extract: int | None = None) -> int:
     """Cache several (pooling, layer) views of one dataset with ONE forward pass per text that no cache of a

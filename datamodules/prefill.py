@@ -21,6 +21,7 @@ from datamodules.cache import (MANIFEST, CacheError, StateCache, atomic_save_npy
 from datamodules.public_set import PublicSetError
 from datamodules.registry import xsilo_home
 from datamodules.text import dataset_fingerprint, load_texts
+from serve.formats.views import StateView
 
 
 class ExtractionBudgetError(PublicSetError):
@@ -79,8 +80,9 @@ def cached_text_index(key: dict[str, Any], root: Path | None = None, skip: Path 
     return index
 
 
-def cached_texts(models: Sequence[str], pooling: str | None = None, layer: int = -1, max_length: int | None = None,
-                 dtype: str = "float32", cache_root: str | Path | None = None) -> set[str]:
+def cached_texts(models: Sequence[str], pooling: str | None = StateView.pooling, layer: int = StateView.layer,
+                 max_length: int | None = StateView.max_length, dtype: str = StateView.dtype,
+                 cache_root: str | Path | None = None) -> set[str]:
     """Texts whose states are cached for every one of `models` (same pooling, layer, length, dtype): pass
     them as `prefer` to build a public set that needs no new forward pass where it can. Pooling and
     max_length default to each model's own, as extraction resolves them."""
