@@ -121,6 +121,10 @@ class StudyConfig:
             raise StudyError(f"{both} is both a task and an OOD set; drop it from --ood or from --tasks")
         if self.ood_detector not in DETECTORS:
             raise StudyError(f"ood_detector must be one of {DETECTORS}, got {self.ood_detector!r}")
+        if TWO_PARTY in self.regimes and (self.fit.estimator != "ridge" or self.fit.whiten_target):
+            raise StudyError(f"the two-party regime adapts a ridge map, but --fit.estimator is {self.fit.estimator}"
+                             f"{' with --fit.whiten_target true' if self.fit.whiten_target else ''}; use --fit.estimator "
+                             "ridge, or drop two-party from --regimes")
         if self.bootstrap < 1 or not 0 < self.confidence < 1:
             raise StudyError(f"need bootstrap >= 1 and 0 < confidence < 1, got {self.bootstrap} and {self.confidence}")
 
@@ -278,9 +282,6 @@ class Study:
             x_tr, y_tr = split_rows(dm, "train")
             train = SufficientStats.zeros(x_tr.shape[1], y_tr.shape[1], full_yty=False).update(x_tr, y_tr)
             if adapted:
-                if not takes_lambda:
-                    raise StudyError(f"the two-party regime adapts a ridge map; --fit.estimator {cfg.fit.estimator} "
-                                     f"takes no λ: use one of {', '.join(LAMBDA_ESTIMATORS)}")
                 adaptation = adapt(train, src.train, tgt.task_stats, lam, fit, cfg.adaptation)
                 plain = classification_scores(tgt.head(aligner(src.test)), tgt.labels, tgt.head.hparams.output_dim)
                 mapper = AdaptedMap(adaptation.map)

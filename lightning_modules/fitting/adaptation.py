@@ -155,5 +155,6 @@ def adapt(public: SufficientStats, private: Tensor, task: TaskStatistics, lam: f
         amap = fit_affine(stats, "ridge", lam, fit.center, fit.standardize)
         shares.append((torch.bincount(r.argmax(1), minlength=r.shape[1]).double() / x.shape[0]).tolist())
     record = {"private_rows": int(x.shape[0]), "weight": settings.weight, "rounds": settings.rounds,
-              "em_iterations": settings.em_iterations, "lambda": lam, "class_shares": shares[-1] if shares else None}
+              "em_iterations": settings.em_iterations, "shrinkage": settings.shrinkage, "lambda": lam,
+              "class_shares": shares[-1] if shares else None}
     return Adaptation(amap, stats, record)

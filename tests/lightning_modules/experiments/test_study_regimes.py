@@ -183,6 +183,9 @@ def test_bad_regimes_name_the_fix():
             StudyConfig(models=["a", "b"], tasks=["t"], regimes=regimes).validate()
     with pytest.raises(StudyError, match="leave_task_out_size must be at least 2"):
         StudyConfig(models=["a", "b"], tasks=["t"], leave_task_out_size=1).validate()
+    with pytest.raises(StudyError, match="two-party regime adapts a ridge map"):  # before any extraction
+        StudyConfig(models=["a", "b"], tasks=["t"], regimes=["two-party"],
+                    fit=FitSettings(estimator="procrustes")).validate()
 
 
 def test_the_study_command_takes_the_regimes_and_refuses_a_bad_one_in_one_line(capsys):
