@@ -3,7 +3,7 @@
     .venv/bin/python bench/serve_load.py [--export DIR] [--clients 4] [--seconds 10] [--states 1]
     .venv/bin/python bench/serve_load.py --client-model smollm2 [--export DIR] [--queries 20] [--data bbc]
 
-Both modes start `serve.server.run` in a subprocess on a free loopback port (from --export, or a
+Both modes start `serve.running.run` in a subprocess on a free loopback port (from --export, or a
 random-weight export built here: d=576, k=5 by default, or the client model's hidden size).
 
 Load mode: N client threads, each with its own session, send `--states` random hidden states per
@@ -85,12 +85,12 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`serve.server.run` in a subprocess, stopped on exit."""
+    """`serve.running.run` in a subprocess, stopped on exit."""
 
     def __init__(self, export: Path, workers: int):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        code = (f"from serve.server import run; run({str(export)!r}, host='127.0.0.1', port={self.port}, "
+        code = (f"from serve.running import run; run({str(export)!r}, host='127.0.0.1', port={self.port}, "
                 f"max_concurrency={workers}, max_sessions=256, log_level='warning')")
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
         self.proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env)

@@ -6,7 +6,7 @@ import threading
 import time
 from typing import Any
 
-from .server import uvicorn_config
+from .running import uvicorn_config
 
 
 class ServerThread:

@@ -9,6 +9,8 @@ errors (malformed HTTP, over the concurrency limit) are plain text. `limited_pro
   headers must be complete within `header_timeout_s`, else the server writes a JSON 408 and closes;
 * a connection cap: beyond `max_connections` open connections, a request gets a JSON 503 and the connection
   is closed;
+* a per-client cap: beyond `max_connections_per_client` open connections from one peer address (the socket's,
+  never a forwarded header; a trusted proxy's address is not capped), the same, with its own code;
 * JSON bodies for the protocol errors h11 reports (400 malformed request, 431 headers over the cap).
 
 h11 bounds only *incomplete* headers; `HeaderLimit` (ASGI middleware) refuses complete ones over the cap.
@@ -18,8 +20,9 @@ Body read timeouts belong to the route that reads the body (`serve.server.read_b
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
-from typing import Any
+from typing import Any, Sequence
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -37,10 +40,9 @@ def raw_response(status: int, reason: str, code: str, message: str) -> bytes:
     return head.encode("ascii") + body
 
 
-def over_capacity_app(max_connections: int):
-    """An ASGI app answering 503 JSON and closing: used for connections beyond the cap."""
-    body = error_bytes("too_many_connections", f"the server already holds {max_connections} connections; "
-                                               "retry shortly, and reuse one keep-alive connection per client")
+def over_capacity_app(code: str, message: str):
+    """An ASGI app answering 503 JSON with Retry-After and closing: used for connections beyond a cap."""
+    body = error_bytes(code, message)
 
     async def app(scope: dict, receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 503,
@@ -72,21 +74,80 @@ class HeaderLimit:
         await self.app(scope, receive, send)
 
 
-def limited_protocol(header_timeout_s: float, max_connections: int, max_header_bytes: int) -> type[H11Protocol]:
-    """uvicorn's h11 protocol with a header deadline, a connection cap and JSON protocol errors."""
+class AddressSet:
+    """Addresses and networks ('10.0.0.5', '10.0.0.0/8', '::1'; '*' for any), as uvicorn's forwarded_allow_ips."""
+
+    def __init__(self, entries: Sequence[str]):
+        self.any = "*" in entries
+        self.networks = [ipaddress.ip_network(entry, strict=False) for entry in entries if entry != "*"]
+
+    def __contains__(self, host: str | None) -> bool:
+        if self.any:
+            return True
+        try:
+            address = ipaddress.ip_address(host or "")
+        except ValueError:
+            return False
+        mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:10.0.0.5 on a dual-stack socket is 10.0.0.5
+        return any(address in network or (mapped is not None and mapped in network) for network in self.networks)
+
+
+def check_trusted_proxies(entries: Sequence[str]) -> None:
+    """ValueError unless every entry is an IP address, a network or '*'."""
+    for entry in entries:
+        if entry != "*":
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"trusted_proxies holds {entry!r}, which is not an IP address or network (e.g. "
+                                 "'[10.0.0.5]' or '[10.0.0.0/8]')") from None
+
+
+def limited_protocol(header_timeout_s: float, max_connections: int, max_header_bytes: int,
+                     max_connections_per_client: int | None = None,
+                     trusted_proxies: Sequence[str] = ()) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with a header deadline, a connection cap, a per-client connection cap (none when
+    `max_connections_per_client` is None; addresses in `trusted_proxies` are not capped) and JSON protocol errors.
+    Each call counts its own connections: build one per server."""
     if header_timeout_s <= 0 or max_connections < 1 or max_header_bytes < 1024:
         raise ValueError(f"header_timeout_s must be positive, max_connections at least 1 and max_header_bytes at "
                          f"least 1024, got {header_timeout_s}, {max_connections}, {max_header_bytes}")
-    busy = over_capacity_app(max_connections)
+    if max_connections_per_client is not None and max_connections_per_client < 1:
+        raise ValueError(f"max_connections_per_client must be at least 1, got {max_connections_per_client}")
+    check_trusted_proxies(trusted_proxies)
+    busy = over_capacity_app("too_many_connections", f"the server already holds {max_connections} connections; "
+                                                     "retry shortly, and reuse one keep-alive connection per client")
+    busy_client = over_capacity_app("too_many_connections_from_client", (
+        f"this address already holds {max_connections_per_client} connections to the server; close some, retry "
+        "shortly, and reuse one keep-alive connection"))
+    exempt = AddressSet(trusted_proxies)
+    per_client: dict[str, int] = {}  # open connections per peer address, on this server's event loop only
 
     class LimitedH11Protocol(H11Protocol):
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self._header_timer: asyncio.TimerHandle | None = None
             self._waiting_after: Any = None
-            if len(self.connections) > max_connections:
+            self._peer = self.client[0] if self.client else None
+            if self._peer is not None and max_connections_per_client is not None and self._peer not in exempt:
+                per_client[self._peer] = per_client.get(self._peer, 0) + 1
+            else:
+                self._peer = None  # not counted, so never discounted
+            if self._peer is not None and per_client[self._peer] > max_connections_per_client:
+                self.app = busy_client
+            elif len(self.connections) > max_connections:
                 self.app = busy
             self._arm_header_timer()
+
+        def _discount(self) -> None:
+            """Forget this connection in its address's count (once, whichever close path comes first)."""
+            peer, self._peer = getattr(self, "_peer", None), None
+            if peer is not None:
+                left = per_client.get(peer, 1) - 1
+                if left > 0:
+                    per_client[peer] = left
+                else:
+                    per_client.pop(peer, None)
 
         def _arm_header_timer(self) -> None:
             """Start the deadline for the next request's headers (the current cycle, if any, is finished)."""
@@ -124,7 +185,13 @@ def limited_protocol(header_timeout_s: float, max_connections: int, max_header_b
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._cancel_header_timer()
+            self._discount()
             super().connection_lost(exc)
+
+        @staticmethod
+        def open_per_client() -> dict[str, int]:
+            """A copy of the open-connection counts per peer address (for tests and diagnostics)."""
+            return dict(per_client)
 
         def send_400_response(self, msg: str) -> None:
             received = len(self.conn.trailing_data[0])

@@ -344,7 +344,7 @@ def test_a_fit_session_holds_its_accumulators_and_nothing_per_chunk(tmp_path):
 
     folder = write_small_public_states(tmp_path / "public", n=1024, d=128, val_fraction=0.125)
     port = free_port()
-    code = (f"from serve.server import run; run(public={str(folder)!r}, port={port}, log_level='warning', "
+    code = (f"from serve.running import run; run(public={str(folder)!r}, port={port}, log_level='warning', "
             "max_fit_sessions=1, fits_per_client=None)")
     process = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
