@@ -44,6 +44,8 @@ COMMANDS = {  # name: "module:function"
     "head": {"fit": "lightning_modules.parties.commands:head_fit"},
     "align": "lightning_modules.parties.commands:align",
     "serve": "serve.commands:serve",
+    "keys": {"add": "serve.commands:keys_add", "revoke": "serve.commands:keys_revoke",
+             "list": "serve.commands:keys_list"},
     "query": "serve.commands:query",
 }
 # One side of a two-party recipe (configs/recipe/*.yaml): its --config skips the recipe's sections it does not take

@@ -1,20 +1,17 @@
-"""What every route shares: JSON errors, raw-body reading under caps and deadlines, API-key checks, OpenAPI bits."""
+"""What every route shares: JSON errors, raw-body reading under caps and deadlines, OpenAPI bits."""
 from __future__ import annotations
 
-import hmac
-from typing import Any, Callable
+from typing import Any
 
 import anyio
-from fastapi import Request, Security
+from fastapi import Request
 from fastapi.responses import JSONResponse
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 
 from encrypted import EncryptedError, InvalidCiphertext, InvalidKeys, ParameterMismatch
 
-from .budget import QueryBudget
-from .protocol import API_KEY_HEADER, OCTET_STREAM
+from .protocol import OCTET_STREAM
 
 
 # --- errors -----------------------------------------------------------------------------------------
@@ -107,34 +104,3 @@ async def read_body(request: Request, limit: int, what: str, timeout_s: float) -
     if not body:
         raise ApiError(400, "empty_body", f"the request has no body; send {what} as raw {OCTET_STREAM} bytes")
     return bytes(body)
-
-
-def presented_key(request: Request) -> bytes | None:
-    """The API key the request carries, as the raw header bytes (HTTP headers are bytes; Starlette decodes them
-    as latin-1, so re-encoding as latin-1 gives the bytes back: a UTF-8 key arrives as its UTF-8 bytes)."""
-    given = request.headers.get(API_KEY_HEADER)
-    if given is None:
-        scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
-        given = credentials.strip() if scheme.lower() == "bearer" and credentials.strip() else None
-    return None if given is None else given.encode("latin-1")
-
-
-def api_key_dependency(expected: str) -> Callable[..., Any]:
-    bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
-    header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="the API key")
-    expected_bytes = expected.encode("utf-8")
-
-    async def require_api_key(request: Request, credentials: HTTPAuthorizationCredentials | None = Security(bearer),
-                              api_key: str | None = Security(header)) -> None:
-        given = presented_key(request)
-        if given is None or not hmac.compare_digest(given, expected_bytes):
-            raise ApiError(401, "unauthorized", f"missing or wrong API key; send 'Authorization: Bearer <key>' "
-                                                f"or '{API_KEY_HEADER}: <key>'", {"WWW-Authenticate": "Bearer"})
-
-    return require_api_key
-
-
-def client_id(request: Request, authenticated: bool) -> str:
-    """The client a budget charges: its API key's digest when the server has a key, else its address."""
-    return QueryBudget.client_id(presented_key(request) if authenticated else None,
-                                 request.client.host if request.client else None)

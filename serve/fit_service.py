@@ -17,26 +17,25 @@ until fetched; the rows and ciphertexts it accepts are exactly the plan's. Every
 """
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-from fastapi import FastAPI, Path as PathParam, Query, Request
-from fastapi.responses import JSONResponse, Response
+from encrypted import DEFAULT_PROFILE, EncryptedError, GramAccumulator, GramPlan, PublicKeys, plan_gram
 
-from encrypted import (DEFAULT_PROFILE, EncryptedError, GramAccumulator, GramPlan, PublicKeys, plan_gram,
-                       public_bytes_max)
-
-from .api import BODY_ERRORS, ERROR_RESPONSES, OCTET_REPLY, ApiError, client_id, input_error, raw_body, read_body
-from .budget import FitBudget
-from .formats.folders import ExportError
+from .api import ApiError, input_error
+from .budget import Budgets
 from .fit_stats import normalise, provider_stats, train_normaliser
-from .protocol import API_PREFIX, OCTET_STREAM, SERVER_TIMING_HEADER
+from .formats.folders import ExportError
 from .formats.public_states import PublicStates
+from .identity import Identity
+from .protocol import FIT_SESSION_LOST
 from .sessions import SessionStore
 from .settings import ServerSettings
+from .store import FitRecord, StateStore
 
 PLAN_CACHE = 16  # plans kept by source_dim (each is a few small dicts)
 FIT_REOPEN = "open a new fit session (POST /v1/fit/sessions)"
@@ -47,7 +46,8 @@ class FitSession:
     session_id: str
     plan: GramPlan
     keys: Any = field(repr=False)  # encrypted.PublicKeys for plan.layout
-    last_used: float
+    last_used: float  # the last progress (an accepted chunk, a fetched result); refused requests do not count
+    created: float
     part: int = 0  # the part whose chunks are being accepted; len(plan.part_rows) when all are done
     accumulator: Any = field(default=None, repr=False)  # GramAccumulator of `part`
     results: dict[tuple[int, int], bytes] = field(default_factory=dict, repr=False)  # (part, group) -> reply
@@ -57,9 +57,11 @@ class FitSession:
 class FitService:
     """The public set's normalised states, the published statistics, the plans and the fit sessions."""
 
-    def __init__(self, public: PublicStates, settings: ServerSettings,
-                 run_cpu: Callable[..., Awaitable[Any]], clock: Callable[[], float] = time.monotonic):
+    def __init__(self, public: PublicStates, settings: ServerSettings, run_cpu: Callable[..., Awaitable[Any]],
+                 store: StateStore, budgets: Budgets, replica: str, clock: Callable[[], float] = time.monotonic):
         self.public, self.settings, self.run_cpu, self.clock = public, settings, run_cpu, clock
+        self.store, self.budgets, self.replica = store, budgets, replica
+        self.metrics: Any = None  # serve.observability.ServerMetrics, set by create_app
         mean, scale = train_normaliser(public.parts[0])
         self.targets = [normalise(part, mean, scale) for part in public.parts]  # Ẑ_B per part, float64
         self.stats = provider_stats(list(public.parts), mean, scale)
@@ -67,9 +69,7 @@ class FitService:
             plan_gram(DEFAULT_PROFILE, 1, public.hidden_size, public.part_rows, max_accumulator_bytes=None)
         except EncryptedError as exc:
             raise ExportError(f"{public.directory} cannot be served for private fits: {exc}") from None
-        self.budget = FitBudget(settings.fits_per_client, settings.max_clients)
-        self.sessions = SessionStore(settings.max_fit_sessions, settings.fit_session_ttl_s, evict=False, clock=clock,
-                                     id_prefix=f"{settings.replica_id}." if settings.replica_id else "")
+        self.sessions = SessionStore(settings.max_fit_sessions, settings.fit_session_ttl_s, evict=False, clock=clock)
         self._plans: OrderedDict[int, GramPlan] = OrderedDict()
         self._opening = 0  # sessions whose keys are being read (they hold a slot)
         self._lock = threading.Lock()
@@ -113,43 +113,96 @@ class FitService:
                            "fetch the texts again from GET /v1/public-set/texts, extract your states on exactly "
                            "those rows in that order, and retry")
 
-    def claim_slot(self) -> None:
-        """Hold one of `max_fit_sessions` slots for a session being opened; 503 when all are taken. Fit sessions are
-        never evicted for a newcomer: each holds another client's half-finished fit."""
+    def open(self, plan: GramPlan, identity: Identity) -> str:
+        """Charge the fit, claim the client's slot in the store (across replicas) and one of this replica's
+        `max_fit_sessions` slots; the new session's id. Undo with `abandon` if the session is not opened after all.
+        Fit sessions are never evicted for a newcomer (each holds a client's half-finished fit); they end when
+        finished, idle for `fit_session_ttl_s`, or `fit_session_max_s` after they opened."""
+        self.expire_overdue()
+        refusal = self.budgets.charge_fit(identity)
+        if refusal is not None:
+            if self.metrics is not None:
+                self.metrics.budget_rejected("fits")
+            raise ApiError(429, "budget_exhausted", refusal.message)
+        session_id = secrets.token_urlsafe(24)
+        record = FitRecord(session_id, identity.client, self.replica, time.time())
+        if not self.store.claim_fit(record, per_client=self.settings.fit_slots_per_client,
+                                    ttl_s=self.settings.fit_session_ttl_s):
+            self.budgets.refund_fit(identity)
+            raise ApiError(429, "fit_slots_exhausted",
+                           f"this client already holds {self.settings.fit_slots_per_client} open private fit(s); "
+                           f"finish or DELETE it (DELETE /v1/fit/sessions/ID), or wait {self.settings.fit_session_ttl_s:g}"
+                           f" s after its last progress")
         with self._lock:
             if self.sessions.free_slots() - self._opening <= 0:
+                self.store.release_fit(session_id)
+                self.budgets.refund_fit(identity)
                 raise ApiError(503, "busy", f"{self.settings.max_fit_sessions} private fits are running on this "
                                             "server; retry in a few minutes", {"Retry-After": "30"})
             self._opening += 1
+        return session_id
 
-    def release_slot(self) -> None:
+    def abandon(self, session_id: str, identity: Identity) -> None:
+        """A session claimed by `open` was refused before it opened (bad keys, busy): nothing was revealed."""
+        self.store.release_fit(session_id)
+        self.budgets.refund_fit(identity)
+
+    def opened(self) -> None:
+        """The session claimed by `open` was added, or abandoned: its slot reservation ends."""
         with self._lock:
             self._opening -= 1
 
-    def start(self, plan: GramPlan, body: bytes) -> FitSession:
+    def start(self, session_id: str, plan: GramPlan, body: bytes) -> FitSession:
         """Deserialise the keys for the plan's layout and build part 0's accumulator (CPU: run via run_cpu)."""
         try:
             keys = PublicKeys.from_bytes(body, plan.layout)
             keys.require(plan.layout)
         except ValueError as exc:
             raise input_error(exc) from None
-        session = FitSession(self.sessions.new_id(), plan, keys, self.clock())
+        now = self.clock()
+        session = FitSession(session_id, plan, keys, now, now)
         session.accumulator = GramAccumulator(plan, 0, self.targets[0])
         return session
 
     def add(self, session: FitSession) -> None:
         self.sessions.put(session)
 
+    def expire_overdue(self) -> None:
+        """Drop sessions past `fit_session_max_s`, however they progress (one client cannot hold a slot forever)."""
+        now = self.clock()
+        for session in self.sessions.values():
+            if now - session.created >= self.settings.fit_session_max_s:
+                self.remove(session.session_id)
+
     def session(self, session_id: str) -> FitSession:
-        session = self.sessions.get(session_id)
-        if session is None:
-            raise ApiError(404, "fit_session_not_found", f"fit session {session_id[:48]!r} does not exist on this "
-                                                         f"server (it expired, was closed, or the server "
-                                                         f"restarted); {FIT_REOPEN}")
-        return session
+        """This replica's live session (not marked as used: only progress is). 409 `fit_session_lost` when the
+        store knows it but this replica does not hold its accumulators (another replica, or a restart)."""
+        self.expire_overdue()
+        session = self.sessions.get(session_id, touch=False)
+        record = self.store.get_fit(session_id)
+        if session is not None and record is None:  # closed on another replica, or expired in the store
+            self.sessions.remove(session_id)
+            session = None
+        if session is not None:
+            return session
+        if record is not None:
+            raise ApiError(409, FIT_SESSION_LOST, f"fit session {session_id[:48]!r} is not held by this replica (its "
+                                                  f"encrypted accumulators live in one replica's memory, which "
+                                                  f"restarted or is another one); DELETE it and {FIT_REOPEN}")
+        raise ApiError(404, "fit_session_not_found", f"fit session {session_id[:48]!r} does not exist on this "
+                                                     f"server (it finished, expired or was closed); {FIT_REOPEN}")
+
+    def progressed(self, session: FitSession) -> None:
+        """Mark progress: the only thing that keeps a fit session (and its slot) alive."""
+        self.sessions.touch(session.session_id)
+        self.store.touch_fit(session.session_id, ttl_s=self.settings.fit_session_ttl_s)
 
     def remove(self, session_id: str) -> bool:
-        return self.sessions.remove(session_id)
+        """Forget a fit session here and in the store; whether it existed in either."""
+        held = self.sessions.remove(session_id)
+        known = self.store.get_fit(session_id) is not None
+        self.store.release_fit(session_id)
+        return held or known
 
     def __len__(self) -> int:
         return len(self.sessions)
@@ -211,112 +264,8 @@ class FitService:
         if blob is None:
             raise ApiError(409, "result_fetched", f"the result of part {part}, group {group} was already fetched and "
                                                   f"freed; {FIT_REOPEN} to fit again")
+        if session.part >= parts and not session.results:
+            self.remove(session.session_id)  # every result handed out: the fit is over and its slot is free
+        else:
+            self.progressed(session)
         return blob
-
-
-# --- routes ------------------------------------------------------------------------------------------------
-
-def no_public_set() -> ApiError:
-    return ApiError(404, "no_public_set", "this server publishes no public set, so it offers no private fit; ask its "
-                                          "operator to serve one (xsilo serve --public DIR)")
-
-
-def add_fit_routes(app: FastAPI, fit: FitService | None, auth: list, settings: ServerSettings) -> None:
-    """Register the public-set and private-fit routes on `app` (each answers 404 `no_public_set` without one)."""
-    authenticated = settings.api_key is not None
-
-    def service() -> FitService:
-        if fit is None:
-            raise no_public_set()
-        return fit
-
-    @app.get(f"{API_PREFIX}/public-set/texts", dependencies=auth, responses=ERROR_RESPONSES, tags=["private fit"])
-    async def public_texts(offset: int = Query(0, ge=0, le=1 << 40),
-                           limit: int | None = Query(None, ge=1, le=1 << 40)) -> dict[str, Any]:
-        """A page of the public set's texts in public-set order (at most `max_public_texts` per page)."""
-        public = service().public
-        if offset > public.rows:
-            raise ApiError(400, "invalid_offset", f"offset {offset} is past the public set's {public.rows} rows")
-        count = min(limit or settings.max_public_texts, settings.max_public_texts)
-        end = min(offset + count, public.rows)
-        return {"texts": public.texts[offset:end], "offset": offset, "next": end if end < public.rows else None}
-
-    def source_dim_query() -> Any:
-        return Query(..., ge=1, le=1 << 40, description="the client's state dimension d_A")
-
-    @app.get(f"{API_PREFIX}/fit/plan", dependencies=auth, responses=ERROR_RESPONSES, tags=["private fit"])
-    async def fit_plan(source_dim: int = source_dim_query()) -> dict[str, Any]:
-        """The GramPlan (chunking, CKKS layout, rotation steps) of a private fit for a source_dim-d client."""
-        return service().plan(source_dim).to_dict()
-
-    @app.post(f"{API_PREFIX}/fit/sessions", status_code=201, dependencies=auth, tags=["private fit"],
-              responses={**BODY_ERRORS, **ERROR_RESPONSES},
-              openapi_extra=raw_body("ClientKeys.public_bytes() for the plan's layout (GET /v1/fit/plan)."))
-    async def open_fit(request: Request, source_dim: int = source_dim_query(),
-                       fingerprint: str = Query(..., max_length=128, description="the public set's fingerprint "
-                                                                                 "the client extracted on")
-                       ) -> dict[str, Any]:
-        """Open a private fit: upload public keys; the answer has the plan and the provider's statistics."""
-        fits = service()
-        plan = fits.plan(source_dim)
-        fits.check_fingerprint(fingerprint)
-        fits.claim_slot()
-        try:
-            client = client_id(request, authenticated)
-            refusal = fits.budget.reserve(client)
-            if refusal is not None:
-                raise ApiError(429, "budget_exhausted", refusal.message)
-            try:
-                body = await read_body(request, public_bytes_max(plan.layout), "public keys", settings.body_timeout_s)
-                session = await fits.run_cpu(fits.start, plan, body)
-            except ApiError:
-                fits.budget.refund(client)  # no fit was opened: nothing was revealed
-                raise
-            fits.add(session)
-        finally:
-            fits.release_slot()
-        return {"session_id": session.session_id, "plan": plan.to_dict(), "stats": fits.stats,
-                "session_ttl_s": settings.fit_session_ttl_s}
-
-    def index() -> Any:  # one Path() per parameter: FastAPI names a shared one after the first parameter it serves
-        return PathParam(..., ge=0, le=1 << 40)
-
-    @app.post(f"{API_PREFIX}/fit/sessions/{{session_id}}/parts/{{part}}/chunks/{{chunk}}", dependencies=auth,
-              tags=["private fit"], responses={**BODY_ERRORS, **ERROR_RESPONSES},
-              openapi_extra=raw_body("One chunk message from encrypted.encrypt_chunk(keys, plan, part, chunk, Z)."))
-    async def add_chunk(session_id: str, request: Request, part: int = index(), chunk: int = index()) -> JSONResponse:
-        """Add one chunk of part `part` (chunks in order); the part's results are ready after its last chunk."""
-        fits = service()
-        session = fits.session(session_id)
-        fits.check_chunk(session, part, chunk)
-        body = await read_body(request, session.plan.chunk_max_bytes, "a chunk", settings.body_timeout_s)
-        fits.check_chunk(session, part, chunk)  # another request may have moved on while this body arrived
-        session.busy = True
-        try:
-            ms = await fits.run_cpu(fits.add_chunk, session, part, chunk, body)
-        finally:
-            session.busy = False
-        complete = session.part > part
-        payload = {"part": part, "chunk": chunk, "part_complete": complete,
-                   "next": None if session.part >= len(session.plan.part_rows) else
-                   {"part": session.part, "chunk": session.accumulator.next_chunk}}
-        return JSONResponse(payload, headers={SERVER_TIMING_HEADER: f"he;dur={ms:.2f}"})
-
-    @app.get(f"{API_PREFIX}/fit/sessions/{{session_id}}/parts/{{part}}/result/{{group}}", response_class=Response,
-             dependencies=auth, tags=["private fit"],
-             responses={200: {**OCTET_REPLY, "description": "Enc(G_p) of one group: read with decrypt_gram"},
-                        **ERROR_RESPONSES})
-    async def fit_result(session_id: str, part: int = index(), group: int = index()) -> Response:
-        """One group's reply of a complete part: handed out once, then freed."""
-        fits = service()
-        return Response(fits.result(fits.session(session_id), part, group), media_type=OCTET_STREAM)
-
-    @app.delete(f"{API_PREFIX}/fit/sessions/{{session_id}}", status_code=204, response_class=Response,
-                dependencies=auth, responses=ERROR_RESPONSES, tags=["private fit"])
-    async def close_fit(session_id: str) -> Response:
-        """Forget the fit session: its keys, accumulators and unfetched results."""
-        if not service().remove(session_id):
-            raise ApiError(404, "fit_session_not_found", f"fit session {session_id[:48]!r} does not exist on this "
-                                                         "server")
-        return Response(status_code=204)
-

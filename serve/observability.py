@@ -206,35 +206,27 @@ class ObservabilityMiddleware:
 # --- routes --------------------------------------------------------------------------------------------
 
 def track_service(metrics: ServerMetrics, service: Any) -> None:
-    """Point the gauges at the service's public counts (`pending`, `session_count()`, the fit sessions, `draining`),
-    falling back to what older services expose."""
-    def sessions() -> int:
-        count = getattr(service, "session_count", None)
-        return count() if callable(count) else len(service.sessions)
-
-    def fit_sessions() -> int:
-        count = getattr(service, "fit_session_count", None)
-        fit = getattr(service, "fit", None)
-        return count() if callable(count) else (len(fit) if fit is not None else 0)
-
-    metrics.track(queue_depth=lambda: getattr(service, "pending", 0), sessions=sessions,
-                  fit_sessions=fit_sessions, draining=lambda: bool(getattr(service, "draining", False)))
+    """Point the gauges at the service's counts, and the service's HE, budget and fit events at the metrics."""
+    service.metrics = metrics
+    if service.fit is not None:
+        service.fit.metrics = metrics
+    metrics.track(queue_depth=lambda: service.pending, sessions=service.session_count,
+                  fit_sessions=lambda: len(service.fit) if service.fit is not None else 0,
+                  draining=lambda: service.draining)
 
 
 async def readiness(service: Any) -> JSONResponse:
     """200 ready, or 503 `draining` (after SIGTERM) / `store_unavailable` (the state store's ping failed)."""
-    if getattr(service, "draining", False):
+    if service.draining:
         return error_response(503, "draining", "the server is shutting down and takes no new work; use another "
                                                "replica", {"Retry-After": "5"})
-    store = getattr(service, "store", None)
-    if store is not None:
-        try:
-            with anyio.fail_after(PING_TIMEOUT_S):
-                await anyio.to_thread.run_sync(store.ping, abandon_on_cancel=True)
-        except Exception as exc:  # noqa: BLE001 - any failure of the store means not ready
-            log.warning("readiness: the state store did not answer (%s)", type(exc).__name__)
-            return error_response(503, "store_unavailable", "the server's state store does not answer; retry "
-                                                            "shortly or use another replica", {"Retry-After": "5"})
+    try:
+        with anyio.fail_after(PING_TIMEOUT_S):
+            await anyio.to_thread.run_sync(service.store.ping, abandon_on_cancel=True)
+    except Exception as exc:  # noqa: BLE001 - any failure of the store means not ready
+        log.warning("readiness: the state store did not answer (%s)", type(exc).__name__)
+        return error_response(503, "store_unavailable", "the server's state store does not answer; retry "
+                              "shortly or use another replica", {"Retry-After": "5"})
     return JSONResponse({"status": "ready"})
 
 

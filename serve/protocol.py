@@ -13,3 +13,4 @@ BUDGET_HEADER = "X-Xsilo-Budget-Remaining"  # rows the session/client may still 
 # Error codes in {"error": {"code": ..., "message": ...}}.
 SESSION_NOT_FOUND = "session_not_found"  # the client re-opens a session and retries once
 REOPEN_HINT = "open a new session (POST /v1/sessions with your public keys)"
+FIT_SESSION_LOST = "fit_session_lost"  # the fit's accumulators are on another replica, or were lost: start again

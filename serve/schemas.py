@@ -92,7 +92,7 @@ class SessionOpened(BaseModel):
 
 class Health(BaseModel):
     status: str
-    sessions: int
+    sessions: int | None  # sessions in the store; null while the store does not answer
     export_sha256: str | None
     heads: list[str]
     public_set: str | None  # its fingerprint

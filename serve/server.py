@@ -5,6 +5,7 @@ only ciphertexts and public keys: never a client's text, hidden state or logits.
 noted; errors are ``{"error": {"code", "message"}}``):
 
     GET    /healthz                           liveness, open without an API key
+    GET    /readyz, /metrics                  readiness and Prometheus metrics (`serve.observability`), open
     GET    /v1/model                          fused export (or nulls), heads, public set, limits
     POST   /v1/sessions[?head=NAME]           raw public keys in (octet-stream) -> {"session_id": ...}
     POST   /v1/sessions/{id}/infer            raw query ciphertext in -> raw reply ciphertext out
@@ -18,84 +19,37 @@ HE work runs in worker threads behind a capacity limiter, so the event loop keep
 server imports no torch, lightning, transformers, `lightning_modules` or `datamodules`: folders are read by
 `serve.formats` (numpy + safetensors).
 
-This module holds the routes (`create_app`), the request log and `run`; what they answer with is
+This module holds the routes (`create_app`); the request log and metrics are `serve.observability`'s, running
+under uvicorn (`run`) is `serve.running`'s; what they answer with is
 `serve.service.EncryptedService`'s (layers, sessions, budgets, the worker pool), the JSON bodies `serve.schemas`',
 and `serve.harness.ServerThread` runs the app in a thread of this process (tests, benchmarks, demos).
 """
 from __future__ import annotations
 
 import logging
-import logging.config
-import signal
-import time
-import uuid
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .api import (BODY_ERRORS, ERROR_RESPONSES, OCTET_REPLY, ApiError, api_key_dependency, client_id, error_response,
-                  raw_body, read_body)
-from .fit_service import add_fit_routes
+from .api import BODY_ERRORS, ERROR_RESPONSES, OCTET_REPLY, ApiError, error_response, raw_body, read_body
+from .fit_routes import add_fit_routes
 from .formats.public_states import load_public_states
+from .identity import Identity, identity_dependency
+from .pins import check_pins
 from .layers import load_fused, load_head
+from .observability import ObservabilityMiddleware, ServerMetrics, add_operation_routes, loggable, track_service
 from .protocol import API_PREFIX, BUDGET_HEADER, OCTET_STREAM, SERVER_TIMING_HEADER
 from .schemas import Health, ModelInfo, SessionOpened
-from .service import EncryptedService, session_not_found
+from .service import EncryptedService
 from .settings import ServerSettings
-from .transport import HeaderLimit, limited_protocol
+from .store import StoreError
+from .transport import HeaderLimit
 
 log = logging.getLogger("serve")
-
-
-# --- middleware: request log and catch-all -------------------------------------------------------------
-
-def loggable(scope: dict) -> str:
-    """The request path, escaped (a decoded path may hold newlines) and shortened."""
-    return str(scope.get("path", "")).encode("unicode_escape").decode("ascii")[:200]
-
-
-class RequestLogMiddleware:
-    """Logs method, path, status, bytes in/out and ms (never payloads); turns unhandled errors into a bare 500."""
-
-    def __init__(self, app: Any):
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        state = {"status": 0, "in": 0, "out": 0, "started": False}
-
-        async def counting_receive() -> dict:
-            message = await receive()
-            if message["type"] == "http.request":
-                state["in"] += len(message.get("body", b""))
-            return message
-
-        async def counting_send(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                state["status"], state["started"] = message["status"], True
-            elif message["type"] == "http.response.body":
-                state["out"] += len(message.get("body", b""))
-            await send(message)
-
-        try:
-            await self.app(scope, counting_receive, counting_send)
-        except Exception:
-            reference = uuid.uuid4().hex[:12]
-            log.exception("unhandled error %s on %s %s", reference, scope.get("method"), loggable(scope))
-            if not state["started"]:
-                response = error_response(500, "internal", f"internal server error (reference {reference}); "
-                                                           "the server log has the details")
-                await response(scope, receive, counting_send)
-        finally:
-            log.info("%s %s %d in=%dB out=%dB %.1fms", scope.get("method"), loggable(scope), state["status"],
-                     state["in"], state["out"], (time.perf_counter() - start) * 1000)
 
 
 # --- the app --------------------------------------------------------------------------------------------
@@ -104,8 +58,8 @@ def create_app(export_dir: str | Path | None = None, *, heads: Sequence[str | Pa
                public: str | Path | None = None, name: str = "fused", **options: Any) -> FastAPI:
     """A FastAPI app serving, under encryption, `<export_dir>/<name>.safetensors` (a fused export), the heads
     in `heads` (head export folders, named by folder name) and the public set `public` for private fits; at least
-    one of them. `options` are `ServerSettings` fields. Raises ExportError if a folder is unusable, ValueError for
-    a bad setting or an empty configuration."""
+    one of them. `options` are `ServerSettings` fields. Raises ExportError if a folder is unusable or not pinned, ValueError for a bad
+    setting or an empty configuration, StoreError for a store that cannot be opened."""
     settings = ServerSettings(**options)
     heads = [heads] if isinstance(heads, (str, Path)) else list(heads)  # one folder, or a list of them
     if export_dir is None and not heads and public is None:
@@ -116,6 +70,7 @@ def create_app(export_dir: str | Path | None = None, *, heads: Sequence[str | Pa
     fused = load_fused(export_dir, name, **layer_options) if export_dir is not None else None
     served_heads = [load_head(path, **layer_options) for path in heads]
     public_states = load_public_states(public) if public is not None else None
+    check_pins([p for p in (export_dir, *heads, public) if p is not None], settings.expect_sha256)
     service = EncryptedService(settings, fused, served_heads, public_states)
 
     app = FastAPI(title="xsilo encrypted inference",
@@ -124,8 +79,8 @@ def create_app(export_dir: str | Path | None = None, *, heads: Sequence[str | Pa
                               "state or logits; the client never sees the layers or the server's states.",
                   version="1", redirect_slashes=False)  # no redirects built from a client's Host header
     app.state.service = service
-    auth = [Depends(api_key_dependency(settings.api_key))] if settings.api_key is not None else []
-    authenticated = settings.api_key is not None
+    identify = identity_dependency(settings, service.store)
+    auth = [Depends(identify)]
 
     @app.exception_handler(ApiError)
     async def on_api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -142,21 +97,34 @@ def create_app(export_dir: str | Path | None = None, *, heads: Sequence[str | Pa
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, message, getattr(exc, "headers", None))
 
+    @app.exception_handler(StoreError)
+    async def on_store_error(request: Request, exc: StoreError) -> JSONResponse:
+        log.error("state store error on %s %s: %s", request.method, loggable(request.scope), exc)
+        return error_response(503, "store_unavailable", "the server's state store does not answer; retry shortly",
+                              {"Retry-After": "1"})
+
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}" for e in exc.errors())
         return error_response(422, "invalid_request", f"invalid request ({problems[:500]}); see /docs")
 
     app.add_middleware(HeaderLimit, max_header_bytes=settings.max_header_bytes)
-    app.add_middleware(RequestLogMiddleware)  # outermost: logs every request, the refused ones too
+    app.state.metrics = metrics = ServerMetrics()
+    track_service(metrics, service)
+    app.add_middleware(ObservabilityMiddleware, metrics=metrics)  # outermost: logs every request, refused ones too
+    add_operation_routes(app, service, metrics)  # GET /metrics, GET /readyz
 
     @app.get("/healthz", response_model=Health, tags=["operations"])
     async def healthz() -> dict[str, Any]:
         """Liveness and what is served; needs no API key."""
-        return {"status": "ok", "sessions": len(service.sessions),
+        try:  # liveness does not depend on the store (readiness does: /readyz)
+            sessions = service.session_count()
+        except StoreError:
+            sessions = None
+        return {"status": "ok", "sessions": sessions,
                 "export_sha256": service.fused.sha256 if service.fused else None, "heads": sorted(service.heads),
                 "public_set": service.public.fingerprint if service.public else None,
-                "replica_id": settings.replica_id}
+                "replica_id": service.replica}
 
     @app.get(f"{API_PREFIX}/model", response_model=ModelInfo, dependencies=auth, responses=ERROR_RESPONSES,
              tags=["model"])
@@ -174,10 +142,7 @@ def create_app(export_dir: str | Path | None = None, *, heads: Sequence[str | Pa
         """Upload public keys once for one layer; later queries name the session instead of re-sending them."""
         served = service.layer(head)
         body = await read_body(request, served.max_key_bytes, "public keys", settings.body_timeout_s)
-        keys = await service.run_cpu(service.load_keys, served, body)
-        session = service.sessions.add(keys, len(body), layer=head)
-        return {"session_id": session.session_id, "session_ttl_s": settings.session_ttl_s,
-                "lanes": served.layer.lanes, "head": head}
+        return await service.open_session(served, body)
 
     @app.post(f"{API_PREFIX}/sessions/{{session_id}}/infer", response_class=Response, dependencies=auth,
               tags=["sessions"],
@@ -185,17 +150,16 @@ def create_app(export_dir: str | Path | None = None, *, heads: Sequence[str | Pa
                                                              "query packs"}, **BODY_ERRORS, **ERROR_RESPONSES},
               openapi_extra=raw_body("One query from encrypted.encrypt(keys, layout, X) for the session's layer: up "
                                      "to `lanes` hidden states in one ciphertext."))
-    async def infer(session_id: str, request: Request) -> Response:
+    async def infer(session_id: str, request: Request, identity: Identity = Depends(identify)) -> Response:
         """Evaluate the session's layer on one encrypted query; the reply is encrypted under the client's key."""
-        session = service.session(session_id)
-        served = service.layer(session.layer)
+        record, served = service.session(session_id)
         body = await read_body(request, served.max_query_bytes, "a query", settings.body_timeout_s)
-        client = client_id(request, authenticated)
-        remaining = service.reserve_rows(session, served, client)
+        keys = await service.session_keys(record, served)
+        remaining = service.reserve_rows(record, served, identity)
         try:
-            reply, ms = await service.run_cpu(service.apply, served, session.keys, body)
+            reply, ms = await service.run_cpu(service.apply, served, keys, body, kind="infer")
         except ApiError:
-            service.refund_rows(session, served, client)  # no answer: nothing was revealed
+            service.refund_rows(record, served, identity)  # no answer: nothing was revealed
             raise
         return Response(reply, media_type=OCTET_STREAM,
                         headers={SERVER_TIMING_HEADER: f"he;dur={ms:.2f}", BUDGET_HEADER: remaining})
@@ -203,9 +167,8 @@ def create_app(export_dir: str | Path | None = None, *, heads: Sequence[str | Pa
     @app.delete(f"{API_PREFIX}/sessions/{{session_id}}", status_code=204, response_class=Response,
                 dependencies=auth, responses=ERROR_RESPONSES, tags=["sessions"])
     async def close_session(session_id: str) -> Response:
-        """Forget the session's keys."""
-        if not service.sessions.remove(session_id):
-            raise session_not_found(session_id)
+        """Forget the session's keys (on every replica: they share the store)."""
+        service.close_session(session_id)
         return Response(status_code=204)
 
     @app.get(f"{API_PREFIX}/heads/{{head}}/feature-ood", response_class=Response, dependencies=auth,
@@ -234,58 +197,5 @@ def create_app(export_dir: str | Path | None = None, *, heads: Sequence[str | Pa
         return {"head": head, "rows": rows, "offset": offset, "next": end if end < rows else None,
                 "logits": logits[offset:end].tolist()}
 
-    add_fit_routes(app, service.fit, auth, settings)
+    add_fit_routes(app, service.fit, identify, settings)
     return app
-
-
-# --- running --------------------------------------------------------------------------------------------
-
-def uvicorn_config(app: FastAPI, **options: Any) -> Any:
-    """A uvicorn.Config for `app` with its ServerSettings' connection limits (header deadline, connection cap,
-    header size, keep-alive) on the h11 protocol; `options` are other uvicorn.Config arguments."""
-    import uvicorn
-
-    settings: ServerSettings = app.state.service.settings
-    protocol = limited_protocol(settings.header_timeout_s, settings.max_connections, settings.max_header_bytes)
-    return uvicorn.Config(app, http=protocol, h11_max_incomplete_event_size=settings.max_header_bytes,
-                          timeout_keep_alive=settings.keep_alive_s, server_header=False, access_log=False, **options)
-
-
-def exit_on_sigterm(signum: int, frame: Any) -> None:
-    """SIGTERM as SystemExit, so that `finally` blocks and atexit handlers (the HE scratch folder) run.
-
-    uvicorn catches SIGTERM, shuts down gracefully, then re-raises it with the handler it found: with the
-    default one the process would die at once, skipping atexit."""
-    raise SystemExit(128 + signum)
-
-
-def run(export_dir: str | Path | None = None, *, heads: Sequence[str | Path] = (), public: str | Path | None = None,
-        host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", **app_options: Any) -> None:
-    """Serve with uvicorn until interrupted or sent SIGTERM (folders and options as in `create_app`)."""
-    import copy
-
-    import uvicorn
-
-    app = create_app(export_dir, heads=heads, public=public, **app_options)
-    info = app.state.service.info
-    log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
-    log_config["loggers"]["serve"] = {"handlers": ["default"], "level": log_level.upper(), "propagate": False}
-    logging.config.dictConfig(log_config)
-    if info["export_sha256"] is not None:
-        log.info("serving export %s: %d -> %d (%s), sha256 %s, CKKS N=%d, %d lanes per ciphertext", export_dir,
-                 info["input_dim"], info["output_dim"], ", ".join(info["label_names"]), info["export_sha256"][:16],
-                 info["layout"]["profile"]["poly_modulus_degree"], info["lanes"])
-    for head_name, head in info["heads"].items():
-        log.info("serving head %s: %d -> %d (%s), sha256 %s, %d lanes per ciphertext%s", head_name,
-                 head["input_dim"], head["output_dim"], ", ".join(head["label_names"]), head["sha256"][:16],
-                 head["lanes"], ", feature-space OOD detector published" if head["feature_ood"] else "")
-    if info["public_set"] is not None:
-        public_set = info["public_set"]
-        log.info("serving public set %s for private fits: %d rows (%s), %d-d states, fingerprint %s",
-                 public_set["name"], public_set["rows"], public_set["parts"], public_set["hidden_size"],
-                 public_set["fingerprint"][:16])
-    log.info("docs at http://%s:%d/docs", host, port)
-    signal.signal(signal.SIGTERM, exit_on_sigterm)
-    config = uvicorn_config(app, host=host, port=port, log_level=log_level, log_config=log_config,
-                            timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run()

@@ -3,6 +3,9 @@ and the bounded pool of worker threads that runs the HE work (`EncryptedService`
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import secrets
 import threading
 import time
 from typing import Any, Callable, Sequence
@@ -13,14 +16,16 @@ import numpy as np
 from encrypted import PublicKeys
 
 from .api import ApiError, input_error
-from .budget import QueryBudget
+from .budget import Budgets
 from .fit_service import FitService
 from .formats.folders import SPEC_KEYS, ExportError
 from .formats.public_states import PublicStates
 from .layers import ServedLayer
 from .protocol import BUDGET_HEADER, REOPEN_HINT, SESSION_NOT_FOUND
-from .sessions import Session, SessionStore
-from .settings import ServerSettings
+from .identity import Identity
+from .sessions import KeyCache
+from .settings import ServerSettings, store_url
+from .store import SessionRecord, StateStore, open_store
 
 
 def session_not_found(session_id: str) -> ApiError:
@@ -46,12 +51,16 @@ class EncryptedService:
         if public is not None:
             for head in self.heads.values():
                 check_head_reads_public(head, public)
-        self.sessions = SessionStore(settings.max_sessions, settings.session_ttl_s,
-                                     id_prefix=f"{settings.replica_id}." if settings.replica_id else "")
-        self.budget = QueryBudget(settings.rows_per_session, settings.rows_per_client, settings.max_clients)
+        self.store: StateStore = open_store(store_url(settings))
+        self.replica = settings.replica_id or secrets.token_hex(6)
+        self.keys = KeyCache(min(settings.max_cached_keys, settings.max_sessions))
+        self.budgets = Budgets(self.store, settings)
+        self.metrics: Any = None  # serve.observability.ServerMetrics, set by create_app
+        self.draining = False  # set on SIGTERM: /readyz answers 503 while in-flight work finishes
         self._limiter = anyio.CapacityLimiter(settings.max_concurrency)
-        self._pending = 0  # touched on the event loop only
-        self.fit = FitService(public, settings, self.run_cpu) if public is not None else None
+        self.pending = 0  # HE jobs running or queued; touched on the event loop only
+        self.fit = (FitService(public, settings, self.run_cpu, self.store, self.budgets, self.replica)
+                    if public is not None else None)
         self._val_logits: dict[str, np.ndarray] = {}  # at most one (n_val, k) array per served head
         self._val_logits_lock = threading.Lock()
         self.info = self.model_info()
@@ -113,16 +122,23 @@ class EncryptedService:
                 self._val_logits[head] = logits
         return logits
 
-    async def run_cpu(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run CPU-bound work off the event loop, at most `max_concurrency` at a time."""
-        if self._pending >= self.settings.max_pending:
-            raise ApiError(503, "busy", f"{self._pending} HE requests are already queued; retry shortly",
+    async def run_cpu(self, fn: Callable[..., Any], *args: Any, kind: str = "other") -> Any:
+        """Run CPU-bound work off the event loop, at most `max_concurrency` at a time (its seconds observed as
+        `xsilo_he_seconds{kind}`)."""
+        if self.pending >= self.settings.max_pending:
+            raise ApiError(503, "busy", f"{self.pending} HE requests are already queued; retry shortly",
                            {"Retry-After": "1"})
-        self._pending += 1
+        self.pending += 1
+        start = time.perf_counter()
         try:
             return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
         finally:
-            self._pending -= 1
+            self.pending -= 1
+            if self.metrics is not None:
+                self.metrics.observe_he(kind, time.perf_counter() - start)
+
+    def session_count(self) -> int:
+        return self.store.count_sessions()
 
     def layer(self, head: str | None) -> ServedLayer:
         """The fused export (head None) or the head called `head`; 404 naming what is served otherwise."""
@@ -161,29 +177,71 @@ class EncryptedService:
                                                       "send the bytes that encrypted.encrypt returns") from None
         return reply, (time.perf_counter() - start) * 1000
 
-    def session(self, session_id: str) -> Session:
-        session = self.sessions.get(session_id)
-        if session is None:
-            raise session_not_found(session_id)
-        return session
+    # --- sessions: records and keys in the store, deserialised keys cached per replica -------------------------
 
-    def reserve_rows(self, session: Session, served: ServedLayer, client: str) -> str:
+    async def open_session(self, served: ServedLayer, body: bytes) -> dict[str, Any]:
+        """Check and deserialise uploaded keys, store them as a new session; its POST /v1/sessions answer."""
+        keys = await self.run_cpu(self.load_keys, served, body, kind="session_keys")
+        session_id = secrets.token_urlsafe(24)
+        record = SessionRecord(session_id, None if served.kind == "fused" else served.name, layer_digest(served),
+                               len(body), time.time())
+        self.store.put_session(record, body, max_sessions=self.settings.max_sessions,
+                               ttl_s=self.settings.session_ttl_s)
+        self.keys.put(session_id, keys)
+        return {"session_id": session_id, "session_ttl_s": self.settings.session_ttl_s,
+                "lanes": served.layer.lanes, "head": record.layer}
+
+    def session(self, session_id: str) -> tuple[SessionRecord, ServedLayer]:
+        """The live session (marked as used) and the layer it evaluates; 404 when it is gone, or when the layer it
+        was opened for is no longer served as it was (the server restarted with other weights)."""
+        record = self.store.get_session(session_id, ttl_s=self.settings.session_ttl_s)
+        served = None
+        if record is not None:
+            served = self.fused if record.layer is None else self.heads.get(record.layer)
+        if record is None or served is None or record.layer_sha256 != layer_digest(served):
+            self.keys.drop(session_id)
+            raise session_not_found(session_id)
+        return record, served
+
+    async def session_keys(self, record: SessionRecord, served: ServedLayer) -> PublicKeys:
+        """The session's deserialised keys: from this replica's cache, else read back from the store."""
+        keys = self.keys.get(record.session_id)
+        if keys is None:
+            body = self.store.session_keys(record.session_id)
+            if body is None:
+                raise session_not_found(record.session_id)
+            keys = await self.run_cpu(self.load_keys, served, body, kind="session_keys")
+            self.keys.put(record.session_id, keys)
+        return keys
+
+    def close_session(self, session_id: str) -> None:
+        self.keys.drop(session_id)
+        if not self.store.delete_session(session_id):
+            raise session_not_found(session_id)
+
+    def reserve_rows(self, record: SessionRecord, served: ServedLayer, identity: Identity) -> str:
         """Charge one query's `lanes` rows to the session and to the client on this layer (each layer's W is a
         separate secret); the remaining budget, for the header. Raises a 429 when a budget would be exceeded."""
-        rows = served.layer.lanes
-        refusal, left = self.budget.reserve(session.rows, budget_key(client, served), rows)
+        refusal, left = self.budgets.charge_rows(record.session_id, identity, budget_layer(served), served.layer.lanes)
         if refusal is not None:
+            if self.metrics is not None:
+                self.metrics.budget_rejected(refusal.scope)
             raise ApiError(429, "budget_exhausted", refusal.message, {BUDGET_HEADER: "0"})
-        session.rows += rows
         return "unlimited" if left is None else str(left)
 
-    def refund_rows(self, session: Session, served: ServedLayer, client: str) -> None:
-        session.rows -= served.layer.lanes
-        self.budget.refund(budget_key(client, served), served.layer.lanes)
+    def refund_rows(self, record: SessionRecord, served: ServedLayer, identity: Identity) -> None:
+        self.budgets.refund_rows(record.session_id, identity, budget_layer(served), served.layer.lanes)
 
 
-def budget_key(client: str, served: ServedLayer) -> str:
-    return client if served.kind == "fused" else f"{client}|head:{served.name}"
+def budget_layer(served: ServedLayer) -> str:
+    """The budget a layer's rows count against: each head's W is its own secret, named by the head."""
+    return "fused" if served.kind == "fused" else f"head:{served.name}"
+
+
+def layer_digest(served: ServedLayer) -> str:
+    """What a session's keys were made for: the layer's weights and its CKKS layout."""
+    layout = json.dumps(served.layer.layout.to_dict(), sort_keys=True)
+    return hashlib.sha256(f"{served.sha256}|{layout}".encode()).hexdigest()[:32]
 
 
 def check_head_reads_public(head: ServedLayer, public: PublicStates) -> None:

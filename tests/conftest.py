@@ -14,6 +14,14 @@ from tests.tiny import build_tiny_model, write_tiny_csv
 REAL_XSILO_HOME = os.environ.get("XSILO_HOME", str(Path.home() / ".cache" / "xsilo"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_session_home(tmp_path_factory):
+    """Module- and session-scoped fixtures (built before any test's own home) never touch the real XSILO_HOME."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XSILO_HOME", str(tmp_path_factory.mktemp("xsilo-session-home")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path, monkeypatch):
     """Each unit test gets an empty XSILO_HOME; integration tests opt in with `real_home`."""

@@ -39,3 +39,15 @@ def texts_fingerprint(texts: Iterable[str], labels: Sequence[int] | None = None,
         digest.update(repr(None if label_names is None else list(label_names)).encode())
         digest.update(bytes(str(list(labels)), "ascii"))
     return digest.hexdigest()
+
+
+def folder_sha256(folder: str | Path) -> str:
+    """The hex sha256 of a folder's content: every regular file under it (sorted by relative path), as its path and
+    its sha256. Any edit (labels in a manifest, weights, an added file) changes it; a provider pins served folders
+    with it (`xsilo serve --expect_sha256`)."""
+    root = Path(folder)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(root).as_posix().encode("utf-8") + b"\x00")
+        digest.update(sha256_file(path).encode("ascii") + b"\n")
+    return digest.hexdigest()

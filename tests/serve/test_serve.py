@@ -361,9 +361,12 @@ def test_sessions_evicted_by_count_lru_and_by_ttl(export_dir, keys, layout, fuse
         assert_error(http.delete(f"/v1/sessions/{s4}"), 404)
 
 
-def test_client_reopens_after_eviction_and_restart(export_dir, fused):
+@pytest.mark.parametrize("store", ["memory://", None])
+def test_client_survives_eviction_and_restart(export_dir, fused, store):
+    """An evicted session is re-opened by the client; across a restart the default store keeps the session (no
+    re-open, no key upload), while a memory:// store loses it and the client re-opens."""
     X = np.random.default_rng(4).normal(0, 1, (3, fused.input_dim))
-    srv = ServerThread(create_app(export_dir, max_sessions=1), max_lifetime_s=60).start()
+    srv = ServerThread(create_app(export_dir, max_sessions=1, store=store), max_lifetime_s=60).start()
     port = srv.port
     try:
         with Client(srv.url) as a, Client(srv.url) as b:
@@ -372,9 +375,10 @@ def test_client_reopens_after_eviction_and_restart(export_dir, fused):
             np.testing.assert_allclose(a.infer_states(X), plain(fused, X), atol=1e-3)
             assert a.reopened == 1
             srv.stop()
-            srv = ServerThread(create_app(export_dir, max_sessions=1), port=port, max_lifetime_s=60).start()
-            np.testing.assert_allclose(a.infer_states(X), plain(fused, X), atol=1e-3)  # restarted: a re-opens
-            assert a.reopened == 2
+            srv = ServerThread(create_app(export_dir, max_sessions=1, store=store), port=port,
+                               max_lifetime_s=60).start()
+            np.testing.assert_allclose(a.infer_states(X), plain(fused, X), atol=1e-3)
+            assert a.reopened == (2 if store == "memory://" else 1)
     finally:
         srv.stop()
 

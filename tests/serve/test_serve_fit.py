@@ -144,7 +144,8 @@ def test_chunks_go_in_order_and_results_once(public_dir, public, plan_and_keys):
 
 def test_fit_sessions_are_capped_not_evicted(public_dir, public, plan_and_keys):
     _, keys = plan_and_keys
-    with ServerThread(create_app(public=public_dir, max_fit_sessions=1, fits_per_client=None), max_lifetime_s=120) \
+    with ServerThread(create_app(public=public_dir, max_fit_sessions=1, fits_per_client=None, fit_slots_per_client=2),
+                      max_lifetime_s=120) \
             as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
         first = open_fit(http, keys, public.fingerprint)
         assert first.status_code == 201

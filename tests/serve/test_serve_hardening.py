@@ -37,7 +37,8 @@ def export_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(export_dir):
-    app = create_app(export_dir, header_timeout_s=HEADER_TIMEOUT, body_timeout_s=BODY_TIMEOUT, max_connections=600)
+    app = create_app(export_dir, header_timeout_s=HEADER_TIMEOUT, body_timeout_s=BODY_TIMEOUT, max_connections=600,
+                     max_connections_per_client=600)  # the slow clients all come from 127.0.0.1
     with ServerThread(app, max_lifetime_s=300) as srv:
         yield srv
 

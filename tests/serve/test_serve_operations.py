@@ -10,9 +10,7 @@ import re
 import signal
 import socket
 import time
-from types import SimpleNamespace
 
-import anyio
 import httpx
 import numpy as np
 import pytest
@@ -21,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from encrypted import decrypt
 from serve.harness import ServerThread
-from serve.observability import JsonFormatter, ServerMetrics, readiness
+from serve.observability import JsonFormatter, ServerMetrics
 from serve.server import create_app
 from serve.settings import ServerSettings
 
@@ -112,27 +110,6 @@ def test_request_ids_are_kept_when_well_formed_and_name_the_500(export, caplog):
         assert failed.headers["x-request-id"] in json_error(failed.content)["message"]
     lines = [r for r in caplog.records if getattr(r, "route", None) == "/boom"]
     assert lines and lines[-1].status == 500 and lines[-1].request_id == failed.headers["x-request-id"]
-
-
-def test_readiness_answers_draining_and_store_unavailable():
-    class Store:
-        def __init__(self, fails: bool):
-            self.fails = fails
-
-        def ping(self) -> None:
-            if self.fails:
-                raise ConnectionError("down")
-
-    async def answer(service) -> tuple[int, dict]:
-        response = await readiness(service)
-        return response.status_code, json.loads(response.body)
-
-    assert anyio.run(answer, SimpleNamespace()) == (200, {"status": "ready"})
-    assert anyio.run(answer, SimpleNamespace(draining=False, store=Store(False))) == (200, {"status": "ready"})
-    status, body = anyio.run(answer, SimpleNamespace(draining=True, store=Store(False)))
-    assert status == 503 and body["error"]["code"] == "draining"
-    status, body = anyio.run(answer, SimpleNamespace(draining=False, store=Store(True)))
-    assert status == 503 and body["error"]["code"] == "store_unavailable"
 
 
 def test_metrics_methods_and_their_own_registry():
