@@ -117,11 +117,17 @@ XSILO_HOME=$PROVIDER/home xsilo head fit --config configs/recipe/bbc.yaml --mode
   --out "$PROVIDER/heads/bbc"
 XSILO_HOME=$PROVIDER/home xsilo public-set export --model gemma3 --data "$PUBLIC_COPY" --limit "$BBC_PUBLIC" \
   --extraction.max_length "$MAX_LENGTH" --threads "$THREADS" --out "$PROVIDER/public"
-XSILO_HOME=$PROVIDER/home xsilo serve --heads "$PROVIDER/heads/bbc" --public "$PROVIDER/public" --port "$SPLIT_PORT" \
-  --publish_val_logits true --log_level warning > "$TWO/serve.log" 2>&1 &
-SERVER_PID=$!
+# The provider issues the client an API key (one identity, one budget, kept in its state store: SQLite under its
+# XSILO_HOME, so a restart keeps budgets and sessions) and serves only issued keys.
+CLIENT_KEY=$(XSILO_HOME=$PROVIDER/home xsilo keys add client-a --rows_per_client 100000)
+provider_serve() {
+  XSILO_HOME=$PROVIDER/home xsilo serve --heads "$PROVIDER/heads/bbc" --public "$PROVIDER/public" \
+    --port "$SPLIT_PORT" --publish_val_logits true --api_keys true --log_level warning >> "$TWO/serve.log" 2>&1 &
+  SERVER_PID=$!
+  python -m serve.demo_check --wait-only --url "http://127.0.0.1:$SPLIT_PORT"
+}
+provider_serve
 trap 'kill $SERVER_PID 2>/dev/null || true' EXIT
-python -m serve.demo_check --wait-only --url "http://127.0.0.1:$SPLIT_PORT"
 echo "--- client (XSILO_HOME=$CLIENT/home): private fit over HTTP (λ through the provider's head, probed under HE), then split-mode queries"
 # The client's own unlabelled texts: the BBC sample's training split only (the DataModules' split, duplicates of
 # val/test dropped as they drop them), so no text queried below is among them. They never leave the client.
@@ -143,13 +149,27 @@ print(f"client's private texts: {len(split['train'])} BBC training texts, unlabe
 PY
 # The map adapted to the private texts, which it queries; aligner/public-map holds the public-set map alone (the one
 # the lab's must equal).
+export XSILO_API_KEY=$CLIENT_KEY  # the client's commands send it; the provider knows it as client-a
 XSILO_HOME=$CLIENT/home xsilo align --server "http://127.0.0.1:$SPLIT_PORT" --model smollm2 --head bbc \
   --private "$PRIVATE" --extraction.max_length "$MAX_LENGTH" --threads "$THREADS" --out "$CLIENT/aligner"
 XSILO_HOME=$CLIENT/home python -m serve.demo_check --url "http://127.0.0.1:$SPLIT_PORT" --head bbc \
   --aligner "$CLIENT/aligner" --public-aligner "$CLIENT/aligner/public-map" --reference "$PROVIDER/heads/bbc" --data bbc \
-  --n 100 $(limit "$BBC_LIMIT" limit) --threads "$THREADS" --out "$RUN/two-party.json"
+  --n 100 $(limit "$BBC_LIMIT" limit) --threads "$THREADS" --api-key "$CLIENT_KEY" --out "$RUN/two-party.json"
 XSILO_HOME=$CLIENT/home xsilo query --server "http://127.0.0.1:$SPLIT_PORT" --aligner "$CLIENT/aligner" --head bbc \
   --text "Shares in the bank rose after record profits" --threads "$THREADS"
+echo "--- provider restarts (SIGTERM drains it): client-a's budget and session are kept in its store"
+python - "http://127.0.0.1:$SPLIT_PORT" "$RUN/service-before.json" <<'PY'
+import json, sys
+from serve.demo_service import snapshot
+json.dump(snapshot(sys.argv[1]), open(sys.argv[2], "w"))
+PY
+kill -TERM $SERVER_PID && wait $SERVER_PID 2>/dev/null || true
+provider_serve
+XSILO_HOME=$CLIENT/home xsilo query --server "http://127.0.0.1:$SPLIT_PORT" --aligner "$CLIENT/aligner" --head bbc \
+  --text "Shares in the bank rose after record profits" --threads "$THREADS"
+XSILO_HOME=$PROVIDER/home python -m serve.demo_service "http://127.0.0.1:$SPLIT_PORT" "$RUN/service-before.json" \
+  --key client-a --out "$RUN/service.json"
+unset XSILO_API_KEY
 kill $SERVER_PID && wait $SERVER_PID 2>/dev/null || true
 trap - EXIT
 python -m lightning_modules.reporting.two_party_report "$RUN" "$PROVIDER/home" "$CLIENT/home"

@@ -232,3 +232,21 @@ def published_spec(spec: dict[str, Any], dim: int, what: str) -> dict[str, Any]:
         raise ExportError(f"{what} says hidden_size={out['hidden_size']} but the states are {dim}-d; "
                           "pass the spec of the extraction these states came from")
     return out
+
+
+def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
+    """Write to a temp file in the same folder (with `mode` from its first byte, e.g. 0o600 for a secret), fsync,
+    then rename over `path`: a reader sees the old file or the new one, never half of one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    try:
+        if mode is not None:
+            os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
