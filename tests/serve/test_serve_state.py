@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import httpx
 import numpy as np
@@ -18,6 +19,7 @@ from serve.formats.exports import load_export
 from serve.formats.folders import ExportError
 from serve.harness import ServerThread
 from serve.server import create_app
+from serve.store import open_store
 
 from tests.serve.serve_support import ROOT, json_error, start_xsilo_serve, write_small_export
 
@@ -80,11 +82,19 @@ def test_a_spent_budget_stays_spent_after_a_restart(export_dir, layout_keys):
         process.wait(30)
 
 
-def test_two_replicas_share_sessions_and_budgets_to_the_row(export_dir, layout_keys, tmp_path):
+@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.slow)])
+def shared_store(request, tmp_path) -> str:
+    """A store two replicas share: a SQLite file, or a real redis-server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'state.db'}"
+    return request.getfixturevalue("redis_url")
+
+
+def test_two_replicas_share_sessions_and_budgets_to_the_row(export_dir, layout_keys, shared_store):
     """A session opened on one replica is answered by the other, and concurrent queries on both never pass the
     per-client budget: exactly budget / lanes answers, all correct."""
     layout, keys = layout_keys
-    url = f"sqlite:///{tmp_path / 'state.db'}"
+    url = shared_store
     queries_allowed = 12
     options = {"store": url, "rows_per_client": queries_allowed * layout.lanes, "max_concurrency": 2}
     X = np.random.default_rng(1).normal(size=(layout.lanes, D))
@@ -191,3 +201,51 @@ def test_a_store_outage_is_a_503_and_the_server_recovers(export_dir, layout_keys
         response = ask(http, session, layout, keys, X)
         assert response.status_code == 404 and json_error(response.content)["code"] == "session_not_found"
         assert ask(http, open_session(http, keys), layout, keys, X).status_code == 200
+
+
+@pytest.mark.slow
+def test_a_replica_killed_mid_write_leaves_a_consistent_store(export_dir, layout_keys, tmp_path):
+    """SIGKILL an `xsilo serve` while four clients query it: the SQLite store opens clean, and the budget charged is
+    the rows answered, plus at most the requests in flight when it died."""
+    import sqlite3
+
+    layout, keys = layout_keys
+    store = tmp_path / "state.db"
+    process, url, _ = start_xsilo_serve(export_dir, "--store", f"sqlite:///{store}")
+    session = open_session(httpx.Client(base_url=url, timeout=60), keys)
+    answered = [0] * 4
+    X = np.random.default_rng(3).normal(size=(1, D))
+    [query] = encrypt(keys, layout, X)
+
+    def worker(i: int) -> None:
+        http = httpx.Client(base_url=url, timeout=10)
+        while True:
+            try:
+                response = http.post(f"/v1/sessions/{session}/infer", content=query)
+            except httpx.TransportError:
+                return
+            if response.status_code == 200:
+                answered[i] += 1
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(2.0)
+    process.kill()  # SIGKILL: no drain, no cleanup
+    process.wait(30)
+    for thread in threads:
+        thread.join(30)
+    with sqlite3.connect(store) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    process, url, _ = start_xsilo_serve(export_dir, "--store", f"sqlite:///{store}")
+    try:
+        assert httpx.get(f"{url}/healthz").json()["sessions"] == 1  # the session survived the kill
+        with open_store(f"sqlite:///{store}") as state:
+            rows = state.used("rows:addr:127.0.0.1|fused")
+        assert sum(answered) > 0
+        assert sum(answered) * layout.lanes <= rows <= (sum(answered) + 4) * layout.lanes
+        response = ask(httpx.Client(base_url=url, timeout=60), session, layout, keys, X)
+        assert response.status_code == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(30)
