@@ -46,14 +46,16 @@ def ood_flags(rule: Any, info: Any, states: np.ndarray, logits: np.ndarray, prob
         raise ServeError(f"cannot flag OOD inputs: {exc}") from None
 
 
-def fetch_feature_detector(connection: Connection, info: Any) -> FeatureOod:
+def fetch_feature_detector(connection: Connection, info: Any, cached: bytes | None = None) -> FeatureOod:
     """A head's published feature-space detector and class priors when published (`info` is the head's ModelInfo):
-    size bounded, sha256 checked against /v1/model, arrays validated."""
+    `cached` (the bytes a session cache kept) or fetched, size bounded, sha256 checked against /v1/model, arrays
+    validated."""
     published = info.feature_ood
     if not published or info.head is None:
         raise ServeError("the server publishes no feature-space OOD detector for this layer")
     limit = feature_ood_max_bytes(info.output_dim, info.input_dim)
-    data = connection.request("GET", f"{API_PREFIX}/heads/{info.head}/feature-ood", max_bytes=limit).content
+    data = cached if cached is not None else \
+        connection.request("GET", f"{API_PREFIX}/heads/{info.head}/feature-ood", max_bytes=limit).content
     if hashlib.sha256(data).hexdigest() != published.get("sha256"):
         raise ServeError("the feature-OOD detector the server sent does not match the sha256 in /v1/model; "
                          "retry, or ask the operator")

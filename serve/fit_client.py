@@ -22,12 +22,13 @@ import numpy as np
 from encrypted import ClientKeys, GramPlan, decrypt_gram, encrypt_chunk, query_max_bytes
 
 from .fit_stats import normalise, train_normaliser
-from .http_client import Connection, ServeError, server_ms
+from .http_client import NO_RETRY, Connection, Retry, ServeError, ServerReplyError, Traffic, server_ms
 from .protocol import API_PREFIX
 from .formats.digests import texts_fingerprint
 
 Progress = Callable[[int, int], Any]  # (chunks sent, chunks in all)
 MAX_TEXT_PAGES = 1 << 20  # a bound on the paging loop against a server whose `next` never ends
+FIT_SESSION_LOST = "fit_session_lost"  # the provider lost the fit's accumulators (a replica restart): start again
 
 
 @dataclass
@@ -87,8 +88,12 @@ class PrivateFitClient:
     """Talks to the private-fit routes of one xsilo server."""
 
     def __init__(self, url: str, api_key: str | None = None, timeout: float = 120.0,
-                 transport: httpx.BaseTransport | None = None):
-        self.connection = Connection(url, api_key, timeout, transport)
+                 transport: httpx.BaseTransport | None = None, *, traffic: Traffic | None = None,
+                 retry: Retry = Retry()):
+        """`traffic` counts this client's bytes and requests in a command's account (see `Traffic`); `retry`: how
+        refused or reset connections and 503 answers are retried (a chunk, whose repeat the provider refuses, only
+        when it never reached the server)."""
+        self.connection = Connection(url, api_key, timeout, transport, traffic=traffic, retry=retry)
         self._info: dict[str, Any] | None = None
 
     def model_info(self, refresh: bool = False) -> dict[str, Any]:
@@ -213,23 +218,38 @@ class PrivateFitClient:
 
         connection = self.connection
         sent0, received0 = connection.bytes_sent, connection.bytes_received
-        client_s = 0.0
         plan = self._plan(source_dim, expected, int(public["hidden_size"]))
         t0 = time.perf_counter()
         keys = ClientKeys.generate(plan.layout.profile, plan.layout.rotation_steps)
-        public_bytes = keys.public_bytes()
         shift, scale = train_normaliser(arrays[0])
         normalised = [normalise(a, shift, scale) for a in arrays]
-        client_s += time.perf_counter() - t0
-        opened = connection.json("POST", f"{API_PREFIX}/fit/sessions", content=public_bytes, expect=(201,),
-                                 params={"source_dim": source_dim, "fingerprint": fingerprint})
+        client_s = time.perf_counter() - t0
+        for attempt in range(2):
+            try:
+                cross, stats, provider_ms, spent_s = self._run(keys, plan, normalised, scale, expected, source_dim,
+                                                               fingerprint, progress)
+                break
+            except ServerReplyError as exc:  # a replica restart lost the accumulators: the fit starts again, once
+                if exc.code != FIT_SESSION_LOST or attempt:
+                    raise
+        return GramReply(cross, shift, stats, plan.to_dict(), connection.bytes_sent - sent0,
+                         connection.bytes_received - received0, provider_ms, (client_s + spent_s) * 1000)
+
+    def _run(self, keys: ClientKeys, plan: GramPlan, normalised: list[np.ndarray], scale: np.ndarray,
+             expected: list[int], source_dim: int, fingerprint: str, progress: Progress | None
+             ) -> tuple[list[np.ndarray], dict[str, Any], float, float]:
+        """One fit session: open it with the public keys, send every chunk in order, fetch and decrypt each part's
+        replies; (cross products, the provider's stats, its HE ms, the client's seconds)."""
+        connection = self.connection
+        opened = connection.json("POST", f"{API_PREFIX}/fit/sessions", content=keys.public_bytes(), expect=(201,),
+                                 params={"source_dim": source_dim, "fingerprint": fingerprint}, idempotent=False)
         if not isinstance(opened, dict) or not isinstance(opened.get("session_id"), str):
             raise ServeError("the server's fit session answer has no session_id")
         if opened.get("plan") != plan.to_dict():
             raise ServeError("the server opened the fit with another plan than GET /v1/fit/plan gave; retry")
         stats = check_stats(opened.get("stats"), expected, plan.target_dim)
         session = f"{API_PREFIX}/fit/sessions/{opened['session_id']}"
-        provider_ms, cross = 0.0, []
+        provider_ms, client_s, cross = 0.0, 0.0, []
         reply_cap = (plan.layout.blocks + 1) * query_max_bytes(plan.layout)  # one group's reply: a ciphertext per block
         total, done = sum(plan.chunks(p) for p in range(len(expected))), 0
         try:
@@ -239,24 +259,24 @@ class PrivateFitClient:
                     rows = states[chunk * plan.chunk_rows:(chunk + 1) * plan.chunk_rows]
                     message = encrypt_chunk(keys, plan, part, chunk, rows)
                     client_s += time.perf_counter() - t0
-                    response = connection.request("POST", f"{session}/parts/{part}/chunks/{chunk}", content=message)
+                    response = connection.request("POST", f"{session}/parts/{part}/chunks/{chunk}", content=message,
+                                                  idempotent=False)
                     provider_ms += server_ms(response)
                     done += 1
                     if progress is not None:
                         progress(done, total)
-                replies = [connection.request("GET", f"{session}/parts/{part}/result/{group}",
-                                              max_bytes=reply_cap).content for group in range(plan.groups)]
+                replies = [connection.request("GET", f"{session}/parts/{part}/result/{group}", max_bytes=reply_cap,
+                                              idempotent=False).content for group in range(plan.groups)]
                 t0 = time.perf_counter()
                 gram = decrypt_gram(keys, plan, replies)
                 cross.append(scale[:, None] * gram * np.asarray(stats["s_B"], dtype=np.float64)[None, :])
                 client_s += time.perf_counter() - t0
         finally:
             try:
-                connection.request("DELETE", session, expect=(204, 404))
+                connection.request("DELETE", session, expect=(204, 404), retry=NO_RETRY)
             except ServeError:
                 pass  # the session expires on the server anyway
-        return GramReply(cross, shift, stats, plan.to_dict(), connection.bytes_sent - sent0,
-                         connection.bytes_received - received0, provider_ms, client_s * 1000)
+        return cross, stats, provider_ms, client_s
 
     def _plan(self, source_dim: int, part_rows: list[int], target_dim: int) -> GramPlan:
         data = self.connection.json("GET", f"{API_PREFIX}/fit/plan", params={"source_dim": source_dim})
