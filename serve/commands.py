@@ -8,7 +8,6 @@ import json
 import os
 import sys
 from dataclasses import asdict, replace
-from pathlib import Path
 
 from serve.settings import ServerSettings
 
@@ -40,47 +39,52 @@ def serve(*, export: str | None = None, heads: list[str] | str | None = None, pu
 
 
 def query(*, server: str = "http://127.0.0.1:8000", text: list[str] | str | None = None, file: str | None = None,
+          text_column: str = "text", id_column: str | None = None, format: str | None = None,
+          out: str | None = None, summary: str | None = None, batch_size: int | None = None,
           head: str | None = None, aligner: str | None = None, api_key: str | None = None,
-          client_model: str | None = None, threads: int | None = None, timeout: float = 60.0) -> None:
-    """Classify texts through an encrypted server; print one JSON line per text.
+          client_model: str | None = None, threads: int | None = None, timeout: float = 60.0,
+          cache: bool = True) -> None:
+    """Classify texts through an encrypted server; write one JSON line per row.
 
-    Extraction, encryption and decryption run here: the server sees public keys and ciphertexts only.
+    Extraction, encryption and decryption run here: the server sees public keys and ciphertexts only. Each line
+    holds the row's id, label, probabilities, logits, ood and ood_score (null without a detector) and the timings of
+    the batch it was sent in; stderr gets a summary (rows, rows/s, median and p90 per stage, traffic). The session
+    lasts: keys, session id and the provider's detector are kept under $XSILO_HOME/client/sessions, so the next
+    run uploads no keys and fetches no detector.
 
     Args:
         server: server base URL.
-        text: a text, or a list: --text '["first text", "second text"]'.
-        file: a file with one text per line (- for stdin).
+        text: a text, or a list: --text '["first text", "second text"]' (ids 1, 2, ...; each line holds its text).
+        file: rows to classify: a .txt file (one text per line; id: the line number), .csv/.tsv (--text_column,
+            optional --id_column; id default: the data row number) or .jsonl (one object per line); - for stdin.
+        text_column: the text column of a CSV/TSV/JSONL file.
+        id_column: the id column of a CSV/TSV/JSONL file (unique values), copied to each output line.
+        format: txt, csv, tsv or jsonl (default: from the file's suffix; txt for stdin).
+        out: write the JSON lines to this file (written whole at the end; default stdout, one batch at a time).
+        summary: also write the summary as JSON to this file.
+        batch_size: rows per batch (rounded up to whole ciphertexts; default 16).
         head: split mode: the served head to query (its name in the server's /v1/model "heads"); needs --aligner.
         aligner: split mode: this client's map folder (`xsilo align --out DIR`), applied here before encryption.
         api_key: the server's API key (default $XSILO_API_KEY).
         client_model: local copy of the client model (default: the model the server names).
         threads: torch threads for extraction.
         timeout: seconds per HTTP request.
+        cache: reuse (and keep) the session across runs; false: a fresh session, deleted at the end.
     """
     from datamodules.commands import quiet
     from serve.client import Client, ServeError
+    from serve.query_file import QueryInputError, input_rows, run_query
 
-    texts = [text] if isinstance(text, str) else list(text or [])
-    if file:
-        lines = sys.stdin.read() if file == "-" else Path(file).read_text(encoding="utf-8")
-        texts += [line for line in lines.splitlines() if line.strip()]
-    if not texts:
-        print("error: nothing to classify; pass --text or --file", file=sys.stderr)
-        raise SystemExit(2)
+    try:
+        rows, with_text = input_rows(text, file, text_column, id_column, format)
+    except QueryInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     quiet()
     try:
         with Client(server, api_key=api_key or os.environ.get("XSILO_API_KEY"), timeout=timeout, head=head,
-                    aligner=aligner, client_model=client_model, threads=threads) as client:
-            results = client.classify(texts)
-    except ServeError as e:
+                    aligner=aligner, client_model=client_model, threads=threads, cache=cache) as client:
+            run_query(rows, with_text, client, out, batch_size, summary)
+    except (ServeError, QueryInputError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    for t, r in zip(texts, results):
-        line = {"text": t[:60], "label": r["label"],
-                "probabilities": {k: round(v, 4) for k, v in r["probabilities"].items()}}
-        if "ood" in r:
-            line["ood"] = r["ood"]
-        print(json.dumps(line))
-    timings = results[0]["timings"]
-    print(", ".join(f"{k[:-3]} {timings[k]:.1f} ms" for k in ("extract_ms", "encrypt_ms", "http_ms", "server_ms",
-                                                               "decrypt_ms", "total_ms")), file=sys.stderr)
