@@ -1,7 +1,9 @@
 """On-disk cache of pooled hidden states: fixed-size shards written once, read memory-mapped.
 
 A cache directory is keyed by a fingerprint of everything that determines its contents
-(model weights identity, dataset content, split, pooling, layer, max_length, dtype). Rows
+(model weights identity, dataset content, split, pooling, layer, max_length, dtype). Its states depend only
+on the rows' texts, the model and the view, so a finished cache of the same texts under another name, split or
+labels (`find_equivalent`: the manifest's `texts_sha256`) is reused by linking its shards (`link_shards`). Rows
 are cut into contiguous shards of `shard_size` rows whatever the number of processes, so
 1 and N ranks produce identical files. Each shard is written to a temporary file, given a
 `.sha256` sidecar, then renamed into place; `manifest.json` is written last, and only a
@@ -22,6 +24,7 @@ import numpy as np
 
 from datamodules.registry import xsilo_home
 from serve.formats.digests import sha256_file
+from serve.formats.folders import atomic_write_bytes  # noqa: F401 (re-exported: the one atomic writer)
 
 MANIFEST = "manifest.json"
 LABELS = "labels.npy"
@@ -91,21 +94,6 @@ def decode_states(stored: np.ndarray) -> np.ndarray:
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.npy"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over `path`."""
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -216,3 +204,56 @@ class StateCache:
 
     def all(self) -> np.ndarray:
         return self.rows(slice(None))
+
+
+VIEW_FIELDS = ("model_identity", "pooling", "layer", "max_length", "dtype")  # with the texts: what states depend on
+
+
+def find_equivalent(key: CacheKey, texts_sha256: str, root: Path | None = None, skip: Path | None = None
+                    ) -> Path | None:
+    """A finished cache under `root` holding the states of the same texts in the same order, for the same model
+    and view as `key` (its manifest's `texts_sha256`; a cache written before that field, its dataset fingerprint):
+    content-addressed reuse, whatever name, split or labels it was extracted under."""
+    root = Path(root or states_root())
+    if not root.is_dir():
+        return None
+    for folder in sorted(root.iterdir()):
+        if skip is not None and folder.resolve() == skip.resolve():
+            continue
+        try:
+            manifest = json.loads((folder / MANIFEST).read_text())
+            stored = manifest["key"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if not manifest.get("complete") or any(stored.get(f) != getattr(key, f) for f in VIEW_FIELDS):
+            continue
+        if manifest.get("texts_sha256", None) == texts_sha256 or stored.get("dataset_fingerprint") == \
+                key.dataset_fingerprint:
+            return folder
+    return None
+
+
+def link_shards(source: Path, directory: Path) -> list[tuple[int, int]]:
+    """Hard-link (else copy) a finished cache's shard files and their sidecars into `directory`; returns the
+    shards' (start, stop) rows, for `finalise` to check and record."""
+    import shutil
+
+    manifest = json.loads((source / MANIFEST).read_text())
+    ranges = []
+    for index, record in enumerate(manifest["shards"]):
+        name = shard_name(index)
+        if record.get("file") != name:
+            raise CacheError(f"{source} lists shard {record.get('file')!r} where {name} was expected; "
+                             "rerun `xsilo extract` for it")
+        for file in (name, Path(name).with_suffix(".sha256").name):
+            target = directory / file
+            if target.exists():
+                target.unlink()
+            try:
+                os.link(source / file, target)
+            except OSError:  # another file system: copy, then rename into place
+                tmp = directory / f".tmp-{file}-{os.getpid()}"
+                shutil.copyfile(source / file, tmp)
+                os.replace(tmp, target)
+        ranges.append((int(record["start"]), int(record["stop"])))
+    return ranges

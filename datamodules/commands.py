@@ -14,8 +14,15 @@ from serve.formats.views import StateView
 Accelerator = Literal["auto", "cpu", "gpu", "cuda", "mps"]  # as lightning_modules.settings.Accelerator
 
 
+# Lightning's banners ("GPU available: ...", "TPU available: ...", the litlogger tip) are INFO records of these
+# loggers; `import lightning.pytorch` sets its package logger back to INFO, so the leaves are set instead.
+LIGHTNING_CHATTER = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                     "lightning.pytorch.accelerators.cuda", "lightning.pytorch.utilities.distributed")
+
+
 def quiet() -> None:
-    """Commands that are not LightningCLI print results, not library chatter."""
+    """Commands that are not LightningCLI print results, not library chatter (Lightning's banners and tips,
+    progress bars of datasets and transformers, their info logs), whether Lightning is imported before or after."""
     import logging
     import warnings
 
@@ -23,6 +30,8 @@ def quiet() -> None:
     import transformers
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    for name in LIGHTNING_CHATTER:
+        logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()

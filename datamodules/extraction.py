@@ -39,14 +39,17 @@ from datamodules.cache import (
     cache_dir_for,
     encode_states,
     ensure_writable,
+    find_equivalent,
+    link_shards,
     shard_name,
     valid_shard,
 )
-from datamodules.progress import ProgressLines, is_terminal
+from datamodules.progress import ProgressLines, is_terminal, record_stage
 from datamodules.signals import Stopped, stop_on_signals
 from datamodules.encoder import load_frozen_model, load_tokenizer, loaded_model, pooled_states
 from datamodules.models import Pooling, check_layer, check_options, model_defaults, model_identity
 from datamodules.text import dataset_fingerprint, label_names, load_texts
+from serve.formats.digests import texts_fingerprint
 from serve.formats.views import StateView
 
 
@@ -203,6 +206,17 @@ class HiddenStateExtractor(L.LightningModule):
             out.extend(rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size))
         return out
 
+    def batch_costs(self, rank: int, world_size: int) -> list[float]:
+        """Padded tokens of each of this rank's batches, in the order they run: the weights of the progress
+        estimate (the first batches hold the longest rows)."""
+        batches = self.batches(rank, world_size)
+        rows = [i for batch in batches for i in batch]
+        if not rows:
+            return []
+        ids = self.tokenizer([self.texts[i] for i in rows], truncation=True, max_length=self.max_length)["input_ids"]
+        tokens = dict(zip(rows, (len(x) for x in ids)))
+        return [float(len(batch) * max(tokens[i] for i in batch)) for batch in batches]
+
     def collate(self, rows: list[int]) -> dict[str, torch.Tensor]:
         enc = self.tokenizer([self.texts[i] for i in rows], padding=True, truncation=True,
                              max_length=self.max_length, return_tensors="pt")
@@ -290,11 +304,13 @@ def extract(
     threads: int | None = None,
     progress: bool = True,
 ) -> ExtractionResult:
-    """Return the cache of pooled states for `config`, computing only what is missing."""
+    """Return the cache of pooled states for `config`, computing only what is missing: nothing when a cache of
+    the same texts, model and view exists under another name (`adopt`). Its time is a stage of the active
+    `progress.StageTimes`."""
     t0 = time.perf_counter()
     job = resolve(config, cache_root)
     directory = job.directory
-    if cache_hit(directory):
+    if cache_hit(directory) or adopt(job, cache_root):
         cache = StateCache(directory)
         return ExtractionResult(directory, True, 0, time.perf_counter() - t0, cache.n_rows, cache.dim)
     ensure_writable(directory)
@@ -333,8 +349,30 @@ def extract(
             return ExtractionResult(directory, False, len(pending), time.perf_counter() - t0,
                                     len(job.texts), job.hidden_size)
     finalise(job, shards)
+    record_stage(f"extract {config.model} {config.data}:{config.split}", time.perf_counter() - t0)
     return ExtractionResult(directory, False, len(pending), time.perf_counter() - t0,
                             len(job.texts), job.hidden_size)
+
+
+def adopt(job: ResolvedExtraction, cache_root: str | Path | None = None) -> bool:
+    """Make `job`'s cache from a finished cache of the same texts, model and view under another name (a registry
+    name and the file it points to, another split or labels): its shards are linked, nothing is extracted. True
+    when it did."""
+    source = find_equivalent(job.key, texts_fingerprint(job.texts), Path(cache_root) if cache_root else None,
+                             skip=job.directory)
+    if source is None:
+        return False
+    ensure_writable(job.directory)
+    stale = job.directory / MANIFEST
+    if stale.exists():
+        stale.unlink()
+    try:
+        shards = link_shards(source, job.directory)
+        finalise(job, shards)
+    except (CacheError, OSError, KeyError, ValueError):
+        return False  # the other cache changed under us: extract as usual
+    _announce(f"{job.config.model} on {job.config.data}: the same rows' states are cached in {source.name}; reused")
+    return True
 
 
 def finalise(job: ResolvedExtraction, shards: list[tuple[int, int]]) -> None:
@@ -371,6 +409,7 @@ def finalise(job: ResolvedExtraction, shards: list[tuple[int, int]]) -> None:
         "max_length": job.max_length,
         "dtype": cfg.dtype,
         "n_rows": len(job.texts),
+        "texts_sha256": texts_fingerprint(job.texts),
         "dim": job.hidden_size,
         "label_names": job.label_names,
         "shards": records,

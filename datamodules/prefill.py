@@ -111,10 +111,10 @@ def prefill_states(config, cache_root: str | Path | None = None, max_extract: in
     The result is an ordinary cache: `extract(config)` and the DataModules find it as a hit. `accelerator`,
     `devices` and `threads` are `extract`'s, for those texts.
     """
-    from datamodules.extraction import ExtractionConfig, cache_hit, extract, finalise, resolve, shard_ranges
+    from datamodules.extraction import ExtractionConfig, adopt, cache_hit, extract, finalise, resolve, shard_ranges
 
     job = resolve(config, cache_root)
-    if cache_hit(job.directory):
+    if cache_hit(job.directory) or adopt(job, cache_root):
         return PrefillResult(job.directory, True, 0, 0)
     key = asdict(job.key)
     index = cached_text_index(key, Path(cache_root) if cache_root else None, skip=job.directory)
