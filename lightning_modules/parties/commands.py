@@ -244,8 +244,10 @@ def align(
         device: where the extraction runs (--accelerator, --devices, --threads for extraction, key generation
             and encryption; --precision sets the extraction's dtype).
     """
+    from datamodules.progress import StageTimes
     from lightning_modules.parties.private_fit import align as run_align
     from serve.client import ServeError
+    from serve.http_client import mb
 
     quiet()
     last = [0.0]
@@ -258,20 +260,21 @@ def align(
     if private_limit is not None and private is None:
         raise ValueError("--private_limit samples the texts of --private DATA; pass --private, or drop --private_limit")
     extraction = replace(extraction, dtype=device.forward_dtype(extraction.dtype))
-    try:
-        result = run_align(server, model, out, fit=fit, extraction=extraction, device=device,
-                           api_key=api_key or os.environ.get("XSILO_API_KEY"), timeout=timeout, progress=progress,
-                           head=head, private=private, private_limit=private_limit, adaptation=adaptation)
-    except ServeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    with StageTimes() as times:
+        try:
+            result = run_align(server, model, out, fit=fit, extraction=extraction, device=device,
+                               api_key=api_key or os.environ.get("XSILO_API_KEY"), timeout=timeout, progress=progress,
+                               head=head, private=private, private_limit=private_limit, adaptation=adaptation)
+        except ServeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
     m = result.metrics
     lam = "none" if m["chosen_lambda"] is None else f"{m['chosen_lambda']:.0e}"
     r2 = "n/a" if m["val_r2"] is None else f"{m['val_r2']:.3f}"
     if m["chosen"]:
         lam += f" by {m['criterion']} (" + ", ".join(f"{k} {v:.0e}" for k, v in m["chosen"].items()) + ")"
-    print(f"private fit on {m['rows']['train']} + {m['rows']['val']} public rows: λ {lam}, val R² {r2}; sent "
-          f"{m['bytes_sent'] / 1e6:.1f} MB, received {m['bytes_received'] / 1e6:.1f} MB; provider "
+    print(f"private fit on {m['rows']['train']} + {m['rows']['val']} public rows: λ {lam}, val R² {r2}; its "
+          f"encrypted fit sent {mb(m['bytes_sent'])}, received {mb(m['bytes_received'])}; provider "
           f"{m['provider_ms'] / 1000:.1f} s, client {m['client_ms'] / 1000:.1f} s", file=sys.stderr)
     if "head" in m:
         probed = m["head"]
@@ -283,6 +286,13 @@ def align(
         print(f"adapted to {a['private_rows']} private texts at λ {a['lambda']:.0e} (weight {a['weight']}, "
               f"{a['rounds']} rounds, {a['priors']} priors): class shares [{shares}]; public val R² "
               f"{'n/a' if a['val_r2'] is None else format(a['val_r2'], '.3f')} (unadapted {r2})", file=sys.stderr)
+    t = m["traffic"]
+    print(f"align in all: {t['requests']} requests, {t['queries']} encrypted queries ({t['rows_charged']} rows of the "
+          f"provider's budget), sent {t['bytes_sent']:,} B ({mb(t['bytes_sent'])}), received {t['bytes_received']:,} B "
+          f"({mb(t['bytes_received'])}); " + "; ".join(
+              f"{kind} {v['requests']}x {mb(v['bytes_sent'])} up / {mb(v['bytes_received'])} down"
+              for kind, v in t["by_kind"].items()), file=sys.stderr)
+    print(times.summary(), file=sys.stderr)
     print(out)
 
 

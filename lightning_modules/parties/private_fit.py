@@ -191,10 +191,12 @@ def align(server: str, model: str, out: str | Path, *, fit: FitSettings | None =
     only the statistics' download is added to the requests, and nothing of the texts crosses)."""
     from datamodules.cache import StateCache
     from datamodules.extraction import ExtractionConfig, cache_hit, extract, resolve
+    from datamodules.progress import StageTimes
     from datamodules.states import random_split
     from lightning_modules.parties import private_texts
     from lightning_modules.settings import AdaptationSettings, DeviceSettings, ExtractionSettings
     from serve.fit_client import PrivateFitClient
+    from serve.http_client import Traffic
 
     fit, extraction, device = fit or FitSettings(), extraction or ExtractionSettings(), device or DeviceSettings()
     if private is not None:
@@ -206,24 +208,32 @@ def align(server: str, model: str, out: str | Path, *, fit: FitSettings | None =
         raise PrivateFitError(f"--head chooses the ridge λ, but --fit.estimator {fit.estimator} takes none; use one of "
                               f"{', '.join(LAMBDA_ESTIMATORS)}, or align without --head")
     device.apply_threads()
-    with PrivateFitClient(server, api_key=api_key, timeout=timeout) as client:
-        public = client.public_set()
-        val_logits = client.val_logits(head) if head is not None else None  # fails fast when not published
-        task = (private_texts.published_task(server, head, int(public["hidden_size"]), api_key=api_key,
-                                             timeout=timeout) if private is not None and head is not None else None)
-        texts = client.public_texts()  # count and fingerprint checked against the server's own
-        path = public_texts_file(texts, public["fingerprint"])
+    traffic = Traffic()  # every request of this command, over all its connections: what the provider counts
+    times = StageTimes.active or StageTimes()
+    stage = times.stage
+    with PrivateFitClient(server, api_key=api_key, timeout=timeout, traffic=traffic) as client:
+        with stage("fetch the public set"):
+            public = client.public_set()
+            val_logits = client.val_logits(head) if head is not None else None  # fails fast when not published
+            task = (private_texts.published_task(server, head, int(public["hidden_size"]), api_key=api_key,
+                                                 timeout=timeout, traffic=traffic)
+                    if private is not None and head is not None else None)
+            texts = client.public_texts()  # count and fingerprint checked against the server's own
+            path = public_texts_file(texts, public["fingerprint"])
         job = resolve(ExtractionConfig(model=model, data=str(path), pooling=extraction.pooling, layer=extraction.layer,
                                        max_length=extraction.max_length, dtype=extraction.dtype,
                                        batch_size=extraction.batch_size, label_column=None))
         if job.key.dataset_fingerprint != public["fingerprint"] or len(job.texts) != public["rows"]:
             raise PrivateFitError(f"the public texts read back from {path} do not match the server's fingerprint "
                                   f"{public['fingerprint'][:16]}; delete the file and run `xsilo align` again")
-        if not cache_hit(job.directory):
-            extract(job.config, **device.extraction_kwargs())
-        states = StateCache(job.directory).rows(np.arange(public["rows"]))
-        x_private = (private_texts.private_states(private, job, extraction.text_column, private_limit, device,
-                                                  task.classes) if task is not None else None)
+        with stage(f"extract {model} on the public set"):
+            if not cache_hit(job.directory):
+                extract(job.config, **device.extraction_kwargs())
+            states = StateCache(job.directory).rows(np.arange(public["rows"]))
+        if task is not None:
+            with stage(f"extract {model} on the private texts"):
+                x_private = private_texts.private_states(private, job, extraction.text_column, private_limit, device,
+                                                         task.classes)
         indices = random_split(public["rows"], float(public["val_fraction"]), int(public["seed"]))
         sizes = {name: len(idx) for name, idx in zip(PART_NAMES, indices)}
         if sizes != {name: int(public["parts"][name]) for name in PART_NAMES}:
@@ -235,23 +245,29 @@ def align(server: str, model: str, out: str | Path, *, fit: FitSettings | None =
             info = client.model_info()
             bound = min(parts[0].shape[1], int(public["hidden_size"]), len(parts[0])) + 2
             check_budgets(bound, info["heads"][head], info.get("limits") or {}, head)  # before the fit's work
-        reply = client.fit(parts, public["fingerprint"], progress=progress)
+        with stage("encrypted fit"):
+            reply = client.fit(parts, public["fingerprint"], progress=progress)
     stats = part_stats(parts, reply)
     surrogate = head_val = None
     probe_metrics: dict[str, Any] = {}
     if head is not None:
-        surrogate, probe_metrics = query_head(server, head, stats[0], fit, api_key=api_key, timeout=timeout)
-        head_val = head_val_stats(parts[1], val_logits)
-    result = fit_private(parts, reply, fit, source_spec=job.spec(), public_set=public, head=surrogate,
-                         head_val=head_val, stats=stats)
+        with stage("head probe (encrypted queries)"):
+            surrogate, probe_metrics = query_head(server, head, stats[0], fit, api_key=api_key, timeout=timeout,
+                                                  traffic=traffic)
+            head_val = head_val_stats(parts[1], val_logits)
+    with stage("solve"):
+        result = fit_private(parts, reply, fit, source_spec=job.spec(), public_set=public, head=surrogate,
+                             head_val=head_val, stats=stats)
     if head is not None:
         result.metrics["head"] = {"name": head, **probe_metrics}
     public_map = None
-    if task is not None and x_private is not None:
+    if task is not None:
         val = stats[1] if len(stats) > 1 and stats[1].count else None
-        amap, metrics = private_texts.adapted(result.map, result.metrics, stats[0], val, x_private, task, fit,
-                                              adaptation or AdaptationSettings())
+        with stage("adapt to the private texts"):
+            amap, metrics = private_texts.adapted(result.map, result.metrics, stats[0], val, x_private, task, fit,
+                                                  adaptation or AdaptationSettings())
         public_map, result = result, PrivateFit(amap, metrics, result.lambda_path)
+    result.metrics["traffic"] = traffic.as_dict()  # everything this command sent and received, every query
     result.save_pretrained(out)
     if public_map is not None:  # the unadapted public-set map beside it (after: the save replaces the folder)
         public_map.save_pretrained(Path(out) / PUBLIC_MAP)
@@ -259,15 +275,15 @@ def align(server: str, model: str, out: str | Path, *, fit: FitSettings | None =
 
 
 def query_head(server: str, head: str, train: SufficientStats, fit: FitSettings, *, api_key: str | None = None,
-               timeout: float = 300.0) -> tuple[AffineMap, dict[str, Any]]:
+               timeout: float = 300.0, traffic: Any = None) -> tuple[AffineMap, dict[str, Any]]:
     """The provider's head as known on every map of the path (`head_probe`): its r + 2 probe rows queried under
-    HE in one session, and what the probe cost."""
+    HE in one session, and what the probe cost (`traffic`, a serve.http_client.Traffic, counts its requests)."""
     from serve.head_client import HeadClient
     from serve.http_client import ServerReplyError
 
     probe_rows = probe(train, fit.center, fit.standardize)
     rows = probe_rows.rows
-    with HeadClient(server, head, api_key=api_key, timeout=timeout) as client:
+    with HeadClient(server, head, api_key=api_key, timeout=timeout, traffic=traffic) as client:
         info = client.model_info()
         charged = check_budgets(len(rows), {"lanes": info.layout.lanes}, info.limits, head)
         try:

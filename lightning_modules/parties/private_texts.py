@@ -58,12 +58,13 @@ def check_request(head: str | None, fit: "FitSettings") -> None:
 
 
 def published_task(server: str, head: str, target_dim: int, *, api_key: str | None = None,
-                   timeout: float = 300.0) -> PublishedTask:
+                   timeout: float = 300.0, traffic: Any = None) -> PublishedTask:
     """Head `head`'s class means, shared precision and priors (GET /v1/heads/{head}/feature-ood: size bounded,
-    sha256 checked against /v1/model, arrays validated), checked against the public set's `target_dim`."""
+    sha256 checked against /v1/model, arrays validated), checked against the public set's `target_dim`; `traffic`
+    (a serve.http_client.Traffic) counts the requests."""
     from serve.head_client import HeadClient
 
-    with HeadClient(server, head, api_key=api_key, timeout=timeout) as client:
+    with HeadClient(server, head, api_key=api_key, timeout=timeout, traffic=traffic) as client:
         info = client.model_info()
         if not info.feature_ood:
             raise PrivateTextsError(f"head {head!r} publishes no class statistics: {PUBLISH}, or align without "
