@@ -349,7 +349,8 @@ def extract(
             return ExtractionResult(directory, False, len(pending), time.perf_counter() - t0,
                                     len(job.texts), job.hidden_size)
     finalise(job, shards)
-    record_stage(f"extract {config.model} {config.data}:{config.split}", time.perf_counter() - t0)
+    record_stage(f"extract {Path(config.model).name} {Path(config.data).name}:{config.split}",
+                 time.perf_counter() - t0)
     return ExtractionResult(directory, False, len(pending), time.perf_counter() - t0,
                             len(job.texts), job.hidden_size)
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from datamodules.commands import quiet
@@ -41,14 +42,17 @@ def evaluate(
         device: where it runs (--accelerator, --devices, --precision, --threads).
         out: output directory (checkpoints, metrics.json, metrics.md).
     """
+    from datamodules.progress import StageTimes
     from lightning_modules.evaluation.evaluate import PairConfig, evaluate_pair, markdown_report
 
     quiet()
     cfg = PairConfig(source, target, task, task_limit=task_limit, public=public, extraction=extraction, fit=fit,
                      head=head, device=device, seed=seed)
-    results = evaluate_pair(cfg, out=out)
+    with StageTimes() as times:  # extraction reports its stages into it
+        results = evaluate_pair(cfg, out=out)
     print(markdown_report(results))
     print(f"wrote {Path(out) / 'metrics.json'} and {Path(out) / 'metrics.md'}")
+    print(times.summary(), file=sys.stderr)
 
 
 def evaluate_ood(
@@ -97,6 +101,7 @@ def evaluate_ood(
         device: where it runs (--accelerator, --devices, --precision, --threads).
         out: output directory.
     """
+    from datamodules.progress import StageTimes
     from lightning_modules.evaluation.ood import OODConfig, evaluate_ood as run_evaluate_ood, markdown_report
 
     quiet()
@@ -104,6 +109,8 @@ def evaluate_ood(
                     head=head, device=device, seed=seed, ood=ood, ood_limit=ood_limit, knn_k=knn_k,
                     mahalanobis_shrinkage=mahalanobis_shrinkage, threshold_tpr=threshold_tpr,
                     export_detector=export_detector)
-    results = run_evaluate_ood(cfg, out=out)
+    with StageTimes() as times:  # extraction reports its stages into it
+        results = run_evaluate_ood(cfg, out=out)
     print(markdown_report(results))
     print(f"wrote {', '.join(str(Path(out) / f) for f in ('ood.json', 'ood.md', 'ood-threshold.json'))}")
+    print(times.summary(), file=sys.stderr)
