@@ -24,16 +24,18 @@ def quiet() -> None:
     """Commands that are not LightningCLI print results, not library chatter (Lightning's banners and tips,
     progress bars of datasets and transformers, their info logs), whether Lightning is imported before or after."""
     import logging
+    import os
     import warnings
 
-    import datasets
     import transformers
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     for name in LIGHTNING_CHATTER:
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-    datasets.disable_progress_bars()
+    if "datasets" in sys.modules:  # else it reads this when (if) it is imported: a client never pays its import
+        sys.modules["datasets"].disable_progress_bars()
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 
