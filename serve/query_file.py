@@ -255,7 +255,10 @@ def run_query(rows: list[Row], with_text: bool, client: Any, out: str | None, ba
     stages["open session"] = time.perf_counter() - t1
     how = ("cached keys and session reused: no key upload" if client.session_reused else
            f"keys uploaded ({client.traffic.kinds.get('keys', [0, 0])[1]:,} B)")
+    from datamodules.progress import Progress  # the client model is loaded: its imports cost nothing more
+
     output = Output(out)
+    progress = Progress("query", len(rows))  # a line every $XSILO_PROGRESS_S s when stderr is not a terminal
     t2 = time.perf_counter()
     batches: list[dict[str, float]] = []
     done = 0
@@ -266,9 +269,11 @@ def run_query(rows: list[Row], with_text: bool, client: Any, out: str | None, ba
                           for row, result in zip(part, results)])
             batches.append(results[0]["timings"])
             done += len(results)
+            progress.update(len(results))
         output.commit()
     finally:
         output.discard()
+    progress.close()
     stages["classify"] = time.perf_counter() - t2
     if client.reopened:
         how += f"; re-opened {client.reopened} time(s) after the server lost it"

@@ -219,3 +219,15 @@ def test_classify_packs_batches_into_lanes_and_times_each(server, folders, isola
         one[0]["timings"]) and "ood" in one[0] and "ood_score" in one[0]
     with pytest.raises(ValueError, match="batch_size must be a positive number of rows"):
         next(client.classify_batches(texts, batch_size=0))
+
+
+def test_the_map_alone_is_one_call_in_a_users_own_pipeline(folders):
+    """`AffineMap.from_pretrained(DIR)(states)` maps states as the Client does before encrypting them."""
+    import torch
+
+    from lightning_modules.fitting.affine_map import AffineMap
+
+    X = states(4, seed=7)
+    mapped = AffineMap.from_pretrained(folders["map"])(torch.from_numpy(X)).double().numpy()
+    with Client(server="http://127.0.0.1:9", head="topics", aligner=folders["map"], cache=False) as client:
+        np.testing.assert_allclose(mapped, client.map_states(X), rtol=1e-5, atol=1e-5)
