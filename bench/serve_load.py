@@ -147,7 +147,7 @@ def load_mode(export: Path) -> dict:
     def client_loop(i: int) -> None:
         rng = np.random.default_rng(i)
         try:
-            with Client(server.url, timeout=120) as client:
+            with Client(server.url, timeout=120, cache=False) as client:  # a session of its own
                 client.infer_states(rng.normal(0, 1, (ARGS.states, d)))  # session + warm-up
                 ready.wait()
                 while time.perf_counter() < stop_at[0]:
