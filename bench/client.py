@@ -97,6 +97,17 @@ def per_process(url: str, head: str, aligner: str, env: dict[str, str], threads:
             "total_ms": report["per_batch"]["total_ms"]["median_ms"]}
 
 
+def forget_entries(url: str) -> None:
+    """Drop the session-cache entries the per-process queries left for this run's server (it is gone)."""
+    import shutil
+
+    from serve.client_cache import SessionCache, read_meta
+
+    for _, folder in SessionCache().entries():
+        if (read_meta(folder) or {}).get("server") == url:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     rank = (len(ordered) - 1) * q / 100
@@ -165,6 +176,7 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(timeout=30)
+            forget_entries(url)
     today_s = statistics.median(r["wall_s"] for r in today)
     today_bytes = statistics.median(r["bytes"] for r in today)
     warm_s = statistics.median(r["wall_s"] for r in warm)
