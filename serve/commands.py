@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import asdict, replace
+from typing import Any, Iterator
 
 from serve.settings import ServerSettings
 
@@ -30,7 +32,7 @@ def serve(*, export: str | None = None, heads: list[str] | str | None = None, pu
         settings: every server setting (--api_key, --max_sessions, --rows_per_client, --output_noise, ...).
         log_level: log level of uvicorn and the request log.
     """
-    from serve.server import run
+    from serve.running import run
 
     if settings.api_key is None and os.environ.get("XSILO_API_KEY") is not None:
         settings = replace(settings, api_key=os.environ["XSILO_API_KEY"])
@@ -88,3 +90,74 @@ def query(*, server: str = "http://127.0.0.1:8000", text: list[str] | str | None
     except (ServeError, QueryInputError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def keys_add(name: str, *, rows_per_client: int | None = None, fits_per_client: int | None = None,
+             store: str | None = None) -> None:
+    """Issue an API key NAME: one identity with its own budgets, kept in the server's store (print it once).
+
+    Servers started with --api_keys true accept it at once, on every replica that shares the store; only its
+    sha256 is stored, so a lost key cannot be shown again: revoke it and issue another.
+
+    Args:
+        name: the key's name (letters, digits, '.', '_' or '-'): the identity its budgets count against.
+        rows_per_client: this key's query budget per layer (default: the server's --rows_per_client).
+        fits_per_client: this key's private fits (default: the server's --fits_per_client).
+        store: the server's store, as `xsilo serve --store` (default: sqlite under $XSILO_HOME).
+    """
+    import secrets
+    import time
+
+    from serve.identity import check_key_name, key_digest
+    from serve.store import ApiKeyRecord
+
+    for flag, value in (("rows_per_client", rows_per_client), ("fits_per_client", fits_per_client)):
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag} must be a positive count, got {value}; leave it out for the server's default")
+    key = "xsk_" + secrets.token_urlsafe(32)
+    with opened_store(store) as state:
+        state.add_api_key(ApiKeyRecord(check_key_name(name), key_digest(key.encode("utf-8")), rows_per_client,
+                                       fits_per_client, time.time()))
+        where = state.url
+    print(f"issued API key {name!r} in {where}; give it to its client (it is not stored and cannot be shown "
+          "again):", file=sys.stderr)
+    print(key)
+
+
+def keys_revoke(name: str, *, store: str | None = None) -> None:
+    """Revoke the API key NAME: every server on the store refuses it from its next request (its budget is kept).
+
+    Args:
+        name: the key's name, as `xsilo keys list` shows it.
+        store: the server's store, as `xsilo serve --store` (default: sqlite under $XSILO_HOME).
+    """
+    with opened_store(store) as state:
+        if not state.revoke_api_key(name):
+            raise ValueError(f"no API key named {name[:80]!r} in {state.url}; `xsilo keys list` shows the names")
+    print(f"revoked API key {name!r}", file=sys.stderr)
+
+
+def keys_list(*, store: str | None = None) -> None:
+    """List the issued API keys (names, budgets, state; never the keys), one JSON line each.
+
+    Args:
+        store: the server's store, as `xsilo serve --store` (default: sqlite under $XSILO_HOME).
+    """
+    with opened_store(store) as state:
+        for record in state.list_api_keys():
+            print(json.dumps({"name": record.name, "rows_per_client": record.rows_per_client,
+                              "fits_per_client": record.fits_per_client, "created": round(record.created, 3),
+                              "revoked": record.revoked}))
+
+
+@contextmanager
+def opened_store(store: str | None) -> Iterator[Any]:
+    """The store a server started with --store `store` opens (a serve.store.StateStore), closed on exit."""
+    from serve.settings import store_url
+    from serve.store import open_store
+
+    state = open_store(store_url(replace(ServerSettings(), store=store)))
+    try:
+        yield state
+    finally:
+        state.close()

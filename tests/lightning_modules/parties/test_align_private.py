@@ -113,7 +113,8 @@ def parties(tiny_models, tmp_path_factory):
         mp.setenv("XSILO_HOME", str(root / "client-home"))
         fixed_seal_randomness(mp)
         for name, flags in runs.items():
-            app = create_app(heads=[root / "heads" / "topics"], public=root / "pub", publish_val_logits=True)
+            app = create_app(heads=[root / "heads" / "topics"], public=root / "pub", publish_val_logits=True,
+                             store="memory://")  # a fresh server each time: nothing carried over
             app.add_middleware(Recorder, log=logs.setdefault(name, []))  # outermost: sees every byte received
             with ServerThread(app, max_lifetime_s=300) as srv:
                 main(["align", "--server", srv.url, "--model", client, "--out", str(root / f"map-{name}"),
@@ -234,7 +235,8 @@ def test_private_errors_are_one_line_naming_the_fix(parties, tmp_path, capsys):
     root = parties["root"]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("XSILO_HOME", str(root / "client-home"))
-        app = create_app(heads=[root / "heads" / "topics"], public=root / "pub", publish_val_logits=True)
+        app = create_app(heads=[root / "heads" / "topics"], public=root / "pub", publish_val_logits=True,
+                         store="memory://")  # a fresh server each time: nothing carried over
         log: list = []
         app.add_middleware(Recorder, log=log)
         with ServerThread(app, max_lifetime_s=60) as srv, pytest.raises(PrivateTextsError, match="fewer than the head's 3"):
