@@ -5,8 +5,8 @@
 Everything runs on this machine, in the same run:
 
 1. **Overhead.** One client sends `--overhead-queries` queries one after another to one replica, for each store:
-   memory:// (the in-memory baseline), the default SQLite file, and Redis. Reports each median and p90, and the
-   median's rise over memory://.
+   memory:// (the in-memory baseline), the default SQLite file, and Redis, with the same identity (its address, no
+   API key). Reports each median and p90, and the median's rise over memory://.
 2. **One replica** on Redis: `--clients` client threads × `--seconds`, each with its own API key (issued in the
    store), its own session and `lanes`-row queries encrypted once and reused (so the load generator leaves the cores
    to the servers). Two of the keys carry a small row budget.
@@ -67,15 +67,15 @@ TRANSIENT = (httpx.TransportError,)
 class Replica:
     """`xsilo serve`'s `run` in a subprocess on a fixed port; `start` waits for /readyz, `stop` sends SIGTERM."""
 
-    def __init__(self, export: Path, store: str, name: str, port: int | None = None):
-        self.export, self.store, self.name = export, store, name
+    def __init__(self, export: Path, store: str, name: str, port: int | None = None, api_keys: bool = True):
+        self.export, self.store, self.name, self.api_keys = export, store, name, api_keys
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
 
     def start(self) -> "Replica":
         code = (f"from serve.running import run; run({str(self.export)!r}, port={self.port}, store={self.store!r}, "
-                f"api_keys={self.store != 'memory://'}, replica_id={self.name!r}, "
+                f"api_keys={self.api_keys}, replica_id={self.name!r}, "
                 f"max_concurrency={ARGS.server_workers}, max_sessions=256, log_level='warning')")
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
         self.process = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env,
@@ -230,14 +230,9 @@ def overhead(export: Path, layout: LinearLayout, stores: dict[str, str]) -> dict
     query = encrypt(keys, layout, np.ones((1, fused.input_dim)))[0]
     figures = {}
     for name, url in stores.items():
-        replica = Replica(export, url, f"overhead-{name}").start()
-        key = None
-        if url != "memory://":
-            key = f"xsk_overhead_{name}"
-            with open_store(url) as store:
-                store.add_api_key(ApiKeyRecord(f"overhead-{name}", key_digest(key.encode()), None, None, time.time()))
+        replica = Replica(export, url, f"overhead-{name}", api_keys=False).start()  # the same identity: its address
         try:
-            with httpx.Client(base_url=replica.url, timeout=60, headers={"X-API-Key": key} if key else {}) as http:
+            with httpx.Client(base_url=replica.url, timeout=60) as http:
                 session = http.post("/v1/sessions", content=keys.public_bytes()).json()["session_id"]
                 times = []
                 for i in range(ARGS.overhead_queries + 10):
@@ -260,7 +255,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="xsilo-replicas-") as tmp, RedisServer() as redis_server:
         tmp_path = Path(tmp)
         export = write_small_export(tmp_path / "export", d=ARGS.dim, k=ARGS.classes, seed=0)
-        probe = Replica(export, "memory://", "probe").start()
+        probe = Replica(export, "memory://", "probe", api_keys=False).start()
         layout = LinearLayout.from_dict(httpx.get(f"{probe.url}/v1/model").json()["layout"])
         probe.stop()
 

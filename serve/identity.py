@@ -3,8 +3,8 @@
 Three ways in, checked in this order:
 
 * an API key issued with `xsilo keys add NAME` (kept in the state store, as its sha256 only): identity
-  `name:NAME`, with the key's own row and fit budgets when it has them; revoked keys are refused at once, on every
-  replica, since the store is read on every request;
+  `name:NAME`, with the key's own row and fit budgets when it has them; a replica keeps a key it found for
+  `KEY_CACHE_S` (1 s), so a revoked key is refused within a second on every replica, without a restart;
 * the server's single `--api_key`: identity `key:<digest>`;
 * no key, on a server that requires none: identity `addr:<peer address>`. The address is the socket's peer unless
   the operator names trusted proxies (`--trusted_proxies`), whose X-Forwarded-For is then believed.
@@ -14,6 +14,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+import threading
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
@@ -23,9 +26,11 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from .api import ApiError
 from .protocol import API_KEY_HEADER
 from .settings import ServerSettings
-from .store import StateStore, StoreError
+from .store import ApiKeyRecord, StateStore, StoreError
 
 KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+KEY_CACHE_S = 1.0  # how long a replica trusts a key it found in the store (a revocation takes this long at most)
+KEY_CACHE_SIZE = 1024
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,33 @@ class Identity:
 def key_digest(key: bytes) -> str:
     """The stored form of an API key: its sha256, hex (the key itself is never stored or logged)."""
     return hashlib.sha256(key).hexdigest()
+
+
+class KeyLookups:
+    """Issued keys found in the store, kept `KEY_CACHE_S` per replica (at most KEY_CACHE_SIZE, oldest dropped): one
+    store round trip per key and second instead of one per request. Keys not found are never kept."""
+
+    def __init__(self, store: StateStore):
+        self.store = store
+        self._found: OrderedDict[str, tuple[float, ApiKeyRecord]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def find(self, digest: str) -> ApiKeyRecord | None:
+        now = time.monotonic()
+        with self._lock:
+            hit = self._found.get(digest)
+            if hit is not None and now - hit[0] < KEY_CACHE_S:
+                return hit[1]
+        record = self.store.find_api_key(digest)
+        with self._lock:
+            if record is not None and not record.revoked:
+                self._found[digest] = (now, record)
+                self._found.move_to_end(digest)
+                while len(self._found) > KEY_CACHE_SIZE:
+                    self._found.popitem(last=False)
+            else:
+                self._found.pop(digest, None)
+        return record
 
 
 def presented_key(request: Request) -> bytes | None:
@@ -64,6 +96,7 @@ def identity_dependency(settings: ServerSettings, store: StateStore) -> Callable
     header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="the API key")
     single = settings.api_key.encode("utf-8") if settings.api_key is not None else None
     required = single is not None or settings.api_keys
+    issued = KeyLookups(store)
 
     def identify(request: Request, credentials: HTTPAuthorizationCredentials | None = Security(bearer),
                  api_key: str | None = Security(header)) -> Identity:
@@ -71,7 +104,7 @@ def identity_dependency(settings: ServerSettings, store: StateStore) -> Callable
         if given is not None and required:
             if settings.api_keys:
                 try:
-                    record = store.find_api_key(key_digest(given))
+                    record = issued.find(key_digest(given))
                 except StoreError:
                     raise ApiError(503, "store_unavailable", "the server's state store does not answer; retry "
                                                              "shortly", {"Retry-After": "1"}) from None
