@@ -109,7 +109,8 @@ def main() -> None:
                "lambda_lab": lab_lam, "lambda_gcv": result.metrics["chosen"].get("gcv")}
     print(f"private fit of {n} rows, {da} -> {db}: {fit_s:.1f} s; the head-aware λ adds {head_s:.1f} s "
           f"({figures['extra_vs_fit']:.2f}x): {cost['probe_rows']} probe rows in {cost['ciphertexts']} encrypted "
-          f"queries ({cost['rows_charged']} rows charged) and {len(val_logits)} published val logits")
+          f"queries ({cost['rows_charged']} rows charged) and {len(val_logits)} published val logits (charged "
+          "as rows too)")
     print(f"head criterion's scores vs the lab's: max relative difference {rel:.1e}; λ two-party "
           f"{figures['lambda_two_party']}, lab {lab_lam} (GCV alone: {figures['lambda_gcv']})")
     print(json.dumps(figures))

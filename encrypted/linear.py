@@ -10,6 +10,7 @@ import tenseal.sealapi as seal
 
 from . import messages
 from .errors import EncryptedError, InvalidKeys, InvalidLayout
+from .key_checks import check_rerandomiser
 from .keys import PublicKeys
 from .layout import LinearLayout, plan_layout
 from .profiles import DEFAULT_PROFILE, CkksProfile
@@ -46,8 +47,9 @@ class EncryptedLinear:
         advantage at most 2^-λ for inputs with ||x|| <= `input_norm_bound`): the reply is re-randomised with
         an encryption of zero under the client's public key and flooded with Gaussian noise. Off (None) by
         default: it needs a profile with room for the flood (`N8192_PRIVATE`; at λ=30 each output then gets
-        noise of std `flood_std` ~0.01) and a client that uploads a public key. `output_noise=σ` adds fresh
-        N(0, σ²) noise to every output of every reply, the same in each of its replica slots.
+        noise of std `flood_std` ~0.01) and a client that uploads an honest public key (`check_keys` refuses
+        degenerate ones; a key that looks uniform is not proven honest). `output_noise=σ` adds fresh N(0, σ²)
+        noise to every output of every reply, the same in each of its replica slots.
 
         `baby` fixes the baby-step count (default: the layout's cost model). A block of outputs whose weights are
         all zero is refused (a reply must depend on the query) unless `allow_zero_blocks`, which the private fit's
@@ -207,6 +209,21 @@ class EncryptedLinear:
         replies = self.evaluate(ciphertext, public_keys.galois_keys)
         self.add_noise(replies, public_keys.public_key)
         return messages.write_reply(self.layout, replies, count)
+
+    def check_keys(self, public_keys: PublicKeys) -> None:
+        """Raise InvalidKeys unless `public_keys` can be answered: made for this layout and, for a circuit-private
+        layer, with a PUBK that re-randomises replies (`encrypted.key_checks`). A server calls it once, when the
+        keys are uploaded (a few tens of ms); `apply` checks only that the PUBK is there."""
+        if not isinstance(public_keys, PublicKeys):
+            raise InvalidKeys(f"public_keys must be PublicKeys, got {type(public_keys).__name__}")
+        public_keys.require(self.layout)
+        if self.circuit_privacy is None:
+            return
+        if public_keys.public_key is None:
+            raise InvalidKeys("this server sends circuit-private replies, which it re-randomises with the client's "
+                              "public key, but these keys carry none (no PUBK section); upload the bytes of "
+                              "ClientKeys.public_bytes() from an xsilo that sends it (this one does)")
+        check_rerandomiser(self.profile, public_keys.public_key, messages.reply_parms_id(self.profile))
 
     def add_noise(self, replies: list[Any], public_key: Any = None) -> None:
         """In place: re-randomise and flood (circuit privacy) and add output noise, as this layer is set up."""

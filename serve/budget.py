@@ -1,11 +1,12 @@
 """Budgets against model extraction: rows answered per session and per client, private fits per client.
 
 Every reply answers `lanes` rows of W h + b (all lanes of the query ciphertext are evaluated, whatever count the
-client declares), and d + 1 independent rows determine W and b exactly. A budget caps the rows a session, and a
-client (its identity: API key or address, `serve.identity`), may be answered on each layer, and the private fits
-a client may open. Counts live in the state store (`serve.store`): they survive restarts, replicas share them,
-and one charge is atomic across the session and the client, so two replicas spending one budget at once never
-let more rows through than it allows.
+client declares), every page of a head's published val logits answers its rows, and d + 1 independent rows
+determine W and b exactly. A budget caps the rows a session, and a client (its identity: API key or address,
+`serve.identity`), may be answered on each layer, whatever route they leave by, and the private fits a client may
+open. Counts live in the state store (`serve.store`): they survive restarts, replicas share them, and one charge is
+atomic across the session and the client, so two replicas spending one budget at once never let more rows through
+than it allows.
 """
 from __future__ import annotations
 
@@ -53,6 +54,25 @@ class Budgets:
                            f"and a query costs {rows}; ask the server's operator for a larger budget"), 0
         left = [charge.limit - value for charge, value in zip(charges, used) if charge.limit is not None]
         return None, min(left) if left else None
+
+    def charge_client_rows(self, identity: Identity, layer: str, rows: int) -> tuple[Refusal | None, int | None]:
+        """(refusal or None, rows left or None when unlimited) for `rows` plaintext outputs of `layer` answered
+        outside a session (a page of val logits): the same per-client counter as queries, no session counter."""
+        charge = Charge(f"rows:{identity.client}|{layer}", rows, identity.rows_per_client)
+        refused, used = self.store.charge([charge])
+        if refused is not None:
+            return Refusal("client", refused.limit,
+                           f"this client (API key or address) has used {refused.used} of its {refused.limit} rows of "
+                           f"this head and this page costs {rows}; every row of a head's outputs counts, queries "
+                           "and val logits alike: ask for fewer rows (?limit=N) or ask the server's operator for a "
+                           "larger budget"), 0
+        return None, None if charge.limit is None else charge.limit - used[0]
+
+    def client_rows_left(self, identity: Identity, layer: str) -> int | None:
+        """Rows the client may still be answered on `layer` (None: no limit)."""
+        if identity.rows_per_client is None:
+            return None
+        return max(identity.rows_per_client - self.store.used(f"rows:{identity.client}|{layer}"), 0)
 
     def refund_rows(self, session_id: str, identity: Identity, layer: str, rows: int) -> None:
         """Give back rows charged for a query that got no answer (refused bytes, server busy)."""

@@ -151,7 +151,8 @@ class PrivateFitClient:
     def val_logits(self, head: str) -> np.ndarray:
         """Head `head`'s plaintext logits (n_val, k) on the public set's val rows, in val-index order, all pages
         (GET /v1/public-set/val-logits; the provider opts in with --publish_val_logits true). Shapes and values
-        are checked against /v1/model."""
+        are checked against /v1/model. The server charges every row to this client's row budget of the head, as
+        it charges query rows (counted in `traffic.rows_charged`)."""
         public = self.public_set()
         heads = self.model_info().get("heads") or {}
         if not isinstance(heads, dict) or head not in heads:
@@ -186,6 +187,7 @@ class PrivateFitClient:
             if not np.isfinite(values).all():
                 raise ServeError("the server's val logits hold NaN or inf; ask its operator to check the head")
             pages.append(values)
+            self.connection.traffic.rows_charged += len(chunk)
             offset += len(chunk)
             following = page.get("next")
             if following is None:

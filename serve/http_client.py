@@ -105,7 +105,7 @@ class Traffic:
 
     def __init__(self) -> None:
         self.kinds: dict[str, list[int]] = {}  # kind -> [requests, bytes sent, bytes received]
-        self.rows_charged = 0  # query lanes the server charged (a full `lanes` per query ciphertext)
+        self.rows_charged = 0  # rows the server charged: `lanes` per query ciphertext, one per val logit row
 
     def add(self, kind: str, sent: int, received: int) -> None:
         entry = self.kinds.setdefault(kind, [0, 0, 0])
@@ -139,7 +139,7 @@ class Traffic:
         parts = [f"{k} {v[0]}x {mb(v[1])} up / {mb(v[2])} down" for k, v in sorted(self.kinds.items(),
                                                                                   key=lambda kv: -kv[1][1] - kv[1][2])]
         queries = (f", {self.count('query')} encrypted queries ({self.rows_charged} rows charged)"
-                   if self.count("query") else "")
+                   if self.count("query") or self.rows_charged else "")
         return (f"traffic: {self.requests} requests{queries}, sent {self.bytes_sent:,} B ({mb(self.bytes_sent)}), "
                 f"received {self.bytes_received:,} B ({mb(self.bytes_received)}): " + "; ".join(parts))
 

@@ -12,7 +12,7 @@ noted; errors are ``{"error": {"code", "message"}}``):
     DELETE /v1/sessions/{id}                  forget the session's keys
     GET    /v1/heads/{name}/feature-ood       a head's published OOD detector (npz)
     GET    /v1/public-set/texts, /v1/fit/...  the public set and the private fit (`serve.fit_service`)
-    GET    /v1/public-set/val-logits?head=    a head's logits on the public val rows (opt-in, paged)
+    GET    /v1/public-set/val-logits?head=    a head's logits on the public val rows (opt-in, paged, charged)
     GET    /docs, /openapi.json               FastAPI's docs
 
 HE work runs in worker threads behind a capacity limiter, so the event loop keeps answering. Starting the
@@ -186,16 +186,20 @@ def create_app(export_dir: str | Path | None = None, *, heads: Sequence[str | Pa
              tags=["private fit"])
     async def val_logits(head: str = Query(..., max_length=200, description="a served head (GET /v1/model 'heads')"),
                          offset: int = Query(0, ge=0, le=1 << 40),
-                         limit: int | None = Query(None, ge=1, le=1 << 40)) -> dict[str, Any]:
+                         limit: int | None = Query(None, ge=1, le=1 << 40),
+                         identity: Identity = Depends(identify)) -> JSONResponse:
         """A page of head `head`'s plaintext logits on the public set's val rows, in val-index order (at most
-        `max_public_texts` rows per page); only when the provider opted in (--publish_val_logits true)."""
+        `max_public_texts` rows per page); only when the provider opted in (--publish_val_logits true). Every row
+        of the page is charged to the client's row budget of the head, as a query's rows are (a page fetched
+        twice is charged twice); 429 `budget_exhausted`, and no page, when it would exceed it."""
         logits = service.val_logits(head)
         rows = logits.shape[0]
         if offset > rows:
             raise ApiError(400, "invalid_offset", f"offset {offset} is past the public set's {rows} val rows")
         end = min(offset + min(limit or settings.max_public_texts, settings.max_public_texts), rows)
-        return {"head": head, "rows": rows, "offset": offset, "next": end if end < rows else None,
-                "logits": logits[offset:end].tolist()}
+        remaining = service.charge_val_rows(head, identity, end - offset)
+        return JSONResponse({"head": head, "rows": rows, "offset": offset, "next": end if end < rows else None,
+                             "logits": logits[offset:end].tolist()}, headers={BUDGET_HEADER: remaining})
 
     add_fit_routes(app, service.fit, identify, settings)
     return app

@@ -165,6 +165,18 @@ class EncryptedService:
         return keys
 
     @staticmethod
+    def accept_keys(served: ServedLayer, body: bytes) -> PublicKeys:
+        """`load_keys`, then what answering needs (`EncryptedLinear.check_keys`: a circuit-private layer refuses keys
+        without a PUBK, or with one that does not re-randomise): at upload, so a session is never opened only to
+        have every query refused."""
+        keys = EncryptedService.load_keys(served, body)
+        try:
+            served.layer.check_keys(keys)
+        except ValueError as exc:
+            raise input_error(exc) from None
+        return keys
+
+    @staticmethod
     def apply(served: ServedLayer, keys: PublicKeys, query: bytes) -> tuple[bytes, float]:
         start = time.perf_counter()
         try:
@@ -181,7 +193,7 @@ class EncryptedService:
 
     async def open_session(self, served: ServedLayer, body: bytes) -> dict[str, Any]:
         """Check and deserialise uploaded keys, store them as a new session; its POST /v1/sessions answer."""
-        keys = await self.run_cpu(self.load_keys, served, body, kind="session_keys")
+        keys = await self.run_cpu(self.accept_keys, served, body, kind="session_keys")
         session_id = secrets.token_urlsafe(24)
         record = SessionRecord(session_id, None if served.kind == "fused" else served.name, layer_digest(served),
                                len(body), time.time())
@@ -223,6 +235,21 @@ class EncryptedService:
         """Charge one query's `lanes` rows to the session and to the client on this layer (each layer's W is a
         separate secret); the remaining budget, for the header. Raises a 429 when a budget would be exceeded."""
         refusal, left = self.budgets.charge_rows(record.session_id, identity, budget_layer(served), served.layer.lanes)
+        if refusal is not None:
+            if self.metrics is not None:
+                self.metrics.budget_rejected(refusal.scope)
+            raise ApiError(429, "budget_exhausted", refusal.message, {BUDGET_HEADER: "0"})
+        return "unlimited" if left is None else str(left)
+
+    def charge_val_rows(self, head: str, identity: Identity, rows: int) -> str:
+        """Charge a page of `rows` val logits of head `head` to the client's row budget of that head (the one its
+        queries spend: a logit is a row of W h + b, whichever route it leaves by); the remaining budget, for the
+        header. Raises a 429 when the page would exceed it (nothing of the page is sent)."""
+        layer = budget_layer(self.layer(head))
+        if rows <= 0:  # an empty page (offset = rows) answers nothing
+            left = self.budgets.client_rows_left(identity, layer)
+            return "unlimited" if left is None else str(left)
+        refusal, left = self.budgets.charge_client_rows(identity, layer, rows)
         if refusal is not None:
             if self.metrics is not None:
                 self.metrics.budget_rejected(refusal.scope)

@@ -36,7 +36,8 @@ class ServerSettings:
             limit); an issued key may carry its own (`xsilo keys add --rows_per_client`).
         output_noise: standard deviation of Gaussian noise added to every output, against model extraction.
         circuit_privacy: statistical security in bits (e.g. 30) of circuit-private replies, independent of W
-            beyond W x + b (profile n8192-private; needs the client's public key).
+            beyond W x + b (profile n8192-private; needs the client's public key, checked at upload). Off by
+            default: logits already give W with d + 1 rows (serve/README.md, Threat model).
         max_fit_sessions: private fits running at once (each holds one part's encrypted accumulators); beyond it
             503 (never evicted: each holds a client's work).
         fit_session_ttl_s: idle seconds before a fit session and its accumulators are dropped.
@@ -46,7 +47,8 @@ class ServerSettings:
             own.
         max_public_texts: texts per page of GET /v1/public-set/texts.
         publish_val_logits: publish each head's logits on the public set's val rows (GET
-            /v1/public-set/val-logits), so clients can choose λ through the head (`xsilo align --head NAME`).
+            /v1/public-set/val-logits), so clients can choose λ through the head (`xsilo align --head NAME`);
+            each row is charged to the client's row budget of the head, as a query row is.
         store: where budgets, sessions (with their public keys), fit records and API keys live: 'sqlite:///PATH'
             (null: sqlite under $XSILO_HOME/serve/state.db, which survives restarts), 'redis://HOST:PORT/DB' (several
             replicas share it), or 'memory://' (this process only).

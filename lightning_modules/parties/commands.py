@@ -229,7 +229,8 @@ def align(
         out: the map folder to write.
         head: a head the provider serves: choose λ by the logit error through it on the public val rows
             (criterion auto = head; the provider must serve --publish_val_logits true; costs one encrypted query
-            per direction the maps can reach, at most min(d_A, d_B) + 2 rows). Default: λ by GCV.
+            per direction the maps can reach, at most min(d_A, d_B) + 2 rows, plus the public val rows' logits,
+            each charged as a row of the head's budget). Default: λ by GCV.
         private: the client's own unlabelled texts (a registry name or a txt/csv/jsonl/... file; its text column
             is --extraction.text_column; labels are never read): the map saved is the public map adapted to them
             with the class statistics head NAME publishes (needs --head; the provider must run `xsilo head fit
@@ -279,7 +280,8 @@ def align(
     if "head" in m:
         probed = m["head"]
         print(f"head {probed['name']!r} probed on {probed['probe_rows']} encrypted rows ({probed['ciphertexts']} "
-              f"queries, {probed['rows_charged']} rows of the provider's budget)", file=sys.stderr)
+              f"queries) and read on {probed.get('val_rows', 0)} public val rows: {probed['rows_charged']} rows of "
+              "the provider's budget", file=sys.stderr)
     if "adaptation" in m:
         a = m["adaptation"]
         shares = ", ".join(f"{v:.2f}" for v in a["class_shares"] or [])

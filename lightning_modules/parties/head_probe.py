@@ -76,20 +76,24 @@ def rows_charged(rows: int, lanes: int) -> int:
     return -(-rows // lanes) * lanes
 
 
-def check_budgets(rows: int, head_info: dict[str, Any], limits: dict[str, Any], head: str) -> int:
-    """The rows the probe will be charged; HeadProbeError naming the server flag when a budget is too small."""
+def check_budgets(rows: int, head_info: dict[str, Any], limits: dict[str, Any], head: str,
+                  val_rows: int = 0) -> int:
+    """The rows the probe will be charged; HeadProbeError naming the server flag when a budget is too small.
+    `val_rows`: the head's val logits fetched too, charged to the client's budget (not the session's)."""
     try:
         lanes = int(head_info["lanes"])
     except (KeyError, TypeError, ValueError):
         raise HeadProbeError(f"the server's entry for head {head!r} lacks lanes; use a client of the same xsilo "
                              "version as the server") from None
     charged = rows_charged(rows, max(lanes, 1))
-    for flag in ("rows_per_session", "rows_per_client"):
+    for flag, needed in (("rows_per_session", charged), ("rows_per_client", charged + val_rows)):
         budget = limits.get(flag)
-        if isinstance(budget, int) and not isinstance(budget, bool) and budget < charged:
+        if isinstance(budget, int) and not isinstance(budget, bool) and budget < needed:
+            val = f" and reads its {val_rows} val logits" if flag == "rows_per_client" and val_rows else ""
             raise HeadProbeError(f"the head-aware λ queries head {head!r} on {rows} rows ({charged} charged at "
-                                 f"{lanes} lanes per query), but the server's --{flag} is {budget}; ask its operator "
-                                 f"to raise --{flag} to at least {charged}, or align without --head (λ by GCV)")
+                                 f"{lanes} lanes per query){val}, but the server's --{flag} is {budget}; ask its "
+                                 f"operator to raise --{flag} to at least {needed}, or align without --head "
+                                 "(λ by GCV)")
     return charged
 
 

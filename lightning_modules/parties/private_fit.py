@@ -244,7 +244,8 @@ def align(server: str, model: str, out: str | Path, *, fit: FitSettings | None =
         if head is not None:
             info = client.model_info()
             bound = min(parts[0].shape[1], int(public["hidden_size"]), len(parts[0])) + 2
-            check_budgets(bound, info["heads"][head], info.get("limits") or {}, head)  # before the fit's work
+            check_budgets(bound, info["heads"][head], info.get("limits") or {}, head,  # before the fit's work
+                          val_rows=len(val_logits))
         with stage("encrypted fit"):
             reply = client.fit(parts, public["fingerprint"], progress=progress)
     stats = part_stats(parts, reply)
@@ -259,7 +260,8 @@ def align(server: str, model: str, out: str | Path, *, fit: FitSettings | None =
         result = fit_private(parts, reply, fit, source_spec=job.spec(), public_set=public, head=surrogate,
                              head_val=head_val, stats=stats)
     if head is not None:
-        result.metrics["head"] = {"name": head, **probe_metrics}
+        result.metrics["head"] = {"name": head, **probe_metrics, "val_rows": len(val_logits),  # val logits: charged
+                                  "rows_charged": probe_metrics["rows_charged"] + len(val_logits)}
     public_map = None
     if task is not None:
         val = stats[1] if len(stats) > 1 and stats[1].count else None

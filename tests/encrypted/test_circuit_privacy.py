@@ -154,3 +154,79 @@ def test_output_noise_has_the_stated_std_in_every_replica(pairing):
     assert np.max(np.abs(slots - slots[0])) < 1e-4
     with pytest.raises(ValueError, match="output_noise"):
         EncryptedLinear(W, b, N8192, output_noise=-1.0)
+
+
+# --- keys a malicious client crafts (the audit of issue 25) -----------------------------------------------------
+
+def reply_c1(layout, reply: bytes) -> list[np.ndarray]:
+    """Each reply block's second polynomial, coefficient form, (primes, N) uint64."""
+    import tenseal.sealapi as seal
+
+    from encrypted.key_checks import coefficients
+    from encrypted.messages import read_reply
+
+    evaluator = seal.Evaluator(layout.profile.context())
+    blocks, _ = read_reply(reply, layout)
+    out = []
+    for ct in blocks:
+        evaluator.transform_from_ntt_inplace(ct)
+        out.append(coefficients(ct)[1])
+    return out
+
+
+def distance(a: list[np.ndarray], b: list[np.ndarray], moduli: list[int]) -> int:
+    """The largest centred difference between two replies' polynomials, modulo each prime."""
+    worst = 0
+    for x, y in zip(a, b):
+        for prime, q in enumerate(moduli):
+            q64 = np.uint64(q)
+            d = np.where(x[prime] >= y[prime], x[prime] - y[prime], q64 - (y[prime] - x[prime]))
+            worst = max(worst, int(np.minimum(d, q64 - d).max()))
+    return worst
+
+
+def test_a_crafted_public_key_tells_weights_apart_in_one_reply_and_is_refused(pair):
+    """The audit's PUBK (0, 1): the reply's c1 is then the deterministic one, which the client recomputes for each
+    candidate W (it has the query and the Galois keys); `check_keys` refuses that key, and the keys that leave
+    either part bare."""
+    from encrypted.messages import reply_parms_id
+    from tests.encrypted.crafted_keys import crafted_keys, with_public_key
+
+    layers, keys, public, X = pair
+    layout = layers["W1", True].layout
+    crafted = {name: PublicKeys.from_bytes(with_public_key(keys.public_bytes(), blob), layout)  # the parser accepts
+               for name, blob in crafted_keys(N8192_PRIVATE, public.public_key).items()}
+    context = N8192_PRIVATE.context()
+    moduli = [m.value() for m in context.get_context_data(reply_parms_id(N8192_PRIVATE)).parms().coeff_modulus()]
+    query = encrypt(keys, layout, X)[0]
+    candidates = {w: reply_c1(layout, layers[w, False].apply(query, crafted["(0, 1)"])) for w in ("W1", "W2")}
+    for truth in ("W1", "W2"):  # the provider serves `truth`, circuit-private, to the crafted key
+        seen = reply_c1(layout, layers[truth, True].apply(query, crafted["(0, 1)"]))
+        gaps = {w: distance(seen, c1, moduli) for w, c1 in candidates.items()}
+        assert min(gaps, key=gaps.get) == truth and gaps[truth] < 2**8 and max(gaps.values()) > 2**40, gaps
+    for name, crafted_key in crafted.items():
+        with pytest.raises(InvalidKeys, match="does not re-randomise") as refused:
+            layers["W1", True].check_keys(crafted_key)
+        assert "ClientKeys.public_bytes()" in str(refused.value), name
+    honest = [public] + [PublicKeys.from_bytes(ClientKeys.generate(N8192_PRIVATE, layout.rotation_steps).public_bytes(),
+                                               layout) for _ in range(2)]
+    for key in honest:
+        layers["W1", True].check_keys(key)  # real keys pass (a false refusal is far below 2^-40)
+    without = PublicKeys(public.profile, public.rotation_steps, public.galois_keys, public.nbytes)
+    with pytest.raises(InvalidKeys, match="no PUBK"):
+        layers["W1", True].check_keys(without)
+    layers["W1", False].check_keys(without)  # a layer without circuit privacy never uses the PUBK
+
+
+def test_the_uniformity_statistic_passes_uniform_residues_and_flags_structured_ones():
+    from encrypted.key_checks import uniformity_problem
+
+    rng = np.random.default_rng(0)
+    n = N8192_PRIVATE.poly_modulus_degree
+    for q in ((1 << 30) - 35, (1 << 60) - 93):  # a 30-bit and a 60-bit modulus (primality does not matter here)
+        assert all(uniformity_problem(rng.integers(0, q, n, dtype=np.uint64), q) is None for _ in range(20))
+        small = rng.integers(-2**20, 2**20, n) % q  # a small polynomial in coefficient form: both ends of [0, q)
+        sparse = np.where(rng.random(n) < 0.3, rng.integers(0, q, n, dtype=np.uint64), 0)
+        half = rng.integers(0, q // 2, n, dtype=np.uint64)  # one bit short of entropy
+        for structured in (small.astype(np.uint64), sparse.astype(np.uint64), half, np.full(n, 7, np.uint64)):
+            assert uniformity_problem(structured, q) is not None

@@ -106,7 +106,7 @@ def test_align_prints_the_bytes_and_queries_the_provider_counts(tiny_models, tmp
     assert len(infers) == queries >= 1
     config = json.loads((tmp_path / "map" / "config.json").read_text())["metrics"]["private_fit"]
     assert config["traffic"]["bytes_sent"] == sent and config["traffic"]["queries"] == queries
-    assert rows == config["head"]["rows_charged"]  # the probe's rows, as the budget counts them
+    assert rows == config["head"]["rows_charged"]  # the probe's rows and the val logits', as the budget counts them
     kinds = config["traffic"]["by_kind"]
     assert {"keys", "query", "fit chunk", "fit result", "public texts", "val logits", "detector", "model info"} <= \
         set(kinds)
