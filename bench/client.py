@@ -57,7 +57,7 @@ def free_port() -> int:
 
 
 def start_server(heads: str, home: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    import httpx
+    from serve.harness import wait_for_server
 
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "lightning_modules.cli", "serve", "--heads", heads, "--port",
@@ -65,17 +65,12 @@ def start_server(heads: str, home: Path, env: dict[str, str]) -> tuple[subproces
                                cwd=ROOT, env={**env, "XSILO_HOME": str(home)}, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise SystemExit("error: xsilo serve did not start; run it by hand to see why")
-        time.sleep(0.3)
+    try:
+        wait_for_server(url, process, timeout_s=120)
+    except RuntimeError as exc:
+        process.kill()
+        raise SystemExit(f"error: xsilo serve did not start ({exc}); run it by hand to see why") from None
+    return process, url
 
 
 def per_process(url: str, head: str, aligner: str, env: dict[str, str], threads: int, cache: bool,

@@ -52,7 +52,6 @@ import threading  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -63,6 +62,7 @@ torch.set_num_threads(ARGS.threads)
 from encrypted import ClientKeys, EncryptedLinear, PublicKeys, encrypt  # noqa: E402
 from lightning_modules.parties.export import write_export
 from serve.formats.exports import load_export  # noqa: E402
+from serve.harness import wait_for_server  # noqa: E402
 from serve.client import Client  # noqa: E402
 
 
@@ -96,18 +96,12 @@ class ServerProcess:
         self.proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env)
 
     def __enter__(self) -> "ServerProcess":
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"server exited with {self.proc.returncode}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.proc.kill()
-        raise SystemExit("server did not start within 120 s")
+        try:
+            wait_for_server(self.url, self.proc, timeout_s=120)
+        except RuntimeError as exc:
+            self.proc.kill()
+            raise SystemExit(f"server did not start: {exc}") from None
+        return self
 
     def __exit__(self, *exc) -> None:
         self.proc.terminate()

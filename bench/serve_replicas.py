@@ -56,6 +56,7 @@ sys.path.insert(0, str(ROOT))
 
 from encrypted import ClientKeys, LinearLayout, decrypt, encrypt  # noqa: E402
 from serve.formats.exports import load_export  # noqa: E402
+from serve.harness import wait_for_server  # noqa: E402
 from serve.identity import key_digest  # noqa: E402
 from serve.store import ApiKeyRecord, open_store  # noqa: E402
 from tests.serve.serve_support import free_port, write_small_export  # noqa: E402
@@ -80,17 +81,11 @@ class Replica:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
         self.process = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env,
                                         stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise SystemExit(f"replica {self.name} exited with {self.process.returncode}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise SystemExit(f"replica {self.name} did not start within 120 s")
+        try:
+            wait_for_server(self.url, self.process, timeout_s=120, path="/readyz")
+        except RuntimeError as exc:
+            raise SystemExit(f"replica {self.name} did not start: {exc}") from None
+        return self
 
     def stop(self) -> float:
         """SIGTERM (drain), wait; the seconds it took to exit."""

@@ -20,29 +20,21 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 
 from serve.formats.splits import SPLIT, stratified_split
+from serve.harness import wait_for_server
 
 STAGES = ("extract_ms", "encrypt_ms", "http_ms", "server_ms", "decrypt_ms", "total_ms")
 
 
 def wait_until_up(url: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise SystemExit(f"error: no server answered {url}/healthz within {timeout_s:.0f}s; "
-                             "is `xsilo serve` running?")
-        time.sleep(0.5)
+    try:
+        wait_for_server(url, timeout_s=timeout_s)
+    except RuntimeError as exc:
+        raise SystemExit(f"error: {exc}; is `xsilo serve` running?") from None
 
 
 def load_test_split(data: str, n: int, seed: int = SPLIT.seed, limit: int | None = None

@@ -62,3 +62,23 @@ class ServerThread:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def wait_for_server(url: str, process: Any = None, timeout_s: float = 60.0, path: str = "/healthz",
+                    **http: Any) -> None:
+    """Return once GET `url + path` answers 200 (`http`: httpx options, e.g. verify=); RuntimeError naming why when
+    `process` (a subprocess.Popen) exits first or `timeout_s` passes."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{url}{path}", timeout=2, **http).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the server at {url} exited with {process.returncode} before it answered {path}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no server answered {url}{path} within {timeout_s:.0f} s")
+        time.sleep(0.2)

@@ -14,6 +14,7 @@ import httpx
 import numpy as np
 
 from encrypted import ClientKeys, LinearLayout, encrypt
+from serve.harness import wait_for_server
 
 from tests.serve.serve_support import ROOT, free_port
 
@@ -55,16 +56,12 @@ def start_tls_serve(export: Path, cert: Path, key: Path, *args: str,
                                 "--ssl_keyfile", str(key), *args], cwd=ROOT, **popen)
     context = ssl.create_default_context(cafile=str(cert))
     url = f"https://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            httpx.get(f"{url}/healthz", verify=context, timeout=2)
-            return process, url, context
-        except httpx.TransportError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise AssertionError("xsilo serve over TLS did not start") from None
-            time.sleep(0.2)
+    try:
+        wait_for_server(url, process, verify=context)
+    except RuntimeError as exc:
+        process.kill()
+        raise AssertionError(f"xsilo serve over TLS did not start: {exc}") from None
+    return process, url, context
 
 
 class EncryptedClient:

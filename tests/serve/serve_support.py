@@ -11,6 +11,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from serve.harness import wait_for_server
+
 ROOT = Path(__file__).resolve().parents[2]
 
 LEAKS = ("Traceback", 'File "', "site-packages", '", line ')  # traceback frames, not JSON's "line 1 column 2"
@@ -29,15 +31,12 @@ def start_xsilo_serve(export: Path, *args: str, **popen: object) -> tuple[subpro
     process = subprocess.Popen([sys.executable, "-m", "lightning_modules.cli", "serve", "--export", str(export),
                                 "--port", str(port), "--log_level", "warning", *args], cwd=ROOT, **popen)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            return process, url, httpx.get(f"{url}/v1/model", timeout=2).json()
-        except httpx.TransportError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise AssertionError("xsilo serve did not start") from None
-            time.sleep(0.2)
+    try:
+        wait_for_server(url, process)
+    except RuntimeError as exc:
+        process.kill()
+        raise AssertionError(f"xsilo serve did not start: {exc}") from None
+    return process, url, httpx.get(f"{url}/v1/model", timeout=10).json()
 
 
 def write_small_export(out: Path, d: int = 64, k: int = 3, seed: int = 0, ood: dict | None = None) -> Path:

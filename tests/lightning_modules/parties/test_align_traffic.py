@@ -11,10 +11,10 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from lightning_modules.cli import main
+from serve.harness import wait_for_server
 
 from tests.serve.serve_support import free_port
 from tests.tiny import write_tiny_csv
@@ -52,17 +52,12 @@ def start_provider(args: list[str], home: Path, log: Path) -> tuple[subprocess.P
                                 "--log_level", "info"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                                stderr=open(log, "w"))
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError(f"xsilo serve did not start: {log.read_text()[-2000:]}")
-        time.sleep(0.2)
+    try:
+        wait_for_server(url, process)
+    except RuntimeError as exc:
+        process.kill()
+        raise AssertionError(f"xsilo serve did not start ({exc}): {log.read_text()[-2000:]}") from None
+    return process, url
 
 
 def test_align_prints_the_bytes_and_queries_the_provider_counts(tiny_models, tmp_path, monkeypatch, capsys):
