@@ -136,7 +136,7 @@ def load_mode(export: Path) -> dict:
     errors: list[str] = []
     lock = threading.Lock()
     ready = threading.Barrier(ARGS.clients + 1)
-    stop_at = [0.0]
+    stop_at = [float("inf")]  # the clients run until the main thread sets the end, once all are ready
 
     def client_loop(i: int) -> None:
         rng = np.random.default_rng(i)
