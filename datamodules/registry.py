@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from serve.formats.folders import xsilo_home  # noqa: F401 (the one definition, re-exported)
+
 REGISTRY_ENV = "XSILO_REGISTRY"
 BUILTIN = "built-in registry"
 # The built-in readers of `datamodules/text.py` (its READERS keys; a test keeps the two equal).
@@ -36,11 +38,6 @@ _SHA256 = re.compile(r"[0-9a-f]{64}\Z")
 
 class AssetError(ValueError):
     """An asset name, path or preparation step is wrong; the message says how to fix it."""
-
-
-def xsilo_home() -> Path:
-    """Root of everything xsilo stores: $XSILO_HOME, default ~/.cache/xsilo."""
-    return Path(os.environ.get("XSILO_HOME", Path.home() / ".cache" / "xsilo")).expanduser()
 
 
 # --- the registry schema ----------------------------------------------------------------

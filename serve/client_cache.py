@@ -28,7 +28,7 @@ from typing import Any, Iterator
 
 from encrypted import ClientKeys, EncryptedError, LinearLayout
 
-from .formats.folders import atomic_write_bytes
+from .formats.folders import atomic_write_bytes, xsilo_home
 from .http_client import ServeError
 
 MAX_ENTRIES = 32
@@ -40,13 +40,8 @@ class ClientCacheError(ServeError):
     """The client's session cache cannot be used as it is; the message names the file and the fix."""
 
 
-def client_home() -> Path:
-    """$XSILO_HOME (default ~/.cache/xsilo), as `datamodules.registry.xsilo_home` reads it."""
-    return Path(os.environ.get("XSILO_HOME") or Path.home() / ".cache" / "xsilo").expanduser()
-
-
 def cache_root() -> Path:
-    return client_home() / "client" / "sessions"
+    return xsilo_home() / "client" / "sessions"
 
 
 def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:

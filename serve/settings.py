@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .formats.folders import xsilo_home
 from .transport import limited_protocol
 
 
@@ -162,5 +162,4 @@ def store_url(settings: ServerSettings) -> str:
     """The store a server opens: `settings.store`, else a SQLite file under $XSILO_HOME, which survives restarts."""
     if settings.store is not None:
         return settings.store
-    home = Path(os.environ.get("XSILO_HOME") or Path.home() / ".cache" / "xsilo").expanduser().resolve()
-    return f"sqlite:///{home / 'serve' / 'state.db'}"
+    return f"sqlite:///{xsilo_home().resolve() / 'serve' / 'state.db'}"

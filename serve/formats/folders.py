@@ -250,3 +250,8 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def xsilo_home() -> Path:
+    """Root of everything xsilo stores on this machine: $XSILO_HOME, default ~/.cache/xsilo."""
+    return Path(os.environ.get("XSILO_HOME") or Path.home() / ".cache" / "xsilo").expanduser()
