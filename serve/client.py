@@ -61,18 +61,17 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 class Client:
     """Talks to one xsilo encrypted server (or a load balancer in front of replicas), about one layer."""
 
-    def __init__(self, url: str | None = None, api_key: str | None = None, timeout: float = 60.0, *,
-                 server: str | None = None, head: str | None = None, aligner: str | Path | None = None,
+    def __init__(self, server: str, api_key: str | None = None, timeout: float = 60.0, *,
+                 head: str | None = None, aligner: str | Path | None = None,
                  client_model: str | None = None, identity_check: IdentityCheck = "refuse",
                  threads: int | None = None, ood: OodRule | None = None, cache: bool | str | Path = True,
                  retry: Retry = Retry(), traffic: Traffic | None = None,
                  transport: httpx.BaseTransport | None = None):
         """
         Args:
-            url: server base URL, e.g. http://127.0.0.1:8000 (or `server=`).
+            server: the server's base URL, e.g. http://127.0.0.1:8000 (or a load balancer's).
             api_key: sent as `Authorization: Bearer <key>` when the server requires one.
             timeout: seconds per HTTP request.
-            server: the same as `url`.
             head: split mode: the served head to query (GET /v1/model "heads"); needs `aligner`.
             aligner: split mode: the client's map folder (`xsilo align --out`, `save_pretrained`) or hub id. Its
                 source spec says how this client extracts its states; its target must be the head's.
@@ -95,11 +94,7 @@ class Client:
         if (head is None) != (aligner is None):
             raise ValueError("split mode needs both head= (the served head) and aligner= (your map folder); pass "
                              "neither for the server's fused export")
-        if url is not None and server is not None and url.rstrip("/") != server.rstrip("/"):
-            raise ValueError(f"url={url!r} and server={server!r} differ; pass one of them")
-        if (url or server) is None:
-            raise ValueError("pass the server's base URL: Client(server='http://HOST:PORT', ...)")
-        self.connection = Connection(url or server, api_key, timeout, transport, traffic=traffic, retry=retry)
+        self.connection = Connection(server, api_key, timeout, transport, traffic=traffic, retry=retry)
         self.url, self.api_key, self.head = self.connection.url, api_key, head
         self.map: LinearExport | None = None
         if aligner is not None:

@@ -200,10 +200,6 @@ def test_errors_are_typed_and_name_the_fix(folders, isolated_home):
                 retry=Retry(attempts=2, backoff_s=0.01)) as client:
         with pytest.raises(ServerUnreachable, match="cannot reach the server at http://127.0.0.1:9.*after 2 retries"):
             client.model_info()
-    with pytest.raises(ValueError, match="pass one of them"):
-        Client("http://a:1", server="http://b:2")
-    with pytest.raises(ValueError, match="server's base URL"):
-        Client(head="topics", aligner=folders["map"])
 
 
 def test_classify_packs_batches_into_lanes_and_times_each(server, folders, isolated_home):
