@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Sequence
 
+from .formats.folders import UMASK
+
 FORMATS = {".txt": "txt", ".text": "txt", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 STAGE_NAMES = {"extract_ms": "extraction", "map_ms": "map", "encrypt_ms": "encryption",
                "http_ms": "HTTP round trips (server HE included)", "server_ms": "server HE",
@@ -162,6 +164,7 @@ class Output:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, self.tmp = tempfile.mkstemp(prefix=f".tmp-{self.path.name}-", dir=self.path.parent)
+            os.fchmod(fd, 0o666 & ~UMASK)  # an answers file, as open() would make it (mkstemp's is 0600)
         except OSError as exc:
             raise QueryInputError(f"cannot write --out {self.path}: {exc.strerror or exc}") from None
         self.stream = os.fdopen(fd, "w", encoding="utf-8")

@@ -43,6 +43,15 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 Migration = Callable[[dict[str, Any]], dict[str, Any]]
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()  # read once, at import (os.umask can only be read by setting it)
+
+
 class ExportError(ValueError):
     """An export or map folder is missing, tampered with or does not match what it is used with."""
 
@@ -183,6 +192,10 @@ def staged_folder(out: Path, replaceable: bool) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
     try:
         yield tmp
+        # mkdtemp's 0700 (and writers' 0600 files, safetensors' among them) would hide a served folder from a
+        # service running as another user: a folder gets the permissions mkdir and open() would give it.
+        for path in (tmp, *tmp.rglob("*")):
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~UMASK)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -235,12 +248,12 @@ def published_spec(spec: dict[str, Any], dim: int, what: str) -> dict[str, Any]:
 
 
 def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
-    """Write to a temp file in the same folder (with `mode` from its first byte, e.g. 0o600 for a secret), fsync,
-    then rename over `path`: a reader sees the old file or the new one, never half of one."""
+    """Write to a temp file in the same folder (with `mode` from its first byte, e.g. 0o600 for a secret; default
+    what open() would give: 0o666 less the umask), fsync, then rename over `path`: a reader sees the old file or
+    the new one, never half of one."""
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
     try:
-        if mode is not None:
-            os.fchmod(fd, mode)
+        os.fchmod(fd, 0o666 & ~UMASK if mode is None else mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
