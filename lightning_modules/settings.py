@@ -274,6 +274,8 @@ class Recipe:
             task-train mean (a two-party deployment needs the provider to publish that mean).
         finetune: gradient fine-tuning loss after the closed form: mse, cosine or task (null: none).
         public_seed: public-set sampling seed.
+        adaptation: the two-party adaptation of the ridge map to the source's unlabelled task-train states through
+            the target's task statistics (`xsilo align --private`; null: none).
     """
 
     mix: str = "movie-dialog:1"
@@ -290,6 +292,7 @@ class Recipe:
     recenter: bool = False
     finetune: str | None = None
     public_seed: int = 0
+    adaptation: AdaptationSettings | None = None
 
     def describe(self, factor: str) -> str:
         if factor == "size":
@@ -316,6 +319,13 @@ class Recipe:
             return f"+ {self.finetune} fine-tuning" if self.finetune else "closed form"
         if factor == "seed":
             return f"public-set sample seed {self.public_seed}"
+        if factor == "adaptation":
+            a = self.adaptation
+            if a is None:
+                return "not adapted (leave-task-out map)"
+            shrinkage = "Ledoit-Wolf" if a.shrinkage is None else f"{a.shrinkage:g}"
+            return (f"adapted: weight {a.weight:g}, {a.rounds} round{'s' * (a.rounds != 1)}, "
+                    f"{a.em_iterations} EM steps, shrinkage {shrinkage}")
         return "base"
 
 

@@ -65,9 +65,11 @@ from lightning_modules.experiments.ablation_report import markdown_report, plot
 from lightning_modules.experiments.ablation_settings import Setting, ablation_settings, broad_mix
 from lightning_modules.experiments.study import Native, Study, StudyConfig
 from lightning_modules.experiments.study_report import collapse
+from lightning_modules.fitting.adaptation import TaskStatistics, adapt
 from lightning_modules.fitting.affine_map import AffineMap
 from lightning_modules.fitting.estimators import path_factors
 from lightning_modules.fitting.solvers import fit_affine, solve
+from lightning_modules.parties.heads import published_statistics
 from lightning_modules.fitting.stats import SufficientStats
 from lightning_modules.fitting.subspace import SubspaceError
 from lightning_modules.models.aligner import AffineAligner
@@ -264,6 +266,30 @@ class Ablation:
             self.train[key] = split_rows(dm, "train")[0].double()
         return self.train[key]
 
+    def task_statistics(self, recipe: Recipe, task_limit: int | None) -> TaskStatistics:
+        """What the provider publishes of the task with `xsilo head fit --publish_ood true`: its class means,
+        shared precision and priors on its own task-train states."""
+        cfg = self.cfg
+        layer = self.layer(cfg.target, recipe, "target")
+        study = self.studies[(recipe.pooling, layer, task_limit)]
+        dm = task_datamodule(study.cfg.pair(cfg.target, cfg.target, cfg.task), cfg.target, cfg.task)
+        dm.prepare_data()
+        dm.setup("fit")
+        train, labels = split_rows(dm, "train")
+        return TaskStatistics.from_arrays(*published_statistics(train, labels, dm.num_classes,
+                                                                study.cfg.mahalanobis_shrinkage))
+
+    def adapted(self, public: PairedStatesDataModule, recipe: Recipe, task_limit: int | None,
+                lam: float) -> tuple[AffineMap, dict[str, Any]]:
+        """The ridge map adapted, as `xsilo align --private` adapts it, to the source's unlabelled task-train states
+        (labels never read) through the target's task statistics; (the map, the adaptation record)."""
+        x, y = (t.double() for t in split_rows(public, "train"))
+        train = SufficientStats.zeros(x.shape[1], y.shape[1], full_yty=False).update(x, y)
+        fit = replace(self.cfg.fit, center=True, standardize=recipe.standardize)
+        result = adapt(train, self.train_states("source", recipe, task_limit), self.task_statistics(recipe, task_limit),
+                       lam, fit, recipe.adaptation)
+        return result.map.to(dtype=torch.float64), result.record
+
     def recentred(self, amap: AffineMap, recipe: Recipe, task_limit: int | None) -> AffineMap:
         """The map with its bias shifted so the mapped source task-train states have the target's own
         task-train mean (the mean-shift diagnostic of collapse)."""
@@ -327,6 +353,10 @@ class Ablation:
             self.done[key] = result
             return result
         self.fits["aligners"] += 1
+        adaptation = None
+        if recipe.adaptation is not None:  # a ridge recipe (AblationConfig.validate)
+            aligner, adaptation = self.adapted(public, recipe, setting.task_limit, lam)
+            shuffled = shuffled.to(dtype=torch.float64)
         if recipe.recenter:
             aligner, shuffled = (self.recentred(m, recipe, setting.task_limit) for m in (aligner, shuffled))
         aligner, shuffled = aligner.to(dtype=src.test.dtype), shuffled.to(dtype=src.test.dtype)
@@ -356,6 +386,8 @@ class Ablation:
             "seconds": time.perf_counter() - t0,
         }
         result["collapse"], result["collapse_reason"] = collapse(mapped["mapped"], tgt_result)
+        if adaptation is not None:
+            result["adaptation"] = adaptation
         if recipe.finetune:
             result["finetune_epochs_run"] = epochs
         if "ood" in tgt_result and "ood" in mapped:

@@ -9,10 +9,11 @@ from dataclasses import dataclass, field
 from typing import Sequence, get_args
 
 from datamodules.registry import AssetError
-from lightning_modules.settings import Criterion, DeviceSettings, ExtractionSettings, FitSettings, HeadSettings, Recipe
+from lightning_modules.settings import (AdaptationSettings, Criterion, DeviceSettings, ExtractionSettings, FitSettings,
+                                       HeadSettings, Recipe)
 
 FACTORS = ("size", "mix", "view", "standardize", "estimator", "criterion", "whiten_target", "recenter", "finetune",
-           "seed")
+           "seed", "adaptation")
 ESTIMATORS = ("lstsq", "procrustes", "scaled_procrustes", "reduced_rank", "cca")
 RANKED = ("reduced_rank", "cca")  # estimators that take a rank
 LAMBDA_ESTIMATORS = ("ridge", *RANKED)  # estimators whose λ is chosen on the path
@@ -71,6 +72,8 @@ class AblationConfig:
             (reduced_rank at the first rank).
         finetune: fine-tuning losses to try (mse, cosine, task); --finetune_losses is its old spelling.
         public_seeds: public-set sampling seeds besides the base one.
+        adaptations: the adaptation factor's variants besides no adaptation and the default AdaptationSettings
+            (each a full setting: '[{weight: 0.1}, {rounds: 1}]'; ridge only).
         finetune_epochs: epochs of fine-tuning.
         finetune_lr: learning rate of fine-tuning.
         finetune_batch_size: public rows per fine-tuning step.
@@ -107,6 +110,9 @@ class AblationConfig:
     whiten_estimators: Sequence[str] = ("ridge", "reduced_rank", "procrustes")
     finetune: Sequence[str] = ("mse", "task")
     public_seeds: Sequence[int] = (1, 2)
+    adaptations: Sequence[AdaptationSettings] = (AdaptationSettings(weight=0.1), AdaptationSettings(weight=0.5),
+                                                 AdaptationSettings(rounds=1), AdaptationSettings(em_iterations=0),
+                                                 AdaptationSettings(shrinkage=0.0))
     finetune_epochs: int = 30
     finetune_lr: float = 1e-3
     finetune_batch_size: int = 256
@@ -144,6 +150,9 @@ class AblationConfig:
             raise AblationError(f"unknown fine-tuning losses {bad}; choose from {list(FINETUNE_LOSSES)}")
         for view in self.views:
             parse_view(view)
+        if "adaptation" in self.factors and (self.base.estimator != "ridge" or self.base.finetune is not None):
+            raise AblationError("the adaptation factor refits the base recipe's ridge map at its chosen λ: use a ridge "
+                                "base recipe without fine-tuning (--base.estimator ridge), or drop the factor")
         for mix in (self.base.mix, *self.mixes):
             if mix != BROAD:
                 from datamodules.public_set import parse_mix

@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 from lightning_modules.experiments.ablation_config import RANKED, AblationConfig, parse_view
-from lightning_modules.settings import Recipe
+from lightning_modules.settings import AdaptationSettings, Recipe
 
 
 def broad_mix(task: str, leave_out: Sequence[str] = ()) -> str:
@@ -68,6 +68,9 @@ def ablation_settings(cfg: AblationConfig, ranks: Callable[[], list[int]]) -> li
         elif factor == "seed":
             seeds = dict.fromkeys([base.public_seed, *cfg.public_seeds])
             out += [Setting(factor, "", replace(base, public_seed=s), cfg.task_limit) for s in seeds]
+        elif factor == "adaptation":
+            variants = dict.fromkeys([None, AdaptationSettings(), *cfg.adaptations])
+            out += [Setting(factor, "", replace(base, adaptation=a), cfg.task_limit) for a in variants]
     for s in out:
         s.value = s.value or s.recipe.describe(s.factor)
     return out

@@ -51,7 +51,7 @@ from lightning_modules.fitting.estimators import path_factors
 from lightning_modules.fitting.solvers import LAMBDA_ESTIMATORS
 from lightning_modules.fitting.stats import SufficientStats
 from lightning_modules.reporting.report import REGIME_TITLES, heatmap, lambda_path_chart, short_name
-from lightning_modules.parties.heads import mahalanobis_raw
+from lightning_modules.parties.heads import published_statistics
 from lightning_modules.settings import (LEAVE_TASK_OUT, AdaptationSettings, DeviceSettings, ExtractionSettings,
                                         FitSettings, HeadSettings, PublicSetSettings, seed_all)
 
@@ -212,9 +212,8 @@ class Study:
                         checkpoint=checkpoint)
         if TWO_PARTY in cfg.regimes:
             native.train, y_train = split_rows(dm, "train")
-            means, precision = mahalanobis_raw(native.train, y_train, dm.num_classes, cfg.mahalanobis_shrinkage)
-            priors = torch.bincount(y_train, minlength=dm.num_classes).double() / len(y_train)
-            native.task_stats = TaskStatistics.from_arrays(means, precision, priors)
+            native.task_stats = TaskStatistics.from_arrays(
+                *published_statistics(native.train, y_train, dm.num_classes, cfg.mahalanobis_shrinkage))
         result = {**classification_scores(logits, labels, dm.num_classes),
                   "accuracy_ci": mean_ci(native.correct, **self.ci),
                   "macro_f1_ci": macro_f1_ci(logits.argmax(1).numpy(), labels.numpy(), dm.num_classes, **self.ci)}

@@ -60,6 +60,15 @@ def mahalanobis_raw(train: torch.Tensor, labels: torch.Tensor, num_classes: int,
     return means.numpy(), precision.numpy()
 
 
+def published_statistics(train: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                         shrinkage: float) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    """What `--publish_ood true` publishes of a task: its class means and shared precision on the train states
+    (`mahalanobis_raw`) and the train split's class shares (priors)."""
+    means, precision = mahalanobis_raw(train, labels, num_classes, shrinkage)
+    priors = torch.bincount(labels.long(), minlength=num_classes).to(F64) / len(labels)
+    return means, precision, priors
+
+
 def fit_head(cfg: HeadConfig, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
     """Fit the head, write the head export to `out`, and return what it records (metrics, detector)."""
     from datamodules.states import LabelledStatesDataModule
@@ -88,10 +97,9 @@ def fit_head(cfg: HeadConfig, out: str | Path, overwrite: bool = False) -> dict[
     if cfg.publish_ood:
         h_train, y_train = split_rows(dm, "train")
         h_val, _ = split_rows(dm, "val")
-        means, precision = mahalanobis_raw(h_train, y_train, k, cfg.mahalanobis_shrinkage)
+        means, precision, priors = published_statistics(h_train, y_train, k, cfg.mahalanobis_shrinkage)
         threshold = calibrate_threshold(torch.from_numpy(mahalanobis_scores(h_val.numpy(), means, precision)),
                                         cfg.ood_tpr)
-        priors = torch.bincount(y_train.long(), minlength=k).to(F64) / len(y_train)  # train-split class shares
         feature_ood = {"means": means, "precision": precision, "threshold": threshold, "tpr": cfg.ood_tpr,
                        "priors": priors.numpy()}
     amap = classifier.affine_map

@@ -180,6 +180,32 @@ def test_recenter_fixes_a_planted_mean_shift_collapse_and_rows_carry_the_collaps
     assert fixed["alignment_public"]["r2"] < plain["alignment_public"]["r2"]
 
 
+def test_the_adaptation_factor_rows_each_variant_with_intervals_and_its_record(synthetic):
+    """The two-party adaptation (the source's unlabelled task-train states, the target's published class statistics)
+    as a factor: the plain map, the default adaptation and each variant, each a row with intervals."""
+    cfg = AblationConfig(source=synthetic["source"], target=synthetic["target"], task=synthetic["task"],
+                         base=Recipe(mix=f"{synthetic['public']}:1", size=1000), factors=["adaptation"], bootstrap=20,
+                         max_extract=0)
+    rows = [r for r in run_ablation(cfg)["settings"] if r["factor"] == "adaptation"]
+    assert [r["value"] for r in rows] == [
+        "not adapted (leave-task-out map)", "adapted: weight 0.3, 5 rounds, 5 EM steps, shrinkage Ledoit-Wolf",
+        "adapted: weight 0.1, 5 rounds, 5 EM steps, shrinkage Ledoit-Wolf",
+        "adapted: weight 0.5, 5 rounds, 5 EM steps, shrinkage Ledoit-Wolf",
+        "adapted: weight 0.3, 1 round, 5 EM steps, shrinkage Ledoit-Wolf",
+        "adapted: weight 0.3, 5 rounds, 0 EM steps, shrinkage Ledoit-Wolf",
+        "adapted: weight 0.3, 5 rounds, 5 EM steps, shrinkage 0"]
+    plain, adapted = rows[0], rows[1]
+    assert "adaptation" not in plain and adapted["adaptation"]["weight"] == 0.3
+    assert adapted["adaptation"]["private_rows"] == 420  # the task's train split: 0.7 of its 600 rows
+    assert adapted["adaptation"]["lambda"] == plain["chosen_lambda"]  # refitted at the public fit's λ
+    assert adapted["alignment_task_test"]["r2"] != plain["alignment_task_test"]["r2"]
+    for row in rows:
+        low, high = row["mapped"]["accuracy_ci"]
+        assert low <= row["mapped"]["accuracy"] <= high
+    with pytest.raises(AblationError, match="ridge base recipe"):
+        run_ablation(AblationConfig(factors=["adaptation"], base=Recipe(estimator="procrustes")))
+
+
 def test_estimator_criterion_and_whitening_factors(synthetic):
     cfg = AblationConfig(source=synthetic["source"], target=synthetic["target"], task=synthetic["task"],
                          base=Recipe(mix=f"{synthetic['public']}:1", size=1000),
