@@ -130,9 +130,11 @@ def test_each_command_config_parses_with_its_command(config, capsys):
 
 
 def _holds(parsed, own) -> bool:
-    """Every value written in the YAML (nested sections included) is the parsed one."""
+    """Every value written in the YAML (nested sections and list items included) is the parsed one."""
     if isinstance(own, dict):
         return isinstance(parsed, dict) and all(k in parsed and _holds(parsed[k], v) for k, v in own.items())
+    if isinstance(own, list):
+        return isinstance(parsed, (list, tuple)) and len(parsed) == len(own) and all(map(_holds, parsed, own))
     return parsed == own
 
 
