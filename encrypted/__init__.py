@@ -5,13 +5,14 @@ Server: ``layer = EncryptedLinear(W, b)``; publish ``layer.layout.to_dict()``; p
 is refused before SEAL sees it); per request ``layer.apply(query, keys)``.
 Client: ``keys = ClientKeys.generate(layout.profile, layout.rotation_steps)``; send ``keys.public_bytes()``;
 ``queries = encrypt(keys, layout, X)``; ``Y = decrypt(keys, layout, replies, len(X))``.
-Private fit (Enc(Z_A) in, Enc(Z_Aᵀ Z_B) out): see `encrypted.gram` (`plan_gram`, `encrypt_chunk`, `GramAccumulator`,
-`decrypt_gram`).
+Private fit (Enc(Z_A) in, Enc(Z_Aᵀ Z_B) out): see `encrypted.gram` (`plan_gram`, `FitKeys`, `encrypt_chunk`,
+`GramAccumulator`, `decrypt_gram`), a ring-LWE kernel of its own (`encrypted.rlwe`).
 """
 from .client import decode_slots, decrypt, encrypt
 from .errors import (EncryptedError, InsecureParameters, IntegrityError, InvalidCiphertext, InvalidKeys,
                      InvalidLayout, ParameterMismatch)
-from .gram import GramAccumulator, GramPlan, decrypt_gram, encrypt_chunk, plan_gram
+from .gram import FitKeys, GramAccumulator, decrypt_gram, encrypt_chunk, read_fit_key
+from .gram_plan import GramPlan, key_seed_for, plan_gram
 from .keys import ClientKeys, PublicKeys, load_public_keys, public_bytes_max
 from .layout import LinearLayout, plan_layout
 from .linear import EncryptedLinear
@@ -19,9 +20,9 @@ from .messages import query_max_bytes
 from .profiles import DEFAULT_PROFILE, N8192, N8192_PRIVATE, N16384, PROFILES, CkksProfile, get_profile
 
 __all__ = [
-    "CkksProfile", "ClientKeys", "DEFAULT_PROFILE", "EncryptedError", "EncryptedLinear", "GramAccumulator",
+    "CkksProfile", "ClientKeys", "DEFAULT_PROFILE", "EncryptedError", "EncryptedLinear", "FitKeys", "GramAccumulator",
     "GramPlan", "InsecureParameters", "IntegrityError", "InvalidCiphertext", "InvalidKeys", "InvalidLayout",
     "LinearLayout", "N16384", "N8192", "N8192_PRIVATE", "PROFILES", "ParameterMismatch", "PublicKeys",
-    "decode_slots", "decrypt", "decrypt_gram", "encrypt", "encrypt_chunk", "get_profile", "load_public_keys",
-    "plan_gram", "plan_layout", "public_bytes_max", "query_max_bytes",
+    "decode_slots", "decrypt", "decrypt_gram", "encrypt", "encrypt_chunk", "get_profile", "key_seed_for",
+    "load_public_keys", "plan_gram", "read_fit_key", "plan_layout", "public_bytes_max", "query_max_bytes",
 ]

@@ -1,8 +1,8 @@
-"""Query and reply blobs: one query ciphertext (up to `lanes` inputs) in, one reply ciphertext per block out;
-fit chunks: one query-level ciphertext per group of source columns (`encrypted.gram`)."""
+"""Query and reply blobs: one query ciphertext (up to `lanes` inputs) in, one reply ciphertext per block out.
+(The private fit's messages are `encrypted.gram_wire`.)"""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import tenseal.sealapi as seal
 
@@ -11,9 +11,6 @@ from .errors import InvalidCiphertext, ParameterMismatch
 from .layout import LinearLayout
 from .profiles import CkksProfile
 from .wire import Kind
-
-if TYPE_CHECKING:
-    from .gram import GramPlan
 
 _SLACK = 4096
 
@@ -119,62 +116,3 @@ def read_reply(data: Any, layout: LinearLayout) -> tuple[list[Any], int]:
     pid = reply_parms_id(layout.profile)
     cts = [_load_ciphertext(b, layout.profile, pid, primes, Kind.REPLY) for b in blobs]
     return cts, count
-
-
-# --- private fit: one chunk of source columns up (FIT chunk), replies per group down (REPLY) -------------------
-
-def chunk_max_bytes(plan: "GramPlan") -> int:
-    """Upper bound of one fit chunk for `plan`: the container, its META JSON and `plan.groups` query-level
-    ciphertexts, uncompressed. A server caps the chunk body with it."""
-    primes = len(plan.layout.profile.coeff_modulus_bits) - 1
-    return (wire.HEADER.size + (plan.groups + 1) * wire.SECTION.size + wire.MAX_JSON_BYTES
-            + plan.groups * ciphertext_max_bytes(plan.layout.profile, primes))
-
-
-def _chunk_meta(plan: "GramPlan", part: int, chunk: int) -> dict:
-    L = plan.layout
-    return {"part": part, "chunk": chunk, "rows": plan.rows(part, chunk), "groups": plan.groups,
-            "source_dim": plan.source_dim, "target_dim": plan.target_dim, "chunk_rows": plan.chunk_rows,
-            "lanes": L.lanes, "pairing": L.pairing}
-
-
-def write_chunk(plan: "GramPlan", part: int, chunk: int, ciphertext_blobs: list[bytes]) -> bytes:
-    sections = [(b"META", wire.dump_json(_chunk_meta(plan, part, chunk)))]
-    sections += [(b"CTXT", blob) for blob in ciphertext_blobs]
-    return wire.pack(Kind.CHUNK, plan.layout.profile.fingerprint, sections)
-
-
-def read_chunk(data: Any, plan: "GramPlan", part: int, chunk: int) -> list[Any]:
-    """Validate the fit chunk `chunk` of part `part` for `plan`; return its `plan.groups` query ciphertexts.
-
-    Sizes, section counts and META are checked against the plan before any SEAL object is built."""
-    what, fix = wire.KIND_NAMES[Kind.CHUNK], wire.FIX_HINTS[Kind.CHUNK]
-    limit = chunk_max_bytes(plan)
-    if isinstance(data, (bytes, bytearray, memoryview)) and memoryview(data).nbytes > limit:
-        raise InvalidCiphertext(f"{what} of {memoryview(data).nbytes} bytes exceeds the {limit} bytes of one chunk "
-                                f"of this plan; {fix}")
-    layout = plan.layout
-    got_kind, fingerprint, sections = wire.unpack(data, Kind.CHUNK, InvalidCiphertext, max_sections=plan.groups + 1)
-    if got_kind != Kind.CHUNK:
-        raise InvalidCiphertext(f"expected a {what}, got {wire.KIND_NAMES[got_kind]}; {fix}")
-    if fingerprint != layout.profile.fingerprint:
-        raise ParameterMismatch(f"{what} was made with other CKKS parameters than profile "
-                                f"{layout.profile.describe()}; encrypt with keys made for plan.layout.profile")
-    grouped = wire.section_map(sections, {b"META": (1, 1), b"CTXT": (plan.groups, plan.groups)}, what,
-                               InvalidCiphertext)
-    meta = wire.load_json(grouped[b"META"][0], what, InvalidCiphertext)
-    if not isinstance(meta, dict):
-        raise InvalidCiphertext(f"{what}: META section must be a JSON object")
-    expected = _chunk_meta(plan, part, chunk)
-    if any(isinstance(v, bool) for v in meta.values()):
-        raise InvalidCiphertext(f"{what}: META fields must be ints and strings, not true/false; {fix}")
-    if (meta.get("part"), meta.get("chunk")) != (part, chunk):
-        raise ParameterMismatch(f"{what} is chunk {meta.get('chunk')!r:.20} of part {meta.get('part')!r:.20}, but "
-                                f"chunk {chunk} of part {part} is expected here; send each part's chunks in order")
-    if meta != expected:
-        wrong = sorted(k for k in set(expected) | set(meta) if meta.get(k) != expected.get(k))
-        raise ParameterMismatch(f"{what} META differs from the plan in {wrong[:8]} (expected {expected}); "
-                                "encrypt with the plan the server published (GramPlan.from_dict)")
-    primes = len(layout.profile.coeff_modulus_bits) - 1
-    pid = query_parms_id(layout.profile)
-    return [_load_ciphertext(blob, layout.profile, pid, primes, Kind.CHUNK) for blob in grouped[b"CTXT"]]

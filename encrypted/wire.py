@@ -5,14 +5,15 @@ Container (little-endian)::
     offset  size  field
     0       4     magic b"XSHE"
     4       1     format version (1)
-    5       1     kind: 1 public keys, 2 secret keys, 3 query, 4 reply, 5 fit chunk
+    5       1     kind: 1 public keys, 2 secret keys, 3 query, 4 reply, 5 fit chunk, 6 fit key, 7 fit result
     6       2     section count
-    8       32    profile fingerprint (CkksProfile.fingerprint)
+    8       32    profile fingerprint (CkksProfile.fingerprint; a private fit's messages: GramPlan.fingerprint)
     40      ...   sections, each: tag (4 ASCII bytes), payload length (u32), payload
 
 Tags: PROF (profile JSON), STEP (rotation steps JSON), META (JSON), GALK (SEAL Galois keys),
-PUBK (SEAL public key), SECK (SEAL secret key), CTXT (SEAL ciphertext; a reply has one per output block, a
-fit chunk one per group of source columns).
+PUBK (SEAL public key), SECK (SEAL secret key), CTXT (SEAL ciphertext; a reply has one per output block).
+A private fit's messages (`encrypted.gram_wire`) carry SEED (32 bytes) and packed integers: BODY (a chunk), PKEY
+(a fit key), CT_0 and CT_1 (a fit result).
 
 Bounds, checked before any parser or SEAL sees a section: at most MAX_SECTIONS sections (or the fewer a reader
 expects, e.g. a fit chunk's groups + 1); a JSON section
@@ -49,16 +50,20 @@ class Kind(enum.IntEnum):
     QUERY = 3
     REPLY = 4
     CHUNK = 5
+    FIT_KEY = 6
+    FIT_RESULT = 7
 
 
 KIND_NAMES = {Kind.PUBLIC_KEYS: "public keys", Kind.SECRET_KEYS: "secret keys", Kind.QUERY: "query",
-              Kind.REPLY: "reply", Kind.CHUNK: "fit chunk"}
+              Kind.REPLY: "reply", Kind.CHUNK: "fit chunk", Kind.FIT_KEY: "fit key", Kind.FIT_RESULT: "fit result"}
 FIX_HINTS = {
     Kind.PUBLIC_KEYS: "send the bytes of ClientKeys.public_bytes()",
     Kind.SECRET_KEYS: "load the bytes that ClientKeys.to_bytes() wrote",
     Kind.QUERY: "send the bytes that encrypted.encrypt(keys, layout, X) returns",
     Kind.REPLY: "pass the bytes that EncryptedLinear.apply returned",
     Kind.CHUNK: "send the bytes that encrypted.encrypt_chunk(keys, plan, part, chunk, Z) returns",
+    Kind.FIT_KEY: "send the bytes of FitKeys.public_bytes() for the plan the server published",
+    Kind.FIT_RESULT: "pass the bytes that GramAccumulator.results returned, for this plan and part",
 }
 
 

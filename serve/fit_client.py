@@ -5,28 +5,30 @@
         reply = fits.fit([Z_train, Z_val], fits.public_set()["fingerprint"])
         # reply.cross[p] = Σ_rows (z_A - reply.client_shift)ᵀ (z_B - mu_B) of part p, d_A × d_B
 
-The client normalises each part with its train part's mean and std, encrypts it in chunks under a CKKS key
-made here (only public keys are sent), and undoes the scaling after decryption. `lightning_modules.parties.private_fit`
+The client normalises each part with its train part's mean and std, encrypts it in chunks under a ring-LWE key
+made here (only its public half is sent), and undoes the scaling after decryption. `lightning_modules.parties.private_fit`
 turns the reply into the ridge map. Numpy, httpx and `encrypted` only.
 """
 from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import httpx
 import numpy as np
 
-from encrypted import ClientKeys, GramPlan, decrypt_gram, encrypt_chunk, query_max_bytes
+from encrypted import EncryptedError, FitKeys, GramPlan, decrypt_gram, encrypt_chunk
 
 from .fit_stats import normalise, train_normaliser
-from .http_client import NO_RETRY, Connection, Retry, ServeError, ServerReplyError, Traffic, server_ms
+from .http_client import (NO_RETRY, Connection, Retry, ServeError, ServerReplyError, ServerUnreachable, Traffic,
+                          server_ms)
 from .protocol import API_PREFIX
 from .formats.digests import texts_fingerprint
 
-Progress = Callable[[int, int], Any]  # (chunks sent, chunks in all)
+Progress = Callable[[int, int], Any]  # (public rows sent, public rows in all)
 MAX_TEXT_PAGES = 1 << 20  # a bound on the paging loop against a server whose `next` never ends
 FIT_SESSION_LOST = "fit_session_lost"  # the provider lost the fit's accumulators (a replica restart): start again
 
@@ -203,10 +205,13 @@ class PrivateFitClient:
     def fit(self, parts: Sequence[np.ndarray], fingerprint: str, progress: Progress | None = None) -> GramReply:
         """Run a private fit on the client's raw states of each public-set part (train, val: the server's split).
 
-        `fingerprint` is that of the texts the states were extracted on; the server refuses another (409)."""
+        `fingerprint` is that of the texts the states were extracted on; the server refuses another (409). The
+        parts may be memory-mapped: they are read, normalised and encrypted one chunk at a time (the next chunk is
+        encrypted while the server adds the current one), so memory is bounded by the chunk, not the pool.
+        `progress(rows_sent, rows_total)` is called after each chunk."""
         public = self.public_set()
         expected = [int(public["parts"][name]) for name in ("train", "val")]
-        arrays = [np.asarray(p, dtype=np.float64) for p in parts]
+        arrays = [p if isinstance(p, np.ndarray) else np.asarray(p, dtype=np.float64) for p in parts]
         if len(arrays) != len(expected) or any(a.ndim != 2 for a in arrays):
             raise ServeError(f"pass one (rows, d_A) array per public-set part (train, val): {len(expected)} parts")
         if [len(a) for a in arrays] != expected:
@@ -215,21 +220,20 @@ class PrivateFitClient:
         source_dim = arrays[0].shape[1]
         if any(a.shape[1] != source_dim for a in arrays) or source_dim < 1:
             raise ServeError("every part must have the same number of columns (the client's state dimension)")
-        if not all(np.isfinite(a).all() for a in arrays):
-            raise ServeError("the client's states hold NaN or inf; re-extract them")
 
         connection = self.connection
         sent0, received0 = connection.bytes_sent, connection.bytes_received
         plan = self._plan(source_dim, expected, int(public["hidden_size"]))
         t0 = time.perf_counter()
-        keys = ClientKeys.generate(plan.layout.profile, plan.layout.rotation_steps)
+        keys = FitKeys.generate(plan)
         shift, scale = train_normaliser(arrays[0])
-        normalised = [normalise(a, shift, scale) for a in arrays]
+        if not (np.isfinite(shift).all() and np.isfinite(scale).all()):
+            raise ServeError("the client's states hold NaN or inf; re-extract them")
         client_s = time.perf_counter() - t0
         for attempt in range(2):
             try:
-                cross, stats, provider_ms, spent_s = self._run(keys, plan, normalised, scale, expected, source_dim,
-                                                               fingerprint, progress)
+                cross, stats, provider_ms, spent_s = self._run(keys, plan, arrays, (shift, scale), fingerprint,
+                                                               progress)
                 break
             except ServerReplyError as exc:  # a replica restart lost the accumulators: the fit starts again, once
                 if exc.code != FIT_SESSION_LOST or attempt:
@@ -237,48 +241,88 @@ class PrivateFitClient:
         return GramReply(cross, shift, stats, plan.to_dict(), connection.bytes_sent - sent0,
                          connection.bytes_received - received0, provider_ms, (client_s + spent_s) * 1000)
 
-    def _run(self, keys: ClientKeys, plan: GramPlan, normalised: list[np.ndarray], scale: np.ndarray,
-             expected: list[int], source_dim: int, fingerprint: str, progress: Progress | None
-             ) -> tuple[list[np.ndarray], dict[str, Any], float, float]:
-        """One fit session: open it with the public keys, send every chunk in order, fetch and decrypt each part's
-        replies; (cross products, the provider's stats, its HE ms, the client's seconds)."""
-        connection = self.connection
+    def _run(self, keys: FitKeys, plan: GramPlan, arrays: list[np.ndarray], normaliser: tuple[np.ndarray, np.ndarray],
+             fingerprint: str, progress: Progress | None) -> tuple[list[np.ndarray], dict[str, Any], float, float]:
+        """One fit session: open it with the fit key, send every chunk in order (encrypting the next while the
+        server adds this one), fetch and decrypt each part's results; (cross products, the provider's stats, its
+        HE ms, the client's seconds)."""
+        connection, shift, scale = self.connection, *normaliser
         opened = connection.json("POST", f"{API_PREFIX}/fit/sessions", content=keys.public_bytes(), expect=(201,),
-                                 params={"source_dim": source_dim, "fingerprint": fingerprint}, idempotent=False)
+                                 params={"source_dim": plan.source_dim, "fingerprint": fingerprint},
+                                 idempotent=False)
         if not isinstance(opened, dict) or not isinstance(opened.get("session_id"), str):
             raise ServeError("the server's fit session answer has no session_id")
         if opened.get("plan") != plan.to_dict():
             raise ServeError("the server opened the fit with another plan than GET /v1/fit/plan gave; retry")
-        stats = check_stats(opened.get("stats"), expected, plan.target_dim)
+        stats = check_stats(opened.get("stats"), list(plan.part_rows), plan.target_dim)
         session = f"{API_PREFIX}/fit/sessions/{opened['session_id']}"
         provider_ms, client_s, cross = 0.0, 0.0, []
-        reply_cap = (plan.layout.blocks + 1) * query_max_bytes(plan.layout)  # one group's reply: a ciphertext per block
-        total, done = sum(plan.chunks(p) for p in range(len(expected))), 0
-        try:
-            for part, states in enumerate(normalised):
-                for chunk in range(plan.chunks(part)):
-                    t0 = time.perf_counter()
-                    rows = states[chunk * plan.chunk_rows:(chunk + 1) * plan.chunk_rows]
-                    message = encrypt_chunk(keys, plan, part, chunk, rows)
-                    client_s += time.perf_counter() - t0
-                    response = connection.request("POST", f"{session}/parts/{part}/chunks/{chunk}", content=message,
-                                                  idempotent=False)
-                    provider_ms += server_ms(response)
-                    done += 1
-                    if progress is not None:
-                        progress(done, total)
-                replies = [connection.request("GET", f"{session}/parts/{part}/result/{group}", max_bytes=reply_cap,
-                                              idempotent=False).content for group in range(plan.groups)]
-                t0 = time.perf_counter()
-                gram = decrypt_gram(keys, plan, replies)
-                cross.append(scale[:, None] * gram * np.asarray(stats["s_B"], dtype=np.float64)[None, :])
-                client_s += time.perf_counter() - t0
-        finally:
+        order = [(part, chunk) for part in range(len(plan.part_rows)) for chunk in range(plan.chunks(part))]
+
+        def encrypted(index: int) -> tuple[bytes, float]:
+            part, chunk = order[index]
+            t0 = time.perf_counter()
+            rows = arrays[part][chunk * plan.chunk_rows:chunk * plan.chunk_rows + plan.rows(part, chunk)]
             try:
-                connection.request("DELETE", session, expect=(204, 404), retry=NO_RETRY)
-            except ServeError:
-                pass  # the session expires on the server anyway
+                message = encrypt_chunk(keys, plan, part, chunk, normalise(rows, shift, scale))
+            except EncryptedError as exc:
+                raise ServeError(f"cannot encrypt chunk {chunk} of part {part}: {exc}") from None
+            return message, time.perf_counter() - t0
+
+        rows_sent, rows_total = 0, sum(plan.part_rows)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="xsilo-encrypt") as encryptor:
+            try:
+                upcoming = encryptor.submit(encrypted, 0)
+                for index, (part, chunk) in enumerate(order):
+                    message, spent = upcoming.result()
+                    client_s += spent
+                    if index + 1 < len(order):
+                        upcoming = encryptor.submit(encrypted, index + 1)
+                    provider_ms += self._send_chunk(session, part, chunk, message)
+                    rows_sent += plan.rows(part, chunk)
+                    if progress is not None:
+                        progress(rows_sent, rows_total)
+                    if chunk + 1 == plan.chunks(part):
+                        results = [connection.request("GET", f"{session}/parts/{part}/result/{group}",
+                                                      max_bytes=plan.result_max_bytes, idempotent=False).content
+                                   for group in range(plan.groups)]
+                        t0 = time.perf_counter()
+                        try:
+                            gram = decrypt_gram(keys, plan, part, results)
+                        except EncryptedError as exc:
+                            raise ServeError(f"the server's fit result for part {part} is unusable ({exc}); use a "
+                                             "server of the same xsilo version") from None
+                        cross.append(scale[:, None] * gram * np.asarray(stats["s_B"], dtype=np.float64)[None, :])
+                        client_s += time.perf_counter() - t0
+            finally:
+                try:
+                    connection.request("DELETE", session, expect=(204, 404), retry=NO_RETRY)
+                except ServeError:
+                    pass  # the session expires on the server anyway
         return cross, stats, provider_ms, client_s
+
+    def _send_chunk(self, session: str, part: int, chunk: int, message: bytes) -> float:
+        """POST one chunk; the server's HE ms. When the answer is lost (the connection dropped after the body
+        left), ask the server where the fit stands and resend only if the chunk did not arrive."""
+        connection = self.connection
+        for attempt in range(2):
+            try:
+                response = connection.request("POST", f"{session}/parts/{part}/chunks/{chunk}", content=message,
+                                              idempotent=False)
+                return server_ms(response)
+            except ServerUnreachable:
+                if attempt:
+                    raise
+                state = connection.json("GET", session)
+                at = (state.get("part"), state.get("next_chunk")) if isinstance(state, dict) else None
+                if not (isinstance(at, tuple) and isinstance(at[0], int) and isinstance(at[1], (int, type(None)))):
+                    raise ServeError("the server's fit progress answer is not {\"part\", \"next_chunk\", ...}")
+                if at[0] > part or (at[0] == part and at[1] is not None and at[1] > chunk):
+                    return 0.0  # the server took the chunk; only its answer was lost
+                if at != (part, chunk):
+                    raise ServeError(f"the server expects chunk {at[1]} of part {at[0]}, behind chunk {chunk} of "
+                                     f"part {part}; start the fit again")
+        raise AssertionError("unreachable")
 
     def _plan(self, source_dim: int, part_rows: list[int], target_dim: int) -> GramPlan:
         data = self.connection.json("GET", f"{API_PREFIX}/fit/plan", params={"source_dim": source_dim})

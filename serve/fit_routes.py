@@ -2,18 +2,25 @@
 for the messages. Each answers 404 `no_public_set` on a server without a public set."""
 from __future__ import annotations
 
+import hashlib
+import logging
 from typing import Any, Callable
 
 from fastapi import Depends, FastAPI, Path as PathParam, Query, Request
 from fastapi.responses import JSONResponse, Response
-
-from encrypted import public_bytes_max
 
 from .api import BODY_ERRORS, ERROR_RESPONSES, OCTET_REPLY, ApiError, raw_body, read_body
 from .fit_service import FitService
 from .identity import Identity
 from .protocol import API_PREFIX, OCTET_STREAM, SERVER_TIMING_HEADER
 from .settings import ServerSettings
+
+log = logging.getLogger("serve")
+
+
+def fit_tag(session_id: str) -> str:
+    """A fit's name in logs: a digest prefix, never the session id itself (it is the client's capability)."""
+    return hashlib.sha256(session_id.encode()).hexdigest()[:12]
 
 
 def no_public_set() -> ApiError:
@@ -47,22 +54,22 @@ def add_fit_routes(app: FastAPI, fit: FitService | None, identify: Callable[...,
 
     @app.get(f"{API_PREFIX}/fit/plan", dependencies=auth, responses=ERROR_RESPONSES, tags=["private fit"])
     async def fit_plan(source_dim: int = source_dim_query()) -> dict[str, Any]:
-        """The GramPlan (chunking, CKKS layout, rotation steps) of a private fit for a source_dim-d client."""
+        """The GramPlan (chunking, moduli, message sizes) of a private fit for a source_dim-d client."""
         return service().plan(source_dim).to_dict()
 
     @app.post(f"{API_PREFIX}/fit/sessions", status_code=201, tags=["private fit"],
               responses={**BODY_ERRORS, **ERROR_RESPONSES},
-              openapi_extra=raw_body("ClientKeys.public_bytes() for the plan's layout (GET /v1/fit/plan)."))
+              openapi_extra=raw_body("FitKeys.public_bytes() for the plan (GET /v1/fit/plan)."))
     async def open_fit(request: Request, source_dim: int = source_dim_query(),
                        fingerprint: str = Query(..., max_length=128, description="the public set's fingerprint "
                                                                                  "the client extracted on"),
                        identity: Identity = Depends(identify)) -> dict[str, Any]:
-        """Open a private fit: upload public keys; the answer has the plan and the provider's statistics."""
+        """Open a private fit: upload the fit key; the answer has the plan and the provider's statistics."""
         fits = service()
         plan = fits.plan(source_dim)
         fits.check_fingerprint(fingerprint)
         # The keys arrive before any slot is held: a slow upload holds a connection, never a fit slot.
-        body = await read_body(request, public_bytes_max(plan.layout), "public keys", settings.body_timeout_s)
+        body = await read_body(request, plan.keys_max_bytes, "a fit key", settings.body_timeout_s)
         session_id = fits.open(plan, identity)
         try:
             try:
@@ -97,17 +104,30 @@ def add_fit_routes(app: FastAPI, fit: FitService | None, identify: Callable[...,
         finally:
             session.busy = False
         fits.progressed(session)
+        progress = session.progress(fits.clock())
         if fits.metrics is not None:
             fits.metrics.fit_bytes("in", len(body))
+            fits.metrics.fit_rows(session.plan.rows(part, chunk))
+        log.info("fit %s: %d/%d rows, %.0f rows/s", fit_tag(session_id), progress["rows_done"],
+                 progress["rows_total"], progress["rows_per_s"], extra={"fit": {"id": fit_tag(session_id), **progress}})
         complete = session.part > part
         payload = {"part": part, "chunk": chunk, "part_complete": complete,
                    "next": None if session.part >= len(session.plan.part_rows) else
                    {"part": session.part, "chunk": session.accumulator.next_chunk}}
         return JSONResponse(payload, headers={SERVER_TIMING_HEADER: f"he;dur={ms:.2f}"})
 
+    @app.get(f"{API_PREFIX}/fit/sessions/{{session_id}}", dependencies=auth, responses=ERROR_RESPONSES,
+             tags=["private fit"])
+    async def fit_progress(session_id: str) -> dict[str, Any]:
+        """The fit's progress: the part and chunk the server expects next (a client resumes there after a lost
+        answer), rows done of rows in all, rate and time left."""
+        fits = service()
+        return fits.session(session_id).progress(fits.clock())
+
     @app.get(f"{API_PREFIX}/fit/sessions/{{session_id}}/parts/{{part}}/result/{{group}}", response_class=Response,
              dependencies=auth, tags=["private fit"],
-             responses={200: {**OCTET_REPLY, "description": "Enc(G_p) of one group: read with decrypt_gram"},
+             responses={200: {**OCTET_REPLY, "description": "Enc(G_p) of one group of target columns: read with "
+                                                            "decrypt_gram"},
                         **ERROR_RESPONSES})
     async def fit_result(session_id: str, part: int = index(), group: int = index()) -> Response:
         """One group's reply of a complete part: handed out once, then freed."""

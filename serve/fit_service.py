@@ -24,7 +24,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-from encrypted import DEFAULT_PROFILE, EncryptedError, GramAccumulator, GramPlan, PublicKeys, plan_gram
+from encrypted import EncryptedError, GramAccumulator, GramPlan, key_seed_for, plan_gram, read_fit_key
 
 from .api import ApiError, input_error
 from .budget import Budgets
@@ -45,13 +45,22 @@ FIT_REOPEN = "open a new fit session (POST /v1/fit/sessions)"
 class FitSession:
     session_id: str
     plan: GramPlan
-    keys: Any = field(repr=False)  # encrypted.PublicKeys for plan.layout
+    keys: Any = field(repr=False)  # the client's fit key p_B (encrypted.read_fit_key)
     last_used: float  # the last progress (an accepted chunk, a fetched result); refused requests do not count
     created: float
     part: int = 0  # the part whose chunks are being accepted; len(plan.part_rows) when all are done
     accumulator: Any = field(default=None, repr=False)  # GramAccumulator of `part`
     results: dict[tuple[int, int], bytes] = field(default_factory=dict, repr=False)  # (part, group) -> reply
     busy: bool = False  # a chunk is being added (touched on the event loop only)
+    rows_done: int = 0  # public rows accumulated so far, over every part
+
+    def progress(self, now: float) -> dict[str, Any]:
+        """What the client and the operator see of this fit: the next chunk, rows done, rate and time left."""
+        parts, total = len(self.plan.part_rows), sum(self.plan.part_rows)
+        rate = self.rows_done / max(now - self.created, 1e-9)
+        return {"part": self.part, "next_chunk": None if self.part >= parts else self.accumulator.next_chunk,
+                "rows_done": self.rows_done, "rows_total": total, "rows_per_s": round(rate, 1),
+                "eta_s": round((total - self.rows_done) / rate, 1) if rate > 0 else None}
 
 
 class FitService:
@@ -65,8 +74,9 @@ class FitService:
         mean, scale = train_normaliser(public.parts[0])
         self.targets = [normalise(part, mean, scale) for part in public.parts]  # Ẑ_B per part, float64
         self.stats = provider_stats(list(public.parts), mean, scale)
-        try:  # the public set itself must fit the CKKS profile (rows per part), whatever the client
-            plan_gram(DEFAULT_PROFILE, 1, public.hidden_size, public.part_rows, max_accumulator_bytes=None)
+        self.key_seed = key_seed_for(public.fingerprint)
+        try:  # the public set itself must fit the kernel's moduli (rows per part), whatever the client
+            plan_gram(1, public.hidden_size, public.part_rows, self.key_seed, max_accumulator_bytes=None)
         except EncryptedError as exc:
             raise ExportError(f"{public.directory} cannot be served for private fits: {exc}") from None
         self.sessions = SessionStore(settings.max_fit_sessions, settings.fit_session_ttl_s, evict=False, clock=clock)
@@ -88,7 +98,7 @@ class FitService:
                 self._plans.move_to_end(source_dim)
                 return plan
         try:
-            plan = plan_gram(DEFAULT_PROFILE, source_dim, self.public.hidden_size, self.public.part_rows,
+            plan = plan_gram(source_dim, self.public.hidden_size, self.public.part_rows, self.key_seed,
                              max_accumulator_bytes=self.settings.max_fit_accumulator_bytes)
         except (EncryptedError, ValueError) as exc:
             raise ApiError(400, "fit_too_large", f"a private fit of {source_dim}-d states against this public set "
@@ -153,10 +163,9 @@ class FitService:
             self._opening -= 1
 
     def start(self, session_id: str, plan: GramPlan, body: bytes) -> FitSession:
-        """Deserialise the keys for the plan's layout and build part 0's accumulator (CPU: run via run_cpu)."""
+        """Read the client's fit key for the plan and build part 0's accumulator (CPU: run via run_cpu)."""
         try:
-            keys = PublicKeys.from_bytes(body, plan.layout)
-            keys.require(plan.layout)
+            keys = read_fit_key(body, plan)
         except ValueError as exc:
             raise input_error(exc) from None
         now = self.clock()
@@ -234,6 +243,7 @@ class FitService:
         start = time.perf_counter()
         try:
             session.accumulator.add(body, chunk, session.keys)
+            session.rows_done += session.plan.rows(part, chunk)
             if session.accumulator.complete:
                 replies = session.accumulator.results(session.keys)
                 session.results.update({(part, group): blob for group, blob in enumerate(replies)})
@@ -242,11 +252,6 @@ class FitService:
                                        if session.part < len(session.plan.part_rows) else None)
         except ValueError as exc:  # the accumulator refuses bad bytes, and a broken part, with a clear message
             raise input_error(exc) from None
-        except RuntimeError:
-            # SEAL refuses some well-formed but degenerate ciphertexts mid-evaluation; the part is then unusable
-            raise ApiError(400, "invalid_ciphertext", "the chunk could not be evaluated (SEAL refused it); send the "
-                                                      "bytes that encrypted.encrypt_chunk returns, in a new fit "
-                                                      "session") from None
         return (time.perf_counter() - start) * 1000
 
     def result(self, session: FitSession, part: int, group: int) -> bytes:

@@ -19,12 +19,19 @@ def range_scale(std: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(std) & (std > 0), std, 1.0)
 
 
+STEP_ROWS = 4096  # rows read at a time: a memory-mapped part is never loaded whole
+
+
 def train_normaliser(train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, `range_scale` of the 1/n-normalised std) of the train part's rows, float64."""
-    train = np.asarray(train, dtype=np.float64)
+    """(mean, `range_scale` of the 1/n-normalised std) of the train part's rows, float64, in two passes of
+    STEP_ROWS rows (the part may be memory-mapped)."""
+    train = train if isinstance(train, np.ndarray) else np.asarray(train, dtype=np.float64)
     if train.ndim != 2 or train.shape[0] < 1:
         raise ValueError(f"the train part must be (rows >= 1, d) states, got shape {train.shape}")
-    return train.mean(axis=0), range_scale(train.std(axis=0))
+    steps = range(0, train.shape[0], STEP_ROWS)
+    mean = sum(np.asarray(train[i:i + STEP_ROWS], dtype=np.float64).sum(axis=0) for i in steps) / train.shape[0]
+    squares = sum(((np.asarray(train[i:i + STEP_ROWS], dtype=np.float64) - mean) ** 2).sum(axis=0) for i in steps)
+    return mean, range_scale(np.sqrt(squares / train.shape[0]))
 
 
 def normalise(states: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:

@@ -32,7 +32,7 @@ log = logging.getLogger("serve")
 REQUEST_ID_HEADER = "X-Request-Id"
 REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-LOG_FIELDS = ("request_id", "method", "route", "path", "status", "bytes_in", "bytes_out", "ms", "client")
+LOG_FIELDS = ("request_id", "method", "route", "path", "status", "bytes_in", "bytes_out", "ms", "client", "fit")
 SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 PING_TIMEOUT_S = 5.0
 
@@ -117,6 +117,8 @@ class ServerMetrics:
         self.fit_sessions = Gauge("xsilo_fit_sessions", "Private-fit sessions open", registry=registry)
         self.fit_bytes_total = Counter("xsilo_fit_bytes_total", "Bytes of private-fit ciphertexts, by direction "
                                        "(in, out)", ["direction"], registry=registry)
+        self.fit_rows_total = Counter("xsilo_fit_rows_total", "Public rows accumulated by private fits",
+                                      registry=registry)
         self.draining = Gauge("xsilo_draining", "1 while the server drains (after SIGTERM)", registry=registry)
 
     def track(self, queue_depth: Callable[[], int], sessions: Callable[[], int], fit_sessions: Callable[[], int],
@@ -143,6 +145,10 @@ class ServerMetrics:
         if direction not in ("in", "out"):
             raise ValueError(f"direction must be 'in' or 'out', got {direction!r}")
         self.fit_bytes_total.labels(direction).inc(n)
+
+    def fit_rows(self, n: int) -> None:
+        """`n` more public rows were accumulated by a private fit."""
+        self.fit_rows_total.inc(n)
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition and its content type."""

@@ -251,12 +251,15 @@ def align(
     from serve.http_client import mb
 
     quiet()
-    last = [0.0]
+    last, began = [0.0], time.monotonic()
 
     def progress(done: int, total: int) -> None:
-        if done == total or time.monotonic() - last[0] > float(os.environ.get("XSILO_PROGRESS_S", "10")):
-            last[0] = time.monotonic()
-            print(f"fit: {done}/{total} chunks sent", file=sys.stderr)
+        now = time.monotonic()
+        if done == total or now - last[0] > float(os.environ.get("XSILO_PROGRESS_S", "10")):
+            last[0] = now
+            rate = done / max(now - began, 1e-9)
+            print(f"fit: {done}/{total} public rows sent, {rate:.0f} rows/s, {(total - done) / rate:.0f} s left",
+                  file=sys.stderr)
 
     if private_limit is not None and private is None:
         raise ValueError("--private_limit samples the texts of --private DATA; pass --private, or drop --private_limit")
