@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from . import gram_wire, rlwe
-from .errors import EncryptedError, ParameterMismatch
+from .errors import EncryptedError, InvalidKeys, ParameterMismatch
 from .gram_plan import GramPlan
 from .rlwe import (RING_DEGREE, SEED_BYTES, centre, mask, matmul_mod, noise, ring_multiply, secret_matrix,
                    switch_modulus, ternary, uniform)
@@ -71,6 +71,14 @@ class FitKeys:
         return gram_wire.write_key(self.plan, self.public)
 
 
+def check_fit_key(key: Any, plan: GramPlan) -> np.ndarray:
+    """`key` if it is a fit key for `plan` as `read_fit_key` returns it, else InvalidKeys."""
+    if not (isinstance(key, np.ndarray) and key.dtype == np.int64 and key.shape == (plan.secrets, RING_DEGREE)
+            and key.min(initial=0) >= 0 and key.max(initial=0) < 1 << plan.key_bits):
+        raise InvalidKeys("the fit key must be what read_fit_key(data, plan) returned for this plan")
+    return key
+
+
 def read_fit_key(data: Any, plan: GramPlan) -> np.ndarray:
     """The provider's view of a client's fit key: p_B, validated for `plan` (InvalidKeys otherwise)."""
     return gram_wire.read_key(data, _check_plan(plan))
@@ -85,7 +93,10 @@ def encrypt_chunk(keys: FitKeys, plan: GramPlan, part: int, chunk: int, Z: Any) 
     if keys.plan != plan:
         raise ParameterMismatch("the keys were made for another fit plan; FitKeys.generate(plan) for this one")
     rows, bits = plan.rows(part, chunk), plan.modulus_bits(part)
-    Z = np.asarray(Z, dtype=np.float64)
+    try:
+        Z = np.asarray(Z, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise EncryptedError(f"states must be numbers, got {type(Z).__name__}") from None
     if Z.shape != (rows, plan.source_dim):
         raise ParameterMismatch(f"chunk {chunk} of part {part} must be ({rows}, {plan.source_dim}) states, got "
                                 f"shape {Z.shape}")
@@ -105,18 +116,20 @@ def decrypt_gram(keys: FitKeys, plan: GramPlan, part: int, results: list[bytes])
     """G = Ẑ_Aᵀ Ẑ_B of one part, (source_dim, target_dim), from its `plan.groups` results in group order."""
     _check_plan(plan)
     plan.check_part(part)
-    if isinstance(results, (bytes, bytearray, memoryview)) or len(results) != plan.groups:
-        raise EncryptedError(f"a part's result is {plan.groups} messages (one per group, in order), got "
-                             f"{1 if isinstance(results, (bytes, bytearray, memoryview)) else len(results)}")
+    if not isinstance(results, (list, tuple)) or len(results) != plan.groups:
+        got = len(results) if isinstance(results, (list, tuple)) else type(results).__name__
+        raise EncryptedError(f"a part's result is a list of {plan.groups} messages (one per group, in order), "
+                             f"got {got}")
     bits, b0, b1 = plan.modulus_bits(part), plan.c0_bits(part), plan.c1_bits(part)
     secret = keys.matrix
+    shift = 2.0 ** plan.target_shifts[part]
     rows = []
     for group, data in enumerate(results):
         c0, c1 = gram_wire.read_result(data, plan, part, group)
         c1_s = matmul_mod(secret.T, c1.T, b1, 1).T  # (c1·s) mod 2^b1, then lifted to the part's modulus
         value = ((c0 & mask(b0)) << (bits - b0)) + ((c1_s & mask(b1)) << (bits - b1))
         rows.append(centre(value, bits))
-    return (np.concatenate(rows, axis=0).astype(np.float64) / 2.0 ** (2 * plan.value_bits)).T
+    return (np.concatenate(rows, axis=0).astype(np.float64) * shift / 2.0 ** (2 * plan.value_bits)).T
 
 
 class GramAccumulator:
@@ -130,10 +143,19 @@ class GramAccumulator:
         self.plan, self.part = _check_plan(plan), plan.check_part(part)
         states = np.asarray(target_states)
         shape = (plan.part_rows[part], plan.target_dim)
-        if states.shape != shape:
-            raise EncryptedError(f"target states of part {part} must have shape {shape}, got {states.shape}")
-        if not np.all(np.isfinite(states)):
-            raise EncryptedError("target states contain NaN or infinity; clean and normalise them first")
+        if states.shape != shape or not np.issubdtype(states.dtype, np.number):
+            raise EncryptedError(f"target states of part {part} must be numbers of shape {shape}, got "
+                                 f"{states.dtype} {states.shape}")
+        norms = np.zeros(plan.target_dim)
+        for lo in range(0, shape[0], 4096):  # one pass, a block at a time (the states may be memory-mapped)
+            block = np.asarray(states[lo:lo + 4096], dtype=np.float64)
+            if not np.all(np.isfinite(block)):
+                raise EncryptedError("target states contain NaN or infinity; clean and normalise them first")
+            norms += (block * block).sum(axis=0)
+        if plan.column_shift(part, norms) > plan.target_shifts[part]:
+            raise EncryptedError(f"part {part}'s target states need a shift of {plan.column_shift(part, norms)} "
+                                 f"but the plan has {plan.target_shifts[part]}; plan with target_shifts from these "
+                                 "states (GramPlan.column_shift)")
         self._states: np.ndarray | None = states  # not copied: the provider's states are shared by every fit
         self._sums: np.ndarray | None = np.zeros((plan.target_dim, plan.source_dim + RING_DEGREE), dtype=np.int64)
         self._next = 0
@@ -161,9 +183,11 @@ class GramAccumulator:
                                  "start a new fit session")
 
     def add(self, data: Any, chunk: int, key: np.ndarray) -> None:
-        """Validate and add chunk `chunk` (it must be `next_chunk`); a refused message changes nothing."""
+        """Validate and add chunk `chunk` (it must be `next_chunk`); a refused message changes nothing. `key` is
+        the session's fit key (checked here, used by `results`)."""
         with self._lock:
             self._usable()
+            check_fit_key(key, self.plan)
             if not isinstance(chunk, int) or isinstance(chunk, bool):
                 raise ParameterMismatch(f"chunk index must be an int, got {chunk!r:.20}")
             if self.complete:
@@ -178,7 +202,7 @@ class GramAccumulator:
             try:
                 components = np.concatenate([b, chunk_masks(plan, self.part, chunk, seed)], axis=1)
                 weights = np.rint(np.asarray(self._states[start:start + len(b)], dtype=np.float64).T
-                                  * 2.0 ** plan.value_bits).astype(np.int64)
+                                  * 2.0 ** (plan.value_bits - plan.target_shifts[self.part])).astype(np.int64)
                 self._sums += matmul_mod(weights, components, bits, int(np.abs(weights).max(initial=1)))
                 self._sums &= mask(bits)
             except BaseException:
@@ -192,13 +216,14 @@ class GramAccumulator:
         """One result message per group (decrypt_gram reads them in this order); only once, when `complete`."""
         with self._lock:
             self._usable()
+            check_fit_key(key, self.plan)
             if not self.complete:
                 raise EncryptedError(f"part {self.part} has {self._next} of its {self.chunks} chunks; send the rest "
                                      "before fetching results")
             plan, part, bits = self.plan, self.part, self.plan.modulus_bits(self.part)
             d = plan.source_dim
             try:
-                p_a, p_b = key_mask(plan, bits), np.asarray(key) & mask(bits)
+                p_a, p_b = key_mask(plan, bits), key & mask(bits)
                 blobs = []
                 for group in range(plan.groups):
                     lo = group * plan.result_rows

@@ -2,8 +2,10 @@
 
 Part p (train, val) is fitted under q_p = 2^k_p with k_p = 2·value_bits + ceil(log2 rows_p) + h_p: both sides
 scale their states, normalised by their train part's mean and std, by 2^value_bits, so |G| <= rows of the train
-part by Cauchy-Schwarz; h_0 = 2 bits cover the sign and the rounding, h_p = 3 for a val part, whose spread may
-exceed the train part's by a factor 2. Every k_p stays within SEAL's 128-bit bound for ring degree
+part by Cauchy-Schwarz; h_0 = 2 bits cover the sign and the rounding, h_p = 3 for a val part. No wrap is
+possible: each side scales a part down by a power of two (`column_shift`) until every column's squared norm is
+at most 2^(ceil(log2 rows) + h_p - 2), so every |G| stays below a quarter of the modulus; the provider's shifts are in
+the plan (`target_shifts`), the client's stay with the client. Honest data needs no shift. Every k_p stays within SEAL's 128-bit bound for ring degree
 N = 2048 (`CoeffModulus.MaxBitCount`, 54 bits). The answer is switched down to `c0_bits` and `c1_bits`: enough
 that G keeps `output_bits` fraction bits (the mask's rounding is multiplied by the ternary secret, hence 3 more).
 """
@@ -13,6 +15,8 @@ import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from . import wire
 from .errors import InsecureParameters, InvalidLayout, ParameterMismatch
@@ -55,6 +59,7 @@ class GramPlan:
     result_rows: int = DEFAULT_RESULT_ROWS  # answer rows (target columns) per result message
     value_bits: int = DEFAULT_VALUE_BITS
     output_bits: int = DEFAULT_OUTPUT_BITS
+    target_shifts: tuple[int, ...] | None = None  # per part: the provider scales its states by 2^-shift (None: 0s)
 
     ring_degree = RING_DEGREE
 
@@ -71,6 +76,12 @@ class GramPlan:
             _int(f"part_rows[{i}]", rows, 1, 1 << 30)
         if not isinstance(self.key_seed, bytes) or len(self.key_seed) != SEED_BYTES:
             raise InvalidLayout(f"key_seed must be {SEED_BYTES} bytes")
+        shifts = (0,) * len(self.part_rows) if self.target_shifts is None else self.target_shifts
+        if not isinstance(shifts, tuple) or len(shifts) != len(self.part_rows):
+            raise InvalidLayout(f"target_shifts must be a tuple of one int per part, got {shifts!r:.100}")
+        for i, shift in enumerate(shifts):
+            _int(f"target_shifts[{i}]", shift, 0, self.value_bits)
+        object.__setattr__(self, "target_shifts", shifts)
         limit = max_modulus_bits(RING_DEGREE)
         for part in range(len(self.part_rows)):
             if self.modulus_bits(part) > limit:
@@ -86,6 +97,22 @@ class GramPlan:
 
     def modulus_bits(self, part: int) -> int:
         return 2 * self.value_bits + self.headroom_bits(part)
+
+    def column_shift(self, part: int, squared_norms: Any) -> int:
+        """The power of two by which one side scales part `part` down, so that every column's squared norm
+        (`squared_norms`: Σ over the part's rows of its normalised values squared, per column) is at most
+        2^(ceil(log2 rows) + h - 2): then |G| <= 2^(k - 2 - 2·value_bits) by Cauchy-Schwarz, a quarter of the
+        modulus, and nothing wraps (a train part normalised by its own std has squared norms = rows: no shift)."""
+        worst = float(np.max(squared_norms, initial=0.0))
+        if not math.isfinite(worst):
+            raise InvalidLayout("the states' column norms are not finite; clean and normalise them first")
+        limit = self.headroom_bits(part) - 2
+        excess = math.log2(worst) - limit if worst > 0 else 0.0
+        shift = max(0, math.ceil(excess / 2))
+        if shift > self.value_bits:
+            raise InvalidLayout(f"part {part}'s states have a column of squared norm {worst:.3g}, too large to fit "
+                                "even scaled down; normalise each side's states by its train part's mean and std")
+        return shift
 
     def c0_bits(self, part: int) -> int:
         return min(self.modulus_bits(part), self.headroom_bits(part) + self.output_bits + 1)
@@ -184,7 +211,7 @@ class GramPlan:
                 "output_bits": self.output_bits, "modulus_bits": [self.modulus_bits(p) for p in parts],
                 "c0_bits": [self.c0_bits(p) for p in parts], "c1_bits": [self.c1_bits(p) for p in parts],
                 "chunks": [self.chunks(p) for p in parts], "groups": self.groups,
-                "accumulator_bytes": self.accumulator_bytes}
+                "target_shifts": list(self.target_shifts), "accumulator_bytes": self.accumulator_bytes}
 
     @classmethod
     def from_dict(cls, data: Any) -> "GramPlan":
@@ -194,13 +221,15 @@ class GramPlan:
         if data.get("version") != GRAM_VERSION:
             raise InvalidLayout(f"fit plan version {data.get('version')!r:.20} is not {GRAM_VERSION}; fetch the plan "
                                 "again from a server running the same xsilo version")
-        rows, seed = data.get("part_rows"), data.get("key_seed")
-        if not isinstance(rows, list) or not isinstance(seed, str) or len(seed) != 2 * SEED_BYTES:
-            raise InvalidLayout("a fit plan needs part_rows (a list) and key_seed (64 hex digits)")
+        rows, seed, shifts = data.get("part_rows"), data.get("key_seed"), data.get("target_shifts")
+        if not isinstance(rows, list) or not isinstance(seed, str) or len(seed) != 2 * SEED_BYTES \
+                or not isinstance(shifts, list):
+            raise InvalidLayout("a fit plan needs part_rows and target_shifts (lists) and key_seed (64 hex digits)")
         try:
             plan = cls(data.get("source_dim"), data.get("target_dim"), tuple(rows), bytes.fromhex(seed),
                        chunk_rows=data.get("chunk_rows"), result_rows=data.get("result_rows"),
-                       value_bits=data.get("value_bits"), output_bits=data.get("output_bits"))
+                       value_bits=data.get("value_bits"), output_bits=data.get("output_bits"),
+                       target_shifts=tuple(shifts))
         except ValueError as exc:
             raise InvalidLayout(f"fit plan is unusable: {str(exc)[:200]}") from None
         if plan.to_dict() != data:
@@ -210,13 +239,15 @@ class GramPlan:
 
 
 def plan_gram(source_dim: int, target_dim: int, part_rows: Any, key_seed: bytes, *,
-              chunk_rows: int = DEFAULT_CHUNK_ROWS, max_accumulator_bytes: int | None = DEFAULT_MAX_ACCUMULATOR_BYTES
-              ) -> GramPlan:
+              chunk_rows: int = DEFAULT_CHUNK_ROWS, target_shifts: tuple[int, ...] | None = None,
+              max_accumulator_bytes: int | None = DEFAULT_MAX_ACCUMULATOR_BYTES) -> GramPlan:
     """Plan a private fit of (rows x source_dim)ᵀ (rows x target_dim) per part, within `max_accumulator_bytes`
-    of provider memory per part (None: no cap, for a client re-planning what a server chose)."""
+    of provider memory per part (None: no cap, for a client re-planning what a server chose). `target_shifts`:
+    the provider's `column_shift` per part (None: no shift)."""
     if not isinstance(part_rows, (list, tuple)):
         raise InvalidLayout(f"part_rows must be a list of 1 to {MAX_PARTS} row counts, got {part_rows!r:.100}")
-    plan = GramPlan(source_dim, target_dim, tuple(part_rows), key_seed, chunk_rows=chunk_rows)
+    plan = GramPlan(source_dim, target_dim, tuple(part_rows), key_seed, chunk_rows=chunk_rows,
+                    target_shifts=target_shifts)
     if max_accumulator_bytes is not None and plan.accumulator_bytes > max_accumulator_bytes:
         raise InvalidLayout(f"a fit of {source_dim} x {target_dim} needs {plan.accumulator_bytes} bytes of "
                             f"accumulators per part, beyond max_accumulator_bytes={max_accumulator_bytes}; raise the "

@@ -83,7 +83,10 @@ def unpack(data: Any, kind: Kind, error: type[Exception],
     what, fix = KIND_NAMES[kind], FIX_HINTS[kind]
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise error(f"{what} must be bytes, got {type(data).__name__}; {fix}")
-    view = memoryview(data).cast("B")
+    try:
+        view = memoryview(data).cast("B")
+    except TypeError:  # a non-contiguous view
+        raise error(f"{what} must be contiguous bytes; {fix}") from None
     if len(view) < HEADER.size:
         raise error(f"{what} is truncated: {len(view)} bytes, shorter than the {HEADER.size}-byte header; {fix}")
     magic, version, got_kind, count, fingerprint = HEADER.unpack_from(view, 0)

@@ -22,7 +22,7 @@ import numpy as np
 
 from encrypted import EncryptedError, FitKeys, GramPlan, decrypt_gram, encrypt_chunk
 
-from .fit_stats import normalise, train_normaliser
+from .fit_stats import column_squares, normalise, train_normaliser
 from .http_client import (NO_RETRY, Connection, Retry, ServeError, ServerReplyError, ServerUnreachable, Traffic,
                           server_ms)
 from .protocol import API_PREFIX
@@ -259,12 +259,17 @@ class PrivateFitClient:
         provider_ms, client_s, cross = 0.0, 0.0, []
         order = [(part, chunk) for part in range(len(plan.part_rows)) for chunk in range(plan.chunks(part))]
 
+        t0 = time.perf_counter()
+        shifts = [plan.column_shift(part, column_squares(a, shift, scale)) for part, a in enumerate(arrays)]
+        client_s += time.perf_counter() - t0
+
         def encrypted(index: int) -> tuple[bytes, float]:
             part, chunk = order[index]
             t0 = time.perf_counter()
             rows = arrays[part][chunk * plan.chunk_rows:chunk * plan.chunk_rows + plan.rows(part, chunk)]
             try:
-                message = encrypt_chunk(keys, plan, part, chunk, normalise(rows, shift, scale))
+                message = encrypt_chunk(keys, plan, part, chunk,
+                                        normalise(rows, shift, scale) * 2.0 ** -shifts[part])
             except EncryptedError as exc:
                 raise ServeError(f"cannot encrypt chunk {chunk} of part {part}: {exc}") from None
             return message, time.perf_counter() - t0
@@ -292,6 +297,7 @@ class PrivateFitClient:
                         except EncryptedError as exc:
                             raise ServeError(f"the server's fit result for part {part} is unusable ({exc}); use a "
                                              "server of the same xsilo version") from None
+                        gram *= 2.0 ** shifts[part]  # this side's own scaling of the part (the provider's is undone)
                         cross.append(scale[:, None] * gram * np.asarray(stats["s_B"], dtype=np.float64)[None, :])
                         client_s += time.perf_counter() - t0
             finally:

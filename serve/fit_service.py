@@ -76,7 +76,8 @@ class FitService:
         self.stats = provider_stats(list(public.parts), mean, scale)
         self.key_seed = key_seed_for(public.fingerprint)
         try:  # the public set itself must fit the kernel's moduli (rows per part), whatever the client
-            plan_gram(1, public.hidden_size, public.part_rows, self.key_seed, max_accumulator_bytes=None)
+            probe = plan_gram(1, public.hidden_size, public.part_rows, self.key_seed, max_accumulator_bytes=None)
+            self.target_shifts = tuple(probe.column_shift(p, (t * t).sum(axis=0)) for p, t in enumerate(self.targets))
         except EncryptedError as exc:
             raise ExportError(f"{public.directory} cannot be served for private fits: {exc}") from None
         self.sessions = SessionStore(settings.max_fit_sessions, settings.fit_session_ttl_s, evict=False, clock=clock)
@@ -99,6 +100,7 @@ class FitService:
                 return plan
         try:
             plan = plan_gram(source_dim, self.public.hidden_size, self.public.part_rows, self.key_seed,
+                             target_shifts=self.target_shifts,
                              max_accumulator_bytes=self.settings.max_fit_accumulator_bytes)
         except (EncryptedError, ValueError) as exc:
             raise ApiError(400, "fit_too_large", f"a private fit of {source_dim}-d states against this public set "

@@ -39,6 +39,13 @@ def normalise(states: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.nda
     return (np.asarray(states, dtype=np.float64) - mean) / scale
 
 
+def column_squares(states: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Σ over rows of the normalised states squared, per column, STEP_ROWS rows at a time (the private fit's
+    `GramPlan.column_shift` reads it)."""
+    return sum(((normalise(states[i:i + STEP_ROWS], mean, scale)) ** 2).sum(axis=0)
+               for i in range(0, states.shape[0], STEP_ROWS))
+
+
 def provider_stats(parts: list[np.ndarray], mean: np.ndarray, scale: np.ndarray) -> dict[str, Any]:
     """What the provider publishes with a fit session: mu_B and s_B as used, and per part the row count, the raw
     sum of rows, the raw per-dimension sum of squares (train part only: standardisation needs it) and the raw

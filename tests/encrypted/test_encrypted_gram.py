@@ -178,6 +178,7 @@ def test_plan_dict_round_trips_through_json():
 
 
 DERIVED = ("ring_degree", "modulus_bits", "c0_bits", "c1_bits", "chunks", "groups", "accumulator_bytes")
+# target_shifts is an input (the provider's, from its states): changing it gives another plan
 
 
 def _changed(value):
@@ -672,3 +673,60 @@ def test_bad_states_and_arguments_are_refused():
         encrypt_chunk(FitKeys.generate(another_plan()), plan, 0, 0, Za[:32])
     with pytest.raises(EncryptedError, match="FitKeys"):
         encrypt_chunk(key, plan, 0, 0, Za[:32])
+
+
+def test_a_part_whose_states_would_wrap_is_scaled_down_by_a_power_of_two_and_decrypts_exactly():
+    """A val part whose spread far exceeds the train part's (a near-constant train dimension that moves in val)
+    would wrap mod q: each side scales the part down by 2^shift (`column_shift`), the provider's shift in the
+    plan, and G comes out exact; an accumulator whose plan lacks the shift refuses the states."""
+    unshifted = plan_gram(4, 1, (100, 8), SEED, chunk_rows=8)
+    Zb, Za = np.full((8, 1), 3.0), np.full((8, 4), 3.0)
+    with pytest.raises(EncryptedError, match="need a shift of 2 but the plan has 0"):
+        GramAccumulator(unshifted, 1, Zb)
+    shift_b = unshifted.column_shift(1, (Zb * Zb).sum(axis=0))
+    plan = plan_gram(4, 1, (100, 8), SEED, chunk_rows=8, target_shifts=(0, shift_b))
+    assert GramPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+    keys = FitKeys.generate(plan)
+    key = read_fit_key(keys.public_bytes(), plan)
+    shift_a = plan.column_shift(1, (Za * Za).sum(axis=0))
+    assert (shift_a, shift_b) == (2, 2)
+    acc = GramAccumulator(plan, 1, Zb)
+    acc.add(encrypt_chunk(keys, plan, 1, 0, Za * 2.0 ** -shift_a), 0, key)
+    G = decrypt_gram(keys, plan, 1, acc.results(key)) * 2.0 ** shift_a
+    np.testing.assert_allclose(G, Za.T @ Zb, atol=0.1)  # 72, not the wrapped 8
+    # honest normalised states need no shift on either part
+    plan, _, _, A, B = setup()
+    for part in (0, 1):
+        for X in (part_rows(plan, A, part), part_rows(plan, B, part)):
+            assert plan.column_shift(part, (X * X).sum(axis=0)) == 0
+
+
+def test_a_key_that_is_not_read_fit_keys_output_is_refused_without_losing_the_part():
+    plan, keys, key, A, B = setup()
+    acc = GramAccumulator(plan, 1, part_rows(plan, B, 1))
+    messages = encrypt_part(keys, plan, 1, part_rows(plan, A, 1))
+    for bad in (keys.public_bytes(), key[:, :5], key.astype(np.float64), key + (1 << plan.key_bits), None):
+        with pytest.raises(InvalidKeys, match="read_fit_key"):
+            acc.add(messages[0], 0, bad)
+    for c, message in enumerate(messages):
+        acc.add(message, c, key)
+    with pytest.raises(InvalidKeys, match="read_fit_key"):
+        acc.results(keys.public_bytes())
+    assert_gram(decrypt_gram(keys, plan, 1, acc.results(key)), part_rows(plan, A, 1), part_rows(plan, B, 1))
+
+
+def test_misused_arguments_raise_encrypted_errors():
+    plan, keys, key, A, B = setup()
+    with pytest.raises(EncryptedError, match="list of"):
+        decrypt_gram(keys, plan, 0, None)
+    with pytest.raises(EncryptedError, match="list of"):
+        decrypt_gram(keys, plan, 0, (b for b in []))
+    with pytest.raises(EncryptedError, match="numbers of shape"):
+        GramAccumulator(plan, 1, np.full((45, 40), "x"))
+    with pytest.raises(EncryptedError, match="must be numbers"):
+        encrypt_chunk(keys, plan, 1, 1, np.full((13, 300), "x"))
+    strided = memoryview(np.zeros((64, 64), dtype=np.uint8)[:, ::2])
+    with pytest.raises(InvalidKeys, match="contiguous"):
+        read_fit_key(strided, plan)
+    with pytest.raises(InvalidCiphertext, match="contiguous"):
+        GramAccumulator(plan, 0, part_rows(plan, B, 0)).add(strided, 0, key)
