@@ -1,12 +1,17 @@
 """The private fit end to end over loopback HTTP: PrivateFitClient against a server holding a public set."""
 from __future__ import annotations
 
+import functools
 import json
+import math
 
 import httpx
 import numpy as np
 import pytest
 
+import serve.fit_service as fit_service
+from encrypted import GramPlan
+from encrypted.rlwe import NOISE_ETA
 from serve.fit_client import PrivateFitClient
 from serve.fit_stats import range_scale
 from serve.http_client import ServeError, ServerReplyError
@@ -21,6 +26,7 @@ from tests.serve.serve_support import small_texts, write_small_public_states
 pytestmark = [pytest.mark.network, pytest.mark.he]
 
 N, D_A, D_B = 300, 10, 12  # train 225 rows = 2 chunks of 128 (the last partial), val 75 = 1 chunk
+CHUNK_ROWS = 128  # the server's chunks here (512 by default): more than one chunk per part on a small set
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +35,10 @@ def provider(tmp_path_factory):
     states = rng.normal(0, 1, (N, D_B)) * rng.uniform(0.5, 3, D_B) + rng.normal(0, 2, D_B)
     states[:, 3] = 1.5  # a constant (dead) dimension: scaled by 1, not blown up
     folder = write_small_public_states(tmp_path_factory.mktemp("fit") / "public", states=states, seed=7)
-    with ServerThread(create_app(public=folder, max_public_texts=64), max_lifetime_s=300) as srv:
-        yield srv, load_public_states(folder), states.astype(np.float32).astype(np.float64)  # stored as float32
+    with pytest.MonkeyPatch.context() as mp:  # the server plans its fits with CHUNK_ROWS rows per chunk
+        mp.setattr(fit_service, "plan_gram", functools.partial(fit_service.plan_gram, chunk_rows=CHUNK_ROWS))
+        with ServerThread(create_app(public=folder, max_public_texts=64), max_lifetime_s=300) as srv:
+            yield srv, load_public_states(folder), states.astype(np.float32).astype(np.float64)  # stored as float32
 
 
 def client_parts(public, seed: int = 1) -> tuple[list[np.ndarray], np.ndarray]:
@@ -43,6 +51,21 @@ def client_parts(public, seed: int = 1) -> tuple[list[np.ndarray], np.ndarray]:
     return [Z[train], Z[val]], Z
 
 
+def gram_error(cross: np.ndarray, expected: np.ndarray, train: np.ndarray, s_b) -> float:
+    """The largest error of a decrypted cross product in units of the normalised Gram Ẑ_Aᵀ Ẑ_B the kernel computes
+    (each entry divided by the client's and the provider's range scales)."""
+    scale = np.outer(range_scale(np.asarray(train, dtype=np.float64).std(0)), np.asarray(s_b, dtype=np.float64))
+    return float((np.abs(cross - expected) / scale).max())
+
+
+def gram_tolerance(plan: GramPlan, part: int) -> float:
+    """What the kernel promises for a part's normalised Gram: 2^-output_bits from the answer's modulus switch, plus
+    the encryption noise σ·sqrt(rows)/2^value_bits, each about 2^-10 at the default plan, times the provider's
+    2^shift; six times that is far beyond noise yet far below any wrong bit."""
+    noise = math.sqrt(NOISE_ETA / 2) * math.sqrt(plan.part_rows[part]) / 2.0 ** plan.value_bits
+    return 6 * (2.0 ** -plan.output_bits + noise) * 2.0 ** plan.target_shifts[part]
+
+
 def test_the_decrypted_cross_products_and_stats_equal_numpy(provider):
     srv, public, states = provider
     parts, _ = client_parts(public)
@@ -52,17 +75,18 @@ def test_the_decrypted_cross_products_and_stats_equal_numpy(provider):
         assert texts == small_texts(N, 7) and texts_fingerprint(texts) == fits.public_set()["fingerprint"]
         reply = fits.fit(parts, fits.public_set()["fingerprint"],
                          progress=lambda done, total: ticks.append((done, total)))
-    assert ticks == [(1, 3), (2, 3), (3, 3)]
+    assert ticks == [(128, 300), (225, 300), (300, 300)]  # public rows sent after each chunk, of all rows
     targets = [states[index] for index in public.indices]
     mu_b, s_b = targets[0].mean(0), range_scale(targets[0].std(0))
     np.testing.assert_allclose(reply.client_shift, parts[0].mean(0))
     np.testing.assert_allclose(reply.stats["mu_B"], mu_b, rtol=1e-12)
     np.testing.assert_allclose(reply.stats["s_B"], s_b, rtol=1e-12)
     assert reply.stats["s_B"][3] == 1.0
+    plan = GramPlan.from_dict(reply.plan)
     for p, (x, y) in enumerate(zip(parts, targets)):
         expected = (x - reply.client_shift).T @ (y - mu_b)
         assert reply.cross[p].shape == (D_A, D_B)
-        assert np.abs(reply.cross[p] - expected).max() <= 1e-4 * np.abs(expected).max()
+        assert gram_error(reply.cross[p], expected, parts[0], s_b) <= gram_tolerance(plan, p)
         published = reply.stats["parts"][p]
         assert published["rows"] == len(y)
         np.testing.assert_allclose(published["sum_y"], y.sum(0), rtol=1e-12)
@@ -72,8 +96,31 @@ def test_the_decrypted_cross_products_and_stats_equal_numpy(provider):
         else:
             assert published["yty_diag"] is None
     assert reply.plan["part_rows"] == [225, 75] and reply.plan["chunks"] == [2, 1]
-    assert reply.bytes_sent > 100_000 and reply.bytes_received > 10_000 and reply.provider_ms > 0
-    assert reply.client_ms > 0
+    # every ciphertext byte is counted: the key and chunks up, results down
+    assert plan.upload_bytes < reply.bytes_sent < plan.upload_bytes + 20_000
+    assert plan.download_bytes < reply.bytes_received < plan.download_bytes + 200_000
+    assert reply.provider_ms > 0 and reply.client_ms > 0
+
+
+def test_memory_mapped_parts_give_the_same_fit(provider, tmp_path):
+    """The client reads its parts a chunk at a time: float32 parts memory-mapped from disk fit like the arrays."""
+    srv, public, states = provider
+    parts, _ = client_parts(public, seed=2)
+    mapped = []
+    for p, part in enumerate(parts):
+        np.save(tmp_path / f"part{p}.npy", part.astype(np.float32))
+        mapped.append(np.load(tmp_path / f"part{p}.npy", mmap_mode="r"))
+    assert all(isinstance(m, np.memmap) and m.dtype == np.float32 for m in mapped)
+    with PrivateFitClient(srv.url) as fits:
+        reply = fits.fit(mapped, public.fingerprint)
+    exact = [m.astype(np.float64) for m in mapped]
+    targets = [states[index] for index in public.indices]
+    mu_b = targets[0].mean(0)
+    np.testing.assert_allclose(reply.client_shift, exact[0].mean(0), rtol=1e-12)
+    plan = GramPlan.from_dict(reply.plan)
+    for p, (x, y, got) in enumerate(zip(exact, targets, reply.cross)):
+        expected = (x - reply.client_shift).T @ (y - mu_b)
+        assert gram_error(got, expected, exact[0], reply.stats["s_B"]) <= gram_tolerance(plan, p)
 
 
 def test_the_client_refuses_parts_that_do_not_fit_the_public_set(provider):
@@ -90,6 +137,23 @@ def test_the_client_refuses_parts_that_do_not_fit_the_public_set(provider):
         with pytest.raises(ServerReplyError, match="public_set_mismatch") as caught:
             fits.fit(parts, texts_fingerprint(small_texts(N, 8)))
         assert caught.value.status == 409 and "GET /v1/public-set/texts" in caught.value.message
+
+
+@pytest.mark.xfail(strict=True, reason="library bug: PrivateFitClient._run computes the parts' column shifts "
+                   "(GramPlan.column_shift) after POST /v1/fit/sessions and outside its try/finally: a NaN/inf in "
+                   "the val part raises a bare InvalidLayout, not a ServeError, after a fit of the budget was "
+                   "spent, and the session is never DELETEd (the client's fit slot is held until its TTL)")
+def test_a_non_finite_val_part_is_refused_before_a_fit_is_opened(tmp_path):
+    folder = write_small_public_states(tmp_path / "public", n=40, d=D_B)
+    small = load_public_states(folder)
+    parts, _ = client_parts(small)
+    bad_val = parts[1].copy()
+    bad_val[3, 2] = np.inf
+    with ServerThread(create_app(public=folder, fits_per_client=1), max_lifetime_s=120) as srv, \
+            PrivateFitClient(srv.url) as fits:
+        with pytest.raises(ServeError, match="NaN|inf|finite"):
+            fits.fit([parts[0], bad_val], small.fingerprint)
+        fits.fit(parts, small.fingerprint)  # the refused fit spent none of the client's one fit
 
 
 def test_public_texts_come_in_bounded_pages(provider):

@@ -1,18 +1,28 @@
-"""The private-fit routes and the public-states reader: order, caps, budget, refusals before costly work, fuzz."""
+"""The private-fit routes and the public-states reader: order, caps, budget, refusals before costly work, progress,
+resuming after a lost answer, metrics and logs, hostile messages, fuzz."""
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
+import logging
+import math
 import time
 from urllib.parse import quote
 
 import httpx
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 import serve.fit_service as fit_service
-from encrypted import ClientKeys, GramPlan, encrypt_chunk
+from encrypted import FitKeys, GramPlan, encrypt_chunk, gram_wire, plan_gram, wire
+from encrypted.rlwe import NOISE_ETA, RING_DEGREE, SEED_BYTES, mask
+from serve.fit_client import PrivateFitClient
+from serve.fit_routes import fit_tag
 from serve.formats.folders import ExportError
 from serve.fit_stats import range_scale
+from serve.observability import JsonFormatter
 from serve.formats.digests import texts_fingerprint
 from serve.formats.public_states import load_public_states
 from serve.formats.splits import public_split
@@ -41,7 +51,7 @@ def public(public_dir):
 def plan_and_keys(public_dir):
     app = create_app(public=public_dir)
     plan = app.state.service.fit.plan(D_A)
-    return plan, ClientKeys.generate(plan.layout.profile, plan.layout.rotation_steps)
+    return plan, FitKeys.generate(plan)
 
 
 def chunk(keys, plan: GramPlan, part: int, index: int = 0, seed: int = 0) -> bytes:
@@ -51,29 +61,39 @@ def chunk(keys, plan: GramPlan, part: int, index: int = 0, seed: int = 0) -> byt
 
 def open_fit(http: httpx.Client, keys, fingerprint: str, source_dim: int = D_A) -> httpx.Response:
     return http.post("/v1/fit/sessions", params={"source_dim": source_dim, "fingerprint": fingerprint},
-                     content=keys.public_bytes())
+                     content=keys if isinstance(keys, bytes) else keys.public_bytes())
+
+
+def reframed(message: bytes, **change) -> bytes:
+    """A chunk message rebuilt with some sections' bytes changed (a section's lower-case tag -> a function)."""
+    kind, fingerprint, sections = wire.unpack(message, wire.Kind.CHUNK, ValueError, max_sections=3)
+    return wire.pack(kind, fingerprint, [(tag, change.get(tag.decode().lower(), bytes)(bytes(payload)))
+                                         for tag, payload in sections])
 
 
 class Spy:
-    """Counts how often the server deserialises fit keys or builds accumulators (the costly state)."""
+    """Counts how often the server reads fit keys or builds accumulators (the costly state)."""
 
     def __init__(self, monkeypatch):
         self.keys = self.accumulators = 0
-        real_keys, real_accumulator = fit_service.PublicKeys, fit_service.GramAccumulator
+        real_keys, real_accumulator = fit_service.read_fit_key, fit_service.GramAccumulator
         spy = self
 
-        class Keys:
-            @staticmethod
-            def from_bytes(*args, **kwargs):
-                spy.keys += 1
-                return real_keys.from_bytes(*args, **kwargs)
+        def read_key(*args, **kwargs):
+            spy.keys += 1
+            return real_keys(*args, **kwargs)
 
         def accumulator(*args, **kwargs):
             spy.accumulators += 1
             return real_accumulator(*args, **kwargs)
 
-        monkeypatch.setattr(fit_service, "PublicKeys", Keys)
+        monkeypatch.setattr(fit_service, "read_fit_key", read_key)
         monkeypatch.setattr(fit_service, "GramAccumulator", accumulator)
+
+
+def small_chunks(monkeypatch, rows: int = 8) -> None:
+    """The server plans its fits with `rows` rows per chunk (512 by default): several chunks per part here."""
+    monkeypatch.setattr(fit_service, "plan_gram", functools.partial(fit_service.plan_gram, chunk_rows=rows))
 
 
 def test_refusals_come_before_any_costly_state(public_dir, public, plan_and_keys, monkeypatch):
@@ -100,6 +120,7 @@ def test_refusals_come_before_any_costly_state(public_dir, public, plan_and_keys
         refused = http.post("/v1/fit/sessions", params={"source_dim": D_A, "fingerprint": public.fingerprint},
                             content=keys.public_bytes()[:-100])
         assert refused.status_code == 400 and (spy.keys, spy.accumulators) == (1, 0)
+        assert json_error(refused.content)["code"] == "invalid_keys"
         assert open_fit(http, keys, public.fingerprint).status_code == 201
         assert (spy.keys, spy.accumulators) == (2, 1)
         spent = open_fit(http, keys, public.fingerprint)
@@ -127,7 +148,17 @@ def test_chunks_go_in_order_and_results_once(public_dir, public, plan_and_keys):
         assert garbage.status_code == 400
         wrong = http.post(f"{base}/parts/0/chunks/0", content=chunk(keys, plan, 1))  # part 1's chunk sent as part 0's
         assert wrong.status_code in (400, 422)
-        done = http.post(f"{base}/parts/0/chunks/0", content=chunk(keys, plan, 0))
+        # well-formed containers that do not fit the plan: refused before any arithmetic, and they change nothing
+        real = chunk(keys, plan, 0)
+        short = http.post(f"{base}/parts/0/chunks/0", content=reframed(real, body=lambda b: b[:-1]))
+        assert short.status_code == 400 and json_error(short.content)["code"] == "invalid_ciphertext"
+        assert "BODY" in json_error(short.content)["message"]
+        other = plan_gram(D_A + 1, plan.target_dim, plan.part_rows, plan.key_seed)  # another client's plan
+        foreign = encrypt_chunk(FitKeys.generate(other), other, 0, 0, np.zeros((other.rows(0, 0), D_A + 1)))
+        mismatch = http.post(f"{base}/parts/0/chunks/0", content=foreign)
+        assert mismatch.status_code == 422 and json_error(mismatch.content)["code"] == "parameter_mismatch"
+        assert http.get(base).json()["next_chunk"] == 0  # nothing was added
+        done = http.post(f"{base}/parts/0/chunks/0", content=real)
         assert done.status_code == 200 and done.json()["part_complete"] and done.json()["next"] == {"part": 1,
                                                                                                    "chunk": 0}
         again = http.post(f"{base}/parts/0/chunks/0", content=chunk(keys, plan, 0))
@@ -176,6 +207,174 @@ def test_without_a_public_set_the_fit_routes_say_so(tmp_path):
         for response in (http.get("/v1/fit/plan", params={"source_dim": 4}), http.get("/v1/public-set/texts"),
                          http.post("/v1/fit/sessions", params={"source_dim": 4, "fingerprint": "x"}, content=b"k")):
             assert response.status_code == 404 and json_error(response.content)["code"] == "no_public_set"
+
+
+def served_plan(http: httpx.Client) -> tuple[GramPlan, FitKeys]:
+    plan = GramPlan.from_dict(http.get("/v1/fit/plan", params={"source_dim": D_A}).json())
+    return plan, FitKeys.generate(plan)
+
+
+def test_extreme_but_well_formed_messages_are_evaluated_not_failed_midway(public_dir, public, plan_and_keys):
+    """Where SEAL could refuse a well-formed but degenerate ciphertext mid-evaluation (a transparent one), every bit
+    pattern of a plan's exact lengths is a ring-LWE ciphertext here, so the hostile case is the extreme one: a fit
+    key whose every coefficient is q - 1, chunks of all q - 1 (and all 0) under an all-0xff (and all-0) mask seed.
+    The products are exact mod q (no float overflow), so each chunk is added (200, no 500, no broken part) and the
+    results come back of the plan's exact sizes; an honest fit after it is unaffected."""
+    plan, keys = plan_and_keys
+    top = np.full((plan.secrets, RING_DEGREE), mask(plan.key_bits), dtype=np.int64)
+    with ServerThread(create_app(public=public_dir, fits_per_client=None), max_lifetime_s=120) as srv, \
+            httpx.Client(base_url=srv.url, timeout=60) as http:
+        opened = open_fit(http, gram_wire.write_key(plan, top), public.fingerprint)
+        assert opened.status_code == 201, opened.text
+        base = f"/v1/fit/sessions/{opened.json()['session_id']}"
+        for part in range(len(plan.part_rows)):
+            for c in range(plan.chunks(part)):
+                value = mask(plan.modulus_bits(part)) if part == 0 else 0
+                b = np.full((plan.rows(part, c), D_A), value, dtype=np.int64)
+                seed = b"\xff" * SEED_BYTES if part == 0 else bytes(SEED_BYTES)
+                added = http.post(f"{base}/parts/{part}/chunks/{c}", content=gram_wire.write_chunk(plan, part, c,
+                                                                                                   seed, b))
+                assert added.status_code == 200, added.text
+            for group in range(plan.groups):
+                result = http.get(f"{base}/parts/{part}/result/{group}")
+                assert result.status_code == 200
+                c0, c1 = gram_wire.read_result(result.content, plan, part, group)
+                assert c0.shape == (plan.group_rows(group), D_A) and c1.shape == (plan.group_rows(group), RING_DEGREE)
+        assert http.delete(base).status_code in (204, 404)  # every result fetched may already have closed it
+        honest = open_fit(http, keys, public.fingerprint)
+        base = f"/v1/fit/sessions/{honest.json()['session_id']}"
+        assert http.post(f"{base}/parts/0/chunks/0", content=chunk(keys, plan, 0)).status_code == 200
+
+
+def test_the_progress_route_follows_every_chunk(public_dir, public, monkeypatch):
+    """GET /v1/fit/sessions/{id}: the part and chunk the server expects next, rows done of all rows, the rate and
+    the time left, after every chunk; 404 for a session it does not hold."""
+    small_chunks(monkeypatch)
+    with ServerThread(create_app(public=public_dir), max_lifetime_s=120) as srv, \
+            httpx.Client(base_url=srv.url, timeout=60) as http:
+        plan, keys = served_plan(http)
+        assert [plan.chunks(p) for p in (0, 1)] == [4, 2]  # 30 train rows: 8, 8, 8, 6; 10 val rows: 8, 2
+        base = f"/v1/fit/sessions/{open_fit(http, keys, public.fingerprint).json()['session_id']}"
+        assert http.get(base).json() == {"part": 0, "next_chunk": 0, "rows_done": 0, "rows_total": 40,
+                                         "rows_per_s": 0.0, "eta_s": None}
+        done = 0
+        for part in range(2):
+            for c in range(plan.chunks(part)):
+                assert http.post(f"{base}/parts/{part}/chunks/{c}", content=chunk(keys, plan, part, c)).status_code \
+                    == 200
+                done += plan.rows(part, c)
+                state = http.get(base).json()
+                if c + 1 < plan.chunks(part):
+                    expected = (part, c + 1)
+                else:
+                    expected = (1, 0) if part == 0 else (2, None)  # the next part, or none left
+                assert (state["part"], state["next_chunk"]) == expected, state
+                assert (state["rows_done"], state["rows_total"]) == (done, 40)
+                assert state["rows_per_s"] > 0  # eta_s: the rows left at that rate, both rounded to 0.1
+                assert state["eta_s"] == pytest.approx((40 - done) / state["rows_per_s"], rel=0.01, abs=0.06)
+        assert state["eta_s"] == 0
+        assert http.delete(base).status_code == 204
+        for gone in (base, "/v1/fit/sessions/no-such-fit"):
+            missing = http.get(gone)
+            assert missing.status_code == 404 and json_error(missing.content)["code"] == "fit_session_not_found"
+
+
+class LosesOnce(httpx.HTTPTransport):
+    """Real HTTP, except that chosen chunk POSTs (path suffix -> how) fail once as a reset connection does:
+    "answer" after the server took the chunk (its answer is lost), "request" before the server saw it."""
+
+    def __init__(self, lose: dict[str, str]):
+        super().__init__()
+        self.lose, self.seen = dict(lose), []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        self.seen.append((request.method, path))
+        key = next((k for k in self.lose if request.method == "POST" and path.endswith(k)), None)
+        how = self.lose.pop(key) if key else None
+        if how == "request":
+            raise httpx.WriteError("connection reset while the chunk was sent", request=request)
+        response = super().handle_request(request)
+        if how == "answer":
+            response.read()  # the server has added the chunk
+            response.close()
+            raise httpx.ReadError("connection reset before the answer arrived", request=request)
+        return response
+
+
+def test_a_client_whose_chunk_answer_is_lost_resumes(public_dir, public, monkeypatch):
+    """A chunk POST is not repeated blindly (the server refuses a repeat): the client asks the progress route and
+    resends only a chunk that never arrived. Lost answers mid-part, at a part's last chunk and at the fit's last
+    chunk, and one lost request: the fit completes, each chunk is added once, and it equals plaintext."""
+    small_chunks(monkeypatch)
+    transport = LosesOnce({"/parts/0/chunks/1": "answer", "/parts/0/chunks/2": "request",
+                           "/parts/0/chunks/3": "answer", "/parts/1/chunks/1": "answer"})
+    rng = np.random.default_rng(3)
+    Z = rng.normal(0, 1, (public.rows, D_A)) * 3 + 5
+    train, val = public_split(public.rows, public.manifest["val_fraction"], public.manifest["seed"])
+    parts, ticks = [Z[train], Z[val]], []
+    with ServerThread(create_app(public=public_dir), max_lifetime_s=120) as srv, \
+            PrivateFitClient(srv.url, transport=transport) as fits:
+        reply = fits.fit(parts, public.fingerprint, progress=lambda done, total: ticks.append((done, total)))
+    assert transport.lose == {}  # every planned loss happened
+    assert ticks == [(8, 40), (16, 40), (24, 40), (30, 40), (38, 40), (40, 40)]
+    posts = [path.split("/parts/")[1] for method, path in transport.seen if method == "POST" and "/chunks/" in path]
+    assert posts == ["0/chunks/0", "0/chunks/1", "0/chunks/2", "0/chunks/2", "0/chunks/3", "1/chunks/0",
+                     "1/chunks/1"]  # only the chunk whose request was lost went twice
+    asked = [path for method, path in transport.seen if method == "GET" and "/fit/sessions/" in path
+             and "/parts/" not in path]
+    assert len(asked) == 4  # the progress route, once per loss
+    plan = GramPlan.from_dict(reply.plan)
+    targets = [np.asarray(p, dtype=np.float64) for p in public.parts]
+    mu_b, s_b = targets[0].mean(0), np.asarray(reply.stats["s_B"])
+    scale_a = range_scale(parts[0].std(0))
+    for p, (x, y, got) in enumerate(zip(parts, targets, reply.cross)):
+        expected = (x - reply.client_shift).T @ (y - mu_b)
+        error = np.abs(got - expected) / (scale_a[:, None] * s_b[None, :])  # in units of the normalised Gram
+        # the kernel's precision: 2^-output_bits, plus the encryption noise σ·sqrt(rows)/2^value_bits (as in
+        # test_fit_client.gram_tolerance), six times over
+        noise = math.sqrt(NOISE_ETA / 2) * math.sqrt(plan.part_rows[p]) / 2.0 ** plan.value_bits
+        assert error.max() <= 6 * (2.0 ** -plan.output_bits + noise) * 2.0 ** plan.target_shifts[p], error.max()
+
+
+def metric(http: httpx.Client, name: str) -> float:
+    text = http.get("/metrics").text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+
+
+def test_metrics_count_fit_rows_and_the_log_names_a_fit_without_its_session_id(public_dir, public, monkeypatch,
+                                                                                caplog):
+    """xsilo_fit_rows_total grows by each chunk's rows; each chunk logs one JSON line whose `fit` field (digest id,
+    part, next chunk, rows, rate, time left) never holds the session id, which is the client's capability."""
+    small_chunks(monkeypatch)
+    with ServerThread(create_app(public=public_dir), max_lifetime_s=120) as srv, \
+            httpx.Client(base_url=srv.url, timeout=60) as http, caplog.at_level(logging.INFO, logger="serve"):
+        plan, keys = served_plan(http)
+        session = open_fit(http, keys, public.fingerprint).json()["session_id"]
+        assert metric(http, "xsilo_fit_rows_total") == 0
+        done = []
+        for part in range(2):
+            for c in range(plan.chunks(part)):
+                before = metric(http, "xsilo_fit_rows_total")
+                response = http.post(f"/v1/fit/sessions/{session}/parts/{part}/chunks/{c}",
+                                     content=chunk(keys, plan, part, c))
+                assert response.status_code == 200
+                assert metric(http, "xsilo_fit_rows_total") == before + plan.rows(part, c)
+                done.append(sum(done[-1:]) + plan.rows(part, c))
+        refused = http.post(f"/v1/fit/sessions/{session}/parts/0/chunks/0", content=chunk(keys, plan, 0))
+        assert refused.status_code == 409 and metric(http, "xsilo_fit_rows_total") == 40  # refusals count nothing
+    records = [r for r in caplog.records if hasattr(r, "fit")]
+    lines = [JsonFormatter().format(r) for r in records]
+    assert len(lines) == len(done) == 6
+    tag = hashlib.sha256(session.encode()).hexdigest()[:12]
+    assert fit_tag(session) == tag
+    for text, rows in zip(lines, done):
+        line = json.loads(text)
+        assert session not in text and "\n" not in text
+        assert line["fit"]["id"] == tag and tag in line["msg"]
+        assert set(line["fit"]) == {"id", "part", "next_chunk", "rows_done", "rows_total", "rows_per_s", "eta_s"}
+        assert (line["fit"]["rows_done"], line["fit"]["rows_total"]) == (rows, 40)
+    assert json.loads(lines[-1])["fit"]["next_chunk"] is None and json.loads(lines[-1])["fit"]["eta_s"] == 0
 
 
 # --- fuzz ----------------------------------------------------------------------------------------------------
@@ -239,6 +438,7 @@ def test_fuzzed_fit_and_public_routes_answer_only_4xx(public_dir, public, plan_a
             checked(http.post(target, content=bytes(flipped) if i % 2 else rng.bytes(int(rng.integers(1, 3000)))))
             checked(http.get(f"/v1/fit/sessions/{session}/parts/{segment(rng)}/result/{segment(rng)}"))
             checked(http.delete(f"/v1/fit/sessions/{segment(rng)}"))
+            checked(http.get(f"/v1/fit/sessions/{segment(rng)}"))
             checked(http.get(f"/v1/heads/{segment(rng)}/feature-ood"))
             checked(http.post("/v1/sessions", params={"head": hostile(rng)}, content=rng.bytes(64)))
             counts["rounds"] = i + 1
@@ -336,14 +536,14 @@ def rss(pid: int) -> int:
 
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="needs /proc")
 def test_a_fit_session_holds_its_accumulators_and_nothing_per_chunk(tmp_path):
-    """RSS does not grow with the chunks of a part (bodies and per-chunk layers are dropped), nor with fits opened
+    """RSS does not grow with the chunks of a part (bodies and per-chunk products are dropped), nor with fits opened
     and closed one after another; a session holds at most its plan's accumulators beyond the first chunk."""
     import subprocess
     import sys
 
     from tests.serve.serve_support import ROOT, free_port
 
-    folder = write_small_public_states(tmp_path / "public", n=1024, d=128, val_fraction=0.125)
+    folder = write_small_public_states(tmp_path / "public", n=4096, d=128, val_fraction=0.125)  # 7 train chunks
     port = free_port()
     code = (f"from serve.running import run; run(public={str(folder)!r}, port={port}, log_level='warning', "
             "max_fit_sessions=1, fits_per_client=None)")
@@ -361,7 +561,7 @@ def test_a_fit_session_holds_its_accumulators_and_nothing_per_chunk(tmp_path):
                 time.sleep(0.2)
         with httpx.Client(base_url=url, timeout=60) as http:
             plan = GramPlan.from_dict(http.get("/v1/fit/plan", params={"source_dim": 32}).json())
-            keys = ClientKeys.generate(plan.layout.profile, plan.layout.rotation_steps)
+            keys = FitKeys.generate(plan)
             rng = np.random.default_rng(0)
             messages = [encrypt_chunk(keys, plan, 0, c, rng.normal(0, 1, (plan.rows(0, c), 32)))
                         for c in range(plan.chunks(0))]

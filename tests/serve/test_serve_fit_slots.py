@@ -9,7 +9,7 @@ import httpx
 import numpy as np
 import pytest
 
-from encrypted import ClientKeys, GramPlan, encrypt_chunk
+from encrypted import FitKeys, GramPlan, encrypt_chunk
 from serve.harness import ServerThread
 from serve.server import create_app
 
@@ -28,10 +28,10 @@ def public_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def keys(public_dir):
     plan = create_app(public=public_dir, store="memory://").state.service.fit.plan(D_A)
-    return ClientKeys.generate(plan.layout.profile, plan.layout.rotation_steps)
+    return FitKeys.generate(plan)
 
 
-def open_fit(http: httpx.Client, keys: ClientKeys, fingerprint: str) -> httpx.Response:
+def open_fit(http: httpx.Client, keys: FitKeys, fingerprint: str) -> httpx.Response:
     return http.post("/v1/fit/sessions", params={"source_dim": D_A, "fingerprint": fingerprint},
                      content=keys.public_bytes())
 

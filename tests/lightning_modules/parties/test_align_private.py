@@ -3,10 +3,13 @@ statistics the provider publishes (`xsilo head fit --publish_ood true`), on tiny
 
 The privacy claim is tested where the provider sits: a middleware outermost in its app records every request it
 receives (method, route, query, body size and sha256). Two clients with different private texts (other texts,
-other row counts, another file format and text column) must send the very same requests. CKKS encryption is
-randomised (SEAL compresses each ciphertext, so even its size varies with its random mask); the test fixes that
-randomness (SEAL's seeded PRNG factory, the same seed in both runs), so any byte the private texts touched would
-show as a difference."""
+other row counts, another file format and text column) must send the very same requests. Encryption is
+randomised: the private fit's ring-LWE kernel draws its secret, noise and mask seeds from
+`encrypted.rlwe.random_bytes`, and the encrypted queries use CKKS (SEAL compresses each ciphertext, so even its
+size varies with its random mask). The test fixes both: `encrypted.rlwe.random_bytes` becomes a seeded generator,
+one for the client's threads and one for the provider's, fresh for each run (so the fit key and every chunk are
+the same bytes in both runs whatever the threads' interleaving), and SEAL's PRNG factory is seeded (the same seed
+in both runs), so any byte the private texts touched would show as a difference."""
 from __future__ import annotations
 
 import hashlib
@@ -82,6 +85,24 @@ def fixed_seal_randomness(mp: pytest.MonkeyPatch) -> None:
     mp.setattr(profiles, "seal_context", seeded)
 
 
+def fixed_fit_randomness(mp: pytest.MonkeyPatch) -> None:
+    """The private fit's randomness (`encrypted.rlwe.random_bytes`, looked up at call time) from two fresh seeded
+    generators: one for the client (the main thread and its encryptor thread, which take turns) and one for the
+    provider (its worker threads, one chunk at a time), so the interleaving of the two sides changes no byte."""
+    import threading
+
+    from encrypted import rlwe
+
+    client, provider = np.random.default_rng(0x5EED).bytes, np.random.default_rng(0xB0B).bytes
+
+    def seeded(n: int) -> bytes:
+        thread = threading.current_thread()
+        ours = thread is threading.main_thread() or thread.name.startswith("xsilo-encrypt")
+        return (client if ours else provider)(n)
+
+    mp.setattr(rlwe, "random_bytes", seeded)
+
+
 def private_texts(n: int, seed: int) -> list[str]:
     rng = np.random.default_rng(seed)
     return [" ".join(WORDS[int(i)] for i in rng.integers(0, len(WORDS), int(rng.integers(3, 12)))) + f" p{seed}-{j}"
@@ -113,6 +134,7 @@ def parties(tiny_models, tmp_path_factory):
         mp.setenv("XSILO_HOME", str(root / "client-home"))
         fixed_seal_randomness(mp)
         for name, flags in runs.items():
+            fixed_fit_randomness(mp)  # the same draws in every run
             app = create_app(heads=[root / "heads" / "topics"], public=root / "pub", publish_val_logits=True,
                              store="memory://")  # a fresh server each time: nothing carried over
             app.add_middleware(Recorder, log=logs.setdefault(name, []))  # outermost: sees every byte received
@@ -168,7 +190,8 @@ def stats_of(x: np.ndarray, y: np.ndarray) -> SufficientStats:
 
 def test_the_two_party_adapted_map_equals_the_labs(parties):
     """The lab holds both parties' states and the head: its λ through the head, then `adapt` on the same private
-    states, gives the map the two parties made (1e-6 of its largest weight)."""
+    states, gives the map the two parties made, to the README's 1e-4 of its largest weight (the private fit's
+    ring-LWE kernel returns G to about 2^-10 of the normalised Gram; the CKKS kernel it replaced met 1e-6)."""
     from datamodules.cache import StateCache
     from datamodules.extraction import ExtractionConfig, resolve
     from lightning_modules.parties.private_fit import public_texts_file
@@ -198,9 +221,9 @@ def test_the_two_party_adapted_map_equals_the_labs(parties):
     assert record["lambda"] == lam and record["private_rows"] == len(x_private) == 60
     two_party = AffineMap.from_pretrained(root / "map-a")
     w, w_lab = two_party.weight.double(), lab.weight.double()
-    assert float((w - w_lab).abs().max()) <= 1e-6 * float(w_lab.abs().max())
+    assert float((w - w_lab).abs().max()) <= 1e-4 * float(w_lab.abs().max())
     b, b_lab = two_party.bias.double(), lab.bias.double()
-    assert float((b - b_lab).abs().max()) <= 1e-6 * max(float(b_lab.abs().max()), 1.0)
+    assert float((b - b_lab).abs().max()) <= 1e-4 * max(float(b_lab.abs().max()), 1.0)
 
 
 
