@@ -7,7 +7,8 @@ possible: each side scales a part down by a power of two (`column_shift`) until 
 at most 2^(ceil(log2 rows) + h_p - 2), so every |G| stays below a quarter of the modulus; the provider's shifts are in
 the plan (`target_shifts`), the client's stay with the client. Honest data needs no shift. Every k_p stays within SEAL's 128-bit bound for ring degree
 N = 2048 (`CoeffModulus.MaxBitCount`, 54 bits). The answer is switched down to `c0_bits` and `c1_bits`: enough
-that G keeps `output_bits` fraction bits (the mask's rounding is multiplied by the ternary secret, hence 3 more).
+that the rounding costs G about 2^-output_bits per entry (the mask's rounding is multiplied by the ternary
+secret, hence 3 more bits); the encryption noise adds about 3.2·sqrt(rows)·2^-value_bits (`precision_bits`).
 """
 from __future__ import annotations
 
@@ -238,6 +239,16 @@ class GramPlan:
         return plan
 
 
+def precision_bits(part_rows: Any) -> tuple[int, int]:
+    """(value_bits, output_bits) for a public set of these parts. G's error per entry is about
+    3.2·sqrt(rows)·2^-value_bits (the encryption noise) plus 2^-output_bits (the answer's rounding), against
+    entries of order rows: a public set under 4,096 rows gets the bits that keep the relative error what 4,096
+    rows have at the defaults (16, 10), so a small fit is as exact as a large one."""
+    rows = sum(r for r in part_rows if isinstance(r, int) and not isinstance(r, bool) and r > 0) or 1
+    missing = max(0, 12 - math.ceil(math.log2(rows)))
+    return min(20, DEFAULT_VALUE_BITS + -(-missing // 2)), min(20, DEFAULT_OUTPUT_BITS + missing)
+
+
 def plan_gram(source_dim: int, target_dim: int, part_rows: Any, key_seed: bytes, *,
               chunk_rows: int = DEFAULT_CHUNK_ROWS, target_shifts: tuple[int, ...] | None = None,
               max_accumulator_bytes: int | None = DEFAULT_MAX_ACCUMULATOR_BYTES) -> GramPlan:
@@ -246,8 +257,9 @@ def plan_gram(source_dim: int, target_dim: int, part_rows: Any, key_seed: bytes,
     the provider's `column_shift` per part (None: no shift)."""
     if not isinstance(part_rows, (list, tuple)):
         raise InvalidLayout(f"part_rows must be a list of 1 to {MAX_PARTS} row counts, got {part_rows!r:.100}")
+    bits = precision_bits(part_rows)
     plan = GramPlan(source_dim, target_dim, tuple(part_rows), key_seed, chunk_rows=chunk_rows,
-                    target_shifts=target_shifts)
+                    value_bits=bits[0], output_bits=bits[1], target_shifts=target_shifts)
     if max_accumulator_bytes is not None and plan.accumulator_bytes > max_accumulator_bytes:
         raise InvalidLayout(f"a fit of {source_dim} x {target_dim} needs {plan.accumulator_bytes} bytes of "
                             f"accumulators per part, beyond max_accumulator_bytes={max_accumulator_bytes}; raise the "

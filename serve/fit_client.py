@@ -227,13 +227,18 @@ class PrivateFitClient:
         t0 = time.perf_counter()
         keys = FitKeys.generate(plan)
         shift, scale = train_normaliser(arrays[0])
-        if not (np.isfinite(shift).all() and np.isfinite(scale).all()):
-            raise ServeError("the client's states hold NaN or inf; re-extract them")
+        try:  # every part checked, and its scaling chosen, before a fit is opened
+            shifts = [plan.column_shift(part, column_squares(a, shift, scale)) for part, a in enumerate(arrays)]
+        except EncryptedError:
+            shifts = None
+        if shifts is None or not (np.isfinite(shift).all() and np.isfinite(scale).all()):
+            raise ServeError("the client's states hold NaN or inf (or values too large to normalise); re-extract "
+                             "them")
         client_s = time.perf_counter() - t0
         for attempt in range(2):
             try:
-                cross, stats, provider_ms, spent_s = self._run(keys, plan, arrays, (shift, scale), fingerprint,
-                                                               progress)
+                cross, stats, provider_ms, spent_s = self._run(keys, plan, arrays, (shift, scale, shifts),
+                                                               fingerprint, progress)
                 break
             except ServerReplyError as exc:  # a replica restart lost the accumulators: the fit starts again, once
                 if exc.code != FIT_SESSION_LOST or attempt:
@@ -241,12 +246,12 @@ class PrivateFitClient:
         return GramReply(cross, shift, stats, plan.to_dict(), connection.bytes_sent - sent0,
                          connection.bytes_received - received0, provider_ms, (client_s + spent_s) * 1000)
 
-    def _run(self, keys: FitKeys, plan: GramPlan, arrays: list[np.ndarray], normaliser: tuple[np.ndarray, np.ndarray],
+    def _run(self, keys: FitKeys, plan: GramPlan, arrays: list[np.ndarray], scaling: tuple[Any, Any, list[int]],
              fingerprint: str, progress: Progress | None) -> tuple[list[np.ndarray], dict[str, Any], float, float]:
         """One fit session: open it with the fit key, send every chunk in order (encrypting the next while the
         server adds this one), fetch and decrypt each part's results; (cross products, the provider's stats, its
-        HE ms, the client's seconds)."""
-        connection, shift, scale = self.connection, *normaliser
+        HE ms, the client's seconds). `scaling`: the train mean and scale, and each part's power-of-two shift."""
+        connection, (shift, scale, shifts) = self.connection, scaling
         opened = connection.json("POST", f"{API_PREFIX}/fit/sessions", content=keys.public_bytes(), expect=(201,),
                                  params={"source_dim": plan.source_dim, "fingerprint": fingerprint},
                                  idempotent=False)
@@ -258,10 +263,6 @@ class PrivateFitClient:
         session = f"{API_PREFIX}/fit/sessions/{opened['session_id']}"
         provider_ms, client_s, cross = 0.0, 0.0, []
         order = [(part, chunk) for part in range(len(plan.part_rows)) for chunk in range(plan.chunks(part))]
-
-        t0 = time.perf_counter()
-        shifts = [plan.column_shift(part, column_squares(a, shift, scale)) for part, a in enumerate(arrays)]
-        client_s += time.perf_counter() - t0
 
         def encrypted(index: int) -> tuple[bytes, float]:
             part, chunk = order[index]

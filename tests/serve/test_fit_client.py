@@ -139,10 +139,6 @@ def test_the_client_refuses_parts_that_do_not_fit_the_public_set(provider):
         assert caught.value.status == 409 and "GET /v1/public-set/texts" in caught.value.message
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: PrivateFitClient._run computes the parts' column shifts "
-                   "(GramPlan.column_shift) after POST /v1/fit/sessions and outside its try/finally: a NaN/inf in "
-                   "the val part raises a bare InvalidLayout, not a ServeError, after a fit of the budget was "
-                   "spent, and the session is never DELETEd (the client's fit slot is held until its TTL)")
 def test_a_non_finite_val_part_is_refused_before_a_fit_is_opened(tmp_path):
     folder = write_small_public_states(tmp_path / "public", n=40, d=D_B)
     small = load_public_states(folder)
