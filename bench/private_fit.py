@@ -18,6 +18,7 @@ The last line is JSON with the figures.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -31,7 +32,7 @@ SERVER = """
 import sys, time
 from serve.harness import ServerThread
 from serve.server import create_app
-with ServerThread(create_app(public=sys.argv[1]), max_lifetime_s=3600) as server:
+with ServerThread(create_app(public=sys.argv[1], store="memory://"), max_lifetime_s=3600) as server:
     print(server.url, flush=True)
     sys.stdin.read()
 """
@@ -119,7 +120,8 @@ def run(n: int, args: argparse.Namespace, tmp: Path) -> dict:
     t0 = time.perf_counter()
     left @ right
     product_s = time.perf_counter() - t0
-    del left, right, z_b
+    del left, right, z_a, z_b, stats
+    gc.collect()
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "PYTHONPATH": str(ROOT)}

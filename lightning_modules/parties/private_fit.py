@@ -28,6 +28,7 @@ from lightning_modules.fitting.solvers import LAMBDA_ESTIMATORS, LambdaPath, sol
 from lightning_modules.fitting.stats import SufficientStats
 from lightning_modules.parties.head_probe import check_budgets, head_val_stats, probe
 from lightning_modules.settings import FitSettings
+from serve.fit_stats import STEP_ROWS
 from serve.formats.maps import MapConfig
 
 if TYPE_CHECKING:
@@ -83,9 +84,14 @@ def part_stats(parts: Sequence[np.ndarray], reply: "GramReply") -> list[Sufficie
             got = pub.get("rows") if isinstance(pub, dict) else pub
             raise PrivateFitError(f"the provider's {name} part has {got} rows but the client's has {x.shape[0]}; "
                                   "split the public set with its val_fraction and seed")
-        if not np.isfinite(x).all():
-            raise PrivateFitError(f"the client's {name} states hold NaN/inf; re-extract them")
         n = x.shape[0]
+        sum_x, xtx = np.zeros(d_a), np.zeros((d_a, d_a))
+        for lo in range(0, n, STEP_ROWS):  # a block at a time: the parts may be memory-mapped, and large
+            block = np.asarray(x[lo:lo + STEP_ROWS], dtype=np.float64)
+            if not np.isfinite(block).all():
+                raise PrivateFitError(f"the client's {name} states hold NaN/inf; re-extract them")
+            sum_x += block.sum(axis=0)
+            xtx += block.T @ block
         xty_centred = _array(cross, (d_a, d_b), f"the reply's {name} cross products")
         sum_y = _array(pub.get("sum_y"), (d_b,), f"the provider's {name} sum_y")
         if pub.get("yty_diag") is not None:
@@ -96,12 +102,10 @@ def part_stats(parts: Sequence[np.ndarray], reply: "GramReply") -> list[Sufficie
                                       "server is not an xsilo fit server or is too old")
             trace = _array(pub.get("trace"), (), f"the provider's {name} trace")
             yty = np.full(d_b, float(trace) / d_b)
-        x64 = x.astype(np.float64)
-        sum_x = x64.sum(axis=0)
         xty = xty_centred + np.outer(sum_x, mu_b) + np.outer(shift, sum_y) - n * np.outer(shift, mu_b)
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64))  # noqa: E731
         out.append(SufficientStats(torch.tensor(float(n), dtype=torch.float64), t(sum_x), t(sum_y),
-                                   t(x64.T @ x64), t(xty), t(yty)))
+                                   t(xtx), t(xty), t(yty)))
     return out
 
 
