@@ -140,7 +140,7 @@ def main() -> None:
         W32, b32 = W.astype(np.float32).astype(np.float64), b.astype(np.float32).astype(np.float64)
         for sigma in noise:
             start = time.perf_counter()
-            with ServerThread(create_app(export, output_noise=sigma), max_lifetime_s=900) as srv, \
+            with ServerThread(create_app(export, output_noise=sigma, store="memory://"), max_lifetime_s=900) as srv, \
                     httpx.Client(base_url=srv.url, timeout=60) as http:
                 layout = LinearLayout.from_dict(http.get("/v1/model").json()["layout"])
                 keys = ClientKeys.generate(layout.profile, layout.rotation_steps)

@@ -86,7 +86,7 @@ def main() -> None:
                                      fit.lambdas, fit.center, fit.standardize, criterion="head", head=head,
                                      head_val=stats_of(parts[1], lab_logits))
 
-        app = create_app(heads=[head_dir], public=public_dir, publish_val_logits=True)
+        app = create_app(heads=[head_dir], public=public_dir, publish_val_logits=True, store="memory://")
         with ServerThread(app, max_lifetime_s=1800) as server, PrivateFitClient(server.url, timeout=600) as client:
             info = client.public_set()
             t0 = time.perf_counter()
