@@ -2,7 +2,6 @@
 for the messages. Each answers 404 `no_public_set` on a server without a public set."""
 from __future__ import annotations
 
-import hashlib
 import logging
 from typing import Any, Callable
 
@@ -11,16 +10,12 @@ from fastapi.responses import JSONResponse, Response
 
 from .api import BODY_ERRORS, ERROR_RESPONSES, OCTET_REPLY, ApiError, raw_body, read_body
 from .fit_service import FitService
+from .observability import session_tag
 from .identity import Identity
 from .protocol import API_PREFIX, OCTET_STREAM, SERVER_TIMING_HEADER
 from .settings import ServerSettings
 
 log = logging.getLogger("serve")
-
-
-def fit_tag(session_id: str) -> str:
-    """A fit's name in logs: a digest prefix, never the session id itself (it is the client's capability)."""
-    return hashlib.sha256(session_id.encode()).hexdigest()[:12]
 
 
 def no_public_set() -> ApiError:
@@ -108,8 +103,8 @@ def add_fit_routes(app: FastAPI, fit: FitService | None, identify: Callable[...,
         if fits.metrics is not None:
             fits.metrics.fit_bytes("in", len(body))
             fits.metrics.fit_rows(session.plan.rows(part, chunk))
-        log.info("fit %s: %d/%d rows, %.0f rows/s", fit_tag(session_id), progress["rows_done"],
-                 progress["rows_total"], progress["rows_per_s"], extra={"fit": {"id": fit_tag(session_id), **progress}})
+        log.info("fit %s: %d/%d rows, %.0f rows/s", session_tag(session_id), progress["rows_done"],
+                 progress["rows_total"], progress["rows_per_s"], extra={"fit": {"id": session_tag(session_id), **progress}})
         complete = session.part > part
         payload = {"part": part, "chunk": chunk, "part_complete": complete,
                    "next": None if session.part >= len(session.plan.part_rows) else

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -67,9 +68,19 @@ def json_log_config(level: str = "info") -> dict[str, Any]:
             "root": {"handlers": ["json"], "level": "WARNING"}}
 
 
+SESSION_IN_PATH = re.compile(r"(/sessions/)([^/]+)")
+
+
+def session_tag(session_id: str) -> str:
+    """A session's name in logs: a digest prefix, never the id itself (the id is the client's capability)."""
+    return hashlib.sha256(session_id.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+
+
 def loggable(scope: dict) -> str:
-    """The request path, escaped (a decoded path may hold newlines) and shortened."""
-    return str(scope.get("path", "")).encode("unicode_escape").decode("ascii")[:200]
+    """The request path with session ids replaced by their `session_tag`, escaped (a decoded path may hold
+    newlines) and shortened."""
+    path = SESSION_IN_PATH.sub(lambda m: m.group(1) + session_tag(m.group(2)), str(scope.get("path", "")))
+    return path.encode("unicode_escape").decode("ascii")[:200]
 
 
 def request_id(scope: dict) -> str:

@@ -19,7 +19,7 @@ import serve.fit_service as fit_service
 from encrypted import FitKeys, GramPlan, encrypt_chunk, gram_wire, plan_gram, wire
 from encrypted.rlwe import NOISE_ETA, RING_DEGREE, SEED_BYTES, mask
 from serve.fit_client import PrivateFitClient
-from serve.fit_routes import fit_tag
+from serve.observability import session_tag
 from serve.formats.folders import ExportError
 from serve.fit_stats import range_scale
 from serve.observability import JsonFormatter
@@ -367,7 +367,11 @@ def test_metrics_count_fit_rows_and_the_log_names_a_fit_without_its_session_id(p
     lines = [JsonFormatter().format(r) for r in records]
     assert len(lines) == len(done) == 6
     tag = hashlib.sha256(session.encode()).hexdigest()[:12]
-    assert fit_tag(session) == tag
+    assert session_tag(session) == tag
+    requests = [JsonFormatter().format(r) for r in caplog.records if hasattr(r, "path")]
+    assert len(requests) >= 7  # every request line names the session by its tag, never by its id
+    assert all(session not in text for text in requests)
+    assert any(f"/sessions/{tag}/parts/0/chunks/0" in json.loads(text)["path"] for text in requests)
     for text, rows in zip(lines, done):
         line = json.loads(text)
         assert session not in text and "\n" not in text
