@@ -38,8 +38,7 @@ class EncryptedLinear:
 
     def __init__(self, weight: Any, bias: Any = None, profile: CkksProfile = DEFAULT_PROFILE, *,
                  pairing: str = "outputs", max_galois_keys: int = 10, baby: int | None = None,
-                 circuit_privacy: int | None = None, input_norm_bound: float = 256.0, output_noise: float = 0.0,
-                 allow_zero_blocks: bool = False):
+                 circuit_privacy: int | None = None, input_norm_bound: float = 256.0, output_noise: float = 0.0):
         """`pairing="outputs"` gives the lowest latency per query; `"inputs"` packs two inputs per slot,
         which doubles `lanes` for batches at a small cost per ciphertext (see `encrypted.layout`).
 
@@ -52,8 +51,7 @@ class EncryptedLinear:
         noise to every output of every reply, the same in each of its replica slots.
 
         `baby` fixes the baby-step count (default: the layout's cost model). A block of outputs whose weights are
-        all zero is refused (a reply must depend on the query) unless `allow_zero_blocks`, which the private fit's
-        per-chunk layers pass: there such a block gets the unit product of `accumulate`, so it decrypts to zeros."""
+        all zero is refused (a reply must depend on the query)."""
         W = np.asarray(weight, dtype=np.float64)
         if W.ndim != 2 or 0 in W.shape:
             raise EncryptedError(f"weight must be a non-empty (k, d) matrix, got shape {W.shape}")
@@ -66,7 +64,6 @@ class EncryptedLinear:
         self.weight, self.bias, self.profile = W, b, profile
         self.layout: LinearLayout = plan_layout(profile, d, k, pairing=pairing, max_galois_keys=max_galois_keys,
                                                 baby=baby)
-        self.allow_zero_blocks = bool(allow_zero_blocks)
         if not (isinstance(output_noise, (int, float)) and math.isfinite(output_noise) and output_noise >= 0):
             raise EncryptedError(f"output_noise must be a finite std >= 0, got {output_noise!r}")
         self.output_noise = float(output_noise)
@@ -76,7 +73,6 @@ class EncryptedLinear:
         self._evaluator = seal.Evaluator(context)
         self._encoder = seal.CKKSEncoder(context)
         self._diagonals, self._bias_plain = self._encode()
-        self._unit = self._unit_plain() if not all(any(groups) for groups in self._diagonals) else None
 
     # --- construction -------------------------------------------------------------------------------
 
@@ -153,7 +149,7 @@ class EncryptedLinear:
                     self._encoder.encode(np.repeat(z, stride).tolist(), top, weight_scale, plain)
                     group.append((j, plain))
                 groups.append(group)
-            if not any(groups) and not self.allow_zero_blocks:
+            if not any(groups):
                 raise EncryptedError(f"weight rows of output block {block} are all zero; an encrypted reply must "
                                      "depend on the query: drop those outputs or use a nonzero weight")
             diagonals.append(groups)
@@ -161,16 +157,6 @@ class EncryptedLinear:
             self._encoder.encode(np.repeat(bc[block * kp + i % kp], stride).tolist(), low, self.profile.scale, plain)
             bias_plain.append(plain)
         return diagonals, bias_plain
-
-    def _unit_plain(self) -> Any:
-        """The constant polynomial 1 at the weight scale q (the prime the rescale drops): a product with it is
-        Enc(x / q), x / q ~ 1e-12 x, which the rescale's own rounding already exceeds. SEAL refuses a product that
-        is exactly zero (a transparent ciphertext), so a block without weights is answered with this."""
-        context = self.profile.context()
-        q = float(context.first_context_data().parms().coeff_modulus()[-1].value())
-        plain = seal.Plaintext()
-        self._encoder.encode(1.0 / q, context.first_parms_id(), q, plain)
-        return plain
 
     # --- public properties -------------------------------------------------------------------------
 
@@ -288,9 +274,6 @@ class EncryptedLinear:
                         term = seal.Ciphertext()
                     ev.multiply_plain(rotated[j], plain, term)
                     ev.add_inplace(block[gi], term)
-            if all(part is None for part in block):  # no weights in this block so far (see `_unit_plain`)
-                block[0] = seal.Ciphertext()
-                ev.multiply_plain(x, self._unit, block[0])
         return partials
 
     def finish(self, partials: list[list[Any]], galois_keys: Any, bias: bool = True) -> list[Any]:
