@@ -61,8 +61,10 @@ FIX_HINTS = {
     Kind.SECRET_KEYS: "load the bytes that ClientKeys.to_bytes() wrote",
     Kind.QUERY: "send the bytes that encrypted.encrypt(keys, layout, X) returns",
     Kind.REPLY: "pass the bytes that EncryptedLinear.apply returned",
-    Kind.CHUNK: "send the bytes that encrypted.encrypt_chunk(keys, plan, part, chunk, Z) returns",
-    Kind.FIT_KEY: "send the bytes of FitKeys.public_bytes() for the plan the server published",
+    Kind.CHUNK: "send the bytes that encrypted.encrypt_chunk(keys, plan, part, chunk, Z) returns (or a fit chunk "
+                "as docs/protocol.md section 6 defines it)",
+    Kind.FIT_KEY: "send the bytes of FitKeys.public_bytes() for the plan the server published (docs/protocol.md "
+                  "section 6)",
     Kind.FIT_RESULT: "pass the bytes that GramAccumulator.results returned, for this plan and part",
 }
 

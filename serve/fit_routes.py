@@ -44,6 +44,13 @@ def add_fit_routes(app: FastAPI, fit: FitService | None, identify: Callable[...,
         end = min(offset + count, public.rows)
         return {"texts": public.texts[offset:end], "offset": offset, "next": end if end < public.rows else None}
 
+    @app.get(f"{API_PREFIX}/public-set/split", dependencies=auth, responses=ERROR_RESPONSES, tags=["private fit"])
+    async def public_split() -> dict[str, Any]:
+        """Which public rows form each part of a private fit: the val part's text indices, ascending; the train
+        part is every other row, ascending. Part p's states go to the fit in this order."""
+        public = service().public
+        return {"rows": public.rows, "val": [int(i) for i in public.indices[1]]}
+
     def source_dim_query() -> Any:
         return Query(..., ge=1, le=1 << 40, description="the client's state dimension d_A")
 

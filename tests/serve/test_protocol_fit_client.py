@@ -9,9 +9,8 @@ uses only `create_app` and `ServerThread` (a real server in a thread) and `write
 
 The decrypted G_p of every part must equal Ẑ_Aᵀ Ẑ_B of that part (each side normalised by its own train
 mean and std) within the precision section 6 states. Where the document left a choice open, the reading that
-works is the one written here, and a comment marked `DOC:` says which sentence was insufficient. Two gaps could
-not be closed from the document: which public rows form each part (taken from the provider's folder,
-`load_public_states(...).indices`), and that the session closes once its last result is fetched.
+works is the one written here, and a comment marked `DOC:` says which sentence was insufficient (the document
+has since been made explicit at each of them; the parts' rows now come from GET /v1/public-set/split).
 """
 from __future__ import annotations
 
@@ -280,10 +279,12 @@ def test_private_fit_from_the_document_alone(world):
     seed_input = b"xsilo private fit key seed\x00" + public.fingerprint.encode()
     assert plan["key_seed"] == hashlib.sha256(seed_input).hexdigest()
 
-    # DOC: which rows of the public set form each part is nowhere in the document (`/v1/model` public_set gives
-    # only `seed`, `val_fraction` and the part sizes, not the rule or the indices); the split is taken from the
-    # provider's folder (`load_public_states(...).indices`), rows of a part in ascending text order.
-    indices = [np.asarray(i) for i in public.indices]
+    # Which rows form each part: GET /v1/public-set/split (val indices, ascending; train is every other row).
+    split = http.get("/v1/public-set/split").json()
+    assert split["rows"] == ROWS
+    val = np.asarray(split["val"], dtype=np.int64)
+    indices = [np.setdiff1d(np.arange(ROWS), val), val]
+    assert all(np.array_equal(i, j) for i, j in zip(indices, public.indices))  # the provider's own split
     assert [i.size for i in indices] == plan["part_rows"] and all(np.all(np.diff(i) > 0) for i in indices)
     z_hat_a, _, _ = normalise_by_train([z_a[i] for i in indices])
 

@@ -589,3 +589,14 @@ def test_a_fit_session_holds_its_accumulators_and_nothing_per_chunk(tmp_path):
     finally:
         process.terminate()
         process.wait(15)
+
+
+def test_the_split_route_lists_the_parts_rows_as_the_public_set_holds_them(public_dir, public):
+    """A client in any language learns which public rows form each part from GET /v1/public-set/split (the val
+    part's indices; train is every other row), the same split the provider's states are stored in."""
+    with ServerThread(create_app(public=public_dir), max_lifetime_s=60) as srv, \
+            httpx.Client(base_url=srv.url, timeout=30) as http:
+        split = http.get("/v1/public-set/split").json()
+    assert split["rows"] == public.rows and split["val"] == public.indices[1].tolist()
+    train = sorted(set(range(public.rows)) - set(split["val"]))
+    assert train == public.indices[0].tolist() and split["val"] == sorted(split["val"])
