@@ -208,7 +208,7 @@ class PrivateFitClient:
         `fingerprint` is that of the texts the states were extracted on; the server refuses another (409). The
         parts may be memory-mapped: they are read, normalised and encrypted one chunk at a time (the next chunk is
         encrypted while the server adds the current one), so memory is bounded by the chunk, not the pool.
-        `progress(rows_sent, rows_total)` is called after each chunk."""
+        `progress(rows_sent, rows_total)` is called with 0 when the upload starts, then after each chunk."""
         public = self.public_set()
         expected = [int(public["parts"][name]) for name in ("train", "val")]
         arrays = [p if isinstance(p, np.ndarray) else np.asarray(p, dtype=np.float64) for p in parts]
@@ -276,6 +276,8 @@ class PrivateFitClient:
             return message, time.perf_counter() - t0
 
         rows_sent, rows_total = 0, sum(plan.part_rows)
+        if progress is not None:
+            progress(0, rows_total)  # the upload starts: a caller times its rate from here
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="xsilo-encrypt") as encryptor:
             try:
                 upcoming = encryptor.submit(encrypted, 0)

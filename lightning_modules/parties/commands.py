@@ -251,13 +251,15 @@ def align(
     from serve.http_client import mb
 
     quiet()
-    last, began = [0.0], time.monotonic()
+    last, began = [0.0], [time.monotonic()]
 
     def progress(done: int, total: int) -> None:
         now = time.monotonic()
-        if done == total or now - last[0] > float(os.environ.get("XSILO_PROGRESS_S", "10")):
+        if done == 0:  # the encrypted upload starts (after extraction): its rate counts from here
+            began[0] = last[0] = now
+        elif done == total or now - last[0] > float(os.environ.get("XSILO_PROGRESS_S", "10")):
             last[0] = now
-            rate = done / max(now - began, 1e-9)
+            rate = done / max(now - began[0], 1e-9)
             print(f"fit: {done}/{total} public rows sent, {rate:.0f} rows/s, {(total - done) / rate:.0f} s left",
                   file=sys.stderr)
 

@@ -75,7 +75,7 @@ def test_the_decrypted_cross_products_and_stats_equal_numpy(provider):
         assert texts == small_texts(N, 7) and texts_fingerprint(texts) == fits.public_set()["fingerprint"]
         reply = fits.fit(parts, fits.public_set()["fingerprint"],
                          progress=lambda done, total: ticks.append((done, total)))
-    assert ticks == [(128, 300), (225, 300), (300, 300)]  # public rows sent after each chunk, of all rows
+    assert ticks == [(0, 300), (128, 300), (225, 300), (300, 300)]  # the start, then rows sent after each chunk
     targets = [states[index] for index in public.indices]
     mu_b, s_b = targets[0].mean(0), range_scale(targets[0].std(0))
     np.testing.assert_allclose(reply.client_shift, parts[0].mean(0))
