@@ -242,11 +242,12 @@ class GramPlan:
 def precision_bits(part_rows: Any) -> tuple[int, int]:
     """(value_bits, output_bits) for a public set of these parts. G's error per entry is about
     3.2·sqrt(rows)·2^-value_bits (the encryption noise) plus 2^-output_bits (the answer's rounding), against
-    entries of order rows: a public set under 4,096 rows gets the bits that keep the relative error what 4,096
-    rows have at the defaults (16, 10), so a small fit is as exact as a large one."""
+    entries of order rows: a public set under 4,096 rows gets at least the bits that keep the relative error what
+    4,096 rows have at the defaults (16, 10), and as much again in margin (small sets have small messages, and
+    often ill-conditioned solves), so a small fit is at least as exact as a large one."""
     rows = sum(r for r in part_rows if isinstance(r, int) and not isinstance(r, bool) and r > 0) or 1
     missing = max(0, 12 - math.ceil(math.log2(rows)))
-    return min(20, DEFAULT_VALUE_BITS + -(-missing // 2)), min(20, DEFAULT_OUTPUT_BITS + missing)
+    return min(20, DEFAULT_VALUE_BITS + missing), min(20, DEFAULT_OUTPUT_BITS + 2 * missing)
 
 
 def plan_gram(source_dim: int, target_dim: int, part_rows: Any, key_seed: bytes, *,

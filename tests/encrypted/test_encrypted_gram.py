@@ -172,8 +172,8 @@ def test_plan_dict_round_trips_through_json():
     assert again == plan and again.fingerprint == plan.fingerprint
     big = plan_gram(BIG_SOURCE, BIG_TARGET, BIG_PARTS, SEED, chunk_rows=BIG_CHUNK_ROWS)
     assert GramPlan.from_dict(json.loads(json.dumps(big.to_dict()))) == big
-    bits = precision_bits(PARTS)  # 145 rows: more bits than the defaults, as many as 4,096 rows need
-    assert bits == (18, 14) and precision_bits((3584, 512)) == (16, 10) == precision_bits((45000, 5000))
+    bits = precision_bits(PARTS)  # 145 rows: more bits than the defaults (what 4,096 rows need, and margin)
+    assert bits == (20, 18) and precision_bits((3584, 512)) == (16, 10) == precision_bits((45000, 5000))
     assert plan_gram(SOURCE, TARGET, PARTS, SEED, chunk_rows=CHUNK_ROWS) == GramPlan(
         SOURCE, TARGET, PARTS, SEED, chunk_rows=CHUNK_ROWS, value_bits=bits[0], output_bits=bits[1])
     assert key_seed_for("test public set") == SEED != key_seed_for("another public set")

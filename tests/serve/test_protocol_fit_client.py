@@ -142,8 +142,8 @@ def plan_fingerprint(plan: dict) -> bytes:
 def check_plan(plan: dict, public_rows: int) -> None:
     """Every derived number of the plan, from the formulas of section 6."""
     m = max(0, 12 - math.ceil(math.log2(public_rows)))
-    v = min(20, 16 + math.ceil(m / 2))
-    assert plan["value_bits"] == v and plan["output_bits"] == min(20, 10 + m)
+    v = min(20, 16 + m)
+    assert plan["value_bits"] == v and plan["output_bits"] == min(20, 10 + 2 * m)
     assert plan["ring_degree"] == 2048 and plan["chunk_rows"] == 512 and plan["result_rows"] == 64
     assert plan["groups"] == math.ceil(plan["target_dim"] / plan["result_rows"])
     for p, rows in enumerate(plan["part_rows"]):
