@@ -102,6 +102,8 @@ def matmul_mod(small: np.ndarray, big: np.ndarray, bits: int, small_bound: int) 
     rows, inner = small.shape
     out = np.zeros((rows, big.shape[1]), dtype=np.int64)
     small_bits = max(1, math.ceil(math.log2(small_bound + 1)))
+    if small_bits > 40 or not 1 <= bits <= 62:  # the kernel's operands are far inside these
+        raise ValueError(f"matmul_mod takes |small| < 2^40 and a modulus of 1 to 62 bits, got {small_bits}, {bits}")
     block = inner
     while True:  # the widest limb that the block allows, at most 3 limbs (else halve the block)
         limb = EXACT_BITS - 1 - small_bits - max(1, math.ceil(math.log2(block)))
