@@ -116,6 +116,8 @@ def decrypt_gram(keys: FitKeys, plan: GramPlan, part: int, results: list[bytes])
     """G = Ẑ_Aᵀ Ẑ_B of one part, (source_dim, target_dim), from its `plan.groups` results in group order."""
     _check_plan(plan)
     plan.check_part(part)
+    if not isinstance(keys, FitKeys) or keys.plan != plan:
+        raise ParameterMismatch("decrypt with the FitKeys made for this plan (FitKeys.generate(plan))")
     if not isinstance(results, (list, tuple)) or len(results) != plan.groups:
         got = len(results) if isinstance(results, (list, tuple)) else type(results).__name__
         raise EncryptedError(f"a part's result is a list of {plan.groups} messages (one per group, in order), "

@@ -732,3 +732,11 @@ def test_misused_arguments_raise_encrypted_errors():
         read_fit_key(strided, plan)
     with pytest.raises(InvalidCiphertext, match="contiguous"):
         GramAccumulator(plan, 0, part_rows(plan, B, 0)).add(strided, 0, key)
+
+
+def test_results_decrypt_only_with_the_keys_of_their_plan():
+    plan, keys, key, A, B = setup()
+    with pytest.raises(ParameterMismatch, match="FitKeys made for this plan"):
+        decrypt_gram(FitKeys.generate(another_plan()), plan, 0, [b""] * plan.groups)
+    with pytest.raises(ParameterMismatch, match="FitKeys made for this plan"):
+        decrypt_gram(key, plan, 0, [b""] * plan.groups)
