@@ -24,6 +24,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
+import numpy as np
+
 from encrypted import EncryptedError, GramAccumulator, GramPlan, key_seed_for, plan_gram, read_fit_key
 
 from .api import ApiError, input_error
@@ -77,7 +79,8 @@ class FitService:
         self.key_seed = key_seed_for(public.fingerprint)
         try:  # the public set itself must fit the kernel's moduli (rows per part), whatever the client
             probe = plan_gram(1, public.hidden_size, public.part_rows, self.key_seed, max_accumulator_bytes=None)
-            self.target_shifts = tuple(probe.column_shift(p, (t * t).sum(axis=0)) for p, t in enumerate(self.targets))
+            self.target_shifts = tuple(probe.column_shift(p, np.einsum("ij,ij->j", t, t))
+                                       for p, t in enumerate(self.targets))
         except EncryptedError as exc:
             raise ExportError(f"{public.directory} cannot be served for private fits: {exc}") from None
         self.sessions = SessionStore(settings.max_fit_sessions, settings.fit_session_ttl_s, evict=False, clock=clock)
