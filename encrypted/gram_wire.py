@@ -25,14 +25,10 @@ def _open(data: Any, kind: Kind, plan: GramPlan, tags: dict[bytes, tuple[int, in
     what, fix = wire.KIND_NAMES[kind], wire.FIX_HINTS[kind]
     if isinstance(data, (bytes, bytearray, memoryview)) and memoryview(data).nbytes > limit:
         raise error(f"{what} of {memoryview(data).nbytes} bytes exceeds the {limit} bytes this plan allows; {fix}")
-    got_kind, fingerprint, sections = wire.unpack(data, kind, error, max_sections=len(tags))
-    if got_kind != kind:
-        raise error(f"expected a {what}, got {wire.KIND_NAMES[got_kind]}; {fix}")
-    if fingerprint != plan.fingerprint:
-        raise ParameterMismatch(f"{what} was made for another fit plan; {fix} (GET /v1/fit/plan again)")
-    grouped = wire.section_map(sections, tags, what, error)
-    meta = wire.load_json(grouped[b"META"][0], what, error)
-    if not isinstance(meta, dict) or any(isinstance(v, bool) or not isinstance(v, int) for v in meta.values()):
+    meta, grouped = wire.open_container(data, kind, plan.fingerprint, tags, error, ParameterMismatch,
+                                        f"{what} was made for another fit plan; {fix} (GET /v1/fit/plan again)",
+                                        max_sections=len(tags))
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in meta.values()):
         raise error(f"{what}: META must be a JSON object of ints; {fix}")
     return meta, grouped
 

@@ -45,17 +45,10 @@ def write_query(layout: LinearLayout, ciphertext_blob: bytes, count: int) -> byt
 
 
 def _open(data: Any, kind: Kind, layout: LinearLayout, ciphertexts: tuple[int, int]) -> tuple[dict, list]:
-    what = wire.KIND_NAMES[kind]
-    got_kind, fingerprint, sections = wire.unpack(data, kind, InvalidCiphertext)
-    if got_kind != kind:
-        raise InvalidCiphertext(f"expected a {what}, got {wire.KIND_NAMES[got_kind]}; {wire.FIX_HINTS[kind]}")
-    if fingerprint != layout.profile.fingerprint:
-        raise ParameterMismatch(f"{what} was made with other CKKS parameters than profile "
-                                f"{layout.profile.to_dict()}; encrypt with keys made for layer.layout.profile")
-    grouped = wire.section_map(sections, {b"META": (1, 1), b"CTXT": ciphertexts}, what, InvalidCiphertext)
-    meta = wire.load_json(grouped[b"META"][0], what, InvalidCiphertext)
-    if not isinstance(meta, dict):
-        raise InvalidCiphertext(f"{what}: META section must be a JSON object")
+    meta, grouped = wire.open_container(
+        data, kind, layout.profile.fingerprint, {b"META": (1, 1), b"CTXT": ciphertexts}, InvalidCiphertext,
+        ParameterMismatch, f"{wire.KIND_NAMES[kind]} was made with other CKKS parameters than profile "
+                           f"{layout.profile.to_dict()}; encrypt with keys made for layer.layout.profile")
     return meta, grouped[b"CTXT"]
 
 
@@ -74,7 +67,7 @@ def _load_ciphertext(blob: memoryview, profile: CkksProfile, parms_id: list[int]
         raise ParameterMismatch(f"{what}: ciphertext is at another modulus level or parameter set than expected; {fix}")
     if ct.size() != 2 or not ct.is_ntt_form():
         raise InvalidCiphertext(f"{what}: expected a 2-polynomial CKKS ciphertext in NTT form; {fix}")
-    if kind in (Kind.QUERY, Kind.CHUNK) and ct.is_transparent():  # SEAL refuses every product with it
+    if kind == Kind.QUERY and ct.is_transparent():  # SEAL refuses every product with it
         raise InvalidCiphertext(f"{what}: ciphertext is transparent (its mask polynomial is zero), so it encrypts "
                                 f"nothing; {fix}")
     if abs(ct.scale / profile.scale - 1.0) > 1e-9:

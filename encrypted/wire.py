@@ -135,6 +135,24 @@ def section_map(sections: list[tuple[bytes, memoryview]], allowed: dict[bytes, t
     return grouped
 
 
+def open_container(data: Any, kind: Kind, fingerprint: bytes, tags: dict[bytes, tuple[int, int]],
+                   error: type[Exception], mismatch: type[Exception], mismatch_message: str,
+                   max_sections: int = MAX_SECTIONS) -> tuple[dict, dict[bytes, list[memoryview]]]:
+    """A message of `kind`: its container, kind, fingerprint (`mismatch(mismatch_message)` when not
+    `fingerprint`), sections (`tags`, as `section_map` takes them) and META, a JSON object; (META, sections)."""
+    what, fix = KIND_NAMES[kind], FIX_HINTS[kind]
+    got_kind, got_fingerprint, sections = unpack(data, kind, error, max_sections=max_sections)
+    if got_kind != kind:
+        raise error(f"expected a {what}, got {KIND_NAMES[got_kind]}; {fix}")
+    if got_fingerprint != fingerprint:
+        raise mismatch(mismatch_message)
+    grouped = section_map(sections, tags, what, error)
+    meta = load_json(grouped[b"META"][0], what, error)
+    if not isinstance(meta, dict):
+        raise error(f"{what}: META section must be a JSON object; {fix}")
+    return meta, grouped
+
+
 def dump_json(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
