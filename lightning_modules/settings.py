@@ -147,12 +147,15 @@ class AdaptationSettings:
         rounds: label-and-refit rounds.
         em_iterations: EM steps of a shared-covariance mixture in the client's own space per round (0: none).
         shrinkage: that mixture's covariance shrinkage toward its mean variance (null: Ledoit-Wolf's amount).
+        disclosed_weight: the share of the public fit's weight that texts the client opts to disclose carry (the
+            paper's remedy, never the default; the study's `disclosures` measure it).
     """
 
     weight: float = 0.3
     rounds: int = 5
     em_iterations: int = 5
     shrinkage: float | None = None
+    disclosed_weight: float = 0.3
 
     def __post_init__(self) -> None:
         if not 0 < self.weight < 1:
@@ -162,6 +165,8 @@ class AdaptationSettings:
                                 f"{self.em_iterations}")
         if self.shrinkage is not None and not 0 <= self.shrinkage <= 1:
             raise SettingsError(f"adaptation.shrinkage must be in [0, 1], got {self.shrinkage}")
+        if not 0 < self.disclosed_weight < 1:
+            raise SettingsError(f"adaptation.disclosed_weight must be in (0, 1), got {self.disclosed_weight}")
 
 
 @dataclass(frozen=True)

@@ -208,8 +208,10 @@ stage 9 science "the paper's two tables at demo scale, and the two-party regime:
 # Both public sets draw rows cached by the stages above first (BBC training texts, dialog, VADER, the OOD sets).
 # two-party: the leave-task-out set again, each map adapted on the source's unlabelled BBC training texts through
 # the target's published class statistics (what `xsilo align --private` does; no text of the task crosses).
+# two-party-disclosed-64: the opt-in that discloses 64 of those texts (the paper's remedy), measured beside it.
 xsilo study --models "[smollm2,gemma3]" --tasks "[bbc]" $(limit "$BBC_LIMIT" task_limit) --extraction.max_length "$MAX_LENGTH" \
-  --regimes "[in-domain,leave-task-out,two-party]" --in_domain_size "$STUDY_IN_DOMAIN" --leave_task_out_size "$STUDY_LEAVE_OUT" \
+  --regimes "[in-domain,leave-task-out,two-party]" --disclosures "[64]" \
+  --in_domain_size "$STUDY_IN_DOMAIN" --leave_task_out_size "$STUDY_LEAVE_OUT" \
   --bootstrap "$STUDY_BOOTSTRAP" --threads "$THREADS" --out "$RUN/study"
 
 stage 10 report "report: plots and every figure above, each traced to its JSON file and key"

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_modules.reporting.report import figure, save_png, short_name, wrap_title
+from lightning_modules.reporting.charts import figure, save_png, short_name, wrap_title
 
 
 def _f(x: float | None, digits: int = 3) -> str:

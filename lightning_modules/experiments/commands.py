@@ -30,6 +30,7 @@ def study(
     fit: FitSettings = FitSettings(),
     head: HeadSettings = HeadSettings(),
     adaptation: AdaptationSettings = AdaptationSettings(),
+    disclosures: list[int] | None = None,
     seed: int = 0,
     device: DeviceSettings = DeviceSettings(),
     out: str = "runs/study",
@@ -62,6 +63,8 @@ def study(
         fit: how each map is fitted.
         head: the logistic-regression heads.
         adaptation: the two-party regime's adaptation (weight of the client's texts, rounds, EM steps).
+        disclosures: the opt-in that discloses texts, measured: each N adds a regime two-party-disclosed-N whose
+            client also discloses N of its task-train texts (--disclosures '[16,64,128]').
         seed: split, training and bootstrap seed (recorded in study.json).
         device: where it runs (--accelerator, --devices, --precision, --threads).
         out: output directory.
@@ -73,7 +76,7 @@ def study(
                       ood_detector=ood_detector, bootstrap=bootstrap, public=public, extraction=extraction, fit=fit,
                       head=head, device=device, seed=seed, regimes=regimes or ("given",),
                       in_domain_size=in_domain_size, leave_task_out_size=leave_task_out_size,
-                      public_sources=public_sources, adaptation=adaptation)
+                      public_sources=public_sources, adaptation=adaptation, disclosures=disclosures or ())
     results = run_study(cfg, out=out)
     flagged = sum(v["collapse"] for r in results["regimes"].values() for p in r["pairs"].values()
                   for v in p["tasks"].values())

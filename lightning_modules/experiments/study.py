@@ -50,7 +50,8 @@ from lightning_modules.fitting.adaptation import TaskStatistics, adapt
 from lightning_modules.fitting.estimators import path_factors
 from lightning_modules.fitting.solvers import LAMBDA_ESTIMATORS
 from lightning_modules.fitting.stats import SufficientStats
-from lightning_modules.reporting.report import REGIME_TITLES, heatmap, lambda_path_chart, short_name
+from lightning_modules.reporting.charts import heatmap, lambda_path_chart, short_name
+from lightning_modules.reporting.report import DISCLOSED_PREFIX, regime_title
 from lightning_modules.parties.heads import published_statistics
 from lightning_modules.settings import (LEAVE_TASK_OUT, AdaptationSettings, DeviceSettings, ExtractionSettings,
                                         FitSettings, HeadSettings, PublicSetSettings, seed_all)
@@ -60,6 +61,11 @@ from lightning_modules.settings import (LEAVE_TASK_OUT, AdaptationSettings, Devi
 # "two-party": the leave-task-out set, each map adapted to the source's unlabelled task-train texts (the product).
 REGIMES = ("given", "in-domain", "leave-task-out", "two-party")
 TWO_PARTY = "two-party"
+
+
+def disclosed_regime(rows: int) -> str:
+    """The name of the two-party regime whose client also disclosed `rows` of its texts (the opt-in)."""
+    return f"{DISCLOSED_PREFIX}{rows}"
 
 
 class StudyError(AssetError):  # an AssetError, as GenerationError: the CLI prints it as a user error
@@ -74,7 +80,10 @@ class StudyConfig:
 
     `regimes`: a subset of REGIMES; `in_domain_size` / `leave_task_out_size`: rows of those regimes' public sets
     (None: every eligible row); `public_sources`: the leave-task-out sources (None: every registry dataset);
-    `public_base`: the in-domain sets' other half (movie dialog). `public` is the given regime's set."""
+    `public_base`: the in-domain sets' other half (movie dialog). `public` is the given regime's set.
+    `disclosures`: row counts N, each adding a regime `two-party-disclosed-N`: the two-party regime whose client
+    also discloses N of its task-train texts (the same seeded N for every pair), paired with the target's states
+    at `adaptation.disclosed_weight` of the public weight (the paper's remedy, an opt-in; never a default)."""
 
     models: Sequence[str]
     tasks: Sequence[str]
@@ -98,6 +107,12 @@ class StudyConfig:
     public_sources: Sequence[str] | None = None
     public_base: str = DIALOG
     adaptation: AdaptationSettings = field(default_factory=AdaptationSettings)
+    disclosures: Sequence[int] = ()
+
+    @property
+    def adapts(self) -> bool:
+        """Whether any regime adapts maps to the client's texts (two-party, or a disclosure)."""
+        return TWO_PARTY in self.regimes or bool(self.disclosures)
 
     def validate(self) -> None:
         bad = [r for r in self.regimes if r not in REGIMES]
@@ -121,10 +136,12 @@ class StudyConfig:
             raise StudyError(f"{both} is both a task and an OOD set; drop it from --ood or from --tasks")
         if self.ood_detector not in DETECTORS:
             raise StudyError(f"ood_detector must be one of {DETECTORS}, got {self.ood_detector!r}")
-        if TWO_PARTY in self.regimes and (self.fit.estimator != "ridge" or self.fit.whiten_target):
+        if self.adapts and (self.fit.estimator != "ridge" or self.fit.whiten_target):
             raise StudyError(f"the two-party regime adapts a ridge map, but --fit.estimator is {self.fit.estimator}"
                              f"{' with --fit.whiten_target true' if self.fit.whiten_target else ''}; use --fit.estimator "
-                             "ridge, or drop two-party from --regimes")
+                             "ridge, or drop two-party from --regimes and --disclosures")
+        if any(n < 1 for n in self.disclosures) or len(set(self.disclosures)) != len(self.disclosures):
+            raise StudyError(f"disclosures must be distinct row counts >= 1, got {list(self.disclosures)}")
         if self.bootstrap < 1 or not 0 < self.confidence < 1:
             raise StudyError(f"need bootstrap >= 1 and 0 < confidence < 1, got {self.bootstrap} and {self.confidence}")
 
@@ -158,6 +175,7 @@ class Native:
     id_scores: np.ndarray | None = None
     ood_scores: dict[str, np.ndarray] = field(default_factory=dict)
     train: Tensor | None = None                 # train-split states (a two-party client's unlabelled texts)
+    train_labels: Tensor | None = None          # only to check that two models' train rows are the same texts
     task_stats: TaskStatistics | None = None    # what the provider publishes of the task (`--publish_ood true`)
 
 
@@ -210,8 +228,9 @@ class Study:
             logits = head(test)
         native = Native(head, test, labels, correct=(logits.argmax(1) == labels).numpy().astype(np.float64),
                         checkpoint=checkpoint)
-        if TWO_PARTY in cfg.regimes:
+        if cfg.adapts:
             native.train, y_train = split_rows(dm, "train")
+            native.train_labels = y_train
             native.task_stats = TaskStatistics.from_arrays(
                 *published_statistics(native.train, y_train, dm.num_classes, cfg.mahalanobis_shrinkage))
         result = {**classification_scores(logits, labels, dm.num_classes),
@@ -242,7 +261,7 @@ class Study:
         cfg = self.cfg
         if regime == "given" and cfg.public.data != LEAVE_TASK_OUT:
             return cfg.public
-        regime = "leave-task-out" if regime == TWO_PARTY else regime  # the same public set, adapted maps
+        regime = "leave-task-out" if regime.startswith(TWO_PARTY) else regime  # the same public set, adapted maps
         if (regime, task) in self.publics:
             return self.publics[regime, task][0]
         exclude = task_specs(cfg.tasks, cfg.task_limit)
@@ -260,11 +279,12 @@ class Study:
 
     def fit_map(self, source: str, target: str, task: str, public: PublicSetSettings,
                 natives: dict[tuple[str, str], Native], native_results: dict[str, dict[str, Any]],
-                fit: FitSettings, adapted: bool = False) -> dict[str, Any]:
+                fit: FitSettings, adapted: bool = False, disclosed: int = 0) -> dict[str, Any]:
         """source→target on a public set with `fit` (criterion auto: λ through the target's `task` head):
         alignment on held-out public rows, the mapped views, the accuracy along the λ path and the collapse flag.
         `adapted` (the two-party regime): the map is then adapted to the source's unlabelled task-train states
-        through the target's task statistics, at the public fit's λ; the plain map's scores stay beside it."""
+        through the target's task statistics, at the public fit's λ; the plain map's scores stay beside it.
+        `disclosed` rows of those texts are also paired with the target's states of them (`disclosed_pairs`)."""
         cfg = self.cfg
         src, tgt = natives[source, task], natives[target, task]
         if not torch.equal(src.labels, tgt.labels):
@@ -281,7 +301,8 @@ class Study:
             x_tr, y_tr = split_rows(dm, "train")
             train = SufficientStats.zeros(x_tr.shape[1], y_tr.shape[1], full_yty=False).update(x_tr, y_tr)
             if adapted:
-                adaptation = adapt(train, src.train, tgt.task_stats, lam, fit, cfg.adaptation)
+                pairs = self.disclosed_pairs(src, tgt, disclosed) if disclosed else None
+                adaptation = adapt(train, src.train, tgt.task_stats, lam, fit, cfg.adaptation, pairs)
                 plain = classification_scores(tgt.head(aligner(src.test)), tgt.labels, tgt.head.hparams.output_dim)
                 mapper = AdaptedMap(adaptation.map)
             x_val, y_val = split_rows(dm, "val")
@@ -301,6 +322,17 @@ class Study:
                 out["lambda_path"] = lambda_path_report(aligner.lambda_path, points)
         out["collapse"], out["collapse_reason"] = collapse(out["mapped"], native_results[target][task])
         return out
+
+    def disclosed_pairs(self, src: Native, tgt: Native, rows: int) -> tuple[Tensor, Tensor]:
+        """The source's and target's states of `rows` task-train texts the client discloses: a seeded sample, the
+        same texts for every pair of the task."""
+        if src.train_labels is None or tgt.train_labels is None or not torch.equal(src.train_labels, tgt.train_labels):
+            raise RuntimeError("the source's and target's task-train rows differ; both must come from the same split")
+        if rows > len(src.train):
+            raise StudyError(f"cannot disclose {rows} texts: the task has {len(src.train)} training texts; lower "
+                             "--disclosures")
+        chosen = torch.randperm(len(src.train), generator=torch.Generator().manual_seed(self.cfg.seed))[:rows]
+        return src.train[chosen], tgt.train[chosen]
 
     def mapped_views(self, aligner: torch.nn.Module, shuffled: torch.nn.Module, src: Native, tgt: Native
                      ) -> dict[str, Any]:
@@ -328,8 +360,9 @@ class Study:
         return out
 
     def regime(self, regime: str, natives: dict[tuple[str, str], Native],
-               native_results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        """Every ordered pair under one regime: a map per (pair, task), on the regime's public set of the task."""
+               native_results: dict[str, dict[str, Any]], disclosed: int = 0) -> dict[str, Any]:
+        """Every ordered pair under one regime: a map per (pair, task), on the regime's public set of the task;
+        `disclosed` rows (two-party only) of the client's texts paired with the target's."""
         cfg = self.cfg
         ordered = [(s, t) for s in cfg.models for t in cfg.models if s != t]
         pairs: dict[str, Any] = {f"{s} -> {t}": {"source": s, "target": t, "tasks": {}} for s, t in ordered}
@@ -339,7 +372,7 @@ class Study:
                                      or (regime == "given" and cfg.public.data == LEAVE_TASK_OUT))
             for s, t in ordered:
                 pairs[f"{s} -> {t}"]["tasks"][task] = self.fit_map(s, t, task, public, natives, native_results, fit,
-                                                                   adapted=regime == TWO_PARTY)
+                                                                   adapted=regime == TWO_PARTY, disclosed=disclosed)
         info = ({"data": cfg.public.data, "limit": cfg.public.limit} if regime == "given"
                 else {task: self.publics["leave-task-out" if regime == TWO_PARTY else regime, task][1]
                       for task in cfg.tasks})
@@ -352,8 +385,10 @@ class Study:
             for task in cfg.tasks:
                 natives[model, task], native_results[model][task] = self.native(model, task)
         regimes = {regime: self.regime(regime, natives, native_results) for regime in cfg.regimes}
+        for rows in cfg.disclosures:
+            regimes[disclosed_regime(rows)] = self.regime(TWO_PARTY, natives, native_results, disclosed=rows)
         return {"config": {**asdict(cfg), "models": list(cfg.models), "tasks": list(cfg.tasks), "ood": list(cfg.ood),
-                           "regimes": list(cfg.regimes)},
+                           "regimes": list(cfg.regimes), "disclosures": list(cfg.disclosures)},
                 "seed": cfg.seed, "extraction": self.specs,
                 "models": list(cfg.models), "labels": {m: short_name(m) for m in cfg.models},
                 "rows": {task: {"test": len(natives[cfg.models[0], task].labels),
@@ -396,7 +431,7 @@ def run_study(cfg: StudyConfig, out: str | Path | None = None) -> dict[str, Any]
             heatmap(m["matrix"], names, m["title"], out / m["file"], diverging=m["diverging"])
         for regime, file in results.get("lambda_paths", {}).items():
             lambda_path_chart(lambda_panels(results, regime), f"Mapped test accuracy along the λ path, "
-                              f"{REGIME_TITLES[regime]}", out / file)
+                              f"{regime_title(regime)}", out / file)
         atomic_write_json(out / "study.json", results)
         atomic_write_bytes(out / "study.md", markdown_report(results).encode())
     return results

@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 from datamodules.cache import slug
-from lightning_modules.reporting.report import REGIME_TITLES, regime_rows, regime_table, short_name
+from lightning_modules.reporting.charts import short_name
+from lightning_modules.reporting.report import regime_rows, regime_title, regime_table
 
 COLLAPSE_SHARE = 0.9      # mapped predictions this concentrated on one class (when the truth is not) collapse
 COLLAPSE_F1_RATIO = 0.8   # and so does a mapped macro-F1 below this fraction of the native one
@@ -116,7 +117,7 @@ def markdown_report(results: dict[str, Any]) -> str:
     for regime in results["regimes"]:
         rows = regime_rows(results, regime)
         flagged = [f"{r['task']} {r['pair']}" for r in rows if r["collapse"]]
-        lines += ["", f"## Regime: {REGIME_TITLES[regime]}", "",
+        lines += ["", f"## Regime: {regime_title(regime)}", "",
                   _public_note(results, regime),
                   f"Collapse (top-prediction share >= {COLLAPSE_SHARE} where the majority rate is below it, or mapped "
                   f"macro-F1 < {COLLAPSE_F1_RATIO} × native): "

@@ -17,6 +17,10 @@ share `weight` of the fit's total weight, where r_i are class responsibilities f
 3. refit the ridge map at the public fit's λ on the public statistics plus the weighted pseudo-pairs.
 
 Nothing of this crosses: the provider's view of the private fit is the same for any private texts.
+
+`disclosed` is the paper's remedy as an explicit opt-in, measured but never the default: pairs (x, z) of texts the
+client chose to disclose, whose target states z the provider extracted, carry `disclosed_weight` of the public
+fit's weight before the rounds start (the texts cross; nothing else changes).
 """
 
 from __future__ import annotations
@@ -128,10 +132,24 @@ def weighted_rows(x: Tensor, y: Tensor, scale: float, full_yty: bool = False) ->
     return stats
 
 
+def with_disclosed(public: SufficientStats, disclosed: tuple[Tensor, Tensor], weight: float) -> SufficientStats:
+    """The public statistics plus the disclosed pairs (x, z), these carrying `weight` of the total weight."""
+    x, z = (t.to(F64) for t in disclosed)
+    if x.ndim != 2 or z.ndim != 2 or x.shape[0] != z.shape[0] or x.shape[0] < 1 or (x.shape[1], z.shape[1]) != (
+            public.d_x, public.d_y):
+        raise AdaptationError(f"disclosed pairs must be (rows, {public.d_x}) source and (rows, {public.d_y}) target "
+                              f"states of the same texts, got {tuple(x.shape)} and {tuple(z.shape)}")
+    if not (bool(torch.isfinite(x).all()) and bool(torch.isfinite(z).all())):
+        raise AdaptationError("the disclosed states hold NaN/inf; re-extract them")
+    scale = weight / (1 - weight) * float(public.n) / x.shape[0]
+    return public.clone().merge(weighted_rows(x, z, scale, public.full_yty))
+
+
 def adapt(public: SufficientStats, private: Tensor, task: TaskStatistics, lam: float, fit: "FitSettings",
-          settings: "AdaptationSettings") -> Adaptation:
+          settings: "AdaptationSettings", disclosed: tuple[Tensor, Tensor] | None = None) -> Adaptation:
     """The ridge map at `lam` refitted on the public statistics plus pseudo-pairs of the private states (module
-    docstring). `private` (n, d_A) are the client's states of its own texts, in its model's raw space."""
+    docstring). `private` (n, d_A) are the client's states of its own texts, in its model's raw space;
+    `disclosed` (opt-in) are source and target states of texts the client disclosed."""
     x = private.to(F64)
     if x.ndim != 2 or x.shape[1] != public.d_x:
         raise AdaptationError(f"the private states must be (rows, {public.d_x}) like the public set's source "
@@ -144,7 +162,9 @@ def adapt(public: SufficientStats, private: Tensor, task: TaskStatistics, lam: f
                               f"states are {public.d_y}-d; the head and the public set come from different models")
     if not bool(torch.isfinite(x).all()):
         raise AdaptationError("the private states hold NaN/inf; re-extract them")
-    scale = settings.weight / (1 - settings.weight) * public.count / x.shape[0]
+    if disclosed is not None:
+        public = with_disclosed(public, disclosed, settings.disclosed_weight)
+    scale = settings.weight / (1 - settings.weight) * float(public.n) / x.shape[0]  # n: weighted with disclosures
     amap = fit_affine(public, "ridge", lam, fit.center, fit.standardize)
     stats, shares = public, []
     for _ in range(settings.rounds):
@@ -156,5 +176,7 @@ def adapt(public: SufficientStats, private: Tensor, task: TaskStatistics, lam: f
         shares.append((torch.bincount(r.argmax(1), minlength=r.shape[1]).double() / x.shape[0]).tolist())
     record = {"private_rows": int(x.shape[0]), "weight": settings.weight, "rounds": settings.rounds,
               "em_iterations": settings.em_iterations, "shrinkage": settings.shrinkage, "lambda": lam,
+              "disclosed_rows": 0 if disclosed is None else int(disclosed[0].shape[0]),
+              "disclosed_weight": None if disclosed is None else settings.disclosed_weight,
               "class_shares": shares[-1] if shares else None}
     return Adaptation(amap, stats, record)

@@ -1,4 +1,4 @@
-"""Plots (matplotlib, Agg canvas) and the demo report.
+"""The demo report and the study's regime tables (the plots are `charts`).
 
 `write_demo_report(run_dir)` reads the JSON results `scripts/demo.sh` writes under its run folder and
 writes `report.md` with PNG plots beside it. Every number in the report sits in its figures table,
@@ -10,15 +10,13 @@ regime (each row naming its study.json key) beside the paper's Table 1 / Table 2
 
 from __future__ import annotations
 
-import io
 import json
-import math
-import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from datamodules.cache import atomic_write_bytes
+from lightning_modules.reporting.charts import bar_chart, roc_chart, short_name
 
 CLASSIFICATION, OOD, SERVE, GENERATION = "bbc/metrics.json", "ood/ood.json", "serve.json", "generation/*/metrics.json"
 TWO_PARTY = "two-party-summary.json"
@@ -50,125 +48,6 @@ class ReportError(ValueError):
     """The run folder cannot be reported on; the message names the fix."""
 
 
-# --- plots -------------------------------------------------------------------------------
-
-def short_name(name: str) -> str:
-    """A model or dataset name for labels: a path's last part, a registry name as is."""
-    return Path(name).name if ("/" in name or "\\" in name) else name
-
-
-def wrap_title(width_inches: float, text: str) -> str:
-    """A plot title wrapped to the figure's width."""
-    return textwrap.fill(text, width=int(width_inches * 11))
-
-
-def figure(width: float, height: float):
-    """A matplotlib Figure drawn off-screen (no pyplot state), laid out automatically."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def save_png(fig, path: Path) -> Path:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
-
-
-def heatmap(matrix: Sequence[Sequence[float | None]], labels: Sequence[str], title: str, path: Path,
-            diverging: bool = False) -> Path:
-    """An N×N heatmap (rows: source, columns: target), each cell annotated; None cells stay blank."""
-    import numpy as np
-
-    values = np.array([[math.nan if v is None else v for v in row] for row in matrix], dtype=float)
-    n = len(labels)
-    fig = figure(1.6 + 1.1 * n, 1.2 + 0.9 * n)
-    ax = fig.subplots()
-    finite = values[np.isfinite(values)]
-    if diverging:
-        bound = float(np.abs(finite).max()) if finite.size and np.abs(finite).max() > 0 else 1.0
-        image = ax.imshow(values, cmap="coolwarm", vmin=-bound, vmax=bound)
-    else:
-        image = ax.imshow(values, cmap="viridis")
-    fig.colorbar(image, ax=ax, shrink=0.8)
-    for i in range(n):
-        for j in range(n):
-            if np.isfinite(values[i, j]):
-                ax.text(j, i, f"{values[i, j]:.3f}", ha="center", va="center", fontsize=8,
-                        color="black", bbox={"facecolor": "white", "alpha": 0.6, "lw": 0, "pad": 1})
-    ax.set_xticks(range(n), labels, rotation=30, ha="right")
-    ax.set_yticks(range(n), labels)
-    ax.set_xlabel("target (its head / space)")
-    ax.set_ylabel("source (mapped)")
-    ax.set_title(wrap_title(1.6 + 1.1 * n, title), fontsize=10)
-    return save_png(fig, path)
-
-
-def bar_chart(values: dict[str, float], title: str, ylabel: str, path: Path, ylim: tuple[float, float] | None = None
-              ) -> Path:
-    width = max(4.0, 1.5 + 1.0 * len(values))
-    fig = figure(width, 3.4)
-    ax = fig.subplots()
-    bars = ax.bar(list(values), list(values.values()), color="tab:blue")
-    ax.bar_label(bars, fmt="%.3g", fontsize=8)
-    ax.set_ylabel(ylabel)
-    if ylim:
-        ax.set_ylim(*ylim)
-    ax.set_title(wrap_title(width, title), fontsize=10)
-    ax.tick_params(axis="x", labelrotation=20)
-    return save_png(fig, path)
-
-
-def roc_chart(curves: dict[str, dict[str, dict[str, list[float]]]], title: str, path: Path) -> Path:
-    """One panel per OOD set: {set: {view: {"fpr": [...], "tpr": [...]}}}."""
-    width = 3.0 * len(curves) + 0.5
-    fig = figure(width, 3.4)
-    axes = fig.subplots(1, len(curves), squeeze=False)[0]
-    for ax, (name, views) in zip(axes, curves.items()):
-        for view, roc in views.items():
-            ax.plot(roc["fpr"], roc["tpr"], label=view)
-        ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
-        ax.set(xlabel="FPR (ID flagged)", ylabel="TPR (OOD flagged)", xlim=(0, 1), ylim=(0, 1.01))
-        ax.set_title(short_name(name), fontsize=9)
-        ax.legend(fontsize=8, loc="lower right")
-    fig.suptitle(wrap_title(width, title), fontsize=10)
-    return save_png(fig, path)
-
-
-CRITERION_MARKERS = {"gcv": "o", "val_mse": "s", "head": "^"}
-
-
-def lambda_path_chart(panels: dict[str, dict[str, dict[str, Any]]], title: str, path: Path) -> Path:
-    """Mapped accuracy along the λ path: one panel per task, one thin line per pair, each λ criterion's
-    choice marked. `panels`: {task: {pair: {"lambdas": [...], "accuracy": [...], "chosen": {criterion: λ}}}}."""
-    width = 3.2 * len(panels) + 0.6
-    fig = figure(width, 3.6)
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    for ax, (task, pairs) in zip(axes, panels.items()):
-        for i, (pair, p) in enumerate(pairs.items()):
-            color = f"C{i % 10}"
-            ax.plot(p["lambdas"], p["accuracy"], lw=0.9, color=color, label=pair)
-            for criterion, lam in p["chosen"].items():
-                if lam is not None and lam in p["lambdas"]:
-                    ax.plot([lam], [p["accuracy"][p["lambdas"].index(lam)]], CRITERION_MARKERS.get(criterion, "x"),
-                            color=color, ms=5, mfc="none")
-        ax.set_xscale("log")
-        ax.set(xlabel="λ (relative)", ylabel="mapped test accuracy", ylim=(0, 1.02))
-        ax.set_title(short_name(task), fontsize=9)
-    handles, labels = axes[0].get_legend_handles_labels()
-    from matplotlib.lines import Line2D
-
-    handles += [Line2D([], [], ls="", marker=m, color="grey", mfc="none") for m in CRITERION_MARKERS.values()]
-    labels += [f"chosen by {c}" for c in CRITERION_MARKERS]
-    fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize=7)
-    fig.suptitle(wrap_title(width, title), fontsize=10)
-    return save_png(fig, path)
-
-
 # --- the study's regime tables -------------------------------------------------------------
 
 REGIME_TITLES = {"given": "the given public set",
@@ -176,6 +55,16 @@ REGIME_TITLES = {"given": "the given public set",
                  "leave-task-out": "leave-task-out public sets (every other unlabelled source; paper Table 2)",
                  "two-party": "two-party: the leave-task-out sets, each map adapted on the client's unlabelled "
                               "task texts through the provider's published class statistics (no text crosses)"}
+DISCLOSED_PREFIX = "two-party-disclosed-"
+
+
+def regime_title(regime: str) -> str:
+    """A regime's title; `two-party-disclosed-N` is the two-party regime whose client opted to disclose N texts."""
+    if regime.startswith(DISCLOSED_PREFIX):
+        rows = regime[len(DISCLOSED_PREFIX):]
+        return (f"two-party with {rows} of the client's task texts disclosed (an opt-in: those texts cross, paired "
+                "with the target's states of them)")
+    return REGIME_TITLES[regime]
 # (header, JSON pointer below a row's native / mapped entry, interval pointer or None)
 # "native source": the source's own head; a map followed by the target's linear head is a linear head on source
 # states, so (up to regularisation) that is the ceiling of mapped accuracy.
@@ -370,7 +259,7 @@ def _study_section(file: str, study: dict) -> list[str]:
     lines = ["## Convergence study: the paper's two tables at this scale", "",
              f"From `{file}` (the full tables, heatmaps and intervals: [{link('study.md')}]({link('study.md')})). "
              "Every ordered pair of models on each task, its map fitted on each regime's public set: "
-             + "; ".join(f"{r}: {REGIME_TITLES[r]}" for r in study["regimes"]) + ". "
+             + "; ".join(f"{r}: {regime_title(r)}" for r in study["regimes"]) + ". "
              "The figures section holds one table per regime, rows flagged where the mapped predictions "
              "collapse, beside the paper's reference figures.", ""]
     for regime, png in study.get("lambda_paths", {}).items():
@@ -382,7 +271,7 @@ def _study_section(file: str, study: dict) -> list[str]:
 def _study_figures(file: str, study: dict) -> list[str]:
     lines = []
     for regime in study["regimes"]:
-        lines += ["", f"### Study, {REGIME_TITLES[regime]}", "", *regime_table(study, regime, file)]
+        lines += ["", f"### Study, {regime_title(regime)}", "", *regime_table(study, regime, file)]
         if regime in PAPER:
             title, rows = PAPER[regime]
             lines += ["", f"The paper's {title}, for reference:", "",

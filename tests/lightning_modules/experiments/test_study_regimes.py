@@ -48,7 +48,8 @@ def regimes(tiny_models, tmp_path_factory):
                           tasks=[str(task_a), str(task_b)], regimes=["in-domain", "leave-task-out", "two-party"],
                           in_domain_size=80, leave_task_out_size=120, public_base=str(dialog),
                           public_sources=[str(dialog), str(echo), str(task_a), str(task_b)],
-                          head=HeadSettings(epochs=5), fit=FitSettings(lambdas=(1e-3, 1e-2, 1e-1, 1.0)), bootstrap=50)
+                          head=HeadSettings(epochs=5), fit=FitSettings(lambdas=(1e-3, 1e-2, 1e-1, 1.0)), bootstrap=50,
+                          disclosures=[8])
         public_extractions = []
         original = lightning_modules.evaluation.evaluate.extract
 
@@ -69,22 +70,22 @@ def regimes(tiny_models, tmp_path_factory):
 
 def test_each_regime_gives_a_table_and_a_lambda_path_plot(regimes):
     root, cfg, results = regimes
-    assert list(results["regimes"]) == ["in-domain", "leave-task-out", "two-party"]
+    assert list(results["regimes"]) == ["in-domain", "leave-task-out", "two-party", "two-party-disclosed-8"]
     md = (root / "out" / "study.md").read_text()
-    for regime in ("in-domain", "leave-task-out", "two-party"):
+    for regime in ("in-domain", "leave-task-out", "two-party", "two-party-disclosed-8"):
         assert f"lambda-path-{regime}.png" in md
         assert (root / "out" / f"lambda-path-{regime}.png").read_bytes()[:8] == PNG_MAGIC
     tables = [block for block in md.split("## Regime: ")[1:]]
-    assert len(tables) == 3
+    assert len(tables) == 4
     for block in tables:
         rows = [line for line in block.split("\n## ")[0].splitlines() if line.startswith("| ") and "---" not in line]
         assert len(rows) == 1 + len(cfg.tasks) * 2  # header, then (task, pair) rows
     # each pair's map is fitted once per (regime, task); each (model, task) head once; two-party reuses the
     # leave-task-out sets
-    assert results["fits"] == {"classifiers": 4, "detectors": 0, "aligners": 12, "public_sets": 4}
+    assert results["fits"] == {"classifiers": 4, "detectors": 0, "aligners": 16, "public_sets": 4}
     for name, regime in results["regimes"].items():
         # the study knows the head: auto = head, except on a leave-task-out set, where it is gcv
-        expected = "gcv" if name in ("leave-task-out", "two-party") else "head"
+        expected = "gcv" if name.startswith(("leave-task-out", "two-party")) else "head"
         for pair in regime["pairs"].values():
             for task in cfg.tasks:
                 view = pair["tasks"][task]
@@ -95,7 +96,7 @@ def test_each_regime_gives_a_table_and_a_lambda_path_plot(regimes):
                 # the path's map at the chosen λ is the study's map: the same λ, the same accuracy
                 chosen = path["chosen"][expected]
                 assert chosen["lambda"] == view["chosen_lambda"]
-                scored = view["adaptation"]["unadapted"] if name == "two-party" else view["mapped"]
+                scored = view["adaptation"]["unadapted"] if name.startswith("two-party") else view["mapped"]
                 assert chosen["accuracy"] == pytest.approx(scored["accuracy"])
     assert {"in-domain-accuracy-task-a", "leave-task-out-drop-task-b"} <= set(results["heatmaps"])
 
@@ -210,7 +211,7 @@ def test_the_report_renders_the_regime_tables_beside_the_paper_and_the_lambda_pa
     assert "Table 1" in figures and "Table 2" in figures and "| TREC | — | 95.4 | 57.6 | PAPER_NOTES.md |" in figures
     # every regime row names its source in study.json, and its mapped accuracy is the one stored there
     rows = [line for line in figures.splitlines() if "study.json#/regimes/" in line]
-    assert len(rows) == len(cfg.regimes) * len(cfg.tasks) * 2
+    assert len(rows) == (len(cfg.regimes) + len(cfg.disclosures)) * len(cfg.tasks) * 2
     for line in rows:
         cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
         pointer = cells[-1].split("#", 1)[1]
@@ -257,3 +258,21 @@ def test_the_two_party_regime_adapts_each_leave_task_out_map_on_the_tasks_unlabe
             assert record["lambda"] == view["chosen_lambda"] == plain["chosen_lambda"]
             assert record["unadapted"]["accuracy"] == pytest.approx(plain["mapped"]["accuracy"])
             assert {"collapse", "collapse_reason"} <= set(view) and "macro_f1" in view["mapped"]
+
+
+def test_a_disclosure_regime_adds_the_clients_chosen_texts_to_the_two_party_fit(regimes):
+    root, cfg, results = regimes
+    two, shown = results["regimes"]["two-party"], results["regimes"]["two-party-disclosed-8"]
+    assert shown["public"] == two["public"] and results["config"]["disclosures"] == [8]
+    moved = 0
+    for key, pair in shown["pairs"].items():
+        for task in cfg.tasks:
+            view, plain = pair["tasks"][task], two["pairs"][key]["tasks"][task]
+            record = view["adaptation"]
+            assert record["disclosed_rows"] == 8 and record["disclosed_weight"] == cfg.adaptation.disclosed_weight
+            assert plain["adaptation"]["disclosed_rows"] == 0
+            assert record["unadapted"] == plain["adaptation"]["unadapted"]  # the same public map before both
+            moved += view["alignment"]["r2"] != plain["alignment"]["r2"]
+    assert moved == len(shown["pairs"]) * len(cfg.tasks)  # the disclosed pairs change every map
+    with pytest.raises(StudyError, match="disclosures"):
+        StudyConfig(models=["a", "b"], tasks=["t"], regimes=["two-party"], disclosures=[8, 8]).validate()
