@@ -147,6 +147,9 @@ class AdaptationSettings:
         rounds: label-and-refit rounds.
         em_iterations: EM steps of a shared-covariance mixture in the client's own space per round (0: none).
         shrinkage: that mixture's covariance shrinkage toward its mean variance (null: Ledoit-Wolf's amount).
+        rows_per_component: the mixture runs on the client's top principal components, one per this many of its
+            texts (5: 210 components for 1,050 texts; never fewer than the classes nor more than the model's width);
+            0 runs it on the whole space. Fewer dimensions than texts keep its covariance from fitting noise.
         disclosed_weight: the share of the public fit's weight that texts the client opts to disclose carry (the
             paper's remedy, never the default; the study's `disclosures` measure it).
     """
@@ -155,6 +158,7 @@ class AdaptationSettings:
     rounds: int = 5
     em_iterations: int = 5
     shrinkage: float | None = None
+    rows_per_component: int = 5
     disclosed_weight: float = 0.3
 
     def __post_init__(self) -> None:
@@ -165,6 +169,9 @@ class AdaptationSettings:
                                 f"{self.em_iterations}")
         if self.shrinkage is not None and not 0 <= self.shrinkage <= 1:
             raise SettingsError(f"adaptation.shrinkage must be in [0, 1], got {self.shrinkage}")
+        if self.rows_per_component < 0:
+            raise SettingsError(f"adaptation.rows_per_component must be >= 0 (0: the whole space), got "
+                                f"{self.rows_per_component}")
         if not 0 < self.disclosed_weight < 1:
             raise SettingsError(f"adaptation.disclosed_weight must be in (0, 1), got {self.disclosed_weight}")
 

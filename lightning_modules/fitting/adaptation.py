@@ -13,7 +13,8 @@ share `weight` of the fit's total weight, where r_i are class responsibilities f
    precision, priors), and balance the responsibilities to the priors (Sinkhorn): a collapsed map cannot then
    put every text in one class;
 2. refine them by EM of a shared-covariance Gaussian mixture in the client's own space, where its texts' clusters
-   are (its own model separates them; the map does not yet);
+   are (its own model separates them; the map does not yet), on its top principal components (one per
+   `rows_per_component` texts: a covariance over fewer dimensions than texts fits less noise);
 3. refit the ridge map at the public fit's λ on the public statistics plus the weighted pseudo-pairs.
 
 Nothing of this crosses: the provider's view of the private fit is the same for any private texts.
@@ -124,6 +125,17 @@ def mixture_em(x: Tensor, r: Tensor, priors: Tensor, iterations: int, shrinkage:
     return r
 
 
+def principal_components(x: Tensor, rows_per_component: int, classes: int) -> Tensor:
+    """`x` centred and projected on its top principal components, one per `rows_per_component` rows (at least
+    `classes`, at most the width); 0 keeps every dimension."""
+    if rows_per_component == 0:
+        return x
+    components = min(x.shape[1], max(classes, x.shape[0] // rows_per_component))
+    centred = x - x.mean(0)
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    return centred @ vh[:components].T
+
+
 def weighted_rows(x: Tensor, y: Tensor, scale: float, full_yty: bool = False) -> SufficientStats:
     """The statistics of rows (x, y), each row counting `scale` times."""
     stats = SufficientStats.zeros(x.shape[1], y.shape[1], full_yty=full_yty).update(x, y)
@@ -166,16 +178,18 @@ def adapt(public: SufficientStats, private: Tensor, task: TaskStatistics, lam: f
         public = with_disclosed(public, disclosed, settings.disclosed_weight)
     scale = settings.weight / (1 - settings.weight) * float(public.n) / x.shape[0]  # n: weighted with disclosures
     amap = fit_affine(public, "ridge", lam, fit.center, fit.standardize)
+    x_em = principal_components(x, settings.rows_per_component, task.means.shape[0]) if settings.em_iterations else x
     stats, shares = public, []
     for _ in range(settings.rounds):
         r = balanced(task.log_likelihood(amap(x)), task.priors)
         if settings.em_iterations:
-            r = mixture_em(x, r, task.priors, settings.em_iterations, settings.shrinkage)
+            r = mixture_em(x_em, r, task.priors, settings.em_iterations, settings.shrinkage)
         stats = public.clone().merge(weighted_rows(x, r @ task.means, scale, public.full_yty))
         amap = fit_affine(stats, "ridge", lam, fit.center, fit.standardize)
         shares.append((torch.bincount(r.argmax(1), minlength=r.shape[1]).double() / x.shape[0]).tolist())
     record = {"private_rows": int(x.shape[0]), "weight": settings.weight, "rounds": settings.rounds,
-              "em_iterations": settings.em_iterations, "shrinkage": settings.shrinkage, "lambda": lam,
+              "em_iterations": settings.em_iterations, "shrinkage": settings.shrinkage,
+              "em_components": int(x_em.shape[1]), "lambda": lam,
               "disclosed_rows": 0 if disclosed is None else int(disclosed[0].shape[0]),
               "disclosed_weight": None if disclosed is None else settings.disclosed_weight,
               "class_shares": shares[-1] if shares else None}

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lightning_modules.fitting.adaptation import (AdaptationError, TaskStatistics, adapt, balanced, ledoit_wolf,
+                                                  principal_components,
                                                  mixture_em)
 from lightning_modules.fitting.solvers import solve
 from lightning_modules.fitting.stats import SufficientStats
@@ -84,6 +85,23 @@ def test_disclosed_pairs_carry_their_share_and_teach_the_map_the_tasks_own_direc
         adapt(public, x_tr, stats, lam, fit, settings, disclosed=(x_tr[:4] * float("nan"), y_tr[:4]))
 
 
+def test_the_mixture_runs_on_one_principal_component_per_rows_per_component_texts():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 40, generator=g, dtype=F64) * torch.linspace(3.0, 0.1, 40, dtype=F64) + 5.0
+    reduced = principal_components(x, 10, classes=3)
+    assert reduced.shape == (300, 30)  # one component per 10 texts
+    assert torch.allclose(reduced.mean(0), torch.zeros(30, dtype=F64), atol=1e-9)
+    # the components are the directions of most variance, in order: their spread decreases
+    spread = reduced.var(0)
+    assert bool((spread[:-1] >= spread[1:] - 1e-9).all()) and float(spread[0]) > 8.0
+    assert principal_components(x, 1, classes=3).shape == (300, 40)    # never wider than the model
+    assert principal_components(x, 200, classes=3).shape == (300, 3)   # never fewer than the classes
+    assert principal_components(x, 0, classes=3) is x                  # 0: the whole space
+    public, (x_tr, y_tr, l_tr), _ = world(0)
+    record = adapt(public, x_tr, published(y_tr, l_tr), 0.1, FitSettings(), AdaptationSettings(rows_per_component=100)).record
+    assert record["em_components"] == 3
+
+
 def test_balanced_responsibilities_match_the_priors_even_when_every_score_favours_one_class():
     scores = torch.zeros(90, K, dtype=F64)
     scores[:, 0] = 5.0 + torch.linspace(0, 1, 90, dtype=F64)  # a collapsed map: class 0 wins every row
@@ -118,7 +136,8 @@ def test_bad_inputs_are_one_line_errors_that_name_the_fix():
         TaskStatistics(stats.means, stats.precision, torch.tensor([0.5, 0.5, 0.5], dtype=F64))
     assert torch.allclose(TaskStatistics.from_arrays(stats.means, stats.precision).priors,
                           torch.full((K,), 1 / K, dtype=F64))  # a head published before priors: uniform
-    for bad in ({"weight": 1.0}, {"rounds": 0}, {"shrinkage": 2.0}, {"disclosed_weight": 0.0}):
+    for bad in ({"weight": 1.0}, {"rounds": 0}, {"shrinkage": 2.0}, {"disclosed_weight": 0.0},
+                {"rows_per_component": -1}):
         with pytest.raises(SettingsError, match="adaptation"):
             AdaptationSettings(**bad)
 
