@@ -188,12 +188,13 @@ def test_the_adaptation_factor_rows_each_variant_with_intervals_and_its_record(s
                          max_extract=0)
     rows = [r for r in run_ablation(cfg)["settings"] if r["factor"] == "adaptation"]
     assert [r["value"] for r in rows] == [
-        "not adapted (leave-task-out map)", "adapted: weight 0.3, 5 rounds, 5 EM steps, shrinkage Ledoit-Wolf",
-        "adapted: weight 0.1, 5 rounds, 5 EM steps, shrinkage Ledoit-Wolf",
-        "adapted: weight 0.5, 5 rounds, 5 EM steps, shrinkage Ledoit-Wolf",
-        "adapted: weight 0.3, 1 round, 5 EM steps, shrinkage Ledoit-Wolf",
-        "adapted: weight 0.3, 5 rounds, 0 EM steps, shrinkage Ledoit-Wolf",
-        "adapted: weight 0.3, 5 rounds, 5 EM steps, shrinkage 0"]
+        "not adapted (leave-task-out map)",
+        "adapted: weight 0.3, 5 rounds, 5 EM steps (1 component per 5 texts), shrinkage Ledoit-Wolf",
+        "adapted: weight 0.1, 5 rounds, 5 EM steps (1 component per 5 texts), shrinkage Ledoit-Wolf",
+        "adapted: weight 0.5, 5 rounds, 5 EM steps (1 component per 5 texts), shrinkage Ledoit-Wolf",
+        "adapted: weight 0.3, 1 round, 5 EM steps (1 component per 5 texts), shrinkage Ledoit-Wolf",
+        "adapted: weight 0.3, 5 rounds, 0 EM steps (1 component per 5 texts), shrinkage Ledoit-Wolf",
+        "adapted: weight 0.3, 5 rounds, 5 EM steps (1 component per 5 texts), shrinkage 0"]
     plain, adapted = rows[0], rows[1]
     assert "adaptation" not in plain and adapted["adaptation"]["weight"] == 0.3
     assert adapted["adaptation"]["private_rows"] == 420  # the task's train split: 0.7 of its 600 rows
