@@ -26,5 +26,15 @@ class InvalidLayout(EncryptedError):
     """A layout dict is malformed, or a layer cannot be laid out in one profile."""
 
 
+def published_dict(data: object, what: str, version: int) -> dict:
+    """`data` as a dict a server published for this `version` of `what` (e.g. "a fit plan"), else InvalidLayout."""
+    if not isinstance(data, dict):
+        raise InvalidLayout(f"{what} must be a dict, got {type(data).__name__}")
+    if data.get("version") != version:
+        raise InvalidLayout(f"{what} has version {data.get('version')!r:.20}, not {version}; fetch it again from a "
+                            "server running the same xsilo version")
+    return data
+
+
 class IntegrityError(EncryptedError):
     """An exported file does not match the sha256 its manifest records."""

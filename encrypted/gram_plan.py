@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from . import wire
-from .errors import InsecureParameters, InvalidLayout, ParameterMismatch
+from .errors import InsecureParameters, InvalidLayout, ParameterMismatch, published_dict
 from .profiles import max_modulus_bits
 from .rlwe import RING_DEGREE, SEED_BYTES, packed_size
 
@@ -217,11 +217,7 @@ class GramPlan:
     @classmethod
     def from_dict(cls, data: Any) -> "GramPlan":
         """Rebuild a plan a server published; an inconsistent dict raises InvalidLayout."""
-        if not isinstance(data, dict):
-            raise InvalidLayout(f"a fit plan must be a dict (GramPlan.to_dict()), got {type(data).__name__}")
-        if data.get("version") != GRAM_VERSION:
-            raise InvalidLayout(f"fit plan version {data.get('version')!r:.20} is not {GRAM_VERSION}; fetch the plan "
-                                "again from a server running the same xsilo version")
+        data = published_dict(data, "a fit plan (GramPlan.to_dict())", GRAM_VERSION)
         rows, seed, shifts = data.get("part_rows"), data.get("key_seed"), data.get("target_shifts")
         if not isinstance(rows, list) or not isinstance(seed, str) or len(seed) != 2 * SEED_BYTES \
                 or not isinstance(shifts, list):

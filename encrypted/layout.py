@@ -27,7 +27,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import InvalidLayout
+from .errors import InvalidLayout, published_dict
 from .profiles import CkksProfile
 
 LAYOUT_VERSION = 1
@@ -101,11 +101,7 @@ class LinearLayout:
     @classmethod
     def from_dict(cls, data: Any) -> "LinearLayout":
         """Rebuild and re-check a layout published by a server; inconsistent dicts raise InvalidLayout."""
-        if not isinstance(data, dict):
-            raise InvalidLayout(f"a layout must be a dict (LinearLayout.to_dict()), got {type(data).__name__}")
-        if data.get("version") != LAYOUT_VERSION:
-            raise InvalidLayout(f"layout version {data.get('version')!r} is not {LAYOUT_VERSION}; "
-                                "fetch the layout again from a server running the same xsilo version")
+        data = published_dict(data, "a layout (LinearLayout.to_dict())", LAYOUT_VERSION)
         try:
             profile = CkksProfile.from_dict(data["profile"])
             ints = {k: data[k] for k in ("input_dim", "output_dim", "padded_input", "stride", "lanes",

@@ -328,9 +328,6 @@ class Study:
         same texts for every pair of the task."""
         if src.train_labels is None or tgt.train_labels is None or not torch.equal(src.train_labels, tgt.train_labels):
             raise RuntimeError("the source's and target's task-train rows differ; both must come from the same split")
-        if rows > len(src.train):
-            raise StudyError(f"cannot disclose {rows} texts: the task has {len(src.train)} training texts; lower "
-                             "--disclosures")
         chosen = torch.randperm(len(src.train), generator=torch.Generator().manual_seed(self.cfg.seed))[:rows]
         return src.train[chosen], tgt.train[chosen]
 
@@ -384,6 +381,11 @@ class Study:
         for model in cfg.models:
             for task in cfg.tasks:
                 natives[model, task], native_results[model][task] = self.native(model, task)
+        for task in cfg.tasks if cfg.disclosures else ():  # before any map is fitted
+            available = len(natives[cfg.models[0], task].train)
+            if max(cfg.disclosures) > available:
+                raise StudyError(f"cannot disclose {max(cfg.disclosures)} texts of {task}: it has {available} "
+                                 "training texts; lower --disclosures")
         regimes = {regime: self.regime(regime, natives, native_results) for regime in cfg.regimes}
         for rows in cfg.disclosures:
             regimes[disclosed_regime(rows)] = self.regime(TWO_PARTY, natives, native_results, disclosed=rows)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -276,3 +277,14 @@ def test_a_disclosure_regime_adds_the_clients_chosen_texts_to_the_two_party_fit(
     assert moved == len(shown["pairs"]) * len(cfg.tasks)  # the disclosed pairs change every map
     with pytest.raises(StudyError, match="disclosures"):
         StudyConfig(models=["a", "b"], tasks=["t"], regimes=["two-party"], disclosures=[8, 8]).validate()
+
+
+def test_disclosing_more_texts_than_the_task_has_is_refused_before_any_map_is_fitted(regimes, monkeypatch):
+    root, cfg, _ = regimes
+    monkeypatch.setenv("XSILO_HOME", str(root / "home"))  # the fixture's caches: nothing is extracted again
+    fitted = []
+    monkeypatch.setattr(Study, "fit_map", lambda self, *a, **k: fitted.append(a))
+    too_many = replace(cfg, tasks=cfg.tasks[:1], regimes=["two-party"], disclosures=[10_000])
+    with pytest.raises(StudyError, match="cannot disclose 10000 texts of .*training texts; lower --disclosures"):
+        run_study(too_many)
+    assert fitted == []
