@@ -1,6 +1,6 @@
-"""The data commands of `xsilo` (`assets list`, `assets prepare`, `extract`) and `quiet`, which every command that
-loads a model calls first. Each command is a typed function whose signature is its options (see
-`lightning_modules.cli`); the heavy imports happen inside it, when it runs.
+"""The data commands of `xsilo` (`assets list`, `assets prepare`, `extract`, `public-set synthesize`) and `quiet`,
+which every command that loads a model calls first. Each command is a typed function whose signature is its options
+(see `lightning_modules.cli`); the heavy imports happen inside it, when it runs.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import sys
 import time
 from typing import Literal
 
+from datamodules.synthetic import SyntheticTextSettings
 from serve.formats.views import StateView
 
 Accelerator = Literal["auto", "cpu", "gpu", "cuda", "mps"]  # as lightning_modules.settings.Accelerator
@@ -67,6 +68,29 @@ def assets_prepare(*names: str) -> None:
         print(f"prepared {', '.join(worked)} in {time.perf_counter() - t0:.1f}s")
     else:
         print("nothing to do: every requested asset is already prepared")
+
+
+def public_set_synthesize(*, synthetic: SyntheticTextSettings, threads: int | None = None) -> None:
+    """Provider: write a synthetic set of a head's domain, from a few words per class, and print its .jsonl path.
+
+    An LM writes the texts from your prompts (one per class: what its texts look like), crossed with topics; no
+    text of anyone's task goes in, so the set is public. Add it to the public set you serve (`xsilo public-set build
+    --sources '[..., PATH]' --mix PATH:0.25`) so that the fit sees texts like your task's without a client
+    disclosing any. Written once per settings and model; a second run prints the same path at once.
+
+    Args:
+        synthetic: the prompts (each with {topic}), topics, rows, writing model and filters:
+            --config configs/synthetic/trec.yaml.
+        threads: torch threads for the writing model.
+    """
+    from datamodules.synthetic import synthesize
+
+    quiet()
+    t0 = time.perf_counter()
+    path = synthesize(synthetic, threads)
+    rows = sum(1 for _ in open(path, encoding="utf-8"))
+    print(f"{rows} synthetic texts by {synthetic.model} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    print(path)
 
 
 def extract(

@@ -39,6 +39,7 @@ COMMANDS = {  # name: "module:function"
     "report": "lightning_modules.reporting.commands:report",
     "ablate": "lightning_modules.experiments.commands:ablate",
     "public-set": {"build": "lightning_modules.parties.commands:public_set_build",
+                   "synthesize": "datamodules.commands:public_set_synthesize",
                    "export": "lightning_modules.parties.commands:public_set_export"},
     "export": "lightning_modules.parties.commands:export",
     "head": {"fit": "lightning_modules.parties.commands:head_fit"},

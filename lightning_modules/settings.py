@@ -150,8 +150,9 @@ class AdaptationSettings:
         rows_per_component: the mixture runs on the client's top principal components, one per this many of its
             texts (5: 210 components for 1,050 texts; never fewer than the classes nor more than the model's width);
             0 runs it on the whole space. Fewer dimensions than texts keep its covariance from fitting noise.
-        disclosed_weight: the share of the public fit's weight that texts the client opts to disclose carry (the
-            paper's remedy, never the default; the study's `disclosures` measure it).
+        anchor_weight: the share of the public fit's weight that anchor texts carry: texts both parties extract,
+            synthetic ones written from the provider's class descriptions, or ones the client opts to disclose
+            (the paper's remedy, never the default); the study's `synthetic` and `disclosures` measure them.
     """
 
     weight: float = 0.3
@@ -159,7 +160,7 @@ class AdaptationSettings:
     em_iterations: int = 5
     shrinkage: float | None = None
     rows_per_component: int = 5
-    disclosed_weight: float = 0.3
+    anchor_weight: float = 0.3
 
     def __post_init__(self) -> None:
         if not 0 < self.weight < 1:
@@ -172,8 +173,8 @@ class AdaptationSettings:
         if self.rows_per_component < 0:
             raise SettingsError(f"adaptation.rows_per_component must be >= 0 (0: the whole space), got "
                                 f"{self.rows_per_component}")
-        if not 0 < self.disclosed_weight < 1:
-            raise SettingsError(f"adaptation.disclosed_weight must be in (0, 1), got {self.disclosed_weight}")
+        if not 0 < self.anchor_weight < 1:
+            raise SettingsError(f"adaptation.anchor_weight must be in (0, 1), got {self.anchor_weight}")
 
 
 @dataclass(frozen=True)

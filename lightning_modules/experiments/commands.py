@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from datamodules.commands import quiet
+from datamodules.synthetic import load_settings
 from lightning_modules.experiments.ablation_config import AblationConfig
 from lightning_modules.settings import (AdaptationSettings, DeviceSettings, ExtractionSettings, FitSettings,
                                         HeadSettings, PublicSetSettings)
@@ -31,6 +32,7 @@ def study(
     head: HeadSettings = HeadSettings(),
     adaptation: AdaptationSettings = AdaptationSettings(),
     disclosures: list[int] | None = None,
+    synthetic: dict[str, str] | None = None,
     seed: int = 0,
     device: DeviceSettings = DeviceSettings(),
     out: str = "runs/study",
@@ -65,6 +67,9 @@ def study(
         adaptation: the two-party regime's adaptation (weight of the client's texts, rounds, EM steps).
         disclosures: the opt-in that discloses texts, measured: each N adds a regime two-party-disclosed-N whose
             client also discloses N of its task-train texts (--disclosures '[16,64,128]').
+        synthetic: per task, a file of how an LM writes a synthetic set from the provider's class descriptions
+            (configs/synthetic/*.yaml); adds the regime two-party-synthetic, whose maps take those texts as
+            anchors (configs/study/synthetic.yaml).
         seed: split, training and bootstrap seed (recorded in study.json).
         device: where it runs (--accelerator, --devices, --precision, --threads).
         out: output directory.
@@ -76,7 +81,8 @@ def study(
                       ood_detector=ood_detector, bootstrap=bootstrap, public=public, extraction=extraction, fit=fit,
                       head=head, device=device, seed=seed, regimes=regimes or ("given",),
                       in_domain_size=in_domain_size, leave_task_out_size=leave_task_out_size,
-                      public_sources=public_sources, adaptation=adaptation, disclosures=disclosures or ())
+                      public_sources=public_sources, adaptation=adaptation, disclosures=disclosures or (),
+                      synthetic={task: load_settings(path) for task, path in synthetic.items()} if synthetic else None)
     results = run_study(cfg, out=out)
     flagged = sum(v["collapse"] for r in results["regimes"].values() for p in r["pairs"].values()
                   for v in p["tasks"].values())

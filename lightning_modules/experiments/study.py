@@ -38,6 +38,7 @@ from datamodules.extraction import ExtractionConfig, resolve
 from datamodules.recipes import (DIALOG, PublicRecipe, in_domain_recipe, leave_task_out_recipe,
                                  leave_task_out_sources, task_specs)
 from datamodules.registry import AssetError
+from datamodules.synthetic import SyntheticTextSettings
 from lightning_modules.evaluation.bootstrap import auroc_ci, auroc_drop_ci, macro_f1_ci, mean_ci
 from lightning_modules.evaluation.evaluate import (PairConfig, build_public, classification_scores, fit_aligner,
                                                    fit_classifier, lambda_path_report, null_map, path_accuracy,
@@ -45,13 +46,15 @@ from lightning_modules.evaluation.evaluate import (PairConfig, build_public, cla
 from lightning_modules.evaluation.metrics import alignment_report, auroc
 from lightning_modules.evaluation.ood import OODConfig, load_ood_sets
 from lightning_modules.evaluation.ood_detectors import DETECTORS, Detector, make_detectors
-from lightning_modules.experiments.study_report import collapse, lambda_panels, markdown_report, matrices
+from lightning_modules.experiments.anchors import disclosed_pairs, synthetic_pairs
+from lightning_modules.experiments.study_report import (ceiling_summary, collapse, lambda_panels, markdown_report,
+                                                        matrices)
 from lightning_modules.fitting.adaptation import TaskStatistics, adapt
 from lightning_modules.fitting.estimators import path_factors
 from lightning_modules.fitting.solvers import LAMBDA_ESTIMATORS
 from lightning_modules.fitting.stats import SufficientStats
 from lightning_modules.reporting.charts import heatmap, lambda_path_chart, short_name
-from lightning_modules.reporting.report import DISCLOSED_PREFIX, regime_title
+from lightning_modules.reporting.report import DISCLOSED_PREFIX, SYNTHETIC_REGIME, regime_title
 from lightning_modules.parties.heads import published_statistics
 from lightning_modules.settings import (LEAVE_TASK_OUT, AdaptationSettings, DeviceSettings, ExtractionSettings,
                                         FitSettings, HeadSettings, PublicSetSettings, seed_all)
@@ -83,7 +86,10 @@ class StudyConfig:
     `public_base`: the in-domain sets' other half (movie dialog). `public` is the given regime's set.
     `disclosures`: row counts N, each adding a regime `two-party-disclosed-N`: the two-party regime whose client
     also discloses N of its task-train texts (the same seeded N for every pair), paired with the target's states
-    at `adaptation.disclosed_weight` of the public weight (the paper's remedy, an opt-in; never a default)."""
+    at `adaptation.anchor_weight` of the public weight (the paper's remedy, an opt-in; never a default).
+    `synthetic`: per task, how a synthetic set is written from the provider's class descriptions; adds the regime
+    `two-party-synthetic`: the two-party regime with those texts, extracted by both models, as anchors at
+    `adaptation.anchor_weight` (nothing of the client's crosses)."""
 
     models: Sequence[str]
     tasks: Sequence[str]
@@ -108,11 +114,12 @@ class StudyConfig:
     public_base: str = DIALOG
     adaptation: AdaptationSettings = field(default_factory=AdaptationSettings)
     disclosures: Sequence[int] = ()
+    synthetic: dict[str, SyntheticTextSettings] | None = None
 
     @property
     def adapts(self) -> bool:
-        """Whether any regime adapts maps to the client's texts (two-party, or a disclosure)."""
-        return TWO_PARTY in self.regimes or bool(self.disclosures)
+        """Whether any regime adapts maps to the client's texts (two-party, a disclosure or synthetic anchors)."""
+        return TWO_PARTY in self.regimes or bool(self.disclosures) or bool(self.synthetic)
 
     def validate(self) -> None:
         bad = [r for r in self.regimes if r not in REGIMES]
@@ -142,6 +149,11 @@ class StudyConfig:
                              "ridge, or drop two-party from --regimes and --disclosures")
         if any(n < 1 for n in self.disclosures) or len(set(self.disclosures)) != len(self.disclosures):
             raise StudyError(f"disclosures must be distinct row counts >= 1, got {list(self.disclosures)}")
+        if self.synthetic is not None and set(self.synthetic) != set(self.tasks):
+            raise StudyError(f"synthetic must give settings for each task {sorted(self.tasks)} and no other, got "
+                             f"{sorted(self.synthetic)}")
+        for settings in (self.synthetic or {}).values():
+            settings.validate()
         if self.bootstrap < 1 or not 0 < self.confidence < 1:
             raise StudyError(f"need bootstrap >= 1 and 0 < confidence < 1, got {self.bootstrap} and {self.confidence}")
 
@@ -279,12 +291,13 @@ class Study:
 
     def fit_map(self, source: str, target: str, task: str, public: PublicSetSettings,
                 natives: dict[tuple[str, str], Native], native_results: dict[str, dict[str, Any]],
-                fit: FitSettings, adapted: bool = False, disclosed: int = 0) -> dict[str, Any]:
+                fit: FitSettings, adapted: bool = False, anchors: tuple[Tensor, Tensor] | None = None
+                ) -> dict[str, Any]:
         """source→target on a public set with `fit` (criterion auto: λ through the target's `task` head):
         alignment on held-out public rows, the mapped views, the accuracy along the λ path and the collapse flag.
         `adapted` (the two-party regime): the map is then adapted to the source's unlabelled task-train states
         through the target's task statistics, at the public fit's λ; the plain map's scores stay beside it.
-        `disclosed` rows of those texts are also paired with the target's states of them (`disclosed_pairs`)."""
+        `anchors`: source and target states of texts both parties hold (`experiments.anchors`)."""
         cfg = self.cfg
         src, tgt = natives[source, task], natives[target, task]
         if not torch.equal(src.labels, tgt.labels):
@@ -301,8 +314,7 @@ class Study:
             x_tr, y_tr = split_rows(dm, "train")
             train = SufficientStats.zeros(x_tr.shape[1], y_tr.shape[1], full_yty=False).update(x_tr, y_tr)
             if adapted:
-                pairs = self.disclosed_pairs(src, tgt, disclosed) if disclosed else None
-                adaptation = adapt(train, src.train, tgt.task_stats, lam, fit, cfg.adaptation, pairs)
+                adaptation = adapt(train, src.train, tgt.task_stats, lam, fit, cfg.adaptation, anchors)
                 plain = classification_scores(tgt.head(aligner(src.test)), tgt.labels, tgt.head.hparams.output_dim)
                 mapper = AdaptedMap(adaptation.map)
             x_val, y_val = split_rows(dm, "val")
@@ -322,14 +334,6 @@ class Study:
                 out["lambda_path"] = lambda_path_report(aligner.lambda_path, points)
         out["collapse"], out["collapse_reason"] = collapse(out["mapped"], native_results[target][task])
         return out
-
-    def disclosed_pairs(self, src: Native, tgt: Native, rows: int) -> tuple[Tensor, Tensor]:
-        """The source's and target's states of `rows` task-train texts the client discloses: a seeded sample, the
-        same texts for every pair of the task."""
-        if src.train_labels is None or tgt.train_labels is None or not torch.equal(src.train_labels, tgt.train_labels):
-            raise RuntimeError("the source's and target's task-train rows differ; both must come from the same split")
-        chosen = torch.randperm(len(src.train), generator=torch.Generator().manual_seed(self.cfg.seed))[:rows]
-        return src.train[chosen], tgt.train[chosen]
 
     def mapped_views(self, aligner: torch.nn.Module, shuffled: torch.nn.Module, src: Native, tgt: Native
                      ) -> dict[str, Any]:
@@ -357,9 +361,9 @@ class Study:
         return out
 
     def regime(self, regime: str, natives: dict[tuple[str, str], Native],
-               native_results: dict[str, dict[str, Any]], disclosed: int = 0) -> dict[str, Any]:
+               native_results: dict[str, dict[str, Any]], anchors: str | int | None = None) -> dict[str, Any]:
         """Every ordered pair under one regime: a map per (pair, task), on the regime's public set of the task;
-        `disclosed` rows (two-party only) of the client's texts paired with the target's."""
+        two-party only, `anchors`: N disclosed rows of the client's texts, or "synthetic" (the task's synthetic set)."""
         cfg = self.cfg
         ordered = [(s, t) for s in cfg.models for t in cfg.models if s != t]
         pairs: dict[str, Any] = {f"{s} -> {t}": {"source": s, "target": t, "tasks": {}} for s, t in ordered}
@@ -368,8 +372,11 @@ class Study:
             fit = cfg.fit.for_public(regime in ("leave-task-out", TWO_PARTY)
                                      or (regime == "given" and cfg.public.data == LEAVE_TASK_OUT))
             for s, t in ordered:
+                held = (synthetic_pairs(s, t, cfg.synthetic[task], cfg.extraction, cfg.device.threads)
+                        if anchors == "synthetic" else
+                        disclosed_pairs(natives[s, task], natives[t, task], anchors, cfg.seed) if anchors else None)
                 pairs[f"{s} -> {t}"]["tasks"][task] = self.fit_map(s, t, task, public, natives, native_results, fit,
-                                                                   adapted=regime == TWO_PARTY, disclosed=disclosed)
+                                                                   adapted=regime == TWO_PARTY, anchors=held)
         info = ({"data": cfg.public.data, "limit": cfg.public.limit} if regime == "given"
                 else {task: self.publics["leave-task-out" if regime == TWO_PARTY else regime, task][1]
                       for task in cfg.tasks})
@@ -388,7 +395,9 @@ class Study:
                                  "training texts; lower --disclosures")
         regimes = {regime: self.regime(regime, natives, native_results) for regime in cfg.regimes}
         for rows in cfg.disclosures:
-            regimes[disclosed_regime(rows)] = self.regime(TWO_PARTY, natives, native_results, disclosed=rows)
+            regimes[disclosed_regime(rows)] = self.regime(TWO_PARTY, natives, native_results, anchors=rows)
+        if cfg.synthetic:
+            regimes[SYNTHETIC_REGIME] = self.regime(TWO_PARTY, natives, native_results, anchors="synthetic")
         return {"config": {**asdict(cfg), "models": list(cfg.models), "tasks": list(cfg.tasks), "ood": list(cfg.ood),
                            "regimes": list(cfg.regimes), "disclosures": list(cfg.disclosures)},
                 "seed": cfg.seed, "extraction": self.specs,
@@ -423,6 +432,8 @@ def run_study(cfg: StudyConfig, out: str | Path | None = None) -> dict[str, Any]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     results["heatmaps"] = {name: {**m, "file": f"heatmap-{name}.png"} for name, m in matrices(results).items()}
+    for regime, view in results["regimes"].items():
+        view["ceiling"] = ceiling_summary(results, regime)
     if cfg.fit.estimator in LAMBDA_ESTIMATORS:
         results["lambda_paths"] = {regime: f"lambda-path-{regime}.png" for regime in results["regimes"]}
     if out is not None:

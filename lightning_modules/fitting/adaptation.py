@@ -19,9 +19,10 @@ share `weight` of the fit's total weight, where r_i are class responsibilities f
 
 Nothing of this crosses: the provider's view of the private fit is the same for any private texts.
 
-`disclosed` is the paper's remedy as an explicit opt-in, measured but never the default: pairs (x, z) of texts the
-client chose to disclose, whose target states z the provider extracted, carry `disclosed_weight` of the public
-fit's weight before the rounds start (the texts cross; nothing else changes).
+`anchors` are pairs (x, z) of texts both parties hold, each extracted by its own model, that carry `anchor_weight`
+of the public fit's weight before the rounds start. Two kinds are measured: synthetic texts written from the
+provider's public class descriptions (`datamodules.synthetic`: nothing of the client's crosses), and the paper's
+remedy, texts the client opts to disclose (those texts cross; never the default).
 """
 
 from __future__ import annotations
@@ -144,24 +145,24 @@ def weighted_rows(x: Tensor, y: Tensor, scale: float, full_yty: bool = False) ->
     return stats
 
 
-def with_disclosed(public: SufficientStats, disclosed: tuple[Tensor, Tensor], weight: float) -> SufficientStats:
-    """The public statistics plus the disclosed pairs (x, z), these carrying `weight` of the total weight."""
-    x, z = (t.to(F64) for t in disclosed)
+def with_anchors(public: SufficientStats, anchors: tuple[Tensor, Tensor], weight: float) -> SufficientStats:
+    """The public statistics plus the anchor pairs (x, z), these carrying `weight` of the total weight."""
+    x, z = (t.to(F64) for t in anchors)
     if x.ndim != 2 or z.ndim != 2 or x.shape[0] != z.shape[0] or x.shape[0] < 1 or (x.shape[1], z.shape[1]) != (
             public.d_x, public.d_y):
-        raise AdaptationError(f"disclosed pairs must be (rows, {public.d_x}) source and (rows, {public.d_y}) target "
+        raise AdaptationError(f"anchor pairs must be (rows, {public.d_x}) source and (rows, {public.d_y}) target "
                               f"states of the same texts, got {tuple(x.shape)} and {tuple(z.shape)}")
     if not (bool(torch.isfinite(x).all()) and bool(torch.isfinite(z).all())):
-        raise AdaptationError("the disclosed states hold NaN/inf; re-extract them")
+        raise AdaptationError("the anchor states hold NaN/inf; re-extract them")
     scale = weight / (1 - weight) * float(public.n) / x.shape[0]
     return public.clone().merge(weighted_rows(x, z, scale, public.full_yty))
 
 
 def adapt(public: SufficientStats, private: Tensor, task: TaskStatistics, lam: float, fit: "FitSettings",
-          settings: "AdaptationSettings", disclosed: tuple[Tensor, Tensor] | None = None) -> Adaptation:
+          settings: "AdaptationSettings", anchors: tuple[Tensor, Tensor] | None = None) -> Adaptation:
     """The ridge map at `lam` refitted on the public statistics plus pseudo-pairs of the private states (module
     docstring). `private` (n, d_A) are the client's states of its own texts, in its model's raw space;
-    `disclosed` (opt-in) are source and target states of texts the client disclosed."""
+    `anchors` are source and target states of texts both parties hold (synthetic or disclosed)."""
     x = private.to(F64)
     if x.ndim != 2 or x.shape[1] != public.d_x:
         raise AdaptationError(f"the private states must be (rows, {public.d_x}) like the public set's source "
@@ -174,9 +175,9 @@ def adapt(public: SufficientStats, private: Tensor, task: TaskStatistics, lam: f
                               f"states are {public.d_y}-d; the head and the public set come from different models")
     if not bool(torch.isfinite(x).all()):
         raise AdaptationError("the private states hold NaN/inf; re-extract them")
-    if disclosed is not None:
-        public = with_disclosed(public, disclosed, settings.disclosed_weight)
-    scale = settings.weight / (1 - settings.weight) * float(public.n) / x.shape[0]  # n: weighted with disclosures
+    if anchors is not None:
+        public = with_anchors(public, anchors, settings.anchor_weight)
+    scale = settings.weight / (1 - settings.weight) * float(public.n) / x.shape[0]  # n: weighted with the anchors
     amap = fit_affine(public, "ridge", lam, fit.center, fit.standardize)
     x_em = principal_components(x, settings.rows_per_component, task.means.shape[0]) if settings.em_iterations else x
     stats, shares = public, []
@@ -190,7 +191,7 @@ def adapt(public: SufficientStats, private: Tensor, task: TaskStatistics, lam: f
     record = {"private_rows": int(x.shape[0]), "weight": settings.weight, "rounds": settings.rounds,
               "em_iterations": settings.em_iterations, "shrinkage": settings.shrinkage,
               "em_components": int(x_em.shape[1]), "lambda": lam,
-              "disclosed_rows": 0 if disclosed is None else int(disclosed[0].shape[0]),
-              "disclosed_weight": None if disclosed is None else settings.disclosed_weight,
+              "anchor_rows": 0 if anchors is None else int(anchors[0].shape[0]),
+              "anchor_weight": None if anchors is None else settings.anchor_weight,
               "class_shares": shares[-1] if shares else None}
     return Adaptation(amap, stats, record)

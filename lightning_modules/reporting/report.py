@@ -56,14 +56,19 @@ REGIME_TITLES = {"given": "the given public set",
                  "two-party": "two-party: the leave-task-out sets, each map adapted on the client's unlabelled "
                               "task texts through the provider's published class statistics (no text crosses)"}
 DISCLOSED_PREFIX = "two-party-disclosed-"
+SYNTHETIC_REGIME = "two-party-synthetic"
 
 
 def regime_title(regime: str) -> str:
-    """A regime's title; `two-party-disclosed-N` is the two-party regime whose client opted to disclose N texts."""
+    """A regime's title; `two-party-disclosed-N` is the two-party regime whose client opted to disclose N texts,
+    `two-party-synthetic` the two-party regime anchored on the task's synthetic set."""
     if regime.startswith(DISCLOSED_PREFIX):
         rows = regime[len(DISCLOSED_PREFIX):]
         return (f"two-party with {rows} of the client's task texts disclosed (an opt-in: those texts cross, paired "
                 "with the target's states of them)")
+    if regime == SYNTHETIC_REGIME:
+        return ("two-party with synthetic anchors (texts an LM wrote from the provider's class descriptions, extracted "
+                "by both models; nothing of the client's crosses)")
     return REGIME_TITLES[regime]
 # (header, JSON pointer below a row's native / mapped entry, interval pointer or None)
 # "native source": the source's own head; a map followed by the target's linear head is a linear head on source

@@ -25,7 +25,7 @@ COMMAND_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name not
 # The commands that read each folder's configs with --config (a recipe may suit only some of them).
 CONFIG_COMMANDS = {"public": [["public-set", "build"]],
                    "recipe": [["evaluate"], ["evaluate_ood"], ["evaluate_generation"], ["study"], ["ablate"]],
-                   "study": [["study"]], "ablation": [["ablate"]]}
+                   "study": [["study"]], "ablation": [["ablate"]], "synthetic": [["public-set", "synthesize"]]}
 # Keys each run overrides to use tiny data; every other key of a fragment must reach the instantiated objects.
 TINY_KEYS = {"source", "target", "model", "data", "limit", "devices", "default_root_dir"}
 MAX_EPOCHS = 2  # a few steps: the closed form, then one epoch of gradient steps where a config asks for more

@@ -15,6 +15,7 @@ import datamodules.recipes
 import lightning_modules.evaluation.evaluate
 from datamodules.dedupe import normalize_text
 from datamodules.public_set import task_heldout
+from datamodules.synthetic import SyntheticTextSettings
 from datamodules.text import load_texts
 from lightning_modules.models.classifier import LinearClassifier
 from lightning_modules.evaluation.evaluate import classification_scores
@@ -50,7 +51,11 @@ def regimes(tiny_models, tmp_path_factory):
                           in_domain_size=80, leave_task_out_size=120, public_base=str(dialog),
                           public_sources=[str(dialog), str(echo), str(task_a), str(task_b)],
                           head=HeadSettings(epochs=5), fit=FitSettings(lambdas=(1e-3, 1e-2, 1e-1, 1.0)), bootstrap=50,
-                          disclosures=[8])
+                          disclosures=[8],
+                          synthetic={str(t): SyntheticTextSettings(prompts=("write about {topic}",), rows=6,
+                                                                   model=str(tiny_models["llama"]), min_chars=1,
+                                                                   max_new_tokens=6, batch_size=4, max_batches=20)
+                                     for t in (task_a, task_b)})
         public_extractions = []
         original = lightning_modules.evaluation.evaluate.extract
 
@@ -71,19 +76,20 @@ def regimes(tiny_models, tmp_path_factory):
 
 def test_each_regime_gives_a_table_and_a_lambda_path_plot(regimes):
     root, cfg, results = regimes
-    assert list(results["regimes"]) == ["in-domain", "leave-task-out", "two-party", "two-party-disclosed-8"]
+    assert list(results["regimes"]) == ["in-domain", "leave-task-out", "two-party", "two-party-disclosed-8",
+                                        "two-party-synthetic"]
     md = (root / "out" / "study.md").read_text()
-    for regime in ("in-domain", "leave-task-out", "two-party", "two-party-disclosed-8"):
+    for regime in ("in-domain", "leave-task-out", "two-party", "two-party-disclosed-8", "two-party-synthetic"):
         assert f"lambda-path-{regime}.png" in md
         assert (root / "out" / f"lambda-path-{regime}.png").read_bytes()[:8] == PNG_MAGIC
     tables = [block for block in md.split("## Regime: ")[1:]]
-    assert len(tables) == 4
+    assert len(tables) == 5
     for block in tables:
         rows = [line for line in block.split("\n## ")[0].splitlines() if line.startswith("| ") and "---" not in line]
         assert len(rows) == 1 + len(cfg.tasks) * 2  # header, then (task, pair) rows
     # each pair's map is fitted once per (regime, task); each (model, task) head once; two-party reuses the
     # leave-task-out sets
-    assert results["fits"] == {"classifiers": 4, "detectors": 0, "aligners": 16, "public_sets": 4}
+    assert results["fits"] == {"classifiers": 4, "detectors": 0, "aligners": 20, "public_sets": 4}
     for name, regime in results["regimes"].items():
         # the study knows the head: auto = head, except on a leave-task-out set, where it is gcv
         expected = "gcv" if name.startswith(("leave-task-out", "two-party")) else "head"
@@ -212,7 +218,7 @@ def test_the_report_renders_the_regime_tables_beside_the_paper_and_the_lambda_pa
     assert "Table 1" in figures and "Table 2" in figures and "| TREC | — | 95.4 | 57.6 | PAPER_NOTES.md |" in figures
     # every regime row names its source in study.json, and its mapped accuracy is the one stored there
     rows = [line for line in figures.splitlines() if "study.json#/regimes/" in line]
-    assert len(rows) == (len(cfg.regimes) + len(cfg.disclosures)) * len(cfg.tasks) * 2
+    assert len(rows) == len(results["regimes"]) * len(cfg.tasks) * 2
     for line in rows:
         cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
         pointer = cells[-1].split("#", 1)[1]
@@ -270,8 +276,8 @@ def test_a_disclosure_regime_adds_the_clients_chosen_texts_to_the_two_party_fit(
         for task in cfg.tasks:
             view, plain = pair["tasks"][task], two["pairs"][key]["tasks"][task]
             record = view["adaptation"]
-            assert record["disclosed_rows"] == 8 and record["disclosed_weight"] == cfg.adaptation.disclosed_weight
-            assert plain["adaptation"]["disclosed_rows"] == 0
+            assert record["anchor_rows"] == 8 and record["anchor_weight"] == cfg.adaptation.anchor_weight
+            assert plain["adaptation"]["anchor_rows"] == 0
             assert record["unadapted"] == plain["adaptation"]["unadapted"]  # the same public map before both
             moved += view["alignment"]["r2"] != plain["alignment"]["r2"]
     assert moved == len(shown["pairs"]) * len(cfg.tasks)  # the disclosed pairs change every map
@@ -279,12 +285,46 @@ def test_a_disclosure_regime_adds_the_clients_chosen_texts_to_the_two_party_fit(
         StudyConfig(models=["a", "b"], tasks=["t"], regimes=["two-party"], disclosures=[8, 8]).validate()
 
 
+def test_each_regime_is_summed_up_against_the_linear_ceiling(regimes):
+    root, cfg, results = regimes
+    md = (root / "out" / "study.md").read_text()
+    for name, regime in results["regimes"].items():
+        passing, gaps = 0, []
+        for pair in regime["pairs"].values():
+            for task, view in pair["tasks"].items():
+                ends = [results["native"][pair[end]][task] for end in ("source", "target")]
+                passing += (not view["collapse"]
+                            and view["mapped"]["macro_f1"] >= 0.9 * min(e["macro_f1"] for e in ends))
+                gaps.append(min(e["accuracy"] for e in ends) - view["mapped"]["accuracy"])
+        summary = regime["ceiling"]
+        assert (summary["passing"], summary["rows"]) == (passing, len(cfg.tasks) * 2)
+        assert summary["mean_gap_points"] == pytest.approx(100 * np.mean(gaps), abs=0.01)
+        assert f"**{passing} of {len(gaps)} rows** free of collapse" in md
+
+
+def test_the_synthetic_regime_anchors_each_two_party_map_on_texts_written_without_the_clients(regimes):
+    root, cfg, results = regimes
+    two, synthetic = results["regimes"]["two-party"], results["regimes"]["two-party-synthetic"]
+    assert synthetic["public"] == two["public"]  # the same public sets; the anchors come on top
+    for key, pair in synthetic["pairs"].items():
+        for task in cfg.tasks:
+            view, plain = pair["tasks"][task], two["pairs"][key]["tasks"][task]
+            assert view["adaptation"]["anchor_rows"] == cfg.synthetic[task].rows
+            assert view["adaptation"]["anchor_weight"] == cfg.adaptation.anchor_weight
+            assert view["adaptation"]["unadapted"] == plain["adaptation"]["unadapted"]
+            assert view["alignment"]["r2"] != plain["alignment"]["r2"]  # the anchors change every map
+    assert "synthetic anchors" in (root / "out" / "study.md").read_text()
+    with pytest.raises(StudyError, match="synthetic must give settings for each task"):
+        StudyConfig(models=["a", "b"], tasks=["t", "u"], regimes=["two-party"],
+                    synthetic={"t": SyntheticTextSettings(prompts=("about {topic}",))}).validate()
+
+
 def test_disclosing_more_texts_than_the_task_has_is_refused_before_any_map_is_fitted(regimes, monkeypatch):
     root, cfg, _ = regimes
     monkeypatch.setenv("XSILO_HOME", str(root / "home"))  # the fixture's caches: nothing is extracted again
     fitted = []
     monkeypatch.setattr(Study, "fit_map", lambda self, *a, **k: fitted.append(a))
-    too_many = replace(cfg, tasks=cfg.tasks[:1], regimes=["two-party"], disclosures=[10_000])
+    too_many = replace(cfg, tasks=cfg.tasks[:1], regimes=["two-party"], disclosures=[10_000], synthetic=None)
     with pytest.raises(StudyError, match="cannot disclose 10000 texts of .*training texts; lower --disclosures"):
         run_study(too_many)
     assert fitted == []

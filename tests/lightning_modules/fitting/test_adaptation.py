@@ -70,19 +70,19 @@ def test_disclosed_pairs_carry_their_share_and_teach_the_map_the_tasks_own_direc
     _, lam, _ = solve(public, None, "ridge", fit.lambdas, fit.center, fit.standardize, criterion="gcv")
     stats = published(y_tr, l_tr)
     plain = adapt(public, x_tr, stats, lam, fit, settings)
-    shown = adapt(public, x_tr, stats, lam, fit, settings, disclosed=(x_tr[:16], y_tr[:16]))
+    shown = adapt(public, x_tr, stats, lam, fit, settings, anchors=(x_tr[:16], y_tr[:16]))
     # 16 disclosed pairs pin the task's own directions: the mapped task states land nearer their true targets
     error = {name: float((a.map(x_te) - y_te).square().mean()) for name, a in (("plain", plain), ("shown", shown))}
     assert error["shown"] < 0.5 * error["plain"], error
-    assert shown.record["disclosed_rows"] == 16 and shown.record["disclosed_weight"] == settings.disclosed_weight
-    assert plain.record["disclosed_rows"] == 0
-    # the disclosed rows carry disclosed_weight of the public fit's weight, the client's texts weight of the rest
-    expected = public.count / (1 - settings.disclosed_weight) / (1 - settings.weight)
+    assert shown.record["anchor_rows"] == 16 and shown.record["anchor_weight"] == settings.anchor_weight
+    assert plain.record["anchor_rows"] == 0
+    # the disclosed rows carry anchor_weight of the public fit's weight, the client's texts weight of the rest
+    expected = public.count / (1 - settings.anchor_weight) / (1 - settings.weight)
     assert float(shown.stats.n) == pytest.approx(expected, rel=1e-9)
     with pytest.raises(AdaptationError, match="same texts"):
-        adapt(public, x_tr, stats, lam, fit, settings, disclosed=(x_tr[:16], y_tr[:15]))
+        adapt(public, x_tr, stats, lam, fit, settings, anchors=(x_tr[:16], y_tr[:15]))
     with pytest.raises(AdaptationError, match="NaN"):
-        adapt(public, x_tr, stats, lam, fit, settings, disclosed=(x_tr[:4] * float("nan"), y_tr[:4]))
+        adapt(public, x_tr, stats, lam, fit, settings, anchors=(x_tr[:4] * float("nan"), y_tr[:4]))
 
 
 def test_the_mixture_runs_on_one_principal_component_per_rows_per_component_texts():
@@ -136,7 +136,7 @@ def test_bad_inputs_are_one_line_errors_that_name_the_fix():
         TaskStatistics(stats.means, stats.precision, torch.tensor([0.5, 0.5, 0.5], dtype=F64))
     assert torch.allclose(TaskStatistics.from_arrays(stats.means, stats.precision).priors,
                           torch.full((K,), 1 / K, dtype=F64))  # a head published before priors: uniform
-    for bad in ({"weight": 1.0}, {"rounds": 0}, {"shrinkage": 2.0}, {"disclosed_weight": 0.0},
+    for bad in ({"weight": 1.0}, {"rounds": 0}, {"shrinkage": 2.0}, {"anchor_weight": 0.0},
                 {"rows_per_component": -1}):
         with pytest.raises(SettingsError, match="adaptation"):
             AdaptationSettings(**bad)
