@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -67,3 +68,30 @@ def test_a_settings_file_is_read_from_its_synthetic_section_and_refused_by_name_
         bad.write_text(body)
         with pytest.raises(SyntheticTextError, match=named.replace("{", r"\{").replace("}", r"\}")):
             load_settings(bad)
+
+
+def test_the_command_prints_the_sets_path_and_a_second_run_finds_it(tiny_models, capsys):
+    from lightning_modules.cli import main
+
+    args = ["public-set", "synthesize", "--synthetic.prompts", '["write about {topic}"]', "--synthetic.rows", "3",
+            "--synthetic.model", str(tiny_models["llama"]), "--synthetic.min_chars", "1",
+            "--synthetic.max_new_tokens", "6", "--synthetic.batch_size", "4"]
+    main(args)
+    first = capsys.readouterr()
+    path = first.out.strip().splitlines()[-1]
+    assert path.endswith(".jsonl") and len(open(path).read().splitlines()) == 3 and "3 synthetic texts" in first.err
+    main(args)
+    assert capsys.readouterr().out.strip().splitlines()[-1] == path
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_packaged_writer_follows_the_trec_config(prepared):
+    from dataclasses import replace
+
+    prepared("smollm2")
+    config = Path(__file__).resolve().parents[2] / "configs" / "synthetic" / "trec.yaml"
+    settings = replace(load_settings(config), rows=8, batch_size=4)
+    texts = [json.loads(line)["text"] for line in synthesize(settings, threads=2).read_text().splitlines()]
+    assert len(texts) == 8 == len(set(texts))
+    assert all(t.endswith("?") and 10 <= len(t) <= 120 for t in texts)
