@@ -25,6 +25,7 @@ TOPICS = ("history", "geography", "science", "sports", "music", "movies", "food"
           "literature", "technology", "medicine", "space", "art", "business", "religion", "language", "cars",
           "weather", "television", "famous people", "inventions", "the human body", "money", "war", "plants")
 LIST_MARK = re.compile(r"^\s*(\d+[.):]|[-*•]|Q:)\s*")
+WRITER_VERSION = 1  # part of every set's key: bump it when the prompting or `kept_lines` changes what is written
 
 
 class SyntheticTextError(AssetError):
@@ -118,7 +119,7 @@ def kept_lines(reply: str, settings: SyntheticTextSettings) -> list[str]:
 def synthetic_path(settings: SyntheticTextSettings) -> Path:
     """Where the set of these settings is written: keyed by every setting and the writing model's identity."""
     settings.validate()
-    key = {**asdict(settings), "model": model_identity(resolve_model(settings.model))}
+    key = {**asdict(settings), "model": model_identity(resolve_model(settings.model)), "writer": WRITER_VERSION}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return xsilo_home() / "synthetic" / f"{digest}.jsonl"
 

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import re
+import sys
 import time
 import uuid
 from datetime import datetime, timezone
@@ -56,13 +57,29 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+class StderrHandler(logging.StreamHandler):
+    """A StreamHandler on whatever `sys.stderr` is when each record is written, not when logging was configured:
+    a server started under a redirect or a test's capture that has since closed still logs, and never raises."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def json_log_config(level: str = "info") -> dict[str, Any]:
     """A logging.config dict: JSON lines on stderr for the "serve" and uvicorn loggers (and the root's warnings)."""
     level = level.upper()
     handler = {"handlers": ["json"], "level": level, "propagate": False}
     return {"version": 1, "disable_existing_loggers": False,
             "formatters": {"json": {"()": JsonFormatter}},
-            "handlers": {"json": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
+            "handlers": {"json": {"()": StderrHandler, "formatter": "json"}},
             "loggers": {"serve": handler, "uvicorn": handler, "uvicorn.error": {"level": level},
                         "uvicorn.access": handler},
             "root": {"handlers": ["json"], "level": "WARNING"}}

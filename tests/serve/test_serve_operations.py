@@ -93,6 +93,28 @@ def test_json_formatter_writes_one_object_per_record():
     assert "\n" not in text and "RuntimeError" in json.loads(text)["exc"]
 
 
+def test_server_logs_go_to_the_stderr_of_the_moment_not_the_one_configured(monkeypatch):
+    """A server configured under one stderr (a redirect, a test's capture) that has since closed keeps logging."""
+    import io
+    import logging.config
+    import sys
+
+    from serve.observability import json_log_config
+
+    configured = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", configured)
+    saved = logging.getLogger("serve").handlers[:], logging.getLogger("serve").propagate
+    try:
+        logging.config.dictConfig(json_log_config())
+        configured.close()
+        now = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", now)
+        logging.getLogger("serve").info("GET %s %d", "/healthz", 200)
+        assert json.loads(now.getvalue())["msg"] == "GET /healthz 200"
+    finally:
+        logging.getLogger("serve").handlers[:], logging.getLogger("serve").propagate = saved
+
+
 def test_request_ids_are_kept_when_well_formed_and_name_the_500(export, caplog):
     app = create_app(export)
 
