@@ -24,8 +24,8 @@ from datamodules.registry import AssetError, xsilo_home
 TOPICS = ("history", "geography", "science", "sports", "music", "movies", "food", "animals", "politics",
           "literature", "technology", "medicine", "space", "art", "business", "religion", "language", "cars",
           "weather", "television", "famous people", "inventions", "the human body", "money", "war", "plants")
-LIST_MARK = re.compile(r"^\s*(\d+[.):]|[-*•]|Q:)\s*")
-WRITER_VERSION = 1  # part of every set's key: bump it when the prompting or `kept_lines` changes what is written
+LIST_MARK = re.compile(r"^\s*(\d+[.):]|[-*•]|Q\d*[.):])\s*")
+WRITER_VERSION = 2  # part of every set's key: bump it when the prompting or `kept_lines` changes what is written
 
 
 class SyntheticTextError(AssetError):

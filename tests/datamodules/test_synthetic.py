@@ -20,9 +20,10 @@ def tiny(tiny_models, **overrides) -> SyntheticTextSettings:
 def test_a_reply_keeps_its_list_items_without_marks_quotes_or_lines_outside_the_bounds():
     settings = SyntheticTextSettings(prompts=("{topic}",), suffix="?", min_chars=10, max_chars=40)
     reply = ('Here are ten questions:\n1. What is the capital of Peru?\n2) "Who wrote Hamlet?"\n- Why?\n'
-             "* How far away is the Moon from the Earth, in kilometres?\nQ: When did the war end?")
+             "* How far away is the Moon from the Earth, in kilometres?\nQ: When did the war end?\n"
+             "Q7. Who won in 1966?")
     assert kept_lines(reply, settings) == ["What is the capital of Peru?", "Who wrote Hamlet?",
-                                           "When did the war end?"]
+                                           "When did the war end?", "Who won in 1966?"]
 
 
 @pytest.mark.parametrize("bad, named", [
