@@ -28,6 +28,10 @@ LIST_MARK = re.compile(r"^\s*(\d+[.):]|[-*•]|Q\d*[.):])\s*")
 WRITER_VERSION = 2  # part of every set's key: bump it when the prompting or `kept_lines` changes what is written
 
 
+FIELD_KINDS = {"tuple[str, ...]": (tuple, "a list of texts"), "int": (int, "a whole number"),
+               "float": ((int, float), "a number"), "str": (str, "a text")}
+
+
 class SyntheticTextError(AssetError):
     """Settings that cannot write a synthetic set; the message names the setting and the fix."""
 
@@ -65,9 +69,14 @@ class SyntheticTextSettings:
     seed: int = 0
 
     def validate(self) -> None:
-        if not self.prompts or any("{topic}" not in p for p in self.prompts):
-            raise SyntheticTextError("synthetic.prompts must be one or more instructions, each with a {topic} "
-                                     f"field; got {list(self.prompts)}")
+        for name, field in self.__dataclass_fields__.items():  # a YAML file's values arrive untyped
+            value, kind = getattr(self, name), FIELD_KINDS[field.type]
+            if isinstance(value, bool) or not isinstance(value, kind[0]) or (
+                    kind[0] is tuple and not all(isinstance(v, str) for v in value)):
+                raise SyntheticTextError(f"synthetic.{name} must be {kind[1]}, got {value!r}")
+        if not self.prompts or not all(_formats(p) for p in self.prompts):
+            raise SyntheticTextError("synthetic.prompts must be one or more instructions, each with a {topic} field "
+                                     f"and no other {{...}} field; got {list(self.prompts)}")
         if not self.topics or any(not t.strip() for t in self.topics):
             raise SyntheticTextError("synthetic.topics must be one or more non-empty topics")
         if not 1 <= self.rows <= 100_000:
@@ -81,6 +90,14 @@ class SyntheticTextSettings:
         for name in ("max_new_tokens", "batch_size", "max_batches"):
             if getattr(self, name) < 1:
                 raise SyntheticTextError(f"synthetic.{name} must be >= 1, got {getattr(self, name)}")
+
+
+def _formats(prompt: str) -> bool:
+    """Whether a prompt fills with a topic: it has a {topic} field and no other."""
+    try:
+        return "{topic}" in prompt and prompt.format(topic="x") is not None
+    except (KeyError, IndexError, ValueError):
+        return False
 
 
 def load_settings(path: str | Path) -> SyntheticTextSettings:

@@ -59,7 +59,7 @@ class JsonFormatter(logging.Formatter):
 
 class StderrHandler(logging.StreamHandler):
     """A StreamHandler on whatever `sys.stderr` is when each record is written, not when logging was configured:
-    a server started under a redirect or a test's capture that has since closed still logs, and never raises."""
+    a server started under a redirect or a test's capture that has since closed still logs."""
 
     def __init__(self) -> None:
         super().__init__(sys.stderr)

@@ -29,7 +29,9 @@ def test_a_reply_keeps_its_list_items_without_marks_quotes_or_lines_outside_the_
 @pytest.mark.parametrize("bad, named", [
     ({"prompts": ("write questions",)}, "{topic}"), ({"prompts": ()}, "prompts"), ({"topics": ("",)}, "topics"),
     ({"rows": 0}, "rows"), ({"min_chars": 50, "max_chars": 10}, "min_chars"), ({"top_p": 0.0}, "top_p"),
-    ({"max_batches": 0}, "max_batches")])
+    ({"max_batches": 0}, "max_batches"), ({"prompts": ("about {topic} for {reader}",)}, "no other"),
+    ({"rows": "ten"}, "synthetic.rows must be a whole number"), ({"temperature": True}, "temperature must be a number"),
+    ({"topics": ("maps", 3)}, "topics must be a list of texts")])
 def test_bad_settings_are_refused_by_name_before_any_model_loads(bad, named):
     settings = SyntheticTextSettings(**{"prompts": ("about {topic}",), **bad})
     with pytest.raises(SyntheticTextError, match=named.replace("{", r"\{").replace("}", r"\}")):
@@ -64,7 +66,9 @@ def test_a_settings_file_is_read_from_its_synthetic_section_and_refused_by_name_
                                                         suffix="?")
     for body, named in (("rows: 12\n", "synthetic:"),
                         ("synthetic:\n  prompts: ['x {topic}']\n  colour: red\n", "colour"),
-                        ("synthetic:\n  prompts: [no field]\n", "{topic}"), (": : :\n", "cannot read")):
+                        ("synthetic:\n  prompts: [no field]\n", "{topic}"), (": : :\n", "cannot read"),
+                        ("synthetic:\n  prompts: 'one {topic}'\n", "prompts must be a list of texts"),
+                        ("synthetic:\n  prompts: ['x {topic}']\n  rows: many\n", "rows must be a whole number")):
         bad = tmp_path / "bad.yaml"
         bad.write_text(body)
         with pytest.raises(SyntheticTextError, match=named.replace("{", r"\{").replace("}", r"\}")):
