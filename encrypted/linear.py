@@ -215,11 +215,13 @@ class EncryptedLinear:
         """In place: re-randomise and flood (circuit privacy) and add output noise, as this layer is set up."""
         if self.circuit_privacy is None and not self.output_noise:
             return
-        L, context = self.layout, self.profile.context()
         parms_id = messages.reply_parms_id(self.profile)
-        encryptor = seal.Encryptor(context, public_key) if self.circuit_privacy is not None else None
-        rows = np.arange(L.padded_input) % L.block_rows
-        for ct in replies:
+        encryptor = seal.Encryptor(self.profile.context(), public_key) if self.circuit_privacy is not None else None
+        noise = None
+        if self.output_noise:  # every replica slot of an output gets the same value
+            noise = self.output_slots(gaussian(self.layout.lanes * self.output_dim).reshape(self.layout.lanes, -1)
+                                      * self.output_noise)
+        for index, ct in enumerate(replies):
             slots = np.zeros(self.profile.slots, dtype=np.complex128)
             if encryptor is not None:
                 zero = seal.Ciphertext()
@@ -229,16 +231,69 @@ class EncryptedLinear:
                 # i.i.d. complex slots of this std are i.i.d. N(0, flood_sigma^2) coefficients once encoded
                 z = gaussian(2 * self.profile.slots) * self.flood_std
                 slots += z[0::2] + 1j * z[1::2]
-            if self.output_noise:
-                z = gaussian(2 * L.stride * L.block_rows).reshape(2, L.stride, L.block_rows) * self.output_noise
-                z[:, :, L.complex_rows:] = 0
-                if L.pairing == "outputs":
-                    z[1, :, L.output_dim - L.complex_rows:] = 0
-                noise = z[0] + 1j * z[1]  # (lane, row); every replica slot of a row gets the same value
-                slots += noise[:, rows].T.ravel()
-            plain = seal.Plaintext()
-            self._encoder.encode(slots.tolist(), parms_id, ct.scale, plain)
-            self._evaluator.add_plain_inplace(ct, plain)
+            if noise is not None:
+                slots += noise[index]
+            self._add_slots(ct, slots)
+
+    def _add_slots(self, ct: Any, slots: np.ndarray) -> None:
+        plain = seal.Plaintext()
+        self._encoder.encode(slots.tolist(), messages.reply_parms_id(self.profile), ct.scale, plain)
+        self._evaluator.add_plain_inplace(ct, plain)
+
+    def output_slots(self, values: np.ndarray) -> list[np.ndarray]:
+        """Per reply block, the complex slot vector that puts values[lane, j] on every replica slot of output j of
+        that lane (the inverse of `encrypted.client.decrypt`'s reading); other slots get 0."""
+        L = self.layout
+        k, kc, kp, stride = L.output_dim, L.complex_rows, L.block_rows, L.stride
+        values = np.asarray(values, dtype=np.float64)
+        if values.shape != (L.lanes, k):
+            raise EncryptedError(f"values must have shape (lanes, outputs) = ({L.lanes}, {k}), got {values.shape}")
+        blocks = []
+        for block in range(L.blocks):
+            row = block * kp + np.arange(L.padded_input) % kp  # the complex output row each slot row carries
+            slots = np.zeros((L.padded_input, stride), dtype=np.complex128)
+            real = row < kc
+            if L.pairing == "outputs":  # row c: output c (real part) and output kc + c (imaginary part)
+                slots[real] = values[:, row[real]].T
+                paired = row < k - kc
+                slots[paired] += 1j * values[:, kc + row[paired]].T
+            else:  # row c: output c of lane q (real part) and of lane q + stride (imaginary part)
+                slots[real] = values[:stride, row[real]].T + 1j * values[stride:, row[real]].T
+            blocks.append(slots.ravel())
+        return blocks
+
+    @property
+    def mask_bits(self) -> int:
+        """Masks of label-only answers are uniform in (-2^mask_bits, 2^mask_bits): as wide as the reply modulus
+        leaves room for above the scale, with margin for the logits and the flood."""
+        return sum(self.profile.coeff_modulus_bits[:-2]) - self.profile.scale_bits - 3
+
+    def apply_masked(self, query: bytes, public_keys: PublicKeys, fraction_bits: int) -> tuple[bytes, np.ndarray, int]:
+        """(reply, masks, answered rows) for a label-only answer: the circuit-private reply of `apply` with every
+        output of every lane shifted by a fresh uniform mask r = R / 2^fraction_bits, R an integer the provider
+        keeps (masks, shape (lanes, k)). The client decrypts z + r and learns nothing of z beyond |z| / 2^mask_bits
+        per output; the masks then enter the secure argmax (`encrypted.argmax`)."""
+        if self.circuit_privacy is None:
+            raise EncryptedError("masked replies need a circuit-private layer (circuit_privacy=30): without the "
+                                 "re-randomisation a reply's ciphertext gives W away whatever its plaintext holds")
+        if self.mask_bits < 24:
+            raise InvalidLayout(f"profile {self.profile.describe()} leaves room for masks of only 2^{self.mask_bits}; "
+                                "use encrypted.profiles.N8192_LABEL")
+        if not isinstance(public_keys, PublicKeys):
+            raise InvalidKeys(f"public_keys must be PublicKeys, got {type(public_keys).__name__}")
+        public_keys.require(self.layout)
+        if public_keys.public_key is None:
+            raise InvalidKeys("masked replies need the client's public key (a PUBK section); upload the bytes of "
+                              "ClientKeys.public_bytes() from this version")
+        ciphertext, count = messages.read_query(query, self.layout)
+        replies = self.evaluate(ciphertext, public_keys.galois_keys)
+        self.add_noise(replies, public_keys.public_key)
+        span = 1 << (self.mask_bits + fraction_bits)
+        draws = np.frombuffer(os.urandom(8 * self.layout.lanes * self.output_dim), dtype=np.uint64)
+        masks = (draws % np.uint64(2 * span)).astype(np.int64).reshape(self.layout.lanes, -1) - span
+        for ct, slots in zip(replies, self.output_slots(masks / 2.0**fraction_bits)):
+            self._add_slots(ct, slots)
+        return messages.write_reply(self.layout, replies, count), masks, count
 
     def evaluate(self, x: Any, galois_keys: Any) -> list[Any]:
         """Enc(x) -> [Enc(W'x + b') per block] on sealapi objects (no validation: use `apply` for bytes)."""

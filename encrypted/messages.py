@@ -76,8 +76,7 @@ def _load_ciphertext(blob: memoryview, profile: CkksProfile, parms_id: list[int]
     return ct
 
 
-def read_query(data: Any, layout: LinearLayout) -> tuple[Any, int]:
-    """Validate a query blob for `layout`; return (ciphertext, number of inputs it packs)."""
+def _query_header(data: Any, layout: LinearLayout) -> tuple[int, Any]:
     meta, blobs = _open(data, Kind.QUERY, layout, (1, 1))
     expected = {"input_dim": layout.input_dim, "padded_input": layout.padded_input, "lanes": layout.lanes,
                 "pairing": layout.pairing}
@@ -85,9 +84,19 @@ def read_query(data: Any, layout: LinearLayout) -> tuple[Any, int]:
     if got != expected:
         raise ParameterMismatch(f"query packs {got} but this layer expects {expected}; "
                                 "encrypt with this layer's layout (GET it from the server)")
+    return _count(meta, layout, "query"), blobs[0]
+
+
+def query_rows(data: Any, layout: LinearLayout) -> int:
+    """The number of inputs a query blob declares, from its header alone (no ciphertext is parsed)."""
+    return _query_header(data, layout)[0]
+
+
+def read_query(data: Any, layout: LinearLayout) -> tuple[Any, int]:
+    """Validate a query blob for `layout`; return (ciphertext, number of inputs it packs)."""
+    count, blob = _query_header(data, layout)
     primes = len(layout.profile.coeff_modulus_bits) - 1
-    count = _count(meta, layout, "query")
-    ct = _load_ciphertext(blobs[0], layout.profile, query_parms_id(layout.profile), primes, Kind.QUERY)
+    ct = _load_ciphertext(blob, layout.profile, query_parms_id(layout.profile), primes, Kind.QUERY)
     return ct, count
 
 

@@ -12,12 +12,12 @@ DEMO=${DEMO:-quick}
 case "$DEMO" in
   quick)  # sizes chosen so that every printed figure still means something (see the summary table)
     # BBC's public half is its training texts (already cached), topped up with cheap short dialog.
-    BBC_LIMIT=400 MAX_LENGTH=48 BBC_PUBLIC=1000 BBC_MIX=movie-dialog:0.7,bbc:0.3 SERVE_N=30
+    BBC_LIMIT=400 MAX_LENGTH=48 BBC_PUBLIC=1000 BBC_MIX=movie-dialog:0.7,bbc:0.3 SERVE_N=30 LABEL_N=20
     VADER_LIMIT=600 OOD_ROWS=100 VADER_PUBLIC=600
     GEN_PUBLIC=movie-dialog:300,bbc:50 GEN_ROWS=350 GEN_EVAL=30 GEN_TOKENS=16 GEN_STREAM_PAIRS=1
     STUDY_IN_DOMAIN=600 STUDY_LEAVE_OUT=700 STUDY_BOOTSTRAP=200 STUDY_SYNTHETIC= ;;
   full)
-    BBC_LIMIT= MAX_LENGTH=128 BBC_PUBLIC=4000 BBC_MIX=movie-dialog:0.5,bbc:0.5 SERVE_N=100
+    BBC_LIMIT= MAX_LENGTH=128 BBC_PUBLIC=4000 BBC_MIX=movie-dialog:0.5,bbc:0.5 SERVE_N=100 LABEL_N=100
     VADER_LIMIT=3000 OOD_ROWS=500 VADER_PUBLIC=4000
     GEN_PUBLIC=movie-dialog:1200,bbc:200 GEN_ROWS=1400 GEN_EVAL=100 GEN_TOKENS=24 GEN_STREAM_PAIRS=2
     STUDY_IN_DOMAIN=2000 STUDY_LEAVE_OUT=3500 STUDY_BOOTSTRAP=1000 STUDY_SYNTHETIC="{bbc: configs/synthetic/bbc.yaml}" ;;
@@ -169,6 +169,26 @@ XSILO_HOME=$CLIENT/home xsilo query --server "http://127.0.0.1:$SPLIT_PORT" --al
   --text "Shares in the bank rose after record profits" --threads "$THREADS"
 XSILO_HOME=$PROVIDER/home python -m serve.demo_service "http://127.0.0.1:$SPLIT_PORT" "$RUN/service-before.json" \
   --key client-a --out "$RUN/service.json"
+kill $SERVER_PID && wait $SERVER_PID 2>/dev/null || true
+echo "--- the provider serves its head label-only (--answers label): the client learns each text's class, no logits"
+# The client's Paillier/DGK keys take about a minute to make; the demo keeps one pair under the demo's own home
+# and hands the client a copy (as it hard-links the models), making it on the first run only.
+LABEL_KEYS=$XSILO_HOME/client/argmax-keys.json
+if [ -f "$LABEL_KEYS" ]; then mkdir -p "$CLIENT/home/client" && cp "$LABEL_KEYS" "$CLIENT/home/client/"; fi
+XSILO_HOME=$PROVIDER/home xsilo serve --heads "$PROVIDER/heads/bbc" --answers label --port "$SPLIT_PORT" \
+  --api_keys true --log_level warning >> "$TWO/serve.log" 2>&1 &
+SERVER_PID=$!
+python -m serve.demo_check --wait-only --url "http://127.0.0.1:$SPLIT_PORT"
+XSILO_HOME=$CLIENT/home python -m serve.demo_check --url "http://127.0.0.1:$SPLIT_PORT" --head bbc \
+  --aligner "$CLIENT/aligner" --reference "$PROVIDER/heads/bbc" --data bbc --n "$LABEL_N" $(limit "$BBC_LIMIT" limit) \
+  --threads "$THREADS" --api-key "$CLIENT_KEY" --out "$RUN/two-party-labels.json"
+XSILO_HOME=$CLIENT/home xsilo query --server "http://127.0.0.1:$SPLIT_PORT" --aligner "$CLIENT/aligner" --head bbc \
+  --text "Shares in the bank rose after record profits" --threads "$THREADS"
+if XSILO_HOME=$CLIENT/home xsilo query --server "http://127.0.0.1:$SPLIT_PORT" --aligner "$CLIENT/aligner" \
+    --head bbc --text "Shares in the bank rose" --probabilities true --threads "$THREADS" > /dev/null; then
+  echo "error: a label-only head answered a request for probabilities" >&2 && exit 1
+fi
+[ -f "$LABEL_KEYS" ] || { mkdir -p "$(dirname "$LABEL_KEYS")" && cp "$CLIENT/home/client/argmax-keys.json" "$LABEL_KEYS"; }
 unset XSILO_API_KEY
 kill $SERVER_PID && wait $SERVER_PID 2>/dev/null || true
 trap - EXIT

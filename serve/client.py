@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Sequence
 
 import httpx
 import numpy as np
@@ -35,6 +35,7 @@ import numpy as np
 from encrypted import ClientKeys, LinearLayout, decrypt, encrypt
 
 from .client_cache import ClientCacheError, SessionCache, SessionEntry
+from .client_label import LabelOnly, default_keys_path, label_only_error, label_query, load_or_make_keys
 from .client_model import ModelInfo, ModelMismatch, build_encoder, check_encoder, check_map
 from .client_ood import fetch_feature_detector, ood_flags
 from .formats.exports import LinearExport
@@ -44,7 +45,10 @@ from .http_client import (NO_RETRY, BudgetExhausted, Connection, Retry, ServeErr
                           ServerUnreachable, SessionLost, Traffic, Unauthorized, server_ms)
 from .protocol import API_PREFIX
 
-__all__ = ["BudgetExhausted", "Client", "ClientCacheError", "ModelMismatch", "ServeError", "ServerBusy",
+if TYPE_CHECKING:
+    from encrypted import ArgmaxKeys
+
+__all__ = ["BudgetExhausted", "Client", "ClientCacheError", "LabelOnly", "ModelMismatch", "ServeError", "ServerBusy",
            "ServerReplyError", "ServerUnreachable", "SessionLost", "Unauthorized", "softmax"]
 
 IdentityCheck = Literal["refuse", "warn", "off"]
@@ -66,7 +70,7 @@ class Client:
                  client_model: str | None = None, identity_check: IdentityCheck = "refuse",
                  threads: int | None = None, ood: OodRule | None = None, cache: bool | str | Path = True,
                  retry: Retry = Retry(), traffic: Traffic | None = None,
-                 transport: httpx.BaseTransport | None = None):
+                 transport: httpx.BaseTransport | None = None, argmax_keys: "ArgmaxKeys | str | Path | None" = None):
         """
         Args:
             server: the server's base URL, e.g. http://127.0.0.1:8000 (or a load balancer's).
@@ -88,6 +92,8 @@ class Client:
                 $XSILO_HOME/client/sessions; a folder: there; False: a fresh session per Client, deleted on close).
             retry: how transient failures (refused or reset connections, 503) are retried.
             traffic: a `Traffic` to count this client's bytes and requests in (shared with other clients).
+            argmax_keys: for layers that answer labels only: this client's Paillier/DGK keys, or the file that
+                holds them (default $XSILO_HOME/client/argmax-keys.json, made on first use, about a minute).
         """
         if identity_check not in ("refuse", "warn", "off"):
             raise ValueError(f"identity_check must be 'refuse', 'warn' or 'off', got {identity_check!r}")
@@ -116,6 +122,7 @@ class Client:
         self.keys_uploaded = 0  # public key uploads by this Client (0 when a cached session was reused)
         self.session_reused = False  # the session came from the cache
         self.last_timings: dict[str, float] = {}
+        self._argmax_keys = argmax_keys
 
     @property
     def traffic(self) -> Traffic:
@@ -220,21 +227,26 @@ class Client:
             else:
                 self._upload_keys()
 
-    def _infer_query(self, query: bytes) -> tuple[bytes, float]:
-        """One query ciphertext -> (reply bytes, server HE ms); re-opens a lost session once."""
+    def _session_call(self, call: Callable[[str], Any], rows: int | None = None) -> Any:
+        """`call(session id)` for one query; re-opens a lost session once. Counts its charged rows (default: lanes)."""
         self.ensure_session()
         for attempt in range(2):
             try:
-                response = self.connection.request("POST", f"{API_PREFIX}/sessions/{self.session_id}/infer",
-                                                   content=query)
+                result = call(self.session_id)
                 break
             except SessionLost:
                 if attempt:
                     raise
                 self._reopen(self.session_id)
-        self.traffic.rows_charged += self.model_info().layout.lanes
+        self.traffic.rows_charged += self.model_info().layout.lanes if rows is None else rows
         if self._entry is not None and time.time() - float(self._entry.meta.get("used") or 0) > 60:
             self._entry.touch()
+        return result
+
+    def _infer_query(self, query: bytes) -> tuple[bytes, float]:
+        """One query ciphertext -> (reply bytes, server HE ms); re-opens a lost session once."""
+        response = self._session_call(lambda session: self.connection.request(
+            "POST", f"{API_PREFIX}/sessions/{session}/infer", content=query))
         return response.content, server_ms(response)
 
     # --- inference ----------------------------------------------------------------------------------
@@ -253,7 +265,26 @@ class Client:
 
     def infer_states(self, X: Any) -> np.ndarray:
         """Logits (n, k) of the client's hidden states X (n, d): mapped first in split mode, then packed `lanes`
-        per ciphertext, one request each."""
+        per ciphertext, one request each. A layer that answers labels only raises LabelOnly (use `label_states`)."""
+        if self.model_info().argmax is not None:
+            raise label_only_error("infer_states")
+        return self._run_states(X, label=False)
+
+    def label_states(self, X: Any) -> np.ndarray:
+        """Class indices (n,) of the client's hidden states X (n, d), in either mode: a label-only layer runs the
+        secure argmax for each query (the client learns the class, nothing else of the logits); a logits layer's
+        argmax is taken here."""
+        if self.model_info().argmax is None:
+            return np.argmax(self._run_states(X, label=False), axis=1)
+        return self._run_states(X, label=True)
+
+    def argmax_keys(self) -> "ArgmaxKeys":
+        """This client's argmax keys (see `argmax_keys` in the constructor), loaded or made once."""
+        if self._argmax_keys is None or isinstance(self._argmax_keys, (str, Path)):
+            self._argmax_keys = load_or_make_keys(Path(self._argmax_keys or default_keys_path()))
+        return self._argmax_keys
+
+    def _run_states(self, X: Any, label: bool) -> np.ndarray:
         info = self.model_info()
         X = np.asarray(X, dtype=np.float64)
         if X.ndim == 1:
@@ -267,15 +298,23 @@ class Client:
         t0 = time.perf_counter()
         mapped = self.map_states(X)
         tm = time.perf_counter()
-        queries = encrypt(self._keys, info.layout, mapped)
+        rows_per_query = info.argmax.rows_per_query(info.layout.lanes) if label else info.layout.lanes
+        queries = [blob for start in range(0, len(mapped), rows_per_query)
+                   for blob in encrypt(self._keys, info.layout, mapped[start:start + rows_per_query])]
         t1 = time.perf_counter()
         replies, total_server_ms = [], 0.0
-        for query in queries:
-            reply, ms = self._infer_query(query)
+        for index, query in enumerate(queries):
+            if label:  # the rows this query declares, each answered by the secure argmax
+                rows = min(rows_per_query, X.shape[0] - index * rows_per_query)
+                reply, ms = self._session_call(lambda session: label_query(
+                    self.connection, session, self._keys, info.layout, info.argmax, self.argmax_keys(), query, rows),
+                    rows)
+            else:
+                reply, ms = self._infer_query(query)
             replies.append(reply)
             total_server_ms += ms
         t2 = time.perf_counter()
-        logits = decrypt(self._keys, info.layout, replies, X.shape[0])
+        logits = np.concatenate(replies) if label else decrypt(self._keys, info.layout, replies, X.shape[0])
         t3 = time.perf_counter()
         self.last_timings = {"map_ms": (tm - t0) * 1000, "encrypt_ms": (t1 - tm) * 1000, "http_ms": (t2 - t1) * 1000,
                              "server_ms": total_server_ms, "decrypt_ms": (t3 - t2) * 1000, "ciphertexts": len(queries)}
@@ -336,23 +375,31 @@ class Client:
             yield self._classify_batch(texts[start:start + rows], encoder)
 
     def _classify_batch(self, texts: list[str], encoder: Callable[[list[str]], np.ndarray]) -> list[dict[str, Any]]:
+        """Per text: the label, with probabilities and logits from a logits layer, and the OOD flags."""
         t0 = time.perf_counter()
         states = np.asarray(encoder(texts))
         extract_ms = (time.perf_counter() - t0) * 1000
-        logits = self.infer_states(states)
         info = self.model_info()
-        labels = info.label_names
-        probabilities = softmax(logits)
+        logits = probabilities = None
+        if info.argmax is None:
+            logits = self.infer_states(states)
+            probabilities = softmax(logits)
+            indices = np.argmax(logits, axis=1)
+        elif isinstance(self.ood, (int, float)) or (isinstance(self.ood, str) and self.ood != "mahalanobis"):
+            raise label_only_error(f"ood={self.ood!r}")
+        else:
+            indices = self.label_states(states)
         scores, flags = ood_flags(self.ood, info, states, logits, probabilities, self.map_states,
                                   self.feature_detector)
         timings = {"extract_ms": extract_ms, **self.last_timings, "total_ms": (time.perf_counter() - t0) * 1000,
                    "rows": len(texts)}
         self.last_timings = timings
         results = []
-        for i, (row, p) in enumerate(zip(logits, probabilities)):
-            result = {"label": labels[int(np.argmax(row))],
-                      "probabilities": {name: float(v) for name, v in zip(labels, p)},
-                      "logits": [float(v) for v in row], "timings": timings}
+        for i, index in enumerate(indices):
+            result: dict[str, Any] = {"label": info.label_names[int(index)], "timings": timings}
+            if logits is not None and probabilities is not None:
+                result["probabilities"] = {name: float(v) for name, v in zip(info.label_names, probabilities[i])}
+                result["logits"] = [float(v) for v in logits[i]]
             if flags is not None:
                 result["ood"] = bool(flags[i])
             if scores is not None:

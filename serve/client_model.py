@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from encrypted import LinearLayout
+from encrypted import ArgmaxSpec, LinearLayout
 
 from .formats.exports import LinearExport
 from .http_client import ServeError
@@ -36,6 +36,11 @@ class ModelInfo:
     head: str | None = None  # split mode: the head's name
     target: dict[str, Any] | None = None  # split mode: the provider's extraction spec the head reads
     feature_ood: dict[str, Any] | None = None  # split mode: {detector, threshold, tpr, sha256} when published
+    argmax: ArgmaxSpec | None = None  # label-only layers: the argmax encoding (None: the layer answers logits)
+
+    @property
+    def answers(self) -> str:
+        return "logits" if self.argmax is None else "label"
 
     @classmethod
     def from_json(cls, data: dict[str, Any], head: str | None = None,
@@ -48,7 +53,8 @@ class ModelInfo:
                                      " pass head= and aligner= (split mode)")
                 return cls(list(data["label_names"]), int(data["input_dim"]), int(data["output_dim"]),
                            dict(data["client"]), LinearLayout.from_dict(data["layout"]), str(data["export_sha256"]),
-                           dict(data.get("limits") or {}), data.get("ood"))
+                           dict(data.get("limits") or {}), data.get("ood"),
+                           argmax=ArgmaxSpec.from_dict(data["argmax"]) if data.get("argmax") else None)
             heads = data.get("heads") or {}
             if head not in heads:
                 raise ServeError(f"the server serves no head {head!r}; it serves {sorted(heads)}")
@@ -56,7 +62,8 @@ class ModelInfo:
             return cls(list(entry["label_names"]), int(entry["input_dim"]), int(entry["output_dim"]),
                        dict(client_spec or {}), LinearLayout.from_dict(entry["layout"]), str(entry["sha256"]),
                        dict(data.get("limits") or {}), None, head, dict(entry["target"]),
-                       dict(entry["feature_ood"]) if entry.get("feature_ood") else None)
+                       dict(entry["feature_ood"]) if entry.get("feature_ood") else None,
+                       ArgmaxSpec.from_dict(entry["argmax"]) if entry.get("argmax") else None)
         except ServeError:
             raise
         except (KeyError, TypeError, ValueError) as exc:

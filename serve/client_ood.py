@@ -15,7 +15,7 @@ from .ood_client import mahalanobis_scores, ood_from_logits
 from .protocol import API_PREFIX
 
 
-def ood_flags(rule: Any, info: Any, states: np.ndarray, logits: np.ndarray, probabilities: np.ndarray,
+def ood_flags(rule: Any, info: Any, states: np.ndarray, logits: np.ndarray | None, probabilities: np.ndarray | None,
               mapped: Callable[[np.ndarray], np.ndarray], detector: Callable[[], FeatureOod]
               ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """(scores or None, flags or None) of a `serve.client.Client`'s OOD rule (see its `ood`) on one batch: `info`
@@ -23,8 +23,8 @@ def ood_flags(rule: Any, info: Any, states: np.ndarray, logits: np.ndarray, prob
     calibrated = info.ood
     if callable(rule):
         flags = np.asarray(rule(states, logits), dtype=bool).reshape(-1)
-        if flags.shape != (len(logits),):
-            raise ValueError(f"the ood callable must return one flag per text ({len(logits)}), got {flags.shape}")
+        if flags.shape != (len(states),):
+            raise ValueError(f"the ood callable must return one flag per text ({len(states)}), got {flags.shape}")
         return None, flags
     if isinstance(rule, (int, float)) and not isinstance(rule, bool):
         return None, probabilities.max(axis=1) < float(rule)
@@ -35,7 +35,7 @@ def ood_flags(rule: Any, info: Any, states: np.ndarray, logits: np.ndarray, prob
         published = detector()
         scores = mahalanobis_scores(mapped(states), published.means, published.precision)
         return scores, scores > published.threshold
-    if rule is None and not calibrated:
+    if rule is None and (not calibrated or logits is None):  # a label-only layer gives no logits to score
         return None, None
     if not calibrated:
         raise ServeError(f"ood={rule!r} names a calibrated logit detector, but this server's "

@@ -45,12 +45,13 @@ def query(*, server: str = "http://127.0.0.1:8000", text: list[str] | str | None
           out: str | None = None, summary: str | None = None, batch_size: int | None = None,
           head: str | None = None, aligner: str | None = None, api_key: str | None = None,
           client_model: str | None = None, threads: int | None = None, timeout: float = 60.0,
-          cache: bool = True) -> None:
+          cache: bool = True, probabilities: bool = False) -> None:
     """Classify texts through an encrypted server; write one JSON line per row.
 
     Extraction, encryption and decryption run here: the server sees public keys and ciphertexts only. Each line
     holds the row's id, label, probabilities, logits, ood and ood_score (null without a detector) and the timings of
-    the batch it was sent in; stderr gets a summary (rows, rows/s, median and p90 per stage, traffic). The session
+    the batch it was sent in (a layer served with --answers label gives the label only: probabilities and logits
+    are null); stderr gets a summary (rows, rows/s, median and p90 per stage, traffic). The session
     lasts: keys, session id and the provider's detector are kept under $XSILO_HOME/client/sessions, so the next
     run uploads no keys and fetches no detector.
 
@@ -72,9 +73,12 @@ def query(*, server: str = "http://127.0.0.1:8000", text: list[str] | str | None
         threads: torch threads for extraction.
         timeout: seconds per HTTP request.
         cache: reuse (and keep) the session across runs; false: a fresh session, deleted at the end.
+        probabilities: require probabilities and logits in every line: a label-only layer is then refused with an
+            error that names its mode.
     """
     from datamodules.commands import quiet
     from serve.client import Client, ServeError
+    from serve.client_label import label_only_error
     from serve.query_file import QueryInputError, input_rows, run_query
 
     try:
@@ -86,6 +90,8 @@ def query(*, server: str = "http://127.0.0.1:8000", text: list[str] | str | None
     try:
         with Client(server, api_key=api_key or os.environ.get("XSILO_API_KEY"), timeout=timeout, head=head,
                     aligner=aligner, client_model=client_model, threads=threads, cache=cache) as client:
+            if probabilities and client.model_info().argmax is not None:
+                raise label_only_error("--probabilities true")
             run_query(rows, with_text, client, out, batch_size, summary)
     except (ServeError, QueryInputError) as e:
         print(f"error: {e}", file=sys.stderr)

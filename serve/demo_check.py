@@ -9,6 +9,10 @@ predictions with the plaintext pipeline.
     # ... and the public-set map alone (`xsilo align` without --private) scored in plaintext beside
     python -m serve.demo_check ... --aligner aligner/ --public-aligner aligner/public-map/ ...
 
+A head served label-only (`xsilo serve --answers label`) answers labels without logits: the check then compares
+the labels with the plaintext argmax and fails only on rows whose top two logits are further apart than the
+head's published `label_margin`.
+
 The texts are the first N rows of the task's test split (the stratified split `xsilo evaluate` uses).
 The plaintext reference loads the served weights locally (the export, or in split mode the provider's head
 folder): only this check does that; a real client never sees them. Exits with status 1 if any encrypted
@@ -116,25 +120,41 @@ def main() -> None:
             progress.close()
             states = np.asarray(client.encoder(texts), dtype=np.float64)
             reference = reference_of(states)
+            info = client.model_info()
+            published = client.connection.json("GET", "/v1/model")
+            entry = published["heads"][args.head] if split else published
+            traffic = client.traffic.as_dict()
     except ServeError as exc:
         raise SystemExit(f"error: {exc}") from None
 
-    encrypted = np.array([r["logits"] for r in results])
+    label_only = info.argmax is not None
     predicted = [r["label"] for r in results]
-    names = list(results[0]["probabilities"])
+    names = info.label_names
     plain_labels = [names[i] for i in reference.argmax(1)]
     agree = sum(a == b for a, b in zip(predicted, plain_labels))
+    top = np.sort(reference, axis=1)
+    margin = float(entry.get("label_margin") or 0.0)
+    clear = top[:, -1] - top[:, -2] > margin  # rows a label-only answer must get right
+    must_agree = int(clear.sum()) if label_only else len(texts)
+    agree_required = sum(a == b for a, b, c in zip(predicted, plain_labels, clear) if c or not label_only)
     medians = {k: statistics.median(r["timings"][k] for r in results) for k in STAGES}
     p90 = float(np.percentile([r["timings"]["total_ms"] for r in results], 90))
-    figures = {"mode": "split" if split else "fused", "queries": len(texts), "agree": agree, "max_abs_logit_diff": float(np.abs(encrypted - reference).max()),
+    encrypted = None if label_only else np.array([r["logits"] for r in results])
+    figures = {"mode": ("split" if split else "fused") + ("-label" if label_only else ""), "queries": len(texts),
+               "agree": agree, "label_margin": margin if label_only else None,
+               "rows_within_margin": int((~clear).sum()) if label_only else None,
+               "bytes_sent": traffic["bytes_sent"], "bytes_received": traffic["bytes_received"],
+               "max_abs_logit_diff": None if encrypted is None else float(np.abs(encrypted - reference).max()),
                "accuracy_encrypted": float(np.mean([p == t for p, t in zip(predicted, truth)])),
                "accuracy_plaintext": float(np.mean([p == t for p, t in zip(plain_labels, truth)])),
                **{f"median_{k}": round(v, 2) for k, v in medians.items()}, "p90_total_ms": round(p90, 2)}
     if public_of is not None:
         public_labels = [names[i] for i in public_of(states).argmax(1)]
         figures["accuracy_public_map"] = float(np.mean([p == t for p, t in zip(public_labels, truth)]))
+    compared = (f"labels only, within the margin {margin:.3f} on {figures['rows_within_margin']} rows" if label_only
+                else f"max |logit diff| {figures['max_abs_logit_diff']:.2e}")
     print(f"{len(texts)} encrypted {args.data} test queries ({figures['mode']} mode): encrypted == plaintext argmax on {agree}/{len(texts)}, "
-          f"max |logit diff| {figures['max_abs_logit_diff']:.2e}; accuracy {figures['accuracy_encrypted']:.3f} "
+          f"{compared}; accuracy {figures['accuracy_encrypted']:.3f} "
           f"(plaintext {figures['accuracy_plaintext']:.3f})"
           + (f"; the public-set map alone {figures['accuracy_public_map']:.3f} (plaintext)" if public_of else ""))
     print("latency per query, median: " + ", ".join(f"{k[:-3]} {v:.1f} ms" for k, v in medians.items())
@@ -145,7 +165,7 @@ def main() -> None:
 
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(Path(args.out), figures)
-    if agree != len(texts):
+    if agree_required != must_agree:
         sys.exit(1)
 
 

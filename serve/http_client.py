@@ -88,7 +88,9 @@ def route_kind(method: str, path: str) -> str:
     if method == "DELETE":
         return "session close"
     if tail[:1] == ["sessions"]:
-        return "query" if tail[-1:] == ["infer"] else "keys"
+        return {"infer": "query", "label": "label query"}.get(tail[-1], "keys")
+    if tail[:1] == ["label-runs"]:
+        return "argmax"
     if tail[:2] == ["fit", "sessions"]:
         return "fit chunk" if "chunks" in tail else "fit result" if "result" in tail else "keys"
     names = {"model": "model info", "fit": "fit plan", "heads": "detector"}
@@ -105,7 +107,8 @@ class Traffic:
 
     def __init__(self) -> None:
         self.kinds: dict[str, list[int]] = {}  # kind -> [requests, bytes sent, bytes received]
-        self.rows_charged = 0  # rows the server charged: `lanes` per query ciphertext, one per val logit row
+        self.rows_charged = 0  # rows charged: `lanes` per logits query, the answered rows per label query, one
+        # per val logit row
 
     def add(self, kind: str, sent: int, received: int) -> None:
         entry = self.kinds.setdefault(kind, [0, 0, 0])
@@ -128,9 +131,14 @@ class Traffic:
     def count(self, kind: str) -> int:
         return self.kinds.get(kind, [0, 0, 0])[0]
 
+    @property
+    def queries(self) -> int:
+        """Encrypted queries, logits and label ones alike (a label query's argmax messages are not queries)."""
+        return self.count("query") + self.count("label query")
+
     def as_dict(self) -> dict[str, Any]:
         return {"requests": self.requests, "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
-                "queries": self.count("query"), "rows_charged": self.rows_charged,
+                "queries": self.queries, "rows_charged": self.rows_charged,
                 "by_kind": {k: {"requests": v[0], "bytes_sent": v[1], "bytes_received": v[2]}
                             for k, v in sorted(self.kinds.items())}}
 
@@ -138,8 +146,8 @@ class Traffic:
         """One line: totals, then each kind's requests and bytes."""
         parts = [f"{k} {v[0]}x {mb(v[1])} up / {mb(v[2])} down" for k, v in sorted(self.kinds.items(),
                                                                                   key=lambda kv: -kv[1][1] - kv[1][2])]
-        queries = (f", {self.count('query')} encrypted queries ({self.rows_charged} rows charged)"
-                   if self.count("query") or self.rows_charged else "")
+        queries = (f", {self.queries} encrypted queries ({self.rows_charged} rows charged)"
+                   if self.queries or self.rows_charged else "")
         return (f"traffic: {self.requests} requests{queries}, sent {self.bytes_sent:,} B ({mb(self.bytes_sent)}), "
                 f"received {self.bytes_received:,} B ({mb(self.bytes_received)}): " + "; ".join(parts))
 

@@ -148,12 +148,15 @@ class ServerMetrics:
         self.fit_rows_total = Counter("xsilo_fit_rows_total", "Public rows accumulated by private fits",
                                       registry=registry)
         self.draining = Gauge("xsilo_draining", "1 while the server drains (after SIGTERM)", registry=registry)
+        self.label_runs = Gauge("xsilo_label_runs", "Label-only answers in progress on this replica",
+                                registry=registry)
 
     def track(self, queue_depth: Callable[[], int], sessions: Callable[[], int], fit_sessions: Callable[[], int],
-              draining: Callable[[], bool]) -> None:
+              draining: Callable[[], bool], label_runs: Callable[[], int]) -> None:
         """Read the gauges through these callables at every scrape (call once)."""
         for gauge, read in ((self.queue_depth, queue_depth), (self.sessions, sessions),
-                            (self.fit_sessions, fit_sessions), (self.draining, draining)):
+                            (self.fit_sessions, fit_sessions), (self.draining, draining),
+                            (self.label_runs, label_runs)):
             gauge.set_function(safely(read))
 
     def observe_request(self, route: str, method: str, code: int, seconds: float) -> None:
@@ -246,7 +249,7 @@ def track_service(metrics: ServerMetrics, service: Any) -> None:
         service.fit.metrics = metrics
     metrics.track(queue_depth=lambda: service.pending, sessions=service.session_count,
                   fit_sessions=lambda: len(service.fit) if service.fit is not None else 0,
-                  draining=lambda: service.draining)
+                  draining=lambda: service.draining, label_runs=lambda: len(service.labels.runs))
 
 
 async def readiness(service: Any) -> JSONResponse:

@@ -52,6 +52,9 @@ class HeadInfo(BaseModel):
     target: ClientSpec  # the provider's extraction spec: the states this head reads
     metrics: dict[str, Any]
     feature_ood: FeatureOodInfo | None  # published only when the provider opted in
+    answers: str = "logits"  # "label": the argmax class only (POST /v1/sessions/{id}/label)
+    argmax: dict[str, int] | None = None  # the label-only encoding (encrypted.argmax.ArgmaxSpec); null for logits
+    label_margin: float | None = None  # label mode: top-two logit gaps below it may be answered either way
 
 
 class PublicSetInfo(BaseModel):
@@ -79,6 +82,9 @@ class ModelInfo(BaseModel):
     limits: Limits
     output_noise: float  # std of the Gaussian noise added to every output (0: exact answers)
     circuit_privacy: int | None  # statistical security (bits) of circuit-private replies; null: off
+    answers: str | None = None  # the fused export's: "logits" or "label"; null without one
+    argmax: dict[str, int] | None = None  # the fused export's label-only encoding; null for logits
+    label_margin: float | None = None  # the fused export's, in label mode
     heads: dict[str, HeadInfo]
     public_set: PublicSetInfo | None
 

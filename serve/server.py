@@ -9,6 +9,8 @@ noted; errors are ``{"error": {"code", "message"}}``):
     GET    /v1/model                          fused export (or nulls), heads, public set, limits
     POST   /v1/sessions[?head=NAME]           raw public keys in (octet-stream) -> {"session_id": ...}
     POST   /v1/sessions/{id}/infer            raw query ciphertext in -> raw reply ciphertext out
+    POST   /v1/sessions/{id}/label            label-only layers: argmax keys + query in -> masked reply, a run
+    POST   /v1/label-runs/{run}               one message of the run's secure argmax (`serve.label_routes`)
     DELETE /v1/sessions/{id}                  forget the session's keys
     GET    /v1/heads/{name}/feature-ood       a head's published OOD detector (npz)
     GET    /v1/public-set/texts, /v1/fit/...  the public set and the private fit (`serve.fit_service`)
@@ -37,6 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .api import BODY_ERRORS, ERROR_RESPONSES, OCTET_REPLY, ApiError, error_response, raw_body, read_body
 from .fit_routes import add_fit_routes
+from .label_routes import add_label_routes
 from .formats.public_states import load_public_states
 from .identity import Identity, identity_dependency
 from .pins import check_pins
@@ -66,9 +69,15 @@ def create_app(export_dir: str | Path | None = None, *, heads: Sequence[str | Pa
         raise ValueError("nothing to serve: pass an export (--export DIR), heads (--heads DIR or '[DIR,...]') "
                          "and/or a public set (--public DIR)")
     layer_options = {"output_noise": settings.output_noise, "circuit_privacy": settings.circuit_privacy,
-                     "max_key_bytes": settings.max_key_bytes, "max_query_bytes": settings.max_query_bytes}
+                     "max_key_bytes": settings.max_key_bytes, "max_query_bytes": settings.max_query_bytes,
+                     "answers": settings.answers}
     fused = load_fused(export_dir, name, **layer_options) if export_dir is not None else None
     served_heads = [load_head(path, **layer_options) for path in heads]
+    if isinstance(settings.answers, dict):
+        unknown = set(settings.answers) - {layer.name for layer in served_heads} - ({"fused"} if fused else set())
+        if unknown:
+            raise ValueError(f"--answers names layers this server does not serve: {sorted(unknown)}; name 'fused' "
+                             f"or one of the heads {sorted(layer.name for layer in served_heads)}")
     public_states = load_public_states(public) if public is not None else None
     check_pins([p for p in (export_dir, *heads, public) if p is not None], settings.expect_sha256)
     service = EncryptedService(settings, fused, served_heads, public_states)
@@ -153,6 +162,10 @@ def create_app(export_dir: str | Path | None = None, *, heads: Sequence[str | Pa
     async def infer(session_id: str, request: Request, identity: Identity = Depends(identify)) -> Response:
         """Evaluate the session's layer on one encrypted query; the reply is encrypted under the client's key."""
         record, served = service.session(session_id)
+        if served.argmax is not None:
+            raise ApiError(409, "label_only", "this layer answers labels only (GET /v1/model 'answers'): send the "
+                                              "query with your argmax keys to POST /v1/sessions/{id}/label "
+                                              "(docs/protocol.md, section 8)")
         body = await read_body(request, served.max_query_bytes, "a query", settings.body_timeout_s)
         keys = await service.session_keys(record, served)
         remaining = service.reserve_rows(record, served, identity)
@@ -202,4 +215,5 @@ def create_app(export_dir: str | Path | None = None, *, heads: Sequence[str | Pa
                              "logits": logits[offset:end].tolist()}, headers={BUDGET_HEADER: remaining})
 
     add_fit_routes(app, service.fit, identify, settings)
+    add_label_routes(app, service, identify, settings)
     return app

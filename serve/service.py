@@ -23,6 +23,7 @@ from .formats.public_states import PublicStates
 from .layers import ServedLayer
 from .protocol import BUDGET_HEADER, REOPEN_HINT, SESSION_NOT_FOUND
 from .identity import Identity
+from .label_service import LabelService
 from .sessions import KeyCache
 from .settings import ServerSettings, store_url
 from .store import SessionRecord, StateStore, open_store
@@ -61,6 +62,7 @@ class EncryptedService:
         self.pending = 0  # HE jobs running or queued; touched on the event loop only
         self.fit = (FitService(public, settings, self.run_cpu, self.store, self.budgets, self.replica)
                     if public is not None else None)
+        self.labels = LabelService(settings, self.run_cpu)
         self._val_logits: dict[str, np.ndarray] = {}  # at most one (n_val, k) array per served head
         self._val_logits_lock = threading.Lock()
         self.info = self.model_info()
@@ -90,6 +92,9 @@ class EncryptedService:
                        "max_public_texts": settings.max_public_texts},
             "output_noise": settings.output_noise,
             "circuit_privacy": settings.circuit_privacy,
+            "answers": fused.answers if fused else None,
+            "argmax": fused.argmax.to_dict() if fused and fused.argmax else None,
+            "label_margin": fused.label_margin if fused else None,
             "heads": {name: head.head_info() for name, head in self.heads.items()},
             "public_set": ({**self.public.info(), "val_logits": settings.publish_val_logits}
                            if self.public is not None else None),
@@ -106,6 +111,9 @@ class EncryptedService:
                                                             "public validation rows; ask its operator to serve with "
                                                             "--publish_val_logits true, or align without --head")
         served = self.layer(head)
+        if served.argmax is not None:
+            raise ApiError(409, "label_only", f"head {head!r} answers labels only, so its logits are published "
+                                              "nowhere, the public val rows included; align without --head")
         ours = (served.manifest.get("target") or {}).get("model_identity")
         theirs = self.public.manifest["model"].get("model_identity")
         if not ours or ours != theirs:
@@ -231,10 +239,13 @@ class EncryptedService:
         if not self.store.delete_session(session_id):
             raise session_not_found(session_id)
 
-    def reserve_rows(self, record: SessionRecord, served: ServedLayer, identity: Identity) -> str:
-        """Charge one query's `lanes` rows to the session and to the client on this layer (each layer's W is a
-        separate secret); the remaining budget, for the header. Raises a 429 when a budget would be exceeded."""
-        refusal, left = self.budgets.charge_rows(record.session_id, identity, budget_layer(served), served.layer.lanes)
+    def reserve_rows(self, record: SessionRecord, served: ServedLayer, identity: Identity,
+                     rows: int | None = None) -> str:
+        """Charge one query's rows (default: every lane, each of which a logits reply answers) to the session and to
+        the client on this layer (each layer's W is a separate secret); the remaining budget, for the header.
+        Raises a 429 when a budget would be exceeded."""
+        rows = served.layer.lanes if rows is None else rows
+        refusal, left = self.budgets.charge_rows(record.session_id, identity, budget_layer(served), rows)
         if refusal is not None:
             if self.metrics is not None:
                 self.metrics.budget_rejected(refusal.scope)
@@ -256,8 +267,11 @@ class EncryptedService:
             raise ApiError(429, "budget_exhausted", refusal.message, {BUDGET_HEADER: "0"})
         return "unlimited" if left is None else str(left)
 
-    def refund_rows(self, record: SessionRecord, served: ServedLayer, identity: Identity) -> None:
-        self.budgets.refund_rows(record.session_id, identity, budget_layer(served), served.layer.lanes)
+    def refund_rows(self, record: SessionRecord, served: ServedLayer, identity: Identity,
+                    rows: int | None = None) -> None:
+        """Give back `rows` (default: a whole query's lanes) of a query that answered fewer or none."""
+        self.budgets.refund_rows(record.session_id, identity, budget_layer(served),
+                                 served.layer.lanes if rows is None else rows)
 
 
 def budget_layer(served: ServedLayer) -> str:

@@ -37,7 +37,15 @@ class ServerSettings:
         output_noise: standard deviation of Gaussian noise added to every output, against model extraction.
         circuit_privacy: statistical security in bits (e.g. 30) of circuit-private replies, independent of W
             beyond W x + b (profile n8192-private; needs the client's public key, checked at upload). Off by
-            default: logits already give W with d + 1 rows (serve/README.md, Threat model).
+            default in logits mode: logits already give W with d + 1 rows (serve/README.md, Threat model); a
+            label-only layer is always circuit-private, at this level or 30.
+        answers: what a layer's replies reveal: 'logits' (W h + b, the default) or 'label' (the argmax class
+            only, through a secure two-party argmax: `encrypted.argmax`), for every layer, or a mapping from
+            layer ('fused' or a head's name) to either, e.g. '{bbc: label}' (unnamed layers answer logits).
+        max_label_runs: label-only answers in progress on this replica at once (each holds a few hundred KB of
+            Paillier ciphertexts); beyond it 503.
+        label_run_ttl_s: idle seconds before a label-only answer in progress is dropped.
+        label_runs_per_client: label-only answers one client (API key or address) may have in progress at once.
         max_fit_sessions: private fits running at once (each holds one part's encrypted accumulators); beyond it
             503 (never evicted: each holds a client's work).
         fit_session_ttl_s: idle seconds before a fit session and its accumulators are dropped.
@@ -87,6 +95,10 @@ class ServerSettings:
     rows_per_client: int | None = None
     output_noise: float = 0.0
     circuit_privacy: int | None = None
+    answers: str | dict[str, str] = "logits"
+    max_label_runs: int = 64
+    label_run_ttl_s: float = 60.0
+    label_runs_per_client: int = 4
     max_fit_sessions: int = 2
     fit_session_ttl_s: float = 600.0
     max_fit_source_dim: int = 4096
@@ -132,11 +144,12 @@ class ServerSettings:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be a positive count or unset (no limit), got {value}")
+        check_answers(self.answers)
         for name in ("max_fit_sessions", "max_fit_source_dim", "max_fit_accumulator_bytes", "max_public_texts",
-                     "max_cached_keys", "fit_slots_per_client"):
+                     "max_cached_keys", "fit_slots_per_client", "max_label_runs", "label_runs_per_client"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("fit_session_ttl_s", "fit_session_max_s"):
+        for name in ("fit_session_ttl_s", "fit_session_max_s", "label_run_ttl_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.api_keys and self.store == "memory://":
@@ -146,6 +159,22 @@ class ServerSettings:
             if not (isinstance(pin, str) and len(pin) == 64 and all(c in "0123456789abcdef" for c in pin)):
                 raise ValueError(f"--expect_sha256 takes folder digests of 64 lowercase hex characters (as `xsilo "
                                  f"serve` logs them), got {str(pin)[:80]!r}")
+
+
+ANSWERS = ("logits", "label")
+
+
+def answers_for(answers: str | dict[str, str], layer: str) -> str:
+    """'logits' or 'label' for layer `layer` ('fused' or a head's name) under the --answers setting."""
+    return answers if isinstance(answers, str) else answers.get(layer, "logits")
+
+
+def check_answers(answers: object) -> None:
+    modes = [answers] if isinstance(answers, str) else list(answers.values()) if isinstance(answers, dict) else None
+    if modes is None or not all(isinstance(mode, str) and mode in ANSWERS for mode in modes) or (
+            isinstance(answers, dict) and not all(isinstance(name, str) for name in answers)):
+        raise ValueError(f"--answers takes 'logits' or 'label', or a mapping from layer ('fused' or a head's name) to "
+                         f"either, e.g. '{{bbc: label}}'; got {str(answers)[:80]!r}")
 
 
 def check_api_key(key: str) -> None:

@@ -37,14 +37,17 @@ def _serve(m: dict) -> str:
 
 
 def _two_party(m: dict) -> str:
-    adapted = m.get("adaptation")
+    adapted, labels = m.get("adaptation"), m.get("label_only")
+    tail = (f"; label-only = plaintext on {labels['agree']}/{labels['queries']}, median {labels['median_total_ms']:.0f} ms"
+            if labels else "")
     if adapted and m.get("public_map_accuracy") is not None:  # the queried map is adapted to the private texts
         return (f"split {m['split_accuracy']:.3f} adapted to {adapted['private_rows']} private texts (public map "
                 f"{m['public_map_accuracy']:.3f}, lab {m['lab_mapped_accuracy']:.3f}, fused "
                 f"{m['fused_accuracy']:.3f}); public map = lab map to {m['map_weight_rel_error_vs_lab']:.0e}, median "
-                f"{m['split_median_total_ms']:.0f} ms")
+                f"{m['split_median_total_ms']:.0f} ms" + tail)
     return (f"split {m['split_accuracy']:.3f} (lab {m['lab_mapped_accuracy']:.3f}, fused {m['fused_accuracy']:.3f}); "
-            f"private map = lab map to {m['map_weight_rel_error_vs_lab']:.0e}, median {m['split_median_total_ms']:.0f} ms")
+            f"private map = lab map to {m['map_weight_rel_error_vs_lab']:.0e}, median {m['split_median_total_ms']:.0f} ms"
+            + tail)
 
 
 def _ood(m: dict, samples: dict | None) -> str:

@@ -232,7 +232,8 @@ def _two_party_section(result: dict) -> list[str]:
             "texts (`xsilo align --private`: the BBC sample's training texts) and queries in split mode. The figures "
             "table lists, from `two-party-summary.json`, the accuracy of each mode (one machine, fused, two parties; "
             "`public_map_accuracy`: the same private fit without --private), how far that public-set map is from "
-            "the lab's, both λ, the adaptation, the fit's traffic and what each home holds.", ""]
+            "the lab's, both λ, the adaptation, the fit's traffic, what each home holds, and (`label_only`) the "
+            "same head served label-only: labels against the plaintext argmax, latency and traffic.", ""]
 
 
 def _serve_section(run: Path, result: dict, notes: list[str]) -> list[str]:

@@ -55,6 +55,8 @@ def main(run: Path, provider_home: Path, client_home: Path) -> int:
     lab = json.loads((run / "bbc" / "metrics.json").read_text())
     fused = json.loads((run / "serve.json").read_text())
     split = json.loads((run / "two-party.json").read_text())
+    labels_file = run / "two-party-labels.json"
+    labels = json.loads(labels_file.read_text()) if labels_file.is_file() else None
     private_dir, public_dir = run / "two-party" / "client" / "aligner", run / "two-party" / "client" / "aligner" / "public-map"
     lab_map, private_map = LinearExport.from_pretrained(run / "bbc" / "map"), LinearExport.from_pretrained(private_dir)
     public_map = LinearExport.from_pretrained(public_dir) if public_dir.is_dir() else private_map
@@ -76,6 +78,10 @@ def main(run: Path, provider_home: Path, client_home: Path) -> int:
             k: adaptation.get(k) for k in ("private_rows", "weight", "rounds", "em_iterations", "class_shares",
                                            "val_r2", "priors")},
         "private_fit": {k: private_fit.get(k) for k in ("bytes_sent", "bytes_received", "provider_ms", "client_ms")},
+        "label_only": None if labels is None else {
+            k: labels.get(k) for k in ("queries", "agree", "rows_within_margin", "label_margin", "accuracy_encrypted",
+                                       "accuracy_plaintext", "median_total_ms", "median_server_ms", "bytes_sent",
+                                       "bytes_received")},
     }
     homes, problems = isolation(provider_home, client_home)
     figures["homes"], figures["home_problems"] = homes, problems
@@ -88,6 +94,11 @@ def main(run: Path, provider_home: Path, client_home: Path) -> int:
     two = "two parties (private fit" + (f", adapted to {adapted['private_rows']} private texts" if adapted else "")
     print(f"{two + ', split queries)':44s} {figures['split_accuracy']:8.3f}  "
           f"first {figures['split_queries']} (encrypted = plaintext on {figures['split_agree']})")
+    label_only = figures["label_only"]
+    if label_only is not None:
+        print(f"{'two parties, the head served label-only':44s} {label_only['accuracy_encrypted']:8.3f}  "
+              f"first {label_only['queries']} (label = plaintext argmax on {label_only['agree']}; "
+              f"{label_only['rows_within_margin']} within the margin)")
     if figures["public_map_accuracy"] is not None:
         print(f"{'  the public-set map alone (no --private)':44s} {figures['public_map_accuracy']:8.3f}  "
               f"first {figures['split_queries']} (plaintext)")
@@ -98,6 +109,11 @@ def main(run: Path, provider_home: Path, client_home: Path) -> int:
           f"{(pf['provider_ms'] or 0) / 1000:.1f} s")
     print(f"split query median {figures['split_median_total_ms']:.0f} ms end to end, "
           f"{figures['split_median_server_ms']:.1f} ms on the server")
+    if label_only is not None:
+        print(f"label-only query median {label_only['median_total_ms']:.0f} ms end to end, "
+              f"{label_only['median_server_ms']:.1f} ms of the provider's time; "
+              f"{(label_only['bytes_sent'] + label_only['bytes_received']) / 1e6 / label_only['queries']:.2f} MB "
+              "per text (keys and session included)")
     for name, h in homes.items():
         print(f"{name} home: model folders {h['model_folders']}, {h['state_caches']} state cache(s) of "
               f"{h['models_of_states']} model(s)")

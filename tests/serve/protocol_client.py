@@ -100,8 +100,8 @@ class ProtocolClient:
             raise RuntimeError(f"HTTP {response.status_code}: {response.text[:300]}")
         return response
 
-    def infer(self, X: np.ndarray) -> np.ndarray:
-        """Outputs (n, k) for inputs X (n, d), n <= lanes: one query, one reply."""
+    def query(self, X: np.ndarray) -> bytes:
+        """The query container for inputs X (n, d), n <= lanes."""
         L = self.layout
         d, dp, Q, lanes = L["input_dim"], L["padded_input"], L["stride"], L["lanes"]
         X = np.atleast_2d(np.asarray(X, dtype=np.float64))
@@ -116,11 +116,21 @@ class ProtocolClient:
         plain = seal.Plaintext()
         self.encoder.encode(grid.ravel().tolist(), self.context.first_parms_id(), self.scale, plain)
         meta = {"count": n, "input_dim": d, "lanes": lanes, "padded_input": dp, "pairing": L["pairing"]}
-        query = pack(KIND_QUERY, self.fp, [(b"META", dump_json(meta)),
-                                           (b"CTXT", save(self.encryptor.encrypt_symmetric(plain)))])
-        reply = self._ok(self.http.post(f"/v1/sessions/{self.session}/infer", content=query,
+        return pack(KIND_QUERY, self.fp, [(b"META", dump_json(meta)),
+                                          (b"CTXT", save(self.encryptor.encrypt_symmetric(plain)))])
+
+    def infer(self, X: np.ndarray) -> np.ndarray:
+        """Outputs (n, k) for inputs X (n, d), n <= lanes: one query, one reply."""
+        reply = self._ok(self.http.post(f"/v1/sessions/{self.session}/infer", content=self.query(X),
                                         headers={"Content-Type": "application/octet-stream"}), 200).content
-        return self.decode(reply, n)
+        return self.decode(reply, len(np.atleast_2d(X)))
+
+    def masked(self, X: np.ndarray, argmax_keys: bytes) -> np.ndarray:
+        """A label-only layer's masked outputs (n, k) (section 8, step 1); `last` keeps the response's headers."""
+        body = len(argmax_keys).to_bytes(4, "big") + argmax_keys + self.query(X)
+        self.last = self._ok(self.http.post(f"/v1/sessions/{self.session}/label", content=body,
+                                            headers={"Content-Type": "application/octet-stream"}), 200)
+        return self.decode(self.last.content, len(np.atleast_2d(X)))
 
     def decode(self, reply: bytes, n: int) -> np.ndarray:
         L = self.layout

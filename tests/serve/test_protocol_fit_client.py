@@ -1,7 +1,7 @@
 """A private-fit client written from `docs/protocol.md` alone, run against a live server.
 
 It proves that an outside team can run the private fit (section 6, the container of section 2 and the HTTP
-table of section 7) with nothing but numpy, hashlib and httpx: everything below (the container, the bit
+table of section 9) with nothing but numpy, hashlib and httpx: everything below (the container, the bit
 packing, the SHAKE-128 expansion, the key p_B, the negacyclic products, the encryption of the rows, the
 decryption and centring of the results) is written here from the document, not imported. From the repo it
 uses only `create_app` and `ServerThread` (a real server in a thread) and `write_public_states` /

@@ -154,3 +154,32 @@ def test_an_unreachable_server_is_one_line(tmp_path, capsys):
         main(["query", "--server", "http://127.0.0.1:9", "--file", str(tmp_path / "rows.txt"), "--timeout", "2"])
     err = capsys.readouterr().err
     assert err.startswith("error: cannot reach the server at http://127.0.0.1:9") and err.count("\n") == 1
+
+
+def test_a_label_only_head_prints_the_label_the_same_way_and_refuses_probabilities(provider, capsys):
+    """`xsilo serve --answers label`: the same JSON line with the label, probabilities and logits null; asking for
+    probabilities is one line of error that names the mode. The client's argmax keys live under its home (small
+    ones here; `xsilo query` makes 2,048-bit ones on first use)."""
+    from encrypted import ArgmaxKeys
+    from serve.client_label import default_keys_path
+
+    ArgmaxKeys.generate(512).save(default_keys_path())
+    app = create_app(heads=[provider["topics"]], answers={"topics": "label"}, store="memory://")
+    with ServerThread(app, max_lifetime_s=300) as srv:
+        label_provider = {**provider, "url": srv.url}
+        capsys.readouterr()
+        query(label_provider, "--text", json.dumps(TEXTS[:3]), "--cache", "false")
+        lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+        logits, _ = plaintext(provider, TEXTS[:3])
+        top = np.sort(logits, axis=1)
+        assert [line["id"] for line in lines] == [1, 2, 3] and list(lines[0]) == list(RECORD_FIELDS) + ["text"]
+        for line, row, gap in zip(lines, logits, top[:, -1] - top[:, -2]):
+            assert line["probabilities"] is None and line["logits"] is None
+            if gap > 0.2:
+                assert line["label"] == ["business", "sport", "tech"][int(row.argmax())]
+        with pytest.raises(SystemExit) as stopped:
+            query(label_provider, "--text", "good film", "--probabilities", "true", "--cache", "false")
+        assert stopped.value.code == 2
+        err = [line for line in capsys.readouterr().err.strip().splitlines()
+               if not line.startswith("{")]  # the in-process server's JSON log, when a test before set it up
+        assert len(err) == 1 and err[0].startswith("error: ") and "--answers label" in err[0]

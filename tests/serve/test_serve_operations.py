@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.network]
 KEY = "ops-secret-api-key-7f3a"
 INFER = "/v1/sessions/{session_id}/infer"
 XSILO_NAMES = {"xsilo_requests", "xsilo_request_seconds", "xsilo_he_seconds", "xsilo_queue_depth", "xsilo_sessions",
-               "xsilo_budget_rejections", "xsilo_fit_sessions", "xsilo_fit_bytes", "xsilo_draining"}
+               "xsilo_budget_rejections", "xsilo_fit_sessions", "xsilo_fit_bytes", "xsilo_draining", "xsilo_label_runs"}
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,7 @@ def test_metrics_methods_and_their_own_registry():
     first.budget_rejected("client")
     first.fit_bytes("in", 100)
     first.fit_bytes("out", 7)
-    first.track(lambda: 3, lambda: 2, lambda: 1 / 0, lambda: True)  # a failing reader gives NaN, not an error
+    first.track(lambda: 3, lambda: 2, lambda: 1 / 0, lambda: True, lambda: 4)  # a failing reader gives NaN
     with pytest.raises(ValueError):
         first.fit_bytes("sideways", 1)
     body, content_type = first.render()
@@ -150,8 +150,8 @@ def test_metrics_methods_and_their_own_registry():
     assert samples[("xsilo_he_seconds_count", (("kind", "infer"),))] == 1
     assert samples[("xsilo_budget_rejections_total", (("scope", "client"),))] == 1
     assert samples[("xsilo_fit_bytes_total", (("direction", "in"),))] == 100
-    assert (samples[("xsilo_queue_depth", ())], samples[("xsilo_sessions", ())], samples[("xsilo_draining", ())]) \
-        == (3, 2, 1)
+    assert (samples[("xsilo_queue_depth", ())], samples[("xsilo_sessions", ())], samples[("xsilo_draining", ())],
+            samples[("xsilo_label_runs", ())]) == (3, 2, 1, 4)
     assert np.isnan(samples[("xsilo_fit_sessions", ())])
     assert b"xsilo_he_seconds_count" not in second.render()[0]
 
