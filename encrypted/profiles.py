@@ -205,7 +205,7 @@ and W encoded at a 60-bit prime, so the flooding noise costs little precision (2
 
 N8192_LABEL = CkksProfile("n8192-label", 8192, (60, 40, 58, 60), 64)
 """For label-only answers: circuit-private like N8192_PRIVATE, over a 100-bit reply modulus, so that each output can
-carry a uniform mask of up to 2^33 (`EncryptedLinear.apply_masked`) and still decode to 2^-19 (218 bits)."""
+carry a uniform mask of up to 2^33 (`EncryptedLinear.apply_masked`) with no error beyond the flood's (218 bits)."""
 
 DEFAULT_PROFILE = N8192
 PROFILES: dict[str, CkksProfile] = {p.name: p for p in (N8192, N16384, N8192_PRIVATE, N8192_LABEL)}
