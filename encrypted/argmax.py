@@ -153,7 +153,7 @@ class ProviderArgmax:
         return pack(out, dgk.public_key.n)
 
     def _on_zetas(self, message: bytes) -> bytes:
-        l, pai, kappa = self.spec.value_bits, self.keys.paillier, self.spec.statistical_bits
+        l, pai = self.spec.value_bits, self.keys.paillier
         values = self._paillier(unpack(message, 3 * len(self._matches), pai.public_key.n_squared, "comparison ends"))
         out = []
         for index, match in enumerate(self._matches):
@@ -161,9 +161,9 @@ class ProviderArgmax:
             below = Initiator.step_6(match["delta_a"], delta_b)
             result = Initiator.step_7(zeta_1, zeta_2, match["r"], l, below, pai)  # [[δ]] = [[v_a <= v_b]]
             candidates = self._candidates[match["row"]]
-            # w = v_b - v_a + ρ with ρ in [2^l, 2^(l+κ)) is positive and hides v_b - v_a to 2^-κ; the client gets
-            # δ + 2w in one ciphertext (no wrap: 2^(l+κ+2) is far below n)
-            mask = (1 << l) + secrets.randbelow((1 << (l + kappa)) - (1 << l))
+            # w = v_b - v_a + ρ with ρ in [2^64, 2^mask_bits) is positive and hides v_b - v_a to 2^-κ; the client
+            # gets δ + 2w in one ciphertext (no wrap: 2^(mask_bits + 2) is far below n)
+            mask = (1 << 64) + secrets.randbelow((1 << self.spec.mask_bits) - (1 << 64))
             shown = result + (candidates[match["a"] + 1] - candidates[match["a"]] + self._encrypt(mask)) * 2
             shown.randomize()
             out.append(shown.get_value())
@@ -185,7 +185,7 @@ class ProviderArgmax:
         if len(winners[0]) > 1:
             return self._start_round()
         spec, out = self.spec, []
-        high = 1 << (spec.value_bits + spec.statistical_bits)
+        high = 1 << spec.mask_bits
         for (winner,) in winners:
             masked = winner + self._encrypt(secrets.randbelow(high) << spec.label_bits)
             masked.randomize()
@@ -269,7 +269,7 @@ class ClientArgmax:
             delta, difference = shown & 1, shown >> 1
             self.seen["delta"].append(delta)
             self.seen["difference"].append(difference)
-            if difference >= 1 << (spec.value_bits + spec.statistical_bits + 1):
+            if difference >= 1 << (spec.mask_bits + 1):
                 raise InvalidCiphertext("the provider sent a selection out of range; the answer cannot be trusted")
             product = pai.unsafe_encrypt(delta * difference % n, apply_encoding=False)
             product.randomize()

@@ -53,6 +53,13 @@ class ArgmaxSpec:
     def value_bits(self) -> int:
         return 1 + self.logit_bits + self.fraction_bits + self.label_bits
 
+    @property
+    def mask_bits(self) -> int:
+        """The selection and label masks are uniform below 2^mask_bits: 2^-statistical_bits of hiding for any
+        value below 2^64, far beyond what a reply can carry (logits past ±2^35 decode to noise), not only for
+        values in the comparisons' range."""
+        return 64 + self.statistical_bits
+
     def to_dict(self) -> dict[str, int]:
         return {"version": SPEC_VERSION, "classes": self.classes, "fraction_bits": self.fraction_bits,
                 "logit_bits": self.logit_bits, "statistical_bits": self.statistical_bits}

@@ -94,7 +94,7 @@ def label(client: ProtocolClient, keys: LabelKeys, X: np.ndarray) -> list[int]:
             second = (x + keys.n) >> ell if x < (keys.n - 1) // 2 else x >> ell
             ends += [keys.encrypt(x >> ell), keys.encrypt(second), keys.encrypt(delta_b)]
         shown = [keys.decrypt(c) for c in ints(post(ends, keys.pw), keys.pw)]
-        assert all(u >> 1 < 1 << (ell + kappa + 1) for u in shown)
+        assert all(u >> 1 < 1 << (64 + kappa + 1) for u in shown)
         reply = post([keys.encrypt((u & 1) * (u >> 1)) for u in shown], keys.pw)
     labels = [keys.decrypt(c) % (1 << s) for c in ints(reply, keys.pw)]
     assert len(labels) == rows and all(v < k for v in labels)
