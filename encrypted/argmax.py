@@ -226,8 +226,15 @@ class ClientArgmax:
         return pack(out, pai.public_key.n_squared)
 
     def handle(self, reply: bytes) -> bytes | None:
-        """The next message for the provider's `reply`, or None once `labels` is set."""
-        return getattr(self, f"_on_{self.stage}")(reply)
+        """The next message for the provider's `reply`, or None once `labels` is set (InvalidCiphertext for bytes
+        no honest provider sends)."""
+        if self.stage == "done":
+            raise EncryptedError("this label-only answer is complete")
+        try:
+            return getattr(self, f"_on_{self.stage}")(reply)
+        except (ArithmeticError, AssertionError) as exc:  # TNO's arithmetic on values no honest provider sends
+            raise InvalidCiphertext(f"the provider's {self.stage} message could not be used ({type(exc).__name__}); "
+                                    "the answer cannot be trusted") from None
 
     def _on_z(self, reply: bytes) -> bytes:
         l, pai, dgk = self.spec.value_bits, self.keys.paillier, self.keys.dgk

@@ -37,7 +37,10 @@ def load_or_make_keys(path: Path) -> "ArgmaxKeys":
     from encrypted import ArgmaxKeys
 
     if path.is_file():
-        return ArgmaxKeys.load(path)
+        try:
+            return ArgmaxKeys.load(path)
+        except ValueError as exc:  # a damaged file is the user's to fix: one line, not a traceback
+            raise ServeError(str(exc)) from None
     print(f"making this client's argmax keys (2,048-bit Paillier and DGK, about a minute, once): {path}",
           file=sys.stderr)
     keys = ArgmaxKeys.generate()

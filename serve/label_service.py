@@ -35,7 +35,7 @@ def run_not_found(run_id: str) -> ApiError:
 
 @dataclass
 class LabelRun:
-    session_id: str
+    session_id: str  # the run's id (`SessionStore` keys what it holds by `session_id`)
     client: str  # the identity that opened it; no other may step it
     argmax: "ProviderArgmax"
     last_used: float = field(default_factory=time.monotonic)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from encrypted import ArgmaxKeys, ClientArgmax, ClientKeys, LinearLayout, ArgmaxSpec, decrypt, encrypt
-from serve.client import Client, LabelOnly
+from serve.client import Client, LabelOnly, ServeError
 from serve.formats.exports import load_export
 from serve.harness import ServerThread
 from serve.protocol import label_request
@@ -188,3 +188,16 @@ def test_a_label_only_heads_logits_leave_by_no_route(tmp_path):
     with ServerThread(app, max_lifetime_s=60) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
         page = http.get("/v1/public-set/val-logits", params={"head": "topics"})
         assert page.status_code == 409 and json_error(page.content)["code"] == "label_only"
+
+
+def test_a_damaged_argmax_key_file_is_one_clear_error(folders, tmp_path):
+    """The client's keys file is its own to fix: a damaged one gets a ServeError naming the fix (one line in
+    `xsilo query`), never a traceback, and nothing is sent for it."""
+    damaged = tmp_path / "argmax-keys.json"
+    damaged.write_text('{"version": 1, "paillier": {}}')
+    app = create_app(heads=[folders["topics"]], answers="label", store="memory://")
+    with ServerThread(app, max_lifetime_s=60) as srv, \
+            Client(srv.url, head="topics", aligner=folders["map"], cache=False, argmax_keys=damaged) as client:
+        with pytest.raises(ServeError, match="delete it and generate new keys"):
+            client.label_states(np.ones((1, D_CLIENT)))
+        assert client.traffic.count("label query") == 0
