@@ -104,7 +104,9 @@ def test_labels_equal_the_plaintext_argmax_on_1000_random_states_outside_the_mar
     clear = top[:, -1] - top[:, -2] > margin
     assert clear.mean() > 0.9
     np.testing.assert_array_equal(labels[clear], logits[clear].argmax(1))  # every row outside the margin
-    assert np.mean(labels == logits.argmax(1)) >= 0.995
+    # inside the margin the flood may flip a near-tie: ~2.8 of these 1,000 rows on average (simulated from the
+    # noise model); 15 would take a noise far wider than the published flood_std
+    assert np.sum(labels != logits.argmax(1)) <= 15
 
 
 def test_a_masked_reply_decrypts_to_the_logits_plus_the_masks_the_provider_keeps(served):
@@ -156,7 +158,7 @@ def test_heads_that_agree_on_the_argmax_give_answers_a_client_cannot_tell_apart(
     for key in ("comparison", "difference", "label_high"):
         p = ks_2samp(views[0][key], views[1][key]).pvalue
         assert p > 1e-4, (key, p)
-    assert abs(views[0]["delta"].mean() - views[1]["delta"].mean()) < 0.25  # the bits' rate: shuffled alike
+    assert abs(views[0]["delta"].mean() - views[1]["delta"].mean()) < 0.3  # the bits' rate: shuffled alike (3.8 std)
     assert set(views[0]["labels"]) == set(views[1]["labels"]) == {winner}
     # the control: logits replies of the same two heads are told apart at once
     logits = [np.array([decrypt(ckks, head.layout, [head.apply(encrypt(ckks, head.layout, x[None])[0], public)], 1)[0]
