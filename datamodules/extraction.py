@@ -44,6 +44,7 @@ from datamodules.cache import (
     shard_name,
     valid_shard,
 )
+from datamodules.distributed import ProcessGroupCleanup
 from datamodules.progress import ProgressLines, is_terminal, record_stage
 from datamodules.signals import Stopped, stop_on_signals
 from datamodules.encoder import load_frozen_model, load_tokenizer, loaded_model, pooled_states
@@ -324,7 +325,7 @@ def extract(
         module = HiddenStateExtractor(job.model_path, job.texts, [shards[i] for i in pending],
                                       job.pooling, config.layer, job.max_length, config.dtype,
                                       config.batch_size, threads, model_identity=job.key.model_identity)
-        callbacks = [ShardWriter(directory, shards, job.hidden_size, config.dtype)]
+        callbacks = [ShardWriter(directory, shards, job.hidden_size, config.dtype), ProcessGroupCleanup()]
         bar = progress and is_terminal()
         if progress and not bar:  # a log or a pipe: plain periodic lines instead of a bar
             rows = sum(shards[i][1] - shards[i][0] for i in pending)

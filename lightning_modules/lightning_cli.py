@@ -17,6 +17,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LightningCLI
 
+from datamodules.distributed import ProcessGroupCleanup
 from lightning_modules.evaluation.predictions import PredictionWriter, check_output_path
 
 SEED = 0  # `seed_everything` default: a run is repeatable unless the config sets another seed
@@ -24,7 +25,12 @@ SCORING = ("validate", "test", "predict")  # the subcommands that need a fitted 
 
 
 class XsiloTrainer(L.Trainer):
-    """Lightning's Trainer; `predict` also takes `output`, the file its predictions are written to."""
+    """Lightning's Trainer, whose processes destroy their process group at exit (`ProcessGroupCleanup`); `predict`
+    also takes `output`, the file its predictions are written to."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.callbacks.append(ProcessGroupCleanup())
 
     def predict(self, model: L.LightningModule | None = None, dataloaders: Any = None,
                 datamodule: L.LightningDataModule | None = None, return_predictions: bool | None = None,

@@ -152,7 +152,9 @@ class AdaptationSettings:
             0 runs it on the whole space. Fewer dimensions than texts keep its covariance from fitting noise.
         anchor_weight: the share of the public fit's weight that anchor texts carry: texts both parties extract,
             synthetic ones written from the provider's class descriptions, or ones the client opts to disclose
-            (the paper's remedy, never the default); the study's `synthetic` and `disclosures` measure them.
+            (the paper's remedy, never the default); the study's `synthetic` and `disclosures` measure them. In
+            `xsilo align` it weighs the anchors of a provider's public set (`public-set export --anchors`),
+            with or without --private; the client applies it after decryption, so the provider never learns it.
     """
 
     weight: float = 0.3
@@ -349,11 +351,14 @@ GENERATION_MAX_LENGTH = 64  # tokens per public text of a generation fit: every 
 
 def build_trainer(device: DeviceSettings, max_epochs: int, callbacks: list | None = None,
                   root: str | None = None):
-    """The one Trainer of every driver: quiet, no logger; checkpointing only with callbacks."""
+    """The one Trainer of every driver: quiet, no logger; checkpointing only with callbacks; its processes destroy
+    their process group at exit (`datamodules.distributed`)."""
     import lightning as L
 
-    return L.Trainer(**device.trainer_kwargs(), max_epochs=max_epochs, logger=False, callbacks=callbacks or [],
-                     enable_checkpointing=bool(callbacks), enable_progress_bar=False, enable_model_summary=False,
+    from datamodules.distributed import ProcessGroupCleanup
+
+    return L.Trainer(**device.trainer_kwargs(), max_epochs=max_epochs, logger=False,
+                     callbacks=[*(callbacks or []), ProcessGroupCleanup()], enable_checkpointing=bool(callbacks), enable_progress_bar=False, enable_model_summary=False,
                      num_sanity_val_steps=0, default_root_dir=root)
 
 

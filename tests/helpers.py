@@ -46,6 +46,11 @@ def linear_pairs(n: int = 2000, d_x: int = 24, d_y: int = 16, noise: float = 0.0
 
 
 def trainer(**kwargs) -> L.Trainer:
+    """A quiet CPU Trainer; its processes destroy their process group at exit, as every xsilo Trainer's do."""
+    from datamodules.distributed import ProcessGroupCleanup
+
     defaults = dict(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
-    return L.Trainer(**{**defaults, **kwargs})
+    kwargs = {**defaults, **kwargs}
+    kwargs["callbacks"] = [*kwargs.get("callbacks", []), ProcessGroupCleanup()]
+    return L.Trainer(**kwargs)
