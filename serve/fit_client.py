@@ -71,7 +71,7 @@ def check_stats(stats: Any, part_rows: Sequence[int], target_dim: int) -> dict[s
         if not isinstance(part, dict) or part.get("rows") != rows:
             raise bad(f"part {index} must say rows={rows}")
         for key in ("sum_y", "yty_diag"):
-            if part.get(key) is None and (key == "sum_y" or index == 0):
+            if part.get(key) is None and (key == "sum_y" or index != 1):
                 raise bad(f"part {index} lacks {key}")
             if part.get(key) is not None:
                 try:
@@ -121,33 +121,55 @@ class PrivateFitClient:
                              "use a client of the same xsilo version as the server") from None
         if rows < 1 or min(parts) < 1 or sum(parts) != rows:
             raise ServeError(f"the server's public set says {rows} rows split {parts}, which do not add up")
+        anchors = public.get("anchors")
+        if anchors is not None and not (isinstance(anchors, dict) and isinstance(anchors.get("rows"), int)
+                                        and not isinstance(anchors["rows"], bool) and anchors["rows"] >= 1
+                                        and isinstance(anchors.get("fingerprint"), str)):
+            raise ServeError("the server's public_set.anchors is not null or {\"rows\", \"fingerprint\"}; use a "
+                             "client of the same xsilo version as the server")
         return public
 
     def public_texts(self) -> list[str]:
         """Every text of the public set, in order, all pages; the count and the fingerprint are checked."""
         public = self.public_set()
+        return self._texts("texts", public["rows"], public["fingerprint"], "public texts")
+
+    def anchor_texts(self) -> list[str]:
+        """Every anchor text of the public set, in order (empty when it has none); count and fingerprint checked.
+        A client extracts its states on them as on the public texts: they are the fit's last part."""
+        anchors = self.public_set().get("anchors")
+        if anchors is None:
+            return []
+        return self._texts("anchors", anchors["rows"], anchors["fingerprint"], "anchor texts")
+
+    def fit_part_rows(self) -> list[int]:
+        """The rows of each part of a private fit with this server: train, val, then the anchors if any."""
+        public = self.public_set()
+        anchors = public.get("anchors")
+        return [int(public["parts"][name]) for name in ("train", "val")] + ([anchors["rows"]] if anchors else [])
+
+    def _texts(self, route: str, rows: int, fingerprint: str, what: str) -> list[str]:
         texts: list[str] = []
         offset = 0
         for _ in range(MAX_TEXT_PAGES):
-            page = self.connection.json("GET", f"{API_PREFIX}/public-set/texts", params={"offset": offset})
+            page = self.connection.json("GET", f"{API_PREFIX}/public-set/{route}", params={"offset": offset})
             chunk = page.get("texts") if isinstance(page, dict) else None
             if not (isinstance(chunk, list) and all(isinstance(t, str) for t in chunk)) \
                     or page.get("offset") != offset:
-                raise ServeError("the server's public-set page is not {\"texts\": [str], \"offset\", \"next\"}")
+                raise ServeError(f"the server's page of {what} is not {{\"texts\": [str], \"offset\", \"next\"}}")
             texts.extend(chunk)
             following = page.get("next")
             if following is None:
                 break
-            if not isinstance(following, int) or following != offset + len(chunk) or not chunk \
-                    or following > public["rows"]:
-                raise ServeError(f"the server's public-set paging is inconsistent (offset {offset}, {len(chunk)} "
+            if not isinstance(following, int) or following != offset + len(chunk) or not chunk or following > rows:
+                raise ServeError(f"the server's paging of {what} is inconsistent (offset {offset}, {len(chunk)} "
                                  f"texts, next {following!r:.40})")
             offset = following
-        if len(texts) != public["rows"]:
-            raise ServeError(f"the server sent {len(texts)} public texts but says the set has {public['rows']}")
-        if texts_fingerprint(texts) != public["fingerprint"]:
-            raise ServeError("the public texts the server sent do not match its own fingerprint "
-                             f"{str(public['fingerprint'])[:16]}; try again, or ask the operator to re-export them")
+        if len(texts) != rows:
+            raise ServeError(f"the server sent {len(texts)} {what} but says there are {rows}")
+        if texts_fingerprint(texts) != fingerprint:
+            raise ServeError(f"the {what} the server sent do not match its own fingerprint {str(fingerprint)[:16]}; "
+                             "try again, or ask the operator to re-export them")
         return texts
 
     def val_logits(self, head: str) -> np.ndarray:
@@ -203,20 +225,24 @@ class PrivateFitClient:
         return np.concatenate(pages, axis=0)
 
     def fit(self, parts: Sequence[np.ndarray], fingerprint: str, progress: Progress | None = None) -> GramReply:
-        """Run a private fit on the client's raw states of each public-set part (train, val: the server's split).
+        """Run a private fit on the client's raw states of each public-set part (train, val: the server's split;
+        then the anchor texts' states when the set has anchors, `fit_part_rows`).
 
         `fingerprint` is that of the texts the states were extracted on; the server refuses another (409). The
         parts may be memory-mapped: they are read, normalised and encrypted one chunk at a time (the next chunk is
         encrypted while the server adds the current one), so memory is bounded by the chunk, not the pool.
         `progress(rows_sent, rows_total)` is called with 0 when the upload starts, then after each chunk."""
         public = self.public_set()
-        expected = [int(public["parts"][name]) for name in ("train", "val")]
+        expected = self.fit_part_rows()
+        names = "train, val" + (", anchors" if len(expected) > 2 else "")
         arrays = [p if isinstance(p, np.ndarray) else np.asarray(p, dtype=np.float64) for p in parts]
         if len(arrays) != len(expected) or any(a.ndim != 2 for a in arrays):
-            raise ServeError(f"pass one (rows, d_A) array per public-set part (train, val): {len(expected)} parts")
+            raise ServeError(f"pass one (rows, d_A) array per part of this server's fit ({names}): {len(expected)} "
+                             "parts")
         if [len(a) for a in arrays] != expected:
-            raise ServeError(f"the parts have {[len(a) for a in arrays]} rows but the server's public set is split "
-                             f"{expected}; split your states with the public set's val_fraction and seed")
+            raise ServeError(f"the parts have {[len(a) for a in arrays]} rows but the server's fit parts ({names}) "
+                             f"have {expected}; split your states with the public set's val_fraction and seed, and "
+                             "extract them on the anchor texts (anchor_texts())")
         source_dim = arrays[0].shape[1]
         if any(a.shape[1] != source_dim for a in arrays) or source_dim < 1:
             raise ServeError("every part must have the same number of columns (the client's state dimension)")

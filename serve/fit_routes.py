@@ -33,16 +33,28 @@ def add_fit_routes(app: FastAPI, fit: FitService | None, identify: Callable[...,
             raise no_public_set()
         return fit
 
+    def page(texts: list[str], offset: int, limit: int | None, what: str) -> dict[str, Any]:
+        if offset > len(texts):
+            raise ApiError(400, "invalid_offset", f"offset {offset} is past the {len(texts)} rows of the {what}")
+        end = min(offset + min(limit or settings.max_public_texts, settings.max_public_texts), len(texts))
+        return {"texts": texts[offset:end], "offset": offset, "next": end if end < len(texts) else None}
+
     @app.get(f"{API_PREFIX}/public-set/texts", dependencies=auth, responses=ERROR_RESPONSES, tags=["private fit"])
     async def public_texts(offset: int = Query(0, ge=0, le=1 << 40),
                            limit: int | None = Query(None, ge=1, le=1 << 40)) -> dict[str, Any]:
         """A page of the public set's texts in public-set order (at most `max_public_texts` per page)."""
-        public = service().public
-        if offset > public.rows:
-            raise ApiError(400, "invalid_offset", f"offset {offset} is past the public set's {public.rows} rows")
-        count = min(limit or settings.max_public_texts, settings.max_public_texts)
-        end = min(offset + count, public.rows)
-        return {"texts": public.texts[offset:end], "offset": offset, "next": end if end < public.rows else None}
+        return page(service().public.texts, offset, limit, "public set")
+
+    @app.get(f"{API_PREFIX}/public-set/anchors", dependencies=auth, responses=ERROR_RESPONSES, tags=["private fit"])
+    async def anchor_texts(offset: int = Query(0, ge=0, le=1 << 40),
+                           limit: int | None = Query(None, ge=1, le=1 << 40)) -> dict[str, Any]:
+        """A page of the public set's anchor texts, in order: the last part of every private fit (404 `no_anchors`
+        when the set has none)."""
+        anchors = service().public.anchors
+        if anchors is None:
+            raise ApiError(404, "no_anchors", "this server's public set has no anchors (GET /v1/model "
+                                              "public_set.anchors is null); fit on its train and val parts only")
+        return page(anchors.texts, offset, limit, "anchors")
 
     @app.get(f"{API_PREFIX}/public-set/split", dependencies=auth, responses=ERROR_RESPONSES, tags=["private fit"])
     async def public_split() -> dict[str, Any]:

@@ -5,6 +5,7 @@ its own normalised states Ẑ_B (`encrypted.GramAccumulator`) and returns Enc(�
 statistics the client needs to undo the normalisation and solve the ridge map itself (`fit_stats`):
 
     GET    /v1/public-set/texts?offset=&limit=           {"texts", "offset", "next"}
+    GET    /v1/public-set/anchors?offset=&limit=         the same, for the anchor texts (a set that has them)
     GET    /v1/fit/plan?source_dim=D                     the GramPlan for a D-dimensional client
     POST   /v1/fit/sessions?source_dim=D&fingerprint=F   public keys in -> {"session_id", "plan", "stats"}
     POST   /v1/fit/sessions/{id}/parts/{p}/chunks/{c}    one chunk message, in order -> progress
@@ -74,11 +75,12 @@ class FitService:
         self.store, self.budgets, self.replica = store, budgets, replica
         self.metrics: Any = None  # serve.observability.ServerMetrics, set by create_app
         mean, scale = train_normaliser(public.parts[0])
-        self.targets = [normalise(part, mean, scale) for part in public.parts]  # Ẑ_B per part, float64
-        self.stats = provider_stats(list(public.parts), mean, scale)
+        self.targets = [normalise(part, mean, scale) for part in public.fit_parts]  # Ẑ_B per part, float64
+        self.stats = provider_stats(list(public.fit_parts), mean, scale)
+        self.part_rows = tuple(len(part) for part in public.fit_parts)
         self.key_seed = key_seed_for(public.fingerprint)
         try:  # the public set itself must fit the kernel's moduli (rows per part), whatever the client
-            probe = plan_gram(1, public.hidden_size, public.part_rows, self.key_seed, max_accumulator_bytes=None)
+            probe = plan_gram(1, public.hidden_size, self.part_rows, self.key_seed, max_accumulator_bytes=None)
             self.target_shifts = tuple(probe.column_shift(p, np.einsum("ij,ij->j", t, t))
                                        for p, t in enumerate(self.targets))
         except EncryptedError as exc:
@@ -102,7 +104,7 @@ class FitService:
                 self._plans.move_to_end(source_dim)
                 return plan
         try:
-            plan = plan_gram(source_dim, self.public.hidden_size, self.public.part_rows, self.key_seed,
+            plan = plan_gram(source_dim, self.public.hidden_size, self.part_rows, self.key_seed,
                              target_shifts=self.target_shifts,
                              max_accumulator_bytes=self.settings.max_fit_accumulator_bytes)
         except (EncryptedError, ValueError) as exc:

@@ -48,13 +48,14 @@ def column_squares(states: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> n
 
 def provider_stats(parts: list[np.ndarray], mean: np.ndarray, scale: np.ndarray) -> dict[str, Any]:
     """What the provider publishes with a fit session: mu_B and s_B as used, and per part the row count, the raw
-    sum of rows, the raw per-dimension sum of squares (train part only: standardisation needs it) and the raw
-    trace Σ z² over rows and dims (validation MSE and R² need only that). JSON-ready float64 lists."""
+    sum of rows, the raw per-dimension sum of squares (not for the val part, part 1: standardisation needs it of
+    the rows a map is fitted on, train and anchors) and the raw trace Σ z² over rows and dims (validation MSE and
+    R² need only that). JSON-ready float64 lists."""
     out = []
     for index, part in enumerate(parts):
         raw = np.asarray(part, dtype=np.float64)
         squares = (raw * raw).sum(axis=0)
         out.append({"rows": int(raw.shape[0]), "sum_y": raw.sum(axis=0).tolist(),
-                    "yty_diag": squares.tolist() if index == 0 else None, "trace": float(squares.sum())})
+                    "yty_diag": squares.tolist() if index != 1 else None, "trace": float(squares.sum())})
     return {"mu_B": np.asarray(mean, np.float64).tolist(), "s_B": np.asarray(scale, np.float64).tolist(),
             "parts": out}

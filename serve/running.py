@@ -112,8 +112,10 @@ def log_served(app: FastAPI, export_dir: str | Path | None) -> None:
                  head["lanes"], ", feature-space OOD detector published" if head["feature_ood"] else "")
     if info["public_set"] is not None:
         public_set = info["public_set"]
-        log.info("serving public set %s for private fits: %d rows (%s), %d-d states, fingerprint %s",
-                 public_set["name"], public_set["rows"], public_set["parts"], public_set["hidden_size"],
+        anchors = public_set.get("anchors")
+        log.info("serving public set %s for private fits: %d rows (%s)%s, %d-d states, fingerprint %s",
+                 public_set["name"], public_set["rows"], public_set["parts"],
+                 f" and {anchors['rows']} anchors" if anchors else "", public_set["hidden_size"],
                  public_set["fingerprint"][:16])
 
 

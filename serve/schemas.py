@@ -57,6 +57,11 @@ class HeadInfo(BaseModel):
     label_margin: float | None = None  # label mode: top-two logit gaps below it may be answered either way
 
 
+class AnchorsInfo(BaseModel):
+    rows: int
+    fingerprint: str
+
+
 class PublicSetInfo(BaseModel):
     name: str
     rows: int
@@ -67,6 +72,9 @@ class PublicSetInfo(BaseModel):
     model: ClientSpec
     hidden_size: int
     val_logits: bool = False  # GET /v1/public-set/val-logits answers (xsilo serve --publish_val_logits true)
+    anchors: AnchorsInfo | None = None  # the fit's third part (GET /v1/public-set/anchors); null: none
+
+
 
 
 class ModelInfo(BaseModel):

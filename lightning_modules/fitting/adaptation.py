@@ -139,10 +139,7 @@ def principal_components(x: Tensor, rows_per_component: int, classes: int) -> Te
 
 def weighted_rows(x: Tensor, y: Tensor, scale: float, full_yty: bool = False) -> SufficientStats:
     """The statistics of rows (x, y), each row counting `scale` times."""
-    stats = SufficientStats.zeros(x.shape[1], y.shape[1], full_yty=full_yty).update(x, y)
-    for name in ("n", "sum_x", "sum_y", "xtx", "xty", "yty"):
-        setattr(stats, name, getattr(stats, name) * scale)
-    return stats
+    return SufficientStats.zeros(x.shape[1], y.shape[1], full_yty=full_yty).update(x, y).scaled(scale)
 
 
 def with_anchors(public: SufficientStats, anchors: tuple[Tensor, Tensor], weight: float) -> SufficientStats:
@@ -154,8 +151,18 @@ def with_anchors(public: SufficientStats, anchors: tuple[Tensor, Tensor], weight
                               f"states of the same texts, got {tuple(x.shape)} and {tuple(z.shape)}")
     if not (bool(torch.isfinite(x).all()) and bool(torch.isfinite(z).all())):
         raise AdaptationError("the anchor states hold NaN/inf; re-extract them")
-    scale = weight / (1 - weight) * float(public.n) / x.shape[0]
-    return public.clone().merge(weighted_rows(x, z, scale, public.full_yty))
+    return with_anchor_stats(public, weighted_rows(x, z, 1.0, public.full_yty), weight)
+
+
+def with_anchor_stats(public: SufficientStats, anchors: SufficientStats, weight: float) -> SufficientStats:
+    """The public statistics plus the anchors' statistics, scaled so that the anchors carry `weight` of the total
+    weight (the private fit's anchor part arrives as statistics, the lab's anchors as pairs: one weighting)."""
+    if (anchors.d_x, anchors.d_y) != (public.d_x, public.d_y) or float(anchors.n) < 1:
+        raise AdaptationError(f"the anchors' statistics must be of {public.d_x} x {public.d_y} states and at least "
+                              f"one row, got {anchors.d_x} x {anchors.d_y} and {float(anchors.n):g} rows")
+    if not 0 < weight < 1:
+        raise AdaptationError(f"the anchors' weight must be in (0, 1), got {weight}")
+    return public.clone().merge(anchors.scaled(weight / (1 - weight) * float(public.n) / float(anchors.n)))
 
 
 def adapt(public: SufficientStats, private: Tensor, task: TaskStatistics, lam: float, fit: "FitSettings",

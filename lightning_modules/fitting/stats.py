@@ -142,6 +142,10 @@ class SufficientStats:
     def clone(self) -> "SufficientStats":
         return SufficientStats(*(t.clone() for t in self.tensors()))
 
+    def scaled(self, factor: float) -> "SufficientStats":
+        """New stats of the same rows, each counting `factor` times (a weighted share in a merge)."""
+        return SufficientStats(*(t * factor for t in self.tensors()))
+
     def tensors(self) -> tuple[Tensor, ...]:
         """(n, sum_x, sum_y, xtx, xty, yty): the constructor's arguments, in order."""
         return (self.n, self.sum_x, self.sum_y, self.xtx, self.xty, self.yty)

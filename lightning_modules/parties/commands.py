@@ -117,6 +117,7 @@ def public_set_export(
     val_fraction: float = SPLIT.public_val_fraction,
     seed: int = SPLIT.public_seed,
     name: str | None = None,
+    anchors: str | None = None,
     extraction: ExtractionSettings = ExtractionSettings(),
     overwrite: bool = False,
     device: DeviceSettings = DeviceSettings(),
@@ -135,6 +136,8 @@ def public_set_export(
         val_fraction: share of rows held out to choose the client's ridge λ (the one split spec's public split).
         seed: split seed.
         name: the set's published name (default: the data's file name).
+        anchors: texts every client's fit gives a weight of its choosing (default 30%), outside the split: a
+            synthetic set from `xsilo public-set synthesize` (its .jsonl), or any file of texts you may publish.
         extraction: how MODEL's states are read (pooling, layer, max_length, dtype, batch_size).
         overwrite: replace an existing folder.
         device: where any extraction runs (--accelerator, --devices, --threads; --precision sets the dtype).
@@ -144,10 +147,11 @@ def public_set_export(
     quiet()
     extraction = replace(extraction, dtype=device.forward_dtype(extraction.dtype))
     path = export_public_states(model, data, out, limit=limit, val_fraction=val_fraction, seed=seed, name=name,
-                                extraction=extraction, device=device, overwrite=overwrite)
+                                anchors=anchors, extraction=extraction, device=device, overwrite=overwrite)
     manifest = json.loads((path / "manifest.json").read_text())
-    print(f"{manifest['rows']} rows ({manifest['parts']['train']} train, {manifest['parts']['val']} val) of "
-          f"{manifest['hidden_size']}-d states, fingerprint {manifest['fingerprint'][:16]}", file=sys.stderr)
+    anchored = f", {manifest['anchors']['rows']} anchors" if manifest.get("anchors") else ""
+    print(f"{manifest['rows']} rows ({manifest['parts']['train']} train, {manifest['parts']['val']} val{anchored}) "
+          f"of {manifest['hidden_size']}-d states, fingerprint {manifest['fingerprint'][:16]}", file=sys.stderr)
     print(path)
 
 
@@ -239,7 +243,9 @@ def align(
         private_limit: adapt on a seeded sample of this many private texts.
         extraction: how MODEL's states are read (pooling, layer, max_length, dtype; the text column of --private).
         fit: how the map is solved (estimator, λ path and its criterion, centring, standardisation).
-        adaptation: how --private adapts the map (weight of the private texts, rounds, EM iterations, shrinkage).
+        adaptation: how --private adapts the map (weight of the private texts, rounds, EM iterations, shrinkage),
+            and the share of the fit's weight the public set's anchors carry when it has them (anchor_weight; the
+            provider never learns it).
         api_key: the server's API key (default $XSILO_API_KEY).
         timeout: seconds per HTTP request.
         device: where the extraction runs (--accelerator, --devices, --threads for extraction, key generation

@@ -9,6 +9,11 @@ same rows would stream:
     xty_p = cross_p + sum_x_p mu_Bᵀ + a sum_y_pᵀ - n_p a mu_Bᵀ
 
 The val part's yty holds trace/d_B in every dim: `val_mse` and `val_r2` use only its sum.
+
+A public set with anchors (texts the provider gives weight in every fit, e.g. a synthetic set written from its
+class descriptions) adds a third part. The client merges it into the train statistics at the share of the weight
+it chooses (`AdaptationSettings.anchor_weight`, `fitting.adaptation.with_anchor_stats`); the provider never
+learns that share.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ if TYPE_CHECKING:
     from lightning_modules.settings import AdaptationSettings, DeviceSettings, ExtractionSettings
     from serve.fit_client import GramReply
 
-PART_NAMES = ("train", "val")
+PART_NAMES = ("train", "val", "anchor")  # a public set with anchors adds a third part
 PUBLIC_MAP = "public-map"  # with --private: the unadapted public-set map, inside the adapted map's folder
 
 
@@ -57,15 +62,17 @@ def _array(value: Any, shape: tuple[int, ...], what: str) -> np.ndarray:
 
 
 def part_stats(parts: Sequence[np.ndarray], reply: "GramReply") -> list[SufficientStats]:
-    """The raw `SufficientStats` of each part (train, then val) from the client's raw states and the reply."""
+    """The raw `SufficientStats` of each part (train, val, then the anchors if any) from the client's raw states
+    and the reply."""
     stats = reply.stats if isinstance(reply.stats, dict) else {}
     published = stats.get("parts")
     if not isinstance(published, list) or not 1 <= len(published) <= len(PART_NAMES):
-        raise PrivateFitError("the provider's stats must list 1 or 2 parts (train, val); the server is not an "
-                              "xsilo fit server or is too old")
+        raise PrivateFitError("the provider's stats must list 1 to 3 parts (train, val, anchors); the server is not "
+                              "an xsilo fit server or is too old")
     if len(parts) != len(published) or len(reply.cross) != len(published):
         raise PrivateFitError(f"the provider published {len(published)} parts but the client has {len(parts)} "
-                              f"and the reply {len(reply.cross)}; split the public set as it says (train, val)")
+                              f"and the reply {len(reply.cross)}; split the public set as it says (train, val) and "
+                              "add the anchor texts' states when it has anchors")
     rows = [np.asarray(p) for p in parts]
     if rows[0].ndim != 2 or rows[0].shape[1] < 1:
         raise PrivateFitError(f"the client's train states must be (rows, d_A), got shape {rows[0].shape}")
@@ -97,8 +104,8 @@ def part_stats(parts: Sequence[np.ndarray], reply: "GramReply") -> list[Sufficie
         if pub.get("yty_diag") is not None:
             yty = _array(pub["yty_diag"], (d_b,), f"the provider's {name} yty_diag")
         else:
-            if name == "train":
-                raise PrivateFitError("the provider's train part lacks yty_diag (standardisation needs it); the "
+            if name != "val":
+                raise PrivateFitError(f"the provider's {name} part lacks yty_diag (standardisation needs it); the "
                                       "server is not an xsilo fit server or is too old")
             trace = _array(pub.get("trace"), (), f"the provider's {name} trace")
             yty = np.full(d_b, float(trace) / d_b)
@@ -197,12 +204,14 @@ def align(server: str, model: str, out: str | Path, *, fit: FitSettings | None =
     from datamodules.extraction import ExtractionConfig, cache_hit, extract, resolve
     from datamodules.progress import StageTimes
     from datamodules.states import random_split
+    from lightning_modules.fitting.adaptation import with_anchor_stats
     from lightning_modules.parties import private_texts
     from lightning_modules.settings import AdaptationSettings, DeviceSettings, ExtractionSettings
     from serve.fit_client import PrivateFitClient
     from serve.http_client import Traffic
 
     fit, extraction, device = fit or FitSettings(), extraction or ExtractionSettings(), device or DeviceSettings()
+    adaptation = adaptation or AdaptationSettings()
     if private is not None:
         private_texts.check_request(head, fit)
     if fit.criterion == "head" and head is None:
@@ -223,28 +232,36 @@ def align(server: str, model: str, out: str | Path, *, fit: FitSettings | None =
                                                  timeout=timeout, traffic=traffic)
                     if private is not None and head is not None else None)
             texts = client.public_texts()  # count and fingerprint checked against the server's own
-            path = public_texts_file(texts, public["fingerprint"])
-        job = resolve(ExtractionConfig(model=model, data=str(path), pooling=extraction.pooling, layer=extraction.layer,
-                                       max_length=extraction.max_length, dtype=extraction.dtype,
-                                       batch_size=extraction.batch_size, label_column=None))
-        if job.key.dataset_fingerprint != public["fingerprint"] or len(job.texts) != public["rows"]:
-            raise PrivateFitError(f"the public texts read back from {path} do not match the server's fingerprint "
-                                  f"{public['fingerprint'][:16]}; delete the file and run `xsilo align` again")
-        with stage(f"extract {model} on the public set"):
-            if not cache_hit(job.directory):
-                extract(job.config, **device.extraction_kwargs())
-            states = StateCache(job.directory).rows(np.arange(public["rows"]))
+            anchor_texts = client.anchor_texts()  # [] when the set has no anchors
+
+        def extracted(texts: list[str], fingerprint: str, what: str) -> tuple[Any, np.ndarray]:
+            path = public_texts_file(texts, fingerprint)
+            job = resolve(ExtractionConfig(model=model, data=str(path), pooling=extraction.pooling,
+                                           layer=extraction.layer, max_length=extraction.max_length,
+                                           dtype=extraction.dtype, batch_size=extraction.batch_size,
+                                           label_column=None))
+            if job.key.dataset_fingerprint != fingerprint or len(job.texts) != len(texts):
+                raise PrivateFitError(f"the {what} read back from {path} do not match the server's fingerprint "
+                                      f"{fingerprint[:16]}; delete the file and run `xsilo align` again")
+            with stage(f"extract {model} on the {what}"):
+                if not cache_hit(job.directory):
+                    extract(job.config, **device.extraction_kwargs())
+                return job, StateCache(job.directory).rows(np.arange(len(texts)))
+
+        job, states = extracted(texts, public["fingerprint"], "public texts")
+        anchor_states = (extracted(anchor_texts, public["anchors"]["fingerprint"], "anchor texts")[1]
+                         if anchor_texts else None)
         if task is not None:
             with stage(f"extract {model} on the private texts"):
                 x_private = private_texts.private_states(private, job, extraction.text_column, private_limit, device,
                                                          task.classes)
         indices = random_split(public["rows"], float(public["val_fraction"]), int(public["seed"]))
         sizes = {name: len(idx) for name, idx in zip(PART_NAMES, indices)}
-        if sizes != {name: int(public["parts"][name]) for name in PART_NAMES}:
+        if sizes != {name: int(public["parts"][name]) for name in PART_NAMES[:2]}:
             raise PrivateFitError(f"splitting {public['rows']} rows at val_fraction {public['val_fraction']}, seed "
                                   f"{public['seed']} gives {sizes}, but the server's parts are {public['parts']}; "
                                   "use an xsilo of the server's version")
-        parts = [states[idx] for idx in indices]
+        parts = [states[idx] for idx in indices] + ([anchor_states] if anchor_states is not None else [])
         if head is not None:
             info = client.model_info()
             bound = min(parts[0].shape[1], int(public["hidden_size"]), len(parts[0])) + 2
@@ -253,6 +270,8 @@ def align(server: str, model: str, out: str | Path, *, fit: FitSettings | None =
         with stage("encrypted fit"):
             reply = client.fit(parts, public["fingerprint"], progress=progress)
     stats = part_stats(parts, reply)
+    if len(stats) > 2:  # the anchors join the train statistics at the share this client chooses
+        stats = [with_anchor_stats(stats[0], stats[2], adaptation.anchor_weight), stats[1]]
     surrogate = head_val = None
     probe_metrics: dict[str, Any] = {}
     if head is not None:
@@ -263,6 +282,8 @@ def align(server: str, model: str, out: str | Path, *, fit: FitSettings | None =
     with stage("solve"):
         result = fit_private(parts, reply, fit, source_spec=job.spec(), public_set=public, head=surrogate,
                              head_val=head_val, stats=stats)
+    anchors = None if anchor_states is None else {"rows": len(anchor_states), "weight": adaptation.anchor_weight}
+    result.metrics["anchors"] = anchors
     if head is not None:
         result.metrics["head"] = {"name": head, **probe_metrics, "val_rows": len(val_logits),  # val logits: charged
                                   "rows_charged": probe_metrics["rows_charged"] + len(val_logits)}
@@ -271,7 +292,9 @@ def align(server: str, model: str, out: str | Path, *, fit: FitSettings | None =
         val = stats[1] if len(stats) > 1 and stats[1].count else None
         with stage("adapt to the private texts"):
             amap, metrics = private_texts.adapted(result.map, result.metrics, stats[0], val, x_private, task, fit,
-                                                  adaptation or AdaptationSettings())
+                                                  adaptation)
+        if anchors is not None:  # merged into stats[0] above: adapt saw them as public rows
+            metrics["adaptation"].update(anchor_rows=anchors["rows"], anchor_weight=anchors["weight"])
         public_map, result = result, PrivateFit(amap, metrics, result.lambda_path)
     result.metrics["traffic"] = traffic.as_dict()  # everything this command sent and received, every query
     result.save_pretrained(out)

@@ -9,19 +9,22 @@
     states.safetensors  train (n_train, d) and val (n_val, d) float32; train_index, val_index int64 row indices
                         into texts.jsonl, from `serve.formats.splits.public_split(rows, val_fraction, seed)`
 
+With `anchors` (e.g. a synthetic set from `xsilo public-set synthesize`) the folder also holds anchors.jsonl and
+the states on it: the private fit's third part (`serve.formats.public_states`).
+
 The states never leave the provider; the texts, the fingerprint and the split do.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from serve.formats.folders import ExportError
 # The format (reader and writer, numpy only) lives in serve.formats: one declaration for both sides.
-from serve.formats.public_states import write_public_states
+from serve.formats.public_states import Anchors, write_public_states
 from serve.formats.splits import SPLIT
 
 if TYPE_CHECKING:
@@ -30,26 +33,34 @@ if TYPE_CHECKING:
 
 def export_public_states(model: str, data: str, out: str | Path, *, limit: int | None = None,
                          val_fraction: float = SPLIT.public_val_fraction, seed: int = SPLIT.public_seed,
-                         name: str | None = None,
+                         name: str | None = None, anchors: str | None = None,
                          extraction: "ExtractionSettings | None" = None, device: "DeviceSettings | None" = None,
                          overwrite: bool = False) -> Path:
-    """`xsilo public-set export`: the provider model's states on the public set (from the cache, extracted
-    when missing), written with `write_public_states`."""
+    """`xsilo public-set export`: the provider model's states on the public set, and on the `anchors` data when
+    given (from the cache, extracted when missing), written with `write_public_states`."""
     from datamodules.cache import StateCache
     from datamodules.extraction import ExtractionConfig, cache_hit, extract, resolve
     from lightning_modules.settings import DeviceSettings, ExtractionSettings
 
     extraction, device = extraction or ExtractionSettings(), device or DeviceSettings()
     device.apply_threads()
-    job = resolve(ExtractionConfig(model=model, data=data, limit=limit, pooling=extraction.pooling,
-                                   layer=extraction.layer, max_length=extraction.max_length, dtype=extraction.dtype,
-                                   batch_size=extraction.batch_size, label_column=None))
-    if not cache_hit(job.directory):
-        extract(job.config, **device.extraction_kwargs())
-    cache = StateCache(job.directory)
-    if cache.n_rows != len(job.texts):
-        raise ExportError(f"the cache {cache.path} holds {cache.n_rows} rows for {len(job.texts)} texts; re-extract "
-                          f"it (`xsilo extract --model {model} --data {data}`)")
-    states = cache.rows(np.arange(cache.n_rows))
+
+    def states_of(source: str, rows: int | None) -> tuple[Any, np.ndarray]:
+        job = resolve(ExtractionConfig(model=model, data=source, limit=rows, pooling=extraction.pooling,
+                                       layer=extraction.layer, max_length=extraction.max_length,
+                                       dtype=extraction.dtype, batch_size=extraction.batch_size, label_column=None))
+        if not cache_hit(job.directory):
+            extract(job.config, **device.extraction_kwargs())
+        cache = StateCache(job.directory)
+        if cache.n_rows != len(job.texts):
+            raise ExportError(f"the cache {cache.path} holds {cache.n_rows} rows for {len(job.texts)} texts; "
+                              f"re-extract it (`xsilo extract --model {model} --data {source}`)")
+        return job, cache.rows(np.arange(cache.n_rows))
+
+    job, states = states_of(data, limit)
+    anchor_set = None
+    if anchors is not None:
+        anchor_job, anchor_states = states_of(anchors, None)
+        anchor_set = Anchors(list(anchor_job.texts), anchor_states)
     return write_public_states(out, job.texts, states, model=job.spec(), val_fraction=val_fraction, seed=seed,
-                               name=name or Path(str(data)).stem, overwrite=overwrite)
+                               name=name or Path(str(data)).stem, overwrite=overwrite, anchors=anchor_set)

@@ -37,9 +37,11 @@ def _serve(m: dict) -> str:
 
 
 def _two_party(m: dict) -> str:
-    adapted, labels = m.get("adaptation"), m.get("label_only")
+    adapted, labels, anchored = m.get("adaptation"), m.get("label_only"), m.get("anchored")
     tail = (f"; label-only = plaintext on {labels['agree']}/{labels['queries']}, median {labels['median_total_ms']:.0f} ms"
             if labels else "")
+    if anchored:
+        tail += f"; with {(anchored['anchors'] or {}).get('rows')} anchors {anchored['accuracy_encrypted']:.3f}"
     if adapted and m.get("public_map_accuracy") is not None:  # the queried map is adapted to the private texts
         return (f"split {m['split_accuracy']:.3f} adapted to {adapted['private_rows']} private texts (public map "
                 f"{m['public_map_accuracy']:.3f}, lab {m['lab_mapped_accuracy']:.3f}, fused "

@@ -6,7 +6,8 @@ Reads RUN/bbc (the lab's `xsilo evaluate`: mapped accuracy and its map folder), 
 RUN/two-party.json (split mode, from `serve.demo_check`), RUN/two-party/client/aligner (the map the client
 queries with: adapted to its private texts by `xsilo align --private`) and RUN/two-party/client/aligner/public-map (the
 same private fit without --private: the public-set map, which must equal the lab's; a run without it compares the
-queried map).
+queried map), and when present RUN/two-party-anchors.json with RUN/two-party/client/aligner-anchored (the same
+align against the public set with anchors).
 Prints one table, writes RUN/two-party-summary.json, and exits 1 when either home holds the other party's model
 or states (a model folder, or a state cache of the other's model identity).
 """
@@ -57,6 +58,8 @@ def main(run: Path, provider_home: Path, client_home: Path) -> int:
     split = json.loads((run / "two-party.json").read_text())
     labels_file = run / "two-party-labels.json"
     labels = json.loads(labels_file.read_text()) if labels_file.is_file() else None
+    anchors_file = run / "two-party-anchors.json"
+    anchored = json.loads(anchors_file.read_text()) if anchors_file.is_file() else None
     private_dir, public_dir = run / "two-party" / "client" / "aligner", run / "two-party" / "client" / "aligner" / "public-map"
     lab_map, private_map = LinearExport.from_pretrained(run / "bbc" / "map"), LinearExport.from_pretrained(private_dir)
     public_map = LinearExport.from_pretrained(public_dir) if public_dir.is_dir() else private_map
@@ -82,6 +85,11 @@ def main(run: Path, provider_home: Path, client_home: Path) -> int:
             k: labels.get(k) for k in ("queries", "agree", "rows_within_margin", "label_margin", "accuracy_encrypted",
                                        "accuracy_plaintext", "median_total_ms", "median_server_ms", "bytes_sent",
                                        "bytes_received")},
+        "anchored": None if anchored is None else {
+            "accuracy_encrypted": anchored["accuracy_encrypted"], "queries": anchored["queries"],
+            "agree": anchored["agree"], "accuracy_public_map": anchored.get("accuracy_public_map"),
+            "anchors": LinearExport.from_pretrained(run / "two-party" / "client" / "aligner-anchored").manifest.get(
+                "metrics", {}).get("private_fit", {}).get("anchors")},
     }
     homes, problems = isolation(provider_home, client_home)
     figures["homes"], figures["home_problems"] = homes, problems
@@ -102,6 +110,12 @@ def main(run: Path, provider_home: Path, client_home: Path) -> int:
     if figures["public_map_accuracy"] is not None:
         print(f"{'  the public-set map alone (no --private)':44s} {figures['public_map_accuracy']:8.3f}  "
               f"first {figures['split_queries']} (plaintext)")
+    anchored = figures["anchored"]
+    if anchored is not None:
+        rows = (anchored["anchors"] or {}).get("rows")
+        print(f"{f'two parties, the public set with {rows} anchors':44s} {anchored['accuracy_encrypted']:8.3f}  "
+              f"first {anchored['queries']} (encrypted = plaintext on {anchored['agree']}; its public-set map alone "
+              f"{anchored['accuracy_public_map']:.3f})")
     pf = figures["private_fit"]
     print(f"private public-set map vs the lab's: weight rel. error {figures['map_weight_rel_error_vs_lab']:.1e}, bias "
           f"{figures['map_bias_rel_error_vs_lab']:.1e}; λ {figures['lambda_private']} (lab {figures['lambda_lab']}); "

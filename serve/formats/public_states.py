@@ -10,6 +10,16 @@ private fit (`load_public_states`):
     states.safetensors  train (n_train, d), val (n_val, d) float32; train_index, val_index int64 row indices
                         into texts.jsonl, from `splits.public_split(rows, val_fraction, seed)`
 
+A set may also carry anchors: texts outside the split that the provider chose to give weight in every client's
+fit, such as a synthetic set written from its class descriptions (`xsilo public-set synthesize`). They add
+
+    manifest.json       "anchors": {"rows", "fingerprint"}
+    anchors.jsonl       {"text": ...} per anchor row
+    states.safetensors  anchor (n_anchor, d) float32
+
+and a third part to the private fit, whose weight each client chooses for itself. A folder without anchors is
+written byte for byte as before.
+
 The states never leave the provider; the texts, the fingerprint and the split do. Every file's sha256, the texts'
 fingerprint, the states' shapes, dtypes and values, and the split (the one `splits.public_split` draws, which the
 client repeats) are checked; each problem is an `ExportError` whose one line names the file and the fix.
@@ -34,6 +44,8 @@ PUBLIC_FORMAT = "xsilo-public-states"
 PUBLIC_VERSION = 1
 PUBLIC_MANIFEST = "manifest.json"
 TEXTS_FILE = "texts.jsonl"
+ANCHORS_FILE = "anchors.jsonl"
+ANCHOR = "anchor"  # the anchor part's tensor
 STATES_FILE = "states.safetensors"
 PART_NAMES = ("train", "val")
 REWRITE = "re-run `xsilo public-set export`"
@@ -53,23 +65,44 @@ class PublicStatesConfig:
     model: dict[str, Any]  # the provider's published extraction spec
     hidden_size: int
     created: str | None = None
+    anchors: dict[str, Any] | None = None  # {"rows", "fingerprint"} of anchors.jsonl; None: no anchors
 
     format_version: ClassVar[int] = PUBLIC_VERSION
 
     def to_dict(self) -> dict[str, Any]:
-        """The manifest's keys in the order the writer lays them out (without 'files')."""
-        return {"format": PUBLIC_FORMAT, "version": self.format_version, "created": self.created,
-                "name": str(self.name), "rows": int(self.rows), "fingerprint": self.fingerprint,
-                "val_fraction": float(self.val_fraction), "seed": int(self.seed),
-                "parts": {p: int(self.parts[p]) for p in PART_NAMES}, "model": self.model,
-                "hidden_size": int(self.hidden_size)}
+        """The manifest's keys in the order the writer lays them out (without 'files'; 'anchors' only when set)."""
+        doc = {"format": PUBLIC_FORMAT, "version": self.format_version, "created": self.created,
+               "name": str(self.name), "rows": int(self.rows), "fingerprint": self.fingerprint,
+               "val_fraction": float(self.val_fraction), "seed": int(self.seed),
+               "parts": {p: int(self.parts[p]) for p in PART_NAMES}, "model": self.model,
+               "hidden_size": int(self.hidden_size)}
+        if self.anchors is not None:
+            doc["anchors"] = {"rows": int(self.anchors["rows"]), "fingerprint": str(self.anchors["fingerprint"])}
+        return doc
 
     @classmethod
     def from_dict(cls, manifest: dict[str, Any]) -> "PublicStatesConfig":
         """From a checked manifest (`check_public_manifest`)."""
         return cls(str(manifest["name"]), int(manifest["rows"]), str(manifest["fingerprint"]),
                    float(manifest["val_fraction"]), int(manifest["seed"]), dict(manifest["parts"]),
-                   dict(manifest["model"]), int(manifest["hidden_size"]), manifest.get("created"))
+                   dict(manifest["model"]), int(manifest["hidden_size"]), manifest.get("created"),
+                   manifest.get("anchors"))
+
+
+@dataclass(frozen=True)
+class Anchors:
+    """A public set's anchor rows: their texts and the provider's states on them (outside the train/val split)."""
+
+    texts: list[str]
+    states: np.ndarray  # (rows, d) float32
+
+    @property
+    def rows(self) -> int:
+        return len(self.texts)
+
+    @property
+    def fingerprint(self) -> str:
+        return texts_fingerprint(self.texts)
 
 
 @dataclass(frozen=True)
@@ -81,6 +114,7 @@ class PublicStates:
     texts: list[str]
     parts: tuple[np.ndarray, ...]  # (train, val) float32 states, rows in index order
     indices: tuple[np.ndarray, ...]  # (train_index, val_index) int64 rows of `texts`
+    anchors: Anchors | None = None
 
     @property
     def name(self) -> str:
@@ -106,12 +140,20 @@ class PublicStates:
     def part_rows(self) -> tuple[int, ...]:
         return tuple(len(p) for p in self.parts)
 
+    @property
+    def fit_parts(self) -> tuple[np.ndarray, ...]:
+        """The parts of a private fit: train, val, then the anchors when the set has them."""
+        return self.parts + ((self.anchors.states,) if self.anchors is not None else ())
+
     def info(self) -> dict[str, Any]:
         """What GET /v1/model publishes about the public set (never the states)."""
         m = self.manifest
+        anchors = None if self.anchors is None else {"rows": self.anchors.rows,
+                                                     "fingerprint": self.anchors.fingerprint}
         return {"name": self.name, "rows": self.rows, "fingerprint": self.fingerprint,
                 "val_fraction": float(m["val_fraction"]), "seed": int(m["seed"]), "parts": dict(m["parts"]),
-                "model": {key: m["model"].get(key) for key in SPEC_KEYS}, "hidden_size": self.hidden_size}
+                "model": {key: m["model"].get(key) for key in SPEC_KEYS}, "hidden_size": self.hidden_size,
+                "anchors": anchors}
 
 
 # --- reading ------------------------------------------------------------------------------------------------
@@ -144,7 +186,12 @@ def check_public_manifest(doc: Any, path: Path | str) -> dict[str, Any]:
     model = doc.get("model")
     if not isinstance(model, dict) or model.get("hidden_size") not in (None, doc["hidden_size"]):
         raise bad("'model'", "must be the provider's extraction spec, with the manifest's hidden_size")
-    for name in (TEXTS_FILE, STATES_FILE):
+    anchors = doc.get("anchors")
+    if anchors is not None and not (isinstance(anchors, dict) and set(anchors) == {"rows", "fingerprint"}
+                                    and is_int(anchors["rows"], 1) and isinstance(anchors["fingerprint"], str)
+                                    and len(anchors["fingerprint"]) == 64):
+        raise bad("'anchors'", "must be absent or {\"rows\": count >= 1, \"fingerprint\": 64 hex digits}")
+    for name in (TEXTS_FILE, STATES_FILE) + ((ANCHORS_FILE,) if anchors is not None else ()):
         if name not in doc["files"]:
             raise bad("'files'", f"does not list {name}")
     return doc
@@ -167,8 +214,10 @@ def read_texts(path: Path, rows: int) -> list[str]:
     return texts
 
 
-def read_states(path: Path, manifest: dict[str, Any]) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
-    """(train, val) float32 states and their int64 indices, shapes, dtypes, values and split checked."""
+def read_states(path: Path, manifest: dict[str, Any]
+                ) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...], np.ndarray | None]:
+    """(train, val) float32 states, their int64 indices and the anchors' states (None without anchors): shapes,
+    dtypes, values and split checked."""
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
@@ -176,7 +225,8 @@ def read_states(path: Path, manifest: dict[str, Any]) -> tuple[tuple[np.ndarray,
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise ExportError(f"{path} is unreadable ({str(e)[:200]}); {REWRITE}") from None
-    expected = {*PART_NAMES, *(f"{p}_index" for p in PART_NAMES)}
+    anchors = manifest.get("anchors")
+    expected = {*PART_NAMES, *(f"{p}_index" for p in PART_NAMES), *((ANCHOR,) if anchors is not None else ())}
     if set(tensors) != expected:
         raise ExportError(f"{path} must hold exactly {sorted(expected)}, got {sorted(tensors)[:8]}; {REWRITE}")
     d, rows = manifest["hidden_size"], manifest["rows"]
@@ -194,11 +244,17 @@ def read_states(path: Path, manifest: dict[str, Any]) -> tuple[tuple[np.ndarray,
             raise ExportError(f"{path}: {name!r} holds NaN or inf; re-extract the states and {REWRITE}")
         parts.append(states)
         indices.append(index)
+    anchor = None
+    if anchors is not None:
+        anchor = tensors[ANCHOR]
+        if anchor.shape != (anchors["rows"], d) or anchor.dtype != np.float32 or not np.isfinite(anchor).all():
+            raise ExportError(f"{path}: {ANCHOR!r} must be float32 ({anchors['rows']}, {d}) finite states, got "
+                              f"{anchor.dtype} {anchor.shape}; {REWRITE}")
     expected_split = public_split(rows, float(manifest["val_fraction"]), int(manifest["seed"]))
     if not all(np.array_equal(a, b) for a, b in zip(indices, expected_split)):
         raise ExportError(f"{path}: the train/val indices are not the split of {rows} rows at val_fraction "
                           f"{manifest['val_fraction']}, seed {manifest['seed']} that clients repeat; {REWRITE}")
-    return tuple(parts), tuple(indices)
+    return tuple(parts), tuple(indices), anchor
 
 
 def load_public_states(directory: str | Path) -> PublicStates:
@@ -213,8 +269,15 @@ def load_public_states(directory: str | Path) -> PublicStates:
     if texts_fingerprint(texts) != manifest["fingerprint"]:
         raise ExportError(f"{directory / TEXTS_FILE}: the texts' fingerprint is not the manifest's "
                           f"{manifest['fingerprint'][:16]}; {REWRITE}")
-    parts, indices = read_states(verify_file(directory, manifest, STATES_FILE, fix=REWRITE), manifest)
-    return PublicStates(directory, manifest, texts, parts, indices)
+    parts, indices, anchor_states = read_states(verify_file(directory, manifest, STATES_FILE, fix=REWRITE), manifest)
+    anchors = None
+    if manifest.get("anchors") is not None:
+        rows = manifest["anchors"]["rows"]
+        anchors = Anchors(read_texts(verify_file(directory, manifest, ANCHORS_FILE, fix=REWRITE), rows),
+                          anchor_states)
+        if anchors.fingerprint != manifest["anchors"]["fingerprint"]:
+            raise ExportError(f"{directory / ANCHORS_FILE}: the anchors' fingerprint is not the manifest's; {REWRITE}")
+    return PublicStates(directory, manifest, texts, parts, indices, anchors)
 
 
 # --- writing ------------------------------------------------------------------------------------------------
@@ -229,8 +292,10 @@ def write_public_states(
     seed: int,
     name: str,
     overwrite: bool = False,
+    anchors: Anchors | None = None,
 ) -> Path:
-    """Write a public-states folder atomically (temp folder, then rename); returns `out`."""
+    """Write a public-states folder atomically (temp folder, then rename); returns `out`. `anchors`: texts outside
+    the split and the provider's states on them (module docstring)."""
     from safetensors.numpy import save_file
 
     out = Path(out)
@@ -252,15 +317,32 @@ def write_public_states(
                           "val rows; use more public rows (at least 2 train and 1 val)")
     spec = published_spec(model, d, "model")
     rows = np.asarray(states, dtype=np.float32)
+    tensors = {"train": np.ascontiguousarray(rows[train_idx]), "val": np.ascontiguousarray(rows[val_idx]),
+               "train_index": train_idx.astype(np.int64), "val_index": val_idx.astype(np.int64)}
+    if anchors is not None:
+        anchor = np.asarray(anchors.states)
+        if not (isinstance(anchors.texts, list) and anchors.texts and all(isinstance(t, str) for t in anchors.texts)):
+            raise ExportError("anchors must hold at least one text, as a list of strings")
+        if anchor.shape != (anchors.rows, d) or not np.isfinite(anchor).all():
+            raise ExportError(f"the anchors' states must be ({anchors.rows}, {d}) finite values, one row per anchor "
+                              f"text in the public states' dimension, got {anchor.shape}")
+        tensors[ANCHOR] = np.ascontiguousarray(anchor, dtype=np.float32)
     with staged_folder(out, overwrite) as tmp:
-        with open(tmp / TEXTS_FILE, "w", encoding="utf-8") as f:
-            for text in texts:
-                f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-        save_file({"train": np.ascontiguousarray(rows[train_idx]), "val": np.ascontiguousarray(rows[val_idx]),
-                   "train_index": train_idx.astype(np.int64), "val_index": val_idx.astype(np.int64)},
-                  str(tmp / STATES_FILE))
+        write_texts(tmp / TEXTS_FILE, texts)
+        if anchors is not None:
+            write_texts(tmp / ANCHORS_FILE, anchors.texts)
+        save_file(tensors, str(tmp / STATES_FILE))
         config = PublicStatesConfig(name, n, texts_fingerprint(texts), val_fraction, seed,
-                                    {"train": len(train_idx), "val": len(val_idx)}, spec, d, now())
+                                    {"train": len(train_idx), "val": len(val_idx)}, spec, d, now(),
+                                    None if anchors is None else {"rows": anchors.rows,
+                                                                  "fingerprint": anchors.fingerprint})
         manifest = {**config.to_dict(), "files": file_records(tmp)}
         (tmp / PUBLIC_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return out
+
+
+def write_texts(path: Path, texts: list[str]) -> None:
+    """One {"text": ...} JSON line per text (inside a staged folder: the folder's rename makes it atomic)."""
+    with open(path, "w", encoding="utf-8") as f:
+        for text in texts:
+            f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")

@@ -156,12 +156,16 @@ def small_texts(n: int, seed: int = 0) -> list[str]:
 
 
 def write_small_public_states(out: Path, n: int = 40, d: int = 12, seed: int = 0, val_fraction: float = 0.25,
-                              states: np.ndarray | None = None) -> Path:
-    """A provider's public-states folder: n texts and random d-dim states (the training engineer's writer)."""
-    from serve.formats.public_states import write_public_states
+                              states: np.ndarray | None = None, anchors: int = 0) -> Path:
+    """A provider's public-states folder: n texts and random d-dim states (the training engineer's writer), and
+    `anchors` anchor texts with their states when > 0."""
+    from serve.formats.public_states import Anchors, write_public_states
 
     rng = np.random.default_rng(seed)
     states = rng.normal(0, 2, (n, d)) + rng.normal(0, 1, d) if states is None else np.asarray(states)
     n, d = states.shape
+    anchor_set = (Anchors([f"anchor {i} " + t for i, t in enumerate(small_texts(anchors, seed + 1))],
+                          (rng.normal(0, 2, (anchors, d)) + rng.normal(0, 1, d)).astype(np.float32))
+                  if anchors else None)
     return write_public_states(out, small_texts(n, seed), states, model=dict(PROVIDER_SPEC, hidden_size=d),
-                               val_fraction=val_fraction, seed=seed, name="small-public")
+                               val_fraction=val_fraction, seed=seed, name="small-public", anchors=anchor_set)

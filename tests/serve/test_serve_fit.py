@@ -19,6 +19,7 @@ import serve.fit_service as fit_service
 from encrypted import FitKeys, GramPlan, encrypt_chunk, gram_wire, plan_gram, wire
 from encrypted.rlwe import NOISE_ETA, RING_DEGREE, SEED_BYTES, mask
 from serve.fit_client import PrivateFitClient
+from serve.http_client import ServeError
 from serve.observability import session_tag
 from serve.formats.folders import ExportError
 from serve.fit_stats import range_scale
@@ -207,6 +208,29 @@ def test_without_a_public_set_the_fit_routes_say_so(tmp_path):
         for response in (http.get("/v1/fit/plan", params={"source_dim": 4}), http.get("/v1/public-set/texts"),
                          http.post("/v1/fit/sessions", params={"source_dim": 4, "fingerprint": "x"}, content=b"k")):
             assert response.status_code == 404 and json_error(response.content)["code"] == "no_public_set"
+
+
+def test_anchors_are_the_fits_third_part_and_their_texts_are_paged(tmp_path, public_dir):
+    """A set with anchors publishes them in /v1/model, pages their texts, and plans a third part; a set without
+    answers their route with 404 `no_anchors`, and its fits keep two parts."""
+    folder = write_small_public_states(tmp_path / "public", n=40, d=D_B, anchors=7)
+    anchors = load_public_states(folder).anchors
+    with ServerThread(create_app(public=folder, max_public_texts=3), max_lifetime_s=60) as srv, \
+            httpx.Client(base_url=srv.url, timeout=30) as http, PrivateFitClient(srv.url) as client:
+        assert http.get("/v1/model").json()["public_set"]["anchors"] == {"rows": 7,
+                                                                          "fingerprint": anchors.fingerprint}
+        first = http.get("/v1/public-set/anchors").json()
+        assert first == {"texts": anchors.texts[:3], "offset": 0, "next": 3}
+        assert http.get("/v1/public-set/anchors", params={"offset": 8}).status_code == 400
+        assert client.anchor_texts() == anchors.texts and client.fit_part_rows()[2:] == [7]
+        assert http.get("/v1/fit/plan", params={"source_dim": 4}).json()["part_rows"][2] == 7
+        with pytest.raises(ServeError, match="anchors"):  # two parts for a three-part fit: refused before any work
+            client.fit([np.zeros((30, 4)), np.zeros((10, 4))], load_public_states(folder).fingerprint)
+    with ServerThread(create_app(public=public_dir), max_lifetime_s=60) as srv, \
+            httpx.Client(base_url=srv.url, timeout=30) as http, PrivateFitClient(srv.url) as client:
+        missing = http.get("/v1/public-set/anchors")
+        assert missing.status_code == 404 and json_error(missing.content)["code"] == "no_anchors"
+        assert client.anchor_texts() == [] and len(client.fit_part_rows()) == 2
 
 
 def served_plan(http: httpx.Client) -> tuple[GramPlan, FitKeys]:
@@ -503,9 +527,13 @@ def manifest_edit(key: str, value):
     ("format", "is not an xsilo 'xsilo-public-states' file"),
     ("seed", "not the split of 40 rows"),
     ("states", "is unreadable"),
+    ("anchors_changed", "anchors' fingerprint is not the manifest's"),
+    ("anchors_missing_row", "holds 4 texts but the manifest says rows=5"),
+    ("anchors_entry", "'anchors' must be absent or"),
+    ("anchors_dropped", "must hold exactly"),
 ])
 def test_a_broken_public_states_folder_is_refused_in_one_line(tmp_path, case, match):
-    folder = write_small_public_states(tmp_path / "public", n=40, d=D_B)
+    folder = write_small_public_states(tmp_path / "public", n=40, d=D_B, anchors=5)
     if case == "stale_texts":
         (folder / "texts.jsonl").write_text("{\"text\": \"x\"}\n" * 40)
     elif case == "texts_changed":
@@ -516,6 +544,17 @@ def test_a_broken_public_states_folder_is_refused_in_one_line(tmp_path, case, ma
         edit(folder, "texts.jsonl", lambda data: b"not json\n" + data.split(b"\n", 1)[1])
     elif case == "states":
         edit(folder, "states.safetensors", lambda data: data[:50])
+    elif case == "anchors_changed":
+        edit(folder, "anchors.jsonl", lambda data: data.replace(b"anchor", b"Anchor", 1))
+    elif case == "anchors_missing_row":
+        edit(folder, "anchors.jsonl", lambda data: b"".join(data.splitlines(keepends=True)[:-1]))
+    elif case == "anchors_entry":
+        edit(folder, "manifest.json", manifest_edit("anchors", {"rows": 0, "fingerprint": "f" * 64}))
+    elif case == "anchors_dropped":  # the manifest forgets its anchors, the states still hold them
+        path = folder / "manifest.json"
+        doc = json.loads(path.read_text())
+        doc.pop("anchors")
+        path.write_text(json.dumps(doc))
     else:
         value = {"rows": 41, "parts": {"val": 10, "train": 30}, "format": "xsilo-export", "seed": 3}[case]
         path = folder / "manifest.json"

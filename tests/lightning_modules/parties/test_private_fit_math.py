@@ -137,7 +137,7 @@ def bad_cases():
                                                                           stats["parts"][1]]}), "lacks yty_diag"
     yield "sum_y length", xs, replace(good, stats={**stats, "parts": [stats["parts"][0], {**stats["parts"][1],
                                                                        "sum_y": [1.0]}]}), "val sum_y has shape"
-    yield "no parts", xs, replace(good, stats={"mu_B": stats["mu_B"]}), "must list 1 or 2 parts"
+    yield "no parts", xs, replace(good, stats={"mu_B": stats["mu_B"]}), "must list 1 to 3 parts"
     yield "val dims", [xs[0], xs[1][:, :3]], good, "val states must be (rows, 12)"
 
 

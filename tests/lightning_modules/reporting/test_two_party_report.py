@@ -55,3 +55,24 @@ def test_a_run_without_private_texts_reports_as_before(tmp_path):
     figures = json.loads((run / "two-party-summary.json").read_text())
     assert figures["map_weight_rel_error_vs_lab"] < 1e-6 and figures["adaptation"] is None
     assert figures["public_map_accuracy"] is None
+
+
+def test_the_anchored_align_gets_its_own_line(tmp_path, capsys):
+    """With RUN/two-party-anchors.json (the align against the public set with anchors), the report prints its
+    accuracy and the anchors the map records; the public-set map held against the lab's stays the unanchored one."""
+    run = tmp_path / "run"
+    write_run(run, adapted=True)
+    anchored = run / "two-party" / "client" / "aligner-anchored"
+    other = LinearExport.from_pretrained(write_small_map(anchored, 6, 4, seed=3), "map")
+    config = json.loads((anchored / "config.json").read_text())
+    config["metrics"] = {"private_fit": {"anchors": {"rows": 48, "weight": 0.3}}}
+    write_map_folder(anchored, other.weight, other.bias, config)
+    atomic_write_json(run / "two-party-anchors.json", {"accuracy_encrypted": 0.95, "queries": 20, "agree": 20,
+                                                       "accuracy_public_map": 0.7})
+    (tmp_path / "p").mkdir(), (tmp_path / "c").mkdir()
+    assert main(run, tmp_path / "p", tmp_path / "c") == 0
+    figures = json.loads((run / "two-party-summary.json").read_text())
+    assert figures["anchored"] == {"accuracy_encrypted": 0.95, "queries": 20, "agree": 20,
+                                   "accuracy_public_map": 0.7, "anchors": {"rows": 48, "weight": 0.3}}
+    assert figures["map_weight_rel_error_vs_lab"] < 1e-6  # still the unanchored public map against the lab's
+    assert "the public set with 48 anchors" in capsys.readouterr().out
