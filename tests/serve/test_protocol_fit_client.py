@@ -5,7 +5,7 @@ table of section 9) with nothing but numpy, hashlib and httpx: everything below 
 packing, the SHAKE-128 expansion, the key p_B, the negacyclic products, the encryption of the rows, the
 decryption and centring of the results) is written here from the document, not imported. From the repo it
 uses only `create_app` and `ServerThread` (a real server in a thread) and `write_public_states` /
-`load_public_states` (to make the public set and to know the provider's states, for the check only).
+`load_public_states` / `Anchors` (to make the public set and to know the provider's states, for the check only).
 
 The decrypted G_p of every part must equal Ẑ_Aᵀ Ẑ_B of that part (each side normalised by its own train
 mean and std) within the precision section 6 states. Where the document left a choice open, the reading that
@@ -24,7 +24,7 @@ import httpx
 import numpy as np
 import pytest
 
-from serve.formats.public_states import load_public_states, write_public_states
+from serve.formats.public_states import Anchors, load_public_states, write_public_states
 from serve.harness import ServerThread
 from serve.server import create_app
 
@@ -411,3 +411,70 @@ def test_bit_packing_and_expansion_as_the_document_reads():
     full = np.convolve(a.astype(object), s.astype(object))
     want = [(full[t] - (full[t + 2048] if t + 2048 < full.size else 0)) % 2 ** 40 for t in (0, 1, 777, 2047)]
     assert times_ternary(a, s, np.array([0, 1, 777, 2047]), 40)[0].tolist() == want
+
+
+def send_part(http: httpx.Client, sid: str, client: FitClient, plan: dict, p: int, z_hat: np.ndarray
+              ) -> tuple[np.ndarray, int]:
+    """Section 6 for one part: scale down as the rule says, send its chunks in order, decrypt every group;
+    (G_p in units of Ẑ, the client's scale-down power)."""
+    bound = 2.0 ** (math.ceil(math.log2(plan["part_rows"][p])) + (2 if p == 0 else 3) - 2)
+    scale = 0
+    while float((z_hat ** 2).sum(axis=0).max()) / 4.0 ** scale > bound:
+        scale += 1
+    messages = np.rint(2.0 ** plan["value_bits"] * z_hat / 2.0 ** scale).astype(np.int64)
+    for c in range(plan["chunks"][p]):
+        rows = messages[c * plan["chunk_rows"]:(c + 1) * plan["chunk_rows"]]
+        sent = http.post(f"/v1/fit/sessions/{sid}/parts/{p}/chunks/{c}", content=client.chunk_container(p, c, rows),
+                         headers={"Content-Type": "application/octet-stream"})
+        assert sent.status_code == 200, sent.text
+    gram = np.full((z_hat.shape[1], plan["target_dim"]), np.nan)
+    for g in range(plan["groups"]):
+        response = http.get(f"/v1/fit/sessions/{sid}/parts/{p}/result/{g}")
+        assert response.status_code == 200, response.text
+        columns, block = client.decrypt(p, g, response.content)
+        gram[:, columns] = block * 2.0 ** scale
+    return gram, scale
+
+
+def test_a_fit_with_anchors_from_the_document_alone(tmp_path):
+    """Section 6, **Anchors**: the anchor texts are paged like the public texts and fingerprinted the same way,
+    they are part 2 of the plan, normalised by the train part's mean and std like every part, and their stats
+    carry yty_diag."""
+    rng = np.random.default_rng(7)
+    rows, anchors = 300, 40
+    z_b = rng.standard_normal((rows + anchors, D_B)).astype(np.float32) * 2.0 + 1.0
+    z_a = z_b.astype(np.float64) @ (rng.standard_normal((D_B, D_A)) / math.sqrt(D_B)) - 2.0
+    folder = write_public_states(tmp_path / "pub", [f"public text {i}" for i in range(rows)], z_b[:rows],
+                                 model={"model": "t", "hidden_size": D_B}, val_fraction=0.2, seed=0, name="t",
+                                 anchors=Anchors([f"written text {i}" for i in range(anchors)], z_b[rows:]))
+    public = load_public_states(folder)
+    with ServerThread(create_app(public=folder, store="memory://", max_public_texts=16)) as server, \
+            httpx.Client(base_url=server.url, timeout=60.0) as http:
+        info = http.get("/v1/model").json()["public_set"]["anchors"]
+        texts, offset = [], 0
+        while offset is not None:
+            page = http.get("/v1/public-set/anchors", params={"offset": offset}).json()
+            texts, offset = texts + page["texts"], page["next"]
+        assert len(texts) == info["rows"] == anchors
+        assert hashlib.sha256(b"".join(t.encode() + b"\x00" for t in texts)).hexdigest() == info["fingerprint"]
+        plan = http.get("/v1/fit/plan", params={"source_dim": D_A}).json()
+        check_plan(plan, rows + anchors)
+        val = np.asarray(http.get("/v1/public-set/split").json()["val"], dtype=np.int64)
+        indices = [np.setdiff1d(np.arange(rows), val), val]
+        assert plan["part_rows"] == [len(indices[0]), len(indices[1]), anchors]
+        z_hat_a, _, _ = normalise_by_train([z_a[i] for i in indices] + [z_a[rows:]])
+        client = FitClient(plan, rng)
+        opened = http.post("/v1/fit/sessions", params={"source_dim": D_A, "fingerprint": public.fingerprint},
+                           content=client.key_container(), headers={"Content-Type": "application/octet-stream"})
+        assert opened.status_code == 201, opened.text
+        sid, stats = opened.json()["session_id"], opened.json()["stats"]
+        anchor_y = z_b[rows:].astype(np.float64)
+        np.testing.assert_allclose(stats["parts"][2]["yty_diag"], (anchor_y ** 2).sum(axis=0), rtol=1e-5)
+        np.testing.assert_allclose(stats["parts"][2]["sum_y"], anchor_y.sum(axis=0), rtol=1e-5, atol=1e-4)
+        z_hat_b, _, _ = normalise_by_train(list(public.fit_parts))
+        for p in range(3):
+            gram, scale = send_part(http, sid, client, plan, p, z_hat_a[p])
+            expected = z_hat_a[p].T @ z_hat_b[p]
+            sigma = (3.2 * math.sqrt(plan["part_rows"][p]) * 2.0 ** -plan["value_bits"]
+                     + 2.0 ** -plan["output_bits"]) * 2.0 ** (plan["target_shifts"][p] + scale)
+            assert np.abs(gram - expected).max() < 6 * sigma, (p, np.abs(gram - expected).max(), sigma)
