@@ -45,22 +45,23 @@ def export_public_states(model: str, data: str, out: str | Path, *, limit: int |
     extraction, device = extraction or ExtractionSettings(), device or DeviceSettings()
     device.apply_threads()
 
-    def states_of(source: str, rows: int | None) -> tuple[Any, np.ndarray]:
-        job = resolve(ExtractionConfig(model=model, data=source, limit=rows, pooling=extraction.pooling,
-                                       layer=extraction.layer, max_length=extraction.max_length,
-                                       dtype=extraction.dtype, batch_size=extraction.batch_size, label_column=None))
+    def job_of(source: str, rows: int | None) -> Any:
+        return resolve(ExtractionConfig(model=model, data=source, limit=rows, pooling=extraction.pooling,
+                                        layer=extraction.layer, max_length=extraction.max_length,
+                                        dtype=extraction.dtype, batch_size=extraction.batch_size, label_column=None))
+
+    def states_of(job: Any) -> np.ndarray:
         if not cache_hit(job.directory):
             extract(job.config, **device.extraction_kwargs())
         cache = StateCache(job.directory)
         if cache.n_rows != len(job.texts):
             raise ExportError(f"the cache {cache.path} holds {cache.n_rows} rows for {len(job.texts)} texts; "
-                              f"re-extract it (`xsilo extract --model {model} --data {source}`)")
-        return job, cache.rows(np.arange(cache.n_rows))
+                              f"re-extract it (`xsilo extract --model {model} --data {job.config.data}`)")
+        return cache.rows(np.arange(cache.n_rows))
 
-    job, states = states_of(data, limit)
-    anchor_set = None
-    if anchors is not None:
-        anchor_job, anchor_states = states_of(anchors, None)
-        anchor_set = Anchors(list(anchor_job.texts), anchor_states)
+    # both sources are read and checked before either is extracted: a bad --anchors costs no extraction
+    job, anchor_job = job_of(data, limit), (job_of(anchors, None) if anchors is not None else None)
+    states = states_of(job)
+    anchor_set = None if anchor_job is None else Anchors(list(anchor_job.texts), states_of(anchor_job))
     return write_public_states(out, job.texts, states, model=job.spec(), val_fraction=val_fraction, seed=seed,
                                name=name or Path(str(data)).stem, overwrite=overwrite, anchors=anchor_set)

@@ -68,7 +68,8 @@ def regime_title(regime: str) -> str:
                 "with the target's states of them)")
     if regime == SYNTHETIC_REGIME:
         return ("two-party with synthetic anchors (texts an LM wrote from the provider's class descriptions, extracted "
-                "by both models; nothing of the client's crosses)")
+                "by both models; nothing of the client's crosses): what `xsilo align` fits against a public set "
+                "exported with them as --anchors")
     return REGIME_TITLES[regime]
 # (header, JSON pointer below a row's native / mapped entry, interval pointer or None)
 # "native source": the source's own head; a map followed by the target's linear head is a linear head on source

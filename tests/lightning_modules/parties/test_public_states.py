@@ -98,3 +98,18 @@ def test_public_set_export_writes_the_models_cached_states(tiny_models, tmp_path
     np.testing.assert_array_equal(public.parts[1], cached[val_idx])
     assert public.fingerprint == job.key.dataset_fingerprint and public.name == "public"
     assert public.manifest["model"]["model_identity"] == job.key.model_identity
+
+
+def test_a_missing_anchors_file_is_refused_before_any_extraction(tiny_models, tmp_path, capsys):
+    from tests.tiny import write_tiny_csv
+    from datamodules.extraction import ExtractionConfig, resolve
+    from lightning_modules.cli import main
+
+    data = write_tiny_csv(tmp_path / "public.csv", n=50, seed=2)
+    with pytest.raises(SystemExit) as stop:
+        main(["public-set", "export", "--model", str(tiny_models["llama"]), "--data", str(data), "--anchors",
+              str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "pub"), "--accelerator", "cpu"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "missing.jsonl" in err and "does not exist" in err and err.count("\n") == 1
+    job = resolve(ExtractionConfig(model=str(tiny_models["llama"]), data=str(data), label_column=None))
+    assert not job.directory.exists() and not (tmp_path / "pub").exists()  # nothing extracted, nothing written
