@@ -228,7 +228,8 @@ class PrivateFitClient:
         """Run a private fit on the client's raw states of each public-set part (train, val: the server's split;
         then the anchor texts' states when the set has anchors, `fit_part_rows`).
 
-        `fingerprint` is that of the texts the states were extracted on; the server refuses another (409). The
+        `fingerprint` is that of the texts the states were extracted on; the server refuses another (409), and so
+        it does anchors other than those this client read (`anchor_texts`: their fingerprint goes with it). The
         parts may be memory-mapped: they are read, normalised and encrypted one chunk at a time (the next chunk is
         encrypted while the server adds the current one), so memory is bounded by the chunk, not the pool.
         `progress(rows_sent, rows_total)` is called with 0 when the upload starts, then after each chunk."""
@@ -264,7 +265,8 @@ class PrivateFitClient:
         for attempt in range(2):
             try:
                 cross, stats, provider_ms, spent_s = self._run(keys, plan, arrays, (shift, scale, shifts),
-                                                               fingerprint, progress)
+                                                               fingerprint, (public.get("anchors") or {}).get(
+                                                                   "fingerprint"), progress)
                 break
             except ServerReplyError as exc:  # a replica restart lost the accumulators: the fit starts again, once
                 if exc.code != FIT_SESSION_LOST or attempt:
@@ -273,13 +275,15 @@ class PrivateFitClient:
                          connection.bytes_received - received0, provider_ms, (client_s + spent_s) * 1000)
 
     def _run(self, keys: FitKeys, plan: GramPlan, arrays: list[np.ndarray], scaling: tuple[Any, Any, list[int]],
-             fingerprint: str, progress: Progress | None) -> tuple[list[np.ndarray], dict[str, Any], float, float]:
+             fingerprint: str, anchors: str | None, progress: Progress | None
+             ) -> tuple[list[np.ndarray], dict[str, Any], float, float]:
         """One fit session: open it with the fit key, send every chunk in order (encrypting the next while the
         server adds this one), fetch and decrypt each part's results; (cross products, the provider's stats, its
         HE ms, the client's seconds). `scaling`: the train mean and scale, and each part's power-of-two shift."""
         connection, (shift, scale, shifts) = self.connection, scaling
         opened = connection.json("POST", f"{API_PREFIX}/fit/sessions", content=keys.public_bytes(), expect=(201,),
-                                 params={"source_dim": plan.source_dim, "fingerprint": fingerprint},
+                                 params={"source_dim": plan.source_dim, "fingerprint": fingerprint,
+                                         **({"anchors": anchors} if anchors is not None else {})},
                                  idempotent=False)
         if not isinstance(opened, dict) or not isinstance(opened.get("session_id"), str):
             raise ServeError("the server's fit session answer has no session_id")

@@ -77,11 +77,13 @@ def add_fit_routes(app: FastAPI, fit: FitService | None, identify: Callable[...,
     async def open_fit(request: Request, source_dim: int = source_dim_query(),
                        fingerprint: str = Query(..., max_length=128, description="the public set's fingerprint "
                                                                                  "the client extracted on"),
+                       anchors: str | None = Query(None, max_length=128, description="the anchor texts' "
+                                                   "fingerprint, required when the public set has anchors"),
                        identity: Identity = Depends(identify)) -> dict[str, Any]:
         """Open a private fit: upload the fit key; the answer has the plan and the provider's statistics."""
         fits = service()
         plan = fits.plan(source_dim)
-        fits.check_fingerprint(fingerprint)
+        fits.check_fingerprint(fingerprint, anchors)
         # The keys arrive before any slot is held: a slow upload holds a connection, never a fit slot.
         body = await read_body(request, plan.keys_max_bytes, "a fit key", settings.body_timeout_s)
         session_id = fits.open(plan, identity)

@@ -7,7 +7,7 @@ statistics the client needs to undo the normalisation and solve the ridge map it
     GET    /v1/public-set/texts?offset=&limit=           {"texts", "offset", "next"}
     GET    /v1/public-set/anchors?offset=&limit=         the same, for the anchor texts (a set that has them)
     GET    /v1/fit/plan?source_dim=D                     the GramPlan for a D-dimensional client
-    POST   /v1/fit/sessions?source_dim=D&fingerprint=F   public keys in -> {"session_id", "plan", "stats"}
+    POST   /v1/fit/sessions?source_dim=D&fingerprint=F[&anchors=A]   public keys in -> {"session_id", "plan", "stats"}
     POST   /v1/fit/sessions/{id}/parts/{p}/chunks/{c}    one chunk message, in order -> progress
     GET    /v1/fit/sessions/{id}/parts/{p}/result/{g}    reply blob of group g, once part p is complete
     DELETE /v1/fit/sessions/{id}
@@ -122,13 +122,23 @@ class FitService:
 
     # --- sessions -----------------------------------------------------------------------------------------
 
-    def check_fingerprint(self, fingerprint: str) -> None:
+    def check_fingerprint(self, fingerprint: str, anchors: str | None = None) -> None:
+        """The texts the client extracted on are this server's: the public texts' fingerprint and, for a set with
+        anchors, the anchor texts' (409 otherwise, before any work)."""
         if fingerprint != self.public.fingerprint:
             raise ApiError(409, "public_set_mismatch",
                            f"your public set's fingerprint {fingerprint[:64]!r} is not this server's "
                            f"{self.public.fingerprint!r} (public set {self.public.name!r}, {self.public.rows} rows); "
                            "fetch the texts again from GET /v1/public-set/texts, extract your states on exactly "
                            "those rows in that order, and retry")
+        expected = None if self.public.anchors is None else self.public.anchors.fingerprint
+        if anchors != expected:
+            raise ApiError(409, "anchors_mismatch",
+                           f"this server's public set has {'no anchors' if expected is None else 'anchors'} "
+                           f"(fingerprint {expected!r}), but the fit was opened with anchors={str(anchors)[:64]!r}; "
+                           + ("drop the anchors parameter" if expected is None else
+                              "fetch the anchor texts again from GET /v1/public-set/anchors, extract your states on "
+                              "them, and pass their fingerprint as anchors=") + ", and retry")
 
     def open(self, plan: GramPlan, identity: Identity) -> str:
         """Charge the fit, claim the client's slot in the store (across replicas) and one of this replica's

@@ -464,8 +464,14 @@ def test_a_fit_with_anchors_from_the_document_alone(tmp_path):
         assert plan["part_rows"] == [len(indices[0]), len(indices[1]), anchors]
         z_hat_a, _, _ = normalise_by_train([z_a[i] for i in indices] + [z_a[rows:]])
         client = FitClient(plan, rng)
-        opened = http.post("/v1/fit/sessions", params={"source_dim": D_A, "fingerprint": public.fingerprint},
-                           content=client.key_container(), headers={"Content-Type": "application/octet-stream"})
+        params = {"source_dim": D_A, "fingerprint": public.fingerprint}
+        octets = {"Content-Type": "application/octet-stream"}
+        for wrong in ({}, {"anchors": "0" * 64}):  # the anchors' fingerprint is required, and must be theirs
+            refused = http.post("/v1/fit/sessions", params={**params, **wrong}, content=client.key_container(),
+                                headers=octets)
+            assert refused.status_code == 409 and error_json(refused) == "anchors_mismatch"
+        opened = http.post("/v1/fit/sessions", params={**params, "anchors": info["fingerprint"]},
+                           content=client.key_container(), headers=octets)
         assert opened.status_code == 201, opened.text
         sid, stats = opened.json()["session_id"], opened.json()["stats"]
         anchor_y = z_b[rows:].astype(np.float64)

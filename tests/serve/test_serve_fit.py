@@ -224,12 +224,20 @@ def test_anchors_are_the_fits_third_part_and_their_texts_are_paged(tmp_path, pub
         assert http.get("/v1/public-set/anchors", params={"offset": 8}).status_code == 400
         assert client.anchor_texts() == anchors.texts and client.fit_part_rows()[2:] == [7]
         assert http.get("/v1/fit/plan", params={"source_dim": 4}).json()["part_rows"][2] == 7
+        fingerprint = load_public_states(folder).fingerprint
+        for anchors in (None, "f" * 64):  # a fit opened on other anchors (or none) is refused before its keys
+            params = {"source_dim": 4, "fingerprint": fingerprint, **({"anchors": anchors} if anchors else {})}
+            refused = http.post("/v1/fit/sessions", params=params, content=b"keys")
+            assert refused.status_code == 409 and json_error(refused.content)["code"] == "anchors_mismatch"
         with pytest.raises(ServeError, match="anchors"):  # two parts for a three-part fit: refused before any work
             client.fit([np.zeros((30, 4)), np.zeros((10, 4))], load_public_states(folder).fingerprint)
     with ServerThread(create_app(public=public_dir), max_lifetime_s=60) as srv, \
             httpx.Client(base_url=srv.url, timeout=30) as http, PrivateFitClient(srv.url) as client:
         missing = http.get("/v1/public-set/anchors")
         assert missing.status_code == 404 and json_error(missing.content)["code"] == "no_anchors"
+        refused = http.post("/v1/fit/sessions", content=b"keys", params={
+            "source_dim": 4, "fingerprint": load_public_states(public_dir).fingerprint, "anchors": "f" * 64})
+        assert refused.status_code == 409 and json_error(refused.content)["code"] == "anchors_mismatch"
         assert client.anchor_texts() == [] and len(client.fit_part_rows()) == 2
 
 
