@@ -340,8 +340,9 @@ class Recipe:
                 return "not adapted (leave-task-out map)"
             shrinkage = "Ledoit-Wolf" if a.shrinkage is None else f"{a.shrinkage:g}"
             space = "whole space" if a.rows_per_component == 0 else f"1 component per {a.rows_per_component} texts"
+            anchors = "" if a.anchor_weight == AdaptationSettings.anchor_weight else f", anchors {a.anchor_weight:g}"
             return (f"adapted: weight {a.weight:g}, {a.rounds} round{'s' * (a.rounds != 1)}, "
-                    f"{a.em_iterations} EM steps ({space}), shrinkage {shrinkage}")
+                    f"{a.em_iterations} EM steps ({space}), shrinkage {shrinkage}{anchors}")
         return "base"
 
 

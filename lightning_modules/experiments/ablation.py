@@ -60,16 +60,16 @@ from datamodules.states import PairedStatesDataModule
 from datamodules.text import load_texts
 from lightning_modules.evaluation.evaluate import lambda_path_report, path_accuracy, split_rows, task_datamodule
 from lightning_modules.evaluation.metrics import alignment_report
+from lightning_modules.experiments.ablation_adaptation import published_task, synthetic_anchors
 from lightning_modules.experiments.ablation_config import BROAD, CLASSES_MINUS_ONE, LAMBDA_ESTIMATORS, AblationConfig
 from lightning_modules.experiments.ablation_report import markdown_report, plot
 from lightning_modules.experiments.ablation_settings import Setting, ablation_settings, broad_mix
 from lightning_modules.experiments.study import Native, Study, StudyConfig
 from lightning_modules.experiments.study_report import collapse
-from lightning_modules.fitting.adaptation import TaskStatistics, adapt
+from lightning_modules.fitting.adaptation import adapt
 from lightning_modules.fitting.affine_map import AffineMap
 from lightning_modules.fitting.estimators import path_factors
 from lightning_modules.fitting.solvers import fit_affine, solve
-from lightning_modules.parties.heads import published_statistics
 from lightning_modules.fitting.stats import SufficientStats
 from lightning_modules.fitting.subspace import SubspaceError
 from lightning_modules.models.aligner import AffineAligner
@@ -266,28 +266,19 @@ class Ablation:
             self.train[key] = split_rows(dm, "train")[0].double()
         return self.train[key]
 
-    def task_statistics(self, recipe: Recipe, task_limit: int | None) -> TaskStatistics:
-        """What the provider publishes of the task with `xsilo head fit --publish_ood true`: its class means,
-        shared precision and priors on its own task-train states."""
-        cfg = self.cfg
-        layer = self.layer(cfg.target, recipe, "target")
-        study = self.studies[(recipe.pooling, layer, task_limit)]
-        dm = task_datamodule(study.cfg.pair(cfg.target, cfg.target, cfg.task), cfg.target, cfg.task)
-        dm.prepare_data()
-        dm.setup("fit")
-        train, labels = split_rows(dm, "train")
-        return TaskStatistics.from_arrays(*published_statistics(train, labels, dm.num_classes,
-                                                                study.cfg.mahalanobis_shrinkage))
-
     def adapted(self, public: PairedStatesDataModule, recipe: Recipe, task_limit: int | None,
                 lam: float) -> tuple[AffineMap, dict[str, Any]]:
         """The ridge map adapted, as `xsilo align --private` adapts it, to the source's unlabelled task-train states
-        (labels never read) through the target's task statistics; (the map, the adaptation record)."""
+        (labels never read) through the target's task statistics, with `cfg.synthetic`'s anchors when set; (the
+        map, the adaptation record)."""
+        cfg = self.cfg
         x, y = (t.double() for t in split_rows(public, "train"))
         train = SufficientStats.zeros(x.shape[1], y.shape[1], full_yty=False).update(x, y)
-        fit = replace(self.cfg.fit, center=True, standardize=recipe.standardize)
-        result = adapt(train, self.train_states("source", recipe, task_limit), self.task_statistics(recipe, task_limit),
-                       lam, fit, recipe.adaptation)
+        fit = replace(cfg.fit, center=True, standardize=recipe.standardize)
+        layers = (self.layer(cfg.source, recipe, "source"), self.layer(cfg.target, recipe, "target"))
+        task = published_task(self.studies[(recipe.pooling, layers[1], task_limit)], cfg.target, cfg.task)
+        result = adapt(train, self.train_states("source", recipe, task_limit), task, lam, fit, recipe.adaptation,
+                       synthetic_anchors(cfg, recipe.pooling, layers))
         return result.map.to(dtype=torch.float64), result.record
 
     def recentred(self, amap: AffineMap, recipe: Recipe, task_limit: int | None) -> AffineMap:

@@ -74,6 +74,9 @@ class AblationConfig:
         public_seeds: public-set sampling seeds besides the base one.
         adaptations: the adaptation factor's variants besides no adaptation and the default AdaptationSettings
             (each a full setting: '[{weight: 0.1}, {rounds: 1}]'; ridge only).
+        synthetic: a synthetic set's settings file (configs/synthetic/*.yaml): every adapted setting then takes its
+            texts, extracted by both models, as anchors at the setting's anchor_weight, as `xsilo align` weighs a
+            public set's anchors (written once; its forward passes are not counted against max_extract).
         finetune_epochs: epochs of fine-tuning.
         finetune_lr: learning rate of fine-tuning.
         finetune_batch_size: public rows per fine-tuning step.
@@ -113,6 +116,7 @@ class AblationConfig:
     adaptations: Sequence[AdaptationSettings] = (AdaptationSettings(weight=0.1), AdaptationSettings(weight=0.5),
                                                  AdaptationSettings(rounds=1), AdaptationSettings(em_iterations=0),
                                                  AdaptationSettings(shrinkage=0.0))
+    synthetic: str | None = None
     finetune_epochs: int = 30
     finetune_lr: float = 1e-3
     finetune_batch_size: int = 256
@@ -153,6 +157,13 @@ class AblationConfig:
         if "adaptation" in self.factors and (self.base.estimator != "ridge" or self.base.finetune is not None):
             raise AblationError("the adaptation factor refits the base recipe's ridge map at its chosen λ: use a ridge "
                                 "base recipe without fine-tuning (--base.estimator ridge), or drop the factor")
+        if self.synthetic is not None:
+            from datamodules.synthetic import load_settings
+
+            load_settings(self.synthetic)  # a bad file is one line, before anything is fitted
+            if "view" in self.factors and "adaptation" in self.factors:
+                raise AblationError("synthetic anchors are extracted in the base view only: vary the view or the "
+                                    "adaptation with --synthetic, not both")
         for mix in (self.base.mix, *self.mixes):
             if mix != BROAD:
                 from datamodules.public_set import parse_mix

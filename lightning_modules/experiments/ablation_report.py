@@ -27,7 +27,9 @@ def markdown_report(results: dict[str, Any]) -> str:
              f"Public sets never hold the task's validation/test texts" +
              (f" nor the OOD sets ({', '.join(cfg['ood'])})" if cfg["ood"] else "") + ".",
              f"Fitted: {results['fits']['classifiers']} classifiers, {results['fits']['aligners']} maps, "
-             f"{results['fits']['public_sets']} public sets; new forward passes: {results['fits']['forward_passes']}.",
+             f"{results['fits']['public_sets']} public sets; new forward passes: {results['fits']['forward_passes']}."
+             + (f" Every adapted setting takes the synthetic set of {cfg['synthetic']} as anchors (at its anchor "
+                "weight, 0.3 unless named)." if cfg.get("synthetic") else ""),
              "'native source' is the source's own linear head: an affine map followed by the target's linear head is "
              "itself a linear head on source states, so it is roughly the ceiling of mapped accuracy. R²/CKA 'task "
              "test': mapped vs true target states of the task's test texts. 'top share': the share of mapped "

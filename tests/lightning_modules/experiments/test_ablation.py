@@ -22,7 +22,7 @@ from lightning_modules.experiments.ablation import run_ablation
 from lightning_modules.experiments.ablation_config import AblationConfig, AblationError, parse_view
 from lightning_modules.experiments.ablation_report import markdown_report
 from lightning_modules.experiments.ablation_settings import broad_mix
-from lightning_modules.settings import FitSettings, HeadSettings, Recipe
+from lightning_modules.settings import AdaptationSettings, FitSettings, HeadSettings, Recipe
 
 from tests.datamodules.test_public_set import sentences, write_lines
 
@@ -205,6 +205,27 @@ def test_the_adaptation_factor_rows_each_variant_with_intervals_and_its_record(s
         assert low <= row["mapped"]["accuracy"] <= high
     with pytest.raises(AblationError, match="ridge base recipe"):
         run_ablation(AblationConfig(factors=["adaptation"], base=Recipe(estimator="procrustes")))
+
+
+def test_synthetic_anchors_enter_every_adapted_setting_at_its_weight(synthetic, tiny_models, tmp_path):
+    """--synthetic: a set the tiny writer writes, extracted by both models, is the anchors of every adapted setting
+    (as `xsilo align` weighs a public set's anchors); a setting of another anchor weight fits another map."""
+    settings = tmp_path / "synthetic.yaml"
+    settings.write_text(f"synthetic:\n  prompts: ['write about {{topic}}']\n  rows: 6\n  model: {synthetic['source']}\n"
+                        "  min_chars: 1\n  max_new_tokens: 6\n  batch_size: 4\n  max_batches: 20\n")
+    cfg = AblationConfig(source=synthetic["source"], target=synthetic["target"], task=synthetic["task"],
+                         base=Recipe(mix=f"{synthetic['public']}:1", size=1000), factors=["adaptation"], bootstrap=20,
+                         max_extract=0, synthetic=str(settings),
+                         adaptations=[AdaptationSettings(anchor_weight=0.6)])
+    results = run_ablation(cfg)
+    rows = [r for r in results["settings"] if r["factor"] == "adaptation"]
+    assert [r["value"].rsplit(", ", 1)[-1] for r in rows[1:]] == ["shrinkage Ledoit-Wolf", "anchors 0.6"]
+    assert [(r["adaptation"]["anchor_rows"], r["adaptation"]["anchor_weight"]) for r in rows[1:]] == [(6, 0.3),
+                                                                                                      (6, 0.6)]
+    assert rows[1]["alignment_task_test"]["r2"] != rows[2]["alignment_task_test"]["r2"]
+    assert "synthetic set of" in markdown_report(results)
+    with pytest.raises(AblationError, match="not both"):
+        run_ablation(AblationConfig(factors=["view", "adaptation"], synthetic=str(settings)))
 
 
 def test_estimator_criterion_and_whitening_factors(synthetic):
