@@ -359,8 +359,9 @@ def build_trainer(device: DeviceSettings, max_epochs: int, callbacks: list | Non
     from datamodules.distributed import ProcessGroupCleanup
 
     return L.Trainer(**device.trainer_kwargs(), max_epochs=max_epochs, logger=False,
-                     callbacks=[*(callbacks or []), ProcessGroupCleanup()], enable_checkpointing=bool(callbacks), enable_progress_bar=False, enable_model_summary=False,
-                     num_sanity_val_steps=0, default_root_dir=root)
+                     callbacks=[*(callbacks or []), ProcessGroupCleanup()], enable_checkpointing=bool(callbacks),
+                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                     default_root_dir=root)
 
 
 def seed_all(seed: int) -> int:

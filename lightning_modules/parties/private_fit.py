@@ -157,7 +157,8 @@ def fit_private(parts: Sequence[np.ndarray], reply: "GramReply", fit: FitSetting
                        rank=fit.rank, whiten_target=bool(fit.whiten_target), center=bool(fit.center),
                        standardize=bool(fit.standardize), source=dict(source_spec), target=target)
     metrics = {"public_set": {k: public_set.get(k) for k in ("name", "rows", "fingerprint", "val_fraction", "seed")},
-               "rows": {name: s.count for name, s in zip(PART_NAMES, stats)}, "chosen_lambda": lam,
+               "rows": {name: len(p) for name, p in zip(PART_NAMES, parts)},  # not the weighted counts of `stats`
+               "chosen_lambda": lam,
                "criterion": path.criterion, "chosen": dict(path.chosen), "lambda_path": path.as_dict(),
                "train_r2": val_r2(train, amap),
                "val_mse": val_mse(val, amap) if val is not None else None,

@@ -95,6 +95,7 @@ def test_the_provider_never_learns_the_anchor_weight(anchored):
     assert "/v1/public-set/anchors" in routes and "/v1/fit/sessions/{id}/parts/2/chunks/0" in routes
     a, b = (metrics(anchored, name) for name in ("default", "heavier"))
     assert a["anchors"] == {"rows": 24, "weight": 0.3} and b["anchors"] == {"rows": 24, "weight": 0.6}
+    assert a["rows"] == {"train": 105, "val": 15, "anchor": 24}  # rows sent, not the weighted counts
     assert (a["adaptation"]["anchor_rows"], b["adaptation"]["anchor_weight"]) == (24, 0.6)
     w_a, w_b = (AffineMap.from_pretrained(anchored["root"] / f"map-{n}").weight for n in ("default", "heavier"))
     assert float((w_a - w_b).abs().max()) > 1e-3 * float(w_a.abs().max())  # the weight did change the map
