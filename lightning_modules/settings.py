@@ -155,6 +155,9 @@ class AdaptationSettings:
             (the paper's remedy, never the default); the study's `synthetic` and `disclosures` measure them. In
             `xsilo align` it weighs the anchors of a provider's public set (`public-set export --anchors`),
             with or without --private; the client applies it after decryption, so the provider never learns it.
+        match_priors: last, move the adapted map's intercept so that the provider's head predicts the client's
+            texts at the published class priors (`lightning_modules.fitting.prior_matching`; in `xsilo align`
+            through the head probe, which then also reads the head on the class means' directions).
     """
 
     weight: float = 0.3
@@ -163,6 +166,7 @@ class AdaptationSettings:
     shrinkage: float | None = None
     rows_per_component: int = 5
     anchor_weight: float = 0.3
+    match_priors: bool = True
 
     def __post_init__(self) -> None:
         if not 0 < self.weight < 1:
@@ -341,8 +345,9 @@ class Recipe:
             shrinkage = "Ledoit-Wolf" if a.shrinkage is None else f"{a.shrinkage:g}"
             space = "whole space" if a.rows_per_component == 0 else f"1 component per {a.rows_per_component} texts"
             anchors = "" if a.anchor_weight == AdaptationSettings.anchor_weight else f", anchors {a.anchor_weight:g}"
+            priors = "" if a.match_priors else ", priors not matched"
             return (f"adapted: weight {a.weight:g}, {a.rounds} round{'s' * (a.rounds != 1)}, "
-                    f"{a.em_iterations} EM steps ({space}), shrinkage {shrinkage}{anchors}")
+                    f"{a.em_iterations} EM steps ({space}), shrinkage {shrinkage}{anchors}{priors}")
         return "base"
 
 

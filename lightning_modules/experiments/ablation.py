@@ -66,9 +66,9 @@ from lightning_modules.experiments.ablation_report import markdown_report, plot
 from lightning_modules.experiments.ablation_settings import Setting, ablation_settings, broad_mix
 from lightning_modules.experiments.study import Native, Study, StudyConfig
 from lightning_modules.experiments.study_report import collapse
-from lightning_modules.fitting.adaptation import adapt
 from lightning_modules.fitting.affine_map import AffineMap
 from lightning_modules.fitting.estimators import path_factors
+from lightning_modules.fitting.prior_matching import adapt_to_priors
 from lightning_modules.fitting.solvers import fit_affine, solve
 from lightning_modules.fitting.stats import SufficientStats
 from lightning_modules.fitting.subspace import SubspaceError
@@ -267,18 +267,18 @@ class Ablation:
         return self.train[key]
 
     def adapted(self, public: PairedStatesDataModule, recipe: Recipe, task_limit: int | None,
-                lam: float) -> tuple[AffineMap, dict[str, Any]]:
+                lam: float, head: AffineMap) -> tuple[AffineMap, dict[str, Any]]:
         """The ridge map adapted, as `xsilo align --private` adapts it, to the source's unlabelled task-train states
-        (labels never read) through the target's task statistics, with `cfg.synthetic`'s anchors when set; (the
-        map, the adaptation record)."""
+        (labels never read) through the target's task statistics, with `cfg.synthetic`'s anchors when set, and
+        matched to the task's priors through the target's `head`; (the map, the adaptation record)."""
         cfg = self.cfg
         x, y = (t.double() for t in split_rows(public, "train"))
         train = SufficientStats.zeros(x.shape[1], y.shape[1], full_yty=False).update(x, y)
         fit = replace(cfg.fit, center=True, standardize=recipe.standardize)
         layers = (self.layer(cfg.source, recipe, "source"), self.layer(cfg.target, recipe, "target"))
         task = published_task(self.studies[(recipe.pooling, layers[1], task_limit)], cfg.target, cfg.task)
-        result = adapt(train, self.train_states("source", recipe, task_limit), task, lam, fit, recipe.adaptation,
-                       synthetic_anchors(cfg, recipe.pooling, layers))
+        result = adapt_to_priors(train, self.train_states("source", recipe, task_limit), task, lam, fit,
+                                 recipe.adaptation, head, synthetic_anchors(cfg, recipe.pooling, layers))
         return result.map.to(dtype=torch.float64), result.record
 
     def recentred(self, amap: AffineMap, recipe: Recipe, task_limit: int | None) -> AffineMap:
@@ -346,7 +346,7 @@ class Ablation:
         self.fits["aligners"] += 1
         adaptation = None
         if recipe.adaptation is not None:  # a ridge recipe (AblationConfig.validate)
-            aligner, adaptation = self.adapted(public, recipe, setting.task_limit, lam)
+            aligner, adaptation = self.adapted(public, recipe, setting.task_limit, lam, tgt.head.affine_map)
             shuffled = shuffled.to(dtype=torch.float64)
         if recipe.recenter:
             aligner, shuffled = (self.recentred(m, recipe, setting.task_limit) for m in (aligner, shuffled))

@@ -67,9 +67,9 @@ def study(
         adaptation: the two-party regime's adaptation (weight of the client's texts, rounds, EM steps).
         disclosures: the opt-in that discloses texts, measured: each N adds a regime two-party-disclosed-N whose
             client also discloses N of its task-train texts (--disclosures '[16,64,128]').
-        synthetic: per task, a file of how an LM writes a synthetic set from the provider's class descriptions
-            (configs/synthetic/*.yaml); adds the regime two-party-synthetic, whose maps take those texts as
-            anchors (configs/study/synthetic.yaml).
+        synthetic: per task, a file of how the provider's LM writes a synthetic set from its class descriptions
+            (configs/synthetic/*.yaml); the two-party regime's maps then take those texts as anchors, as `xsilo
+            align` does against a public set exported with them (configs/study/paper-tables.yaml).
         seed: split, training and bootstrap seed (recorded in study.json).
         device: where it runs (--accelerator, --devices, --precision, --threads).
         out: output directory.

@@ -49,12 +49,13 @@ from lightning_modules.evaluation.ood_detectors import DETECTORS, Detector, make
 from lightning_modules.experiments.anchors import disclosed_pairs, synthetic_pairs
 from lightning_modules.experiments.study_report import (ceiling_summary, collapse, lambda_panels, markdown_report,
                                                         matrices)
-from lightning_modules.fitting.adaptation import TaskStatistics, adapt
+from lightning_modules.fitting.adaptation import TaskStatistics
 from lightning_modules.fitting.estimators import path_factors
+from lightning_modules.fitting.prior_matching import adapt_to_priors
 from lightning_modules.fitting.solvers import LAMBDA_ESTIMATORS
 from lightning_modules.fitting.stats import SufficientStats
 from lightning_modules.reporting.charts import heatmap, lambda_path_chart, short_name
-from lightning_modules.reporting.report import DISCLOSED_PREFIX, SYNTHETIC_REGIME, regime_title
+from lightning_modules.reporting.report import DISCLOSED_PREFIX, regime_title
 from lightning_modules.parties.heads import published_statistics
 from lightning_modules.settings import (LEAVE_TASK_OUT, AdaptationSettings, DeviceSettings, ExtractionSettings,
                                         FitSettings, HeadSettings, PublicSetSettings, seed_all)
@@ -64,11 +65,6 @@ from lightning_modules.settings import (LEAVE_TASK_OUT, AdaptationSettings, Devi
 # "two-party": the leave-task-out set, each map adapted to the source's unlabelled task-train texts (the product).
 REGIMES = ("given", "in-domain", "leave-task-out", "two-party")
 TWO_PARTY = "two-party"
-
-
-def disclosed_regime(rows: int) -> str:
-    """The name of the two-party regime whose client also disclosed `rows` of its texts (the opt-in)."""
-    return f"{DISCLOSED_PREFIX}{rows}"
 
 
 class StudyError(AssetError):  # an AssetError, as GenerationError: the CLI prints it as a user error
@@ -87,9 +83,9 @@ class StudyConfig:
     `disclosures`: row counts N, each adding a regime `two-party-disclosed-N`: the two-party regime whose client
     also discloses N of its task-train texts (the same seeded N for every pair), paired with the target's states
     at `adaptation.anchor_weight` of the public weight (the paper's remedy, an opt-in; never a default).
-    `synthetic`: per task, how a synthetic set is written from the provider's class descriptions; adds the regime
-    `two-party-synthetic`: the two-party regime with those texts, extracted by both models, as anchors at
-    `adaptation.anchor_weight` (nothing of the client's crosses)."""
+    `synthetic`: per task, how the provider writes a synthetic set from its class descriptions: the two-party
+    regime's anchors (at `adaptation.anchor_weight`, extracted by both models), as `xsilo align` takes a public
+    set's (`public-set export --anchors`); a disclosure regime takes its disclosed texts as anchors instead."""
 
     models: Sequence[str]
     tasks: Sequence[str]
@@ -118,8 +114,8 @@ class StudyConfig:
 
     @property
     def adapts(self) -> bool:
-        """Whether any regime adapts maps to the client's texts (two-party, a disclosure or synthetic anchors)."""
-        return TWO_PARTY in self.regimes or bool(self.disclosures) or bool(self.synthetic)
+        """Whether any regime adapts maps to the client's texts (two-party or a disclosure)."""
+        return TWO_PARTY in self.regimes or bool(self.disclosures)
 
     def validate(self) -> None:
         bad = [r for r in self.regimes if r not in REGIMES]
@@ -152,6 +148,9 @@ class StudyConfig:
         if self.synthetic is not None and set(self.synthetic) != set(self.tasks):
             raise StudyError(f"synthetic must give settings for each task {sorted(self.tasks)} and no other, got "
                              f"{sorted(self.synthetic)}")
+        if self.synthetic and TWO_PARTY not in self.regimes:
+            raise StudyError("synthetic gives the two-party regime its anchors: add two-party to --regimes, or drop "
+                             "synthetic")
         for settings in (self.synthetic or {}).values():
             settings.validate()
         if self.bootstrap < 1 or not 0 < self.confidence < 1:
@@ -314,7 +313,8 @@ class Study:
             x_tr, y_tr = split_rows(dm, "train")
             train = SufficientStats.zeros(x_tr.shape[1], y_tr.shape[1], full_yty=False).update(x_tr, y_tr)
             if adapted:
-                adaptation = adapt(train, src.train, tgt.task_stats, lam, fit, cfg.adaptation, anchors)
+                adaptation = adapt_to_priors(train, src.train, tgt.task_stats, lam, fit, cfg.adaptation,
+                                             tgt.head.affine_map, anchors)
                 plain = classification_scores(tgt.head(aligner(src.test)), tgt.labels, tgt.head.hparams.output_dim)
                 mapper = AdaptedMap(adaptation.map)
             x_val, y_val = split_rows(dm, "val")
@@ -361,9 +361,10 @@ class Study:
         return out
 
     def regime(self, regime: str, natives: dict[tuple[str, str], Native],
-               native_results: dict[str, dict[str, Any]], anchors: str | int | None = None) -> dict[str, Any]:
+               native_results: dict[str, dict[str, Any]], disclosed: int | None = None) -> dict[str, Any]:
         """Every ordered pair under one regime: a map per (pair, task), on the regime's public set of the task;
-        two-party only, `anchors`: N disclosed rows of the client's texts, or "synthetic" (the task's synthetic set)."""
+        two-party only, `disclosed`: N rows of the client's texts disclosed as anchors in place of the synthetic set
+        (the task's synthetic set, when `cfg.synthetic` gives one, anchors the two-party regime)."""
         cfg = self.cfg
         ordered = [(s, t) for s in cfg.models for t in cfg.models if s != t]
         pairs: dict[str, Any] = {f"{s} -> {t}": {"source": s, "target": t, "tasks": {}} for s, t in ordered}
@@ -372,9 +373,9 @@ class Study:
             fit = cfg.fit.for_public(regime in ("leave-task-out", TWO_PARTY)
                                      or (regime == "given" and cfg.public.data == LEAVE_TASK_OUT))
             for s, t in ordered:
-                held = (synthetic_pairs(s, t, cfg.synthetic[task], cfg.extraction, cfg.device.threads)
-                        if anchors == "synthetic" else
-                        disclosed_pairs(natives[s, task], natives[t, task], anchors, cfg.seed) if anchors else None)
+                held = (disclosed_pairs(natives[s, task], natives[t, task], disclosed, cfg.seed) if disclosed else
+                        synthetic_pairs(s, t, cfg.synthetic[task], cfg.extraction, cfg.device.threads)
+                        if cfg.synthetic and regime == TWO_PARTY else None)
                 pairs[f"{s} -> {t}"]["tasks"][task] = self.fit_map(s, t, task, public, natives, native_results, fit,
                                                                    adapted=regime == TWO_PARTY, anchors=held)
         info = ({"data": cfg.public.data, "limit": cfg.public.limit} if regime == "given"
@@ -395,9 +396,7 @@ class Study:
                                  "training texts; lower --disclosures")
         regimes = {regime: self.regime(regime, natives, native_results) for regime in cfg.regimes}
         for rows in cfg.disclosures:
-            regimes[disclosed_regime(rows)] = self.regime(TWO_PARTY, natives, native_results, anchors=rows)
-        if cfg.synthetic:
-            regimes[SYNTHETIC_REGIME] = self.regime(TWO_PARTY, natives, native_results, anchors="synthetic")
+            regimes[f"{DISCLOSED_PREFIX}{rows}"] = self.regime(TWO_PARTY, natives, native_results, disclosed=rows)
         return {"config": {**asdict(cfg), "models": list(cfg.models), "tasks": list(cfg.tasks), "ood": list(cfg.ood),
                            "regimes": list(cfg.regimes), "disclosures": list(cfg.disclosures)},
                 "seed": cfg.seed, "extraction": self.specs,

@@ -91,14 +91,23 @@ class Adaptation:
     record: dict[str, Any]
 
 
-def balanced(log_scores: Tensor, priors: Tensor, iterations: int = SINKHORN_ITERATIONS) -> Tensor:
-    """Responsibilities (n, k) from log-scores whose class totals match `priors` (Sinkhorn in log space)."""
+def column_potentials(log_scores: Tensor, priors: Tensor, iterations: int = SINKHORN_ITERATIONS) -> Tensor:
+    """Per-class offsets v (k,) such that the row-wise softmax of `log_scores` + v has class totals matching
+    `priors` (Sinkhorn in log space: the column potentials of entropic optimal transport)."""
     log_r = log_scores - log_scores.logsumexp(1, keepdim=True)
     target = priors.log() + math.log(log_scores.shape[0])
+    potentials = torch.zeros(log_scores.shape[1], dtype=log_scores.dtype)
     for _ in range(iterations):
-        log_r = log_r + (target - log_r.logsumexp(0))
+        step = target - log_r.logsumexp(0)
+        potentials = potentials + step
+        log_r = log_r + step
         log_r = log_r - log_r.logsumexp(1, keepdim=True)
-    return log_r.exp()
+    return potentials
+
+
+def balanced(log_scores: Tensor, priors: Tensor, iterations: int = SINKHORN_ITERATIONS) -> Tensor:
+    """Responsibilities (n, k) from log-scores whose class totals match `priors` (Sinkhorn in log space)."""
+    return (log_scores + column_potentials(log_scores, priors, iterations)).softmax(1)
 
 
 def ledoit_wolf(residuals: Tensor, cov: Tensor) -> float:

@@ -238,8 +238,9 @@ def align(
         private: the client's own unlabelled texts (a registry name or a txt/csv/jsonl/... file; its text column
             is --extraction.text_column; labels are never read): the map saved is the public map adapted to them
             with the class statistics head NAME publishes (needs --head; the provider must run `xsilo head fit
-            --publish_ood true`). The texts and their states stay here: the provider receives the same requests
-            whatever they are.
+            --publish_ood true`), then matched to its class priors (--adaptation.match_priors; the probe then
+            also reads the head on the class means' directions, at most k rows more). The texts and their states
+            stay here: the provider receives the same requests whatever they are.
         private_limit: adapt on a seeded sample of this many private texts.
         extraction: how MODEL's states are read (pooling, layer, max_length, dtype; the text column of --private).
         fit: how the map is solved (estimator, λ path and its criterion, centring, standardisation).
@@ -299,6 +300,11 @@ def align(
         print(f"adapted to {a['private_rows']} private texts at λ {a['lambda']:.0e} (weight {a['weight']}, "
               f"{a['rounds']} rounds, {a['priors']} priors): class shares [{shares}]; public val R² "
               f"{'n/a' if a['val_r2'] is None else format(a['val_r2'], '.3f')} (unadapted {r2})", file=sys.stderr)
+        if "prior_matching" in a:
+            before, after = (", ".join(f"{v:.2f}" for v in a["prior_matching"][k]) for k in ("shares_before",
+                                                                                               "shares_after"))
+            print(f"matched to the head's priors: its predicted shares on the private texts [{before}] -> [{after}]",
+                  file=sys.stderr)
     t = m["traffic"]
     print(f"align in all: {t['requests']} requests, {t['queries']} encrypted queries ({t['rows_charged']} rows of the "
           f"provider's budget), sent {t['bytes_sent']:,} B ({mb(t['bytes_sent'])}), received {t['bytes_received']:,} B "

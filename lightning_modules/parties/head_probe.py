@@ -59,16 +59,30 @@ class HeadProbe:
         return AffineMap(torch.from_numpy(weight), torch.from_numpy(bias))
 
 
-def probe(train: SufficientStats, center: bool = True, standardize: bool = False) -> HeadProbe:
-    """The probe of the ridge path fitted on `train` with this centring and standardisation."""
+def probe(train: SufficientStats, center: bool = True, standardize: bool = False,
+          means: np.ndarray | None = None) -> HeadProbe:
+    """The probe of the ridge path fitted on `train` with this centring and standardisation. `means` (k, d_B):
+    the provider's published class means, whose directions from the fit's target mean a map adapted to the
+    client's texts also writes into (`fitting.adaptation`: its pseudo-targets are mixtures of them)."""
     norm = Normalization.from_stats(train, center, standardize)
     _, cxy = norm.covariances(train)
     span = (norm.scale_y[:, None] * cxy.T).numpy()  # d_B × d_A: every W_λ's columns lie in its column space
-    u, sv, _ = np.linalg.svd(span, full_matrices=False)
-    tol = (float(sv.max()) if sv.size else 0.0) * max(span.shape) * np.finfo(np.float64).eps
-    basis = u[:, sv > tol] if sv.size and sv.max() > 0 else u[:, :0]
+    basis = orthonormal_columns(span)
+    if means is not None:  # only what the path's span lacks: a residual above rounding of the offsets
+        extra = np.asarray(means, dtype=np.float64).T - norm.mean_y.numpy()[:, None]
+        residual = extra - basis @ (basis.T @ extra)
+        basis = np.hstack([basis, orthonormal_columns(residual, floor=1e-8 * float(np.linalg.norm(extra, 2)))])
     typical = math.sqrt(max(float(train.yty_diag.sum() / train.n), 0.0))  # RMS norm of the provider's states
     return HeadProbe(basis, norm.mean_y.numpy().astype(np.float64), typical if typical > 0 else 1.0)
+
+
+def orthonormal_columns(a: np.ndarray, floor: float | None = None) -> np.ndarray:
+    """An orthonormal basis of `a`'s column space: its directions whose singular value exceeds `floor` (default:
+    rounding of the largest)."""
+    u, sv, _ = np.linalg.svd(a, full_matrices=False)
+    if not sv.size or sv.max() <= 0:
+        return u[:, :0]
+    return u[:, sv > (float(sv.max()) * max(a.shape) * np.finfo(np.float64).eps if floor is None else floor)]
 
 
 def rows_charged(rows: int, lanes: int) -> int:

@@ -256,6 +256,8 @@ def align(server: str, model: str, out: str | Path, *, fit: FitSettings | None =
             with stage(f"extract {model} on the private texts"):
                 x_private = private_texts.private_states(private, job, extraction.text_column, private_limit, device,
                                                          task.classes)
+        # prior matching reads the head on the class means' directions too (`head_probe.probe`)
+        means = task.stats.means.numpy() if task is not None and adaptation.match_priors else None
         indices = random_split(public["rows"], float(public["val_fraction"]), int(public["seed"]))
         sizes = {name: len(idx) for name, idx in zip(PART_NAMES, indices)}
         if sizes != {name: int(public["parts"][name]) for name in PART_NAMES[:2]}:
@@ -265,7 +267,8 @@ def align(server: str, model: str, out: str | Path, *, fit: FitSettings | None =
         parts = [states[idx] for idx in indices] + ([anchor_states] if anchor_states is not None else [])
         if head is not None:
             info = client.model_info()
-            bound = min(parts[0].shape[1], int(public["hidden_size"]), len(parts[0])) + 2
+            bound = min(parts[0].shape[1], int(public["hidden_size"]), len(parts[0])) + 2 + (
+                0 if means is None else len(means))
             check_budgets(bound, info["heads"][head], info.get("limits") or {}, head,  # before the fit's work
                           val_rows=len(val_logits))
         with stage("encrypted fit"):
@@ -278,7 +281,7 @@ def align(server: str, model: str, out: str | Path, *, fit: FitSettings | None =
     if head is not None:
         with stage("head probe (encrypted queries)"):
             surrogate, probe_metrics = query_head(server, head, stats[0], fit, api_key=api_key, timeout=timeout,
-                                                  traffic=traffic)
+                                                  traffic=traffic, means=means)
             head_val = head_val_stats(parts[1], val_logits)
     with stage("solve"):
         result = fit_private(parts, reply, fit, source_spec=job.spec(), public_set=public, head=surrogate,
@@ -293,7 +296,7 @@ def align(server: str, model: str, out: str | Path, *, fit: FitSettings | None =
         val = stats[1] if len(stats) > 1 and stats[1].count else None
         with stage("adapt to the private texts"):
             amap, metrics = private_texts.adapted(result.map, result.metrics, stats[0], val, x_private, task, fit,
-                                                  adaptation)
+                                                  adaptation, surrogate)
         if anchors is not None:  # merged into stats[0] above: adapt saw them as public rows
             metrics["adaptation"].update(anchor_rows=anchors["rows"], anchor_weight=anchors["weight"])
         public_map, result = result, PrivateFit(amap, metrics, result.lambda_path)
@@ -305,13 +308,15 @@ def align(server: str, model: str, out: str | Path, *, fit: FitSettings | None =
 
 
 def query_head(server: str, head: str, train: SufficientStats, fit: FitSettings, *, api_key: str | None = None,
-               timeout: float = 300.0, traffic: Any = None) -> tuple[AffineMap, dict[str, Any]]:
-    """The provider's head as known on every map of the path (`head_probe`): its r + 2 probe rows queried under
-    HE in one session, and what the probe cost (`traffic`, a serve.http_client.Traffic, counts its requests)."""
+               timeout: float = 300.0, traffic: Any = None, means: np.ndarray | None = None
+               ) -> tuple[AffineMap, dict[str, Any]]:
+    """The provider's head as known on every map of the path (`head_probe`), and with `means` (the head's published
+    class means) on every map adapted from them: its probe rows queried under HE in one session, and what the probe
+    cost (`traffic`, a serve.http_client.Traffic, counts its requests)."""
     from serve.head_client import HeadClient
     from serve.http_client import ServerReplyError
 
-    probe_rows = probe(train, fit.center, fit.standardize)
+    probe_rows = probe(train, fit.center, fit.standardize, means)
     rows = probe_rows.rows
     with HeadClient(server, head, api_key=api_key, timeout=timeout, traffic=traffic) as client:
         info = client.model_info()

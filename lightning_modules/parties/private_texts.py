@@ -4,8 +4,11 @@ The client extracts its model's states on DATA (the public set's extraction view
 are never read), fetches what the provider publishes of its task with the head (`xsilo head fit --publish_ood true`:
 class means, a shared precision and the class priors, the feature-ood.npz a split-mode client already reads for its
 OOD flag), and once the private fit has solved the public map (λ through the head) refits it with
-`fitting.adaptation.adapt`. Nothing of DATA crosses: the requests are those of `xsilo align --head NAME` plus that
-one download, the same bytes whatever the texts are (`tests/lightning_modules/parties/test_align_private.py`).
+`fitting.adaptation.adapt`, then moves its intercept so that the head predicts DATA at the published priors
+(`fitting.prior_matching`, through the head probe). Nothing of DATA crosses: the requests are those of `xsilo align
+--head NAME` plus that one download, and the probe reads the head on the class means' directions too (k more rows,
+computed from what the provider published): the same bytes whatever the texts are
+(`tests/lightning_modules/parties/test_align_private.py`).
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from lightning_modules.fitting.adaptation import AdaptationError, TaskStatistics, adapt
+from lightning_modules.fitting.adaptation import AdaptationError, TaskStatistics
 from lightning_modules.fitting.affine_map import AffineMap
+from lightning_modules.fitting.prior_matching import adapt_to_priors
 from lightning_modules.fitting.solvers import val_mse, val_r2
 
 if TYPE_CHECKING:
@@ -112,16 +116,18 @@ def private_states(data: str, public_job: "ResolvedExtraction", text_column: str
 
 
 def adapted(public_map: AffineMap, metrics: dict[str, Any], train: "SufficientStats", val: "SufficientStats | None",
-            x: np.ndarray, task: PublishedTask, fit: "FitSettings", settings: "AdaptationSettings"
-            ) -> tuple[AffineMap, dict[str, Any]]:
-    """The private fit's map refitted on the private states (`adapt` at the public fit's λ), with its config, and
-    the private fit's `metrics` plus {"adaptation": adapt's record, the public map's λ and scores, the private row
-    count, the head and its priors} (never a text)."""
+            x: np.ndarray, task: PublishedTask, fit: "FitSettings", settings: "AdaptationSettings",
+            head: AffineMap) -> tuple[AffineMap, dict[str, Any]]:
+    """The private fit's map refitted on the private states (`adapt` at the public fit's λ) and, with
+    `settings.match_priors`, matched to the task's priors through `head` (the probe's head, exact on the adapted
+    map's directions: `head_probe.probe(..., means=)`), with its config, and the private fit's `metrics` plus
+    {"adaptation": adapt's record, the public map's λ and scores, the private row count, the head and its priors}
+    (never a text)."""
     lam = public_map.config.chosen_lambda if public_map.config is not None else None
     if lam is None:
         raise PrivateTextsError("the public fit chose no λ; --private refits a ridge map: use --fit.estimator ridge")
     try:
-        out = adapt(train, torch.from_numpy(x), task.stats, float(lam), fit, settings)
+        out = adapt_to_priors(train, torch.from_numpy(x), task.stats, float(lam), fit, settings, head)
     except AdaptationError as exc:
         raise PrivateTextsError(str(exc)) from None
     amap = out.map

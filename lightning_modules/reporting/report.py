@@ -53,24 +53,25 @@ class ReportError(ValueError):
 REGIME_TITLES = {"given": "the given public set",
                  "in-domain": "in-domain public sets (half dialog, half the task's training texts; paper Table 1)",
                  "leave-task-out": "leave-task-out public sets (every other unlabelled source; paper Table 2)",
-                 "two-party": "two-party: the leave-task-out sets, each map adapted on the client's unlabelled "
-                              "task texts through the provider's published class statistics (no text crosses)"}
+                 "two-party": "two-party: the leave-task-out sets, anchored on the provider's synthetic texts where "
+                              "the study writes them, each map adapted on the client's unlabelled task texts through "
+                              "the provider's published class statistics and matched to its class priors (no text "
+                              "of the client's crosses)",
+                 # an older study's name of the anchored two-party regime: its study.json still reports
+                 "two-party-synthetic": "two-party with synthetic anchors (texts an LM wrote from the provider's class "
+                                        "descriptions, extracted by both models; nothing of the client's crosses)"}
 DISCLOSED_PREFIX = "two-party-disclosed-"
-SYNTHETIC_REGIME = "two-party-synthetic"
 
 
 def regime_title(regime: str) -> str:
-    """A regime's title; `two-party-disclosed-N` is the two-party regime whose client opted to disclose N texts,
-    `two-party-synthetic` the two-party regime anchored on the task's synthetic set."""
+    """A regime's title; `two-party-disclosed-N` is the two-party regime whose client opted to disclose N texts."""
     if regime.startswith(DISCLOSED_PREFIX):
         rows = regime[len(DISCLOSED_PREFIX):]
-        return (f"two-party with {rows} of the client's task texts disclosed (an opt-in: those texts cross, paired "
-                "with the target's states of them)")
-    if regime == SYNTHETIC_REGIME:
-        return ("two-party with synthetic anchors (texts an LM wrote from the provider's class descriptions, extracted "
-                "by both models; nothing of the client's crosses): what `xsilo align` fits against a public set "
-                "exported with them as --anchors")
+        return (f"two-party with {rows} of the client's task texts disclosed as its anchors (an opt-in: those texts "
+                "cross, paired with the target's states of them)")
     return REGIME_TITLES[regime]
+
+
 # (header, JSON pointer below a row's native / mapped entry, interval pointer or None)
 # "native source": the source's own head; a map followed by the target's linear head is a linear head on source
 # states, so (up to regularisation) that is the ceiling of mapped accuracy.

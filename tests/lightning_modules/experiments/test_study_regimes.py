@@ -76,20 +76,19 @@ def regimes(tiny_models, tmp_path_factory):
 
 def test_each_regime_gives_a_table_and_a_lambda_path_plot(regimes):
     root, cfg, results = regimes
-    assert list(results["regimes"]) == ["in-domain", "leave-task-out", "two-party", "two-party-disclosed-8",
-                                        "two-party-synthetic"]
+    assert list(results["regimes"]) == ["in-domain", "leave-task-out", "two-party", "two-party-disclosed-8"]
     md = (root / "out" / "study.md").read_text()
-    for regime in ("in-domain", "leave-task-out", "two-party", "two-party-disclosed-8", "two-party-synthetic"):
+    for regime in ("in-domain", "leave-task-out", "two-party", "two-party-disclosed-8"):
         assert f"lambda-path-{regime}.png" in md
         assert (root / "out" / f"lambda-path-{regime}.png").read_bytes()[:8] == PNG_MAGIC
     tables = [block for block in md.split("## Regime: ")[1:]]
-    assert len(tables) == 5
+    assert len(tables) == 4
     for block in tables:
         rows = [line for line in block.split("\n## ")[0].splitlines() if line.startswith("| ") and "---" not in line]
         assert len(rows) == 1 + len(cfg.tasks) * 2  # header, then (task, pair) rows
     # each pair's map is fitted once per (regime, task); each (model, task) head once; two-party reuses the
     # leave-task-out sets
-    assert results["fits"] == {"classifiers": 4, "detectors": 0, "aligners": 20, "public_sets": 4}
+    assert results["fits"] == {"classifiers": 4, "detectors": 0, "aligners": 16, "public_sets": 4}
     for name, regime in results["regimes"].items():
         # the study knows the head: auto = head, except on a leave-task-out set, where it is gcv
         expected = "gcv" if name.startswith(("leave-task-out", "two-party")) else "head"
@@ -265,9 +264,13 @@ def test_the_two_party_regime_adapts_each_leave_task_out_map_on_the_tasks_unlabe
             assert record["lambda"] == view["chosen_lambda"] == plain["chosen_lambda"]
             assert record["unadapted"]["accuracy"] == pytest.approx(plain["mapped"]["accuracy"])
             assert {"collapse", "collapse_reason"} <= set(view) and "macro_f1" in view["mapped"]
+            # the product's last step: the head's predicted shares on the client's texts follow the priors
+            matched = record["prior_matching"]
+            assert len(matched["shares_after"]) == len(matched["offsets"]) and matched["offset_error"] < 1e-6
+            assert sum(matched["shares_after"]) == pytest.approx(1.0)
 
 
-def test_a_disclosure_regime_adds_the_clients_chosen_texts_to_the_two_party_fit(regimes):
+def test_a_disclosure_regime_anchors_the_two_party_fit_on_the_clients_chosen_texts_instead(regimes):
     root, cfg, results = regimes
     two, shown = results["regimes"]["two-party"], results["regimes"]["two-party-disclosed-8"]
     assert shown["public"] == two["public"] and results["config"]["disclosures"] == [8]
@@ -277,7 +280,7 @@ def test_a_disclosure_regime_adds_the_clients_chosen_texts_to_the_two_party_fit(
             view, plain = pair["tasks"][task], two["pairs"][key]["tasks"][task]
             record = view["adaptation"]
             assert record["anchor_rows"] == 8 and record["anchor_weight"] == cfg.adaptation.anchor_weight
-            assert plain["adaptation"]["anchor_rows"] == 0
+            assert plain["adaptation"]["anchor_rows"] == cfg.synthetic[task].rows  # the default's written anchors
             assert record["unadapted"] == plain["adaptation"]["unadapted"]  # the same public map before both
             moved += view["alignment"]["r2"] != plain["alignment"]["r2"]
     assert moved == len(shown["pairs"]) * len(cfg.tasks)  # the disclosed pairs change every map
@@ -302,20 +305,29 @@ def test_each_regime_is_summed_up_against_the_linear_ceiling(regimes):
         assert f"**{passing} of {len(gaps)} rows** free of collapse" in md
 
 
-def test_the_synthetic_regime_anchors_each_two_party_map_on_texts_written_without_the_clients(regimes):
+def test_the_two_party_regime_takes_the_synthetic_set_as_anchors_as_align_does(regimes, monkeypatch):
+    """`synthetic` is the provider's written set: the two-party regime is then the product's default recipe, each
+    map anchored on it; without it (a user's task with no writer config) the regime adapts without anchors."""
     root, cfg, results = regimes
-    two, synthetic = results["regimes"]["two-party"], results["regimes"]["two-party-synthetic"]
-    assert synthetic["public"] == two["public"]  # the same public sets; the anchors come on top
-    for key, pair in synthetic["pairs"].items():
+    two = results["regimes"]["two-party"]
+    for pair in two["pairs"].values():
         for task in cfg.tasks:
-            view, plain = pair["tasks"][task], two["pairs"][key]["tasks"][task]
-            assert view["adaptation"]["anchor_rows"] == cfg.synthetic[task].rows
-            assert view["adaptation"]["anchor_weight"] == cfg.adaptation.anchor_weight
-            assert view["adaptation"]["unadapted"] == plain["adaptation"]["unadapted"]
-            assert view["alignment"]["r2"] != plain["alignment"]["r2"]  # the anchors change every map
-    assert "synthetic anchors" in (root / "out" / "study.md").read_text()
+            record = pair["tasks"][task]["adaptation"]
+            assert record["anchor_rows"] == cfg.synthetic[task].rows
+            assert record["anchor_weight"] == cfg.adaptation.anchor_weight
+    assert "synthetic texts" in (root / "out" / "study.md").read_text()
+    monkeypatch.setenv("XSILO_HOME", str(root / "home"))  # the fixture's caches: nothing is extracted again
+    bare = run_study(replace(cfg, tasks=cfg.tasks[:1], regimes=["two-party"], disclosures=(), synthetic=None))
+    for key, pair in bare["regimes"]["two-party"]["pairs"].items():
+        view, anchored = pair["tasks"][cfg.tasks[0]], two["pairs"][key]["tasks"][cfg.tasks[0]]
+        assert view["adaptation"]["anchor_rows"] == 0
+        assert view["adaptation"]["unadapted"] == anchored["adaptation"]["unadapted"]  # the same public map
+        assert view["alignment"]["r2"] != anchored["alignment"]["r2"]  # the anchors change the map
     with pytest.raises(StudyError, match="synthetic must give settings for each task"):
         StudyConfig(models=["a", "b"], tasks=["t", "u"], regimes=["two-party"],
+                    synthetic={"t": SyntheticTextSettings(prompts=("about {topic}",))}).validate()
+    with pytest.raises(StudyError, match="add two-party to --regimes"):
+        StudyConfig(models=["a", "b"], tasks=["t"], regimes=["leave-task-out"],
                     synthetic={"t": SyntheticTextSettings(prompts=("about {topic}",))}).validate()
 
 
